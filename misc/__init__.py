@@ -1,0 +1,1 @@
+"""Training and evaluation helpers: losses, optimisation, rewards, metrics, checkpoints."""

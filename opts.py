@@ -1,0 +1,202 @@
+"""Command-line options: defined once, with the reference's names, types and defaults.
+
+`parse_opt()` is train.py's parser; `parse_eval_opt()` is eval.py's / eval_cocotest.py's.
+Every reference option is accepted (see ../shared/conformance/reference_options.tsv); options marked
+"(ours)" are additions whose defaults keep the reference behaviour, so old infos files keep working
+(`fill_defaults` gives an old `opt` Namespace the options it lacks).
+"""
+import argparse
+
+DEFAULT_INIT_FROM = 'save/nsc-transformer-baseline/model-best.pth'
+DEFAULT_REF_JSON = 'coco-caption/annotations/captions_val2014.json'
+
+
+def str2bool(value):
+    """Parse '1'/'0'/'true'/'false' (the reference used type=bool, so any non-empty string was True)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ('1', 'true', 'yes', 'y', 't'):
+        return True
+    if text in ('0', 'false', 'no', 'n', 'f', ''):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (1/0/true/false), got {value!r}")
+
+
+def add_data_options(parser, defaults=True):
+    """Input files (SPEC.md section 1). With defaults=False the paths default to '' (eval: take them from infos)."""
+    d = (lambda value: value) if defaults else (lambda value: '')
+    parser.add_argument('--input_json', type=str, default=d('data/cocotalk.json'),
+                        help='cocotalk.json from scripts/prepro_labels.py (vocabulary and image list)')
+    parser.add_argument('--input_fc_dir', type=str, default=d('data/mscoco/cocobu_fc'),
+                        help='fc features: a directory of <id>.npy, an .lmdb or an .h5 file')
+    parser.add_argument('--input_att_dir', type=str, default=d('data/mscoco/cocobu_att'),
+                        help='region features: a directory of <id>.npz, an .lmdb or an .h5 file')
+    parser.add_argument('--input_box_dir', type=str, default=d('data/mscoco/cocobu_box'),
+                        help='boxes (unused by SATIC, kept for compatibility)')
+    parser.add_argument('--input_label_h5', type=str, default=d('data/cocotalk_label.h5'),
+                        help="label h5 from prepro_labels(_seqKD).py, or 'none' for images without captions")
+    parser.add_argument('--ref_json', type=str, default=DEFAULT_REF_JSON,
+                        help='(ours) COCO-format reference captions for language evaluation')
+    parser.add_argument('--num_workers', type=int, default=2,
+                        help='(ours) feature-loading worker threads per split (0: load in the main thread)')
+
+
+def add_model_options(parser):
+    """Model hyper-parameters (SPEC.md section 3)."""
+    parser.add_argument('--caption_model', type=str, default='sat', help="'sat' (K words per step) or 'transformer' (K=1)")
+    parser.add_argument('--rnn_size', type=int, default=1024, help='d_ff: the feed-forward inner size')
+    parser.add_argument('--num_layers', type=int, default=1, help='N: encoder and decoder layers')
+    parser.add_argument('--rnn_type', type=str, default='lstm', help='unused (reference compatibility)')
+    parser.add_argument('--input_encoding_size', type=int, default=512, help='D: d_model')
+    parser.add_argument('--att_hid_size', type=int, default=512, help='unused (reference compatibility)')
+    parser.add_argument('--fc_feat_size', type=int, default=2048, help='fc feature size (unused by the model)')
+    parser.add_argument('--att_feat_size', type=int, default=2048, help='region feature size')
+    parser.add_argument('--logit_layers', type=int, default=1, help='unused (reference compatibility)')
+    parser.add_argument('--use_bn', type=int, default=0, help='BatchNorm1d on region features before att_embed (2: also after)')
+    parser.add_argument('--norm_att_feat', type=int, default=0, help='L2-normalise region features')
+    parser.add_argument('--use_box', type=int, default=0, help='unused by SATIC')
+    parser.add_argument('--norm_box_feat', type=int, default=0, help='unused by SATIC')
+    parser.add_argument('--drop_prob_lm', type=float, default=0.5, help='dropout after att_embed')
+    parser.add_argument('--K', type=int, default=6, help='K: words per decoding step (group size)')
+    parser.add_argument('--use_cache', type=int, default=1,
+                        help='(ours) 1: key/value cache while decoding; 0: re-decode the prefix (the reference)')
+
+
+def add_decoding_options(parser, beam_size=1):
+    parser.add_argument('--beam_size', type=int, default=beam_size, help='beam width (1: greedy)')
+    parser.add_argument('--max_length', type=int, default=20, help='maximum caption length when decoding')
+    parser.add_argument('--length_penalty', type=str, default='', help="e.g. 'wu_0.5' or 'avg_0' ('' = none)")
+    parser.add_argument('--block_trigrams', type=int, default=0, help='not supported by SATIC (must be 0)')
+    parser.add_argument('--remove_bad_endings', type=int, default=0, help='not supported by SATIC (must be 0)')
+    parser.add_argument('--device', type=str, default='',
+                        help="(ours) 'cuda', 'cpu', 'cuda:1'...; default: cuda when available")
+    parser.add_argument('--bf16', type=int, default=0,
+                        help='(ours) bfloat16 autocast for training and decoding (off: fp32, as the reference)')
+
+
+def add_training_options(parser):
+    """Optimisation, self-critical, checkpointing (SPEC.md section 4)."""
+    parser.add_argument('--start_from', type=str, default=None,
+                        help='resume from this folder (model.pth, optimizer.pth, infos_<id>.pkl)')
+    parser.add_argument('--init_from', type=str, default=DEFAULT_INIT_FROM,
+                        help="(ours) SAT (K>1) without --start_from starts from this autoregressive checkpoint; "
+                             "'none' to train from scratch")
+    parser.add_argument('--cached_tokens', type=str, default='data/coco-train-idxs',
+                        help='document frequencies for the CIDEr-D reward (scripts/prepro_ngrams.py; .p optional)')
+    parser.add_argument('--max_epochs', type=int, default=30)
+    parser.add_argument('--max_iters', type=int, default=-1, help='(ours) stop after this many iterations (-1: no limit)')
+    parser.add_argument('--batch_size', type=int, default=32, help='images per batch (each with seq_per_img captions)')
+    parser.add_argument('--grad_clip', type=float, default=0.1, help='element-wise gradient clamp (not norm clipping)')
+    parser.add_argument('--self_critical_after', type=int, default=-1,
+                        help='epoch from which self-critical training is used (-1: never)')
+    parser.add_argument('--seq_per_img', type=int, default=5, help='S: captions (or samples) per image')
+    parser.add_argument('--optim', type=str, default='adam', help='adam|adamw|sgd|sgdm|sgdmom|rmsprop|adagrad')
+    parser.add_argument('--learning_rate', type=float, default=5e-4)
+    parser.add_argument('--learning_rate_decay_start', type=int, default=-1, help='epoch to start step decay (-1: off)')
+    parser.add_argument('--learning_rate_decay_every', type=int, default=3)
+    parser.add_argument('--learning_rate_decay_rate', type=float, default=0.8)
+    parser.add_argument('--optim_alpha', type=float, default=0.9)
+    parser.add_argument('--optim_beta', type=float, default=0.999)
+    parser.add_argument('--optim_epsilon', type=float, default=1e-8)
+    parser.add_argument('--weight_decay', type=float, default=0)
+    parser.add_argument('--label_smoothing', type=float, default=0)
+    parser.add_argument('--noamopt', action='store_true', help='Noam schedule: factor * D^-0.5 * min(t^-0.5, t * warmup^-1.5)')
+    parser.add_argument('--noamopt_warmup', type=int, default=2000)
+    parser.add_argument('--noamopt_factor', type=float, default=1)
+    parser.add_argument('--reduce_on_plateau', action='store_true', help='halve the lr after 3 validations without gain')
+    parser.add_argument('--scheduled_sampling_start', type=int, default=-1, help='unused by SATIC (kept for histories)')
+    parser.add_argument('--scheduled_sampling_increase_every', type=int, default=5)
+    parser.add_argument('--scheduled_sampling_increase_prob', type=float, default=0.05)
+    parser.add_argument('--scheduled_sampling_max_prob', type=float, default=0.25)
+    parser.add_argument('--val_images_use', type=int, default=-1, help='val images per validation (-1: all)')
+    parser.add_argument('--save_checkpoint_every', type=int, default=2500)
+    parser.add_argument('--save_history_ckpt', type=int, default=0, help='also keep model-<iter>.pth at every save')
+    parser.add_argument('--checkpoint_path', type=str, default='save/nsc-sat-6-from-nsc-seqkd-without-init')
+    parser.add_argument('--language_eval', type=int, default=1, help='compute COCO metrics at validation')
+    parser.add_argument('--losses_log_every', type=int, default=25)
+    parser.add_argument('--load_best_score', type=int, default=1)
+    parser.add_argument('--id', type=str, default='nsc-sat-6-from-nsc-seqkd-without-init')
+    parser.add_argument('--train_only', type=int, default=0, help='1: train on train only, without restval')
+    parser.add_argument('--num_images', type=int, default=-1, help='(ours) cut every split to this many images')
+    parser.add_argument('--cider_reward_weight', type=float, default=1)
+    parser.add_argument('--bleu_reward_weight', type=float, default=0, help='not supported (must be 0)')
+    parser.add_argument('--kd_weight', type=float, default=0, help='unused (the reference teacher is dropped)')
+    parser.add_argument('--teacher_caption_model', type=str, default='show_tell', help='unused')
+    parser.add_argument('--nsc', type=str2bool, default=True,
+                        help='reference quirk: always True (leave-one-out baseline); any value is accepted')
+    parser.add_argument('--seed', type=int, default=123, help='(ours) random seed')
+
+
+def parse_opt(argv=None):
+    """train.py options."""
+    parser = argparse.ArgumentParser(description='Train a SATIC captioner (XE / seq-KD, then self-critical).')
+    add_data_options(parser)
+    add_model_options(parser)
+    add_decoding_options(parser)
+    add_training_options(parser)
+    opt = parser.parse_args(argv)
+    check_opt(opt)
+    return opt
+
+
+def check_opt(opt):
+    """Reject values the code cannot honour, with a one-line message naming the flag."""
+    def need(cond, message):
+        if not cond:
+            raise SystemExit(f'error: {message}')
+    need(opt.K >= 1, f'--K must be >= 1 (got {opt.K})')
+    need(opt.caption_model in ('sat', 'transformer'), f"--caption_model must be 'sat' or 'transformer' (got {opt.caption_model!r})")
+    need(opt.caption_model != 'transformer' or opt.K == 1, f"--caption_model transformer means K=1 (got --K {opt.K})")
+    need(getattr(opt, 'batch_size', 1) > 0, '--batch_size must be > 0')
+    need(getattr(opt, 'beam_size', 1) > 0, '--beam_size must be > 0')
+    need(getattr(opt, 'seq_per_img', 1) > 0, '--seq_per_img must be > 0')
+    need(getattr(opt, 'block_trigrams', 0) == 0, '--block_trigrams is not supported by SATIC decoding; use 0')
+    need(getattr(opt, 'remove_bad_endings', 0) == 0, '--remove_bad_endings is not supported by SATIC decoding; use 0')
+    need(getattr(opt, 'bleu_reward_weight', 0) == 0, '--bleu_reward_weight is not supported; use 0 (CIDEr-D reward only)')
+
+
+def add_eval_options(parser, beam_size=1, batch_size=32):
+    """eval.py / eval_cocotest.py options (reference_eval_options.tsv); paths default to '' = take from infos."""
+    parser.add_argument('--model', type=str, default='save/nsc-sat-4-from-nsc-seqkd/model-best.pth')
+    parser.add_argument('--infos_path', type=str, default='save/nsc-sat-4-from-nsc-seqkd/infos_nsc-sat-4-from-nsc-seqkd-best.pkl')
+    parser.add_argument('--batch_size', type=int, default=batch_size, help='images per decoding batch')
+    parser.add_argument('--num_images', type=int, default=-1, help='images to evaluate (-1: the whole split)')
+    parser.add_argument('--language_eval', type=int, default=1, help='compute COCO metrics (needs Java)')
+    parser.add_argument('--dump_images', type=int, default=0, help='write vis/index.html with captions and scores')
+    parser.add_argument('--dump_json', type=int, default=1, help='write vis/<id>.json')
+    parser.add_argument('--dump_path', type=int, default=0, help='include file paths in vis/<id>.json')
+    parser.add_argument('--sample_max', type=int, default=1, help='1: argmax; 0: sample')
+    add_decoding_options(parser, beam_size=beam_size)
+    parser.add_argument('--group_size', type=int, default=1, help='diverse beam groups (only 1 is supported)')
+    parser.add_argument('--diversity_lambda', type=float, default=0.5, help='unused (group_size 1)')
+    parser.add_argument('--temperature', type=float, default=1.0, help='sampling temperature')
+    parser.add_argument('--decoding_constraint', type=int, default=0, help='not supported by SATIC (must be 0)')
+    parser.add_argument('--image_folder', type=str, default='', help='unused (raw images are not read)')
+    parser.add_argument('--image_root', type=str, default='', help='with --dump_images: copy images from here to vis/imgs/')
+    add_data_options(parser, defaults=False)
+    parser.add_argument('--split', type=str, default='test', help='train | val | test')
+    parser.add_argument('--coco_json', type=str, default='', help='unused (raw images are not read)')
+    parser.add_argument('--id', type=str, default='nsc-sat-4-from-nsc-seqkd-cocoval', help='name of the outputs')
+    parser.add_argument('--seq_kd', type=str2bool, default=False,
+                        help='1: also write every beam of every image (input of scripts/prepro_labels_seqKD.py)')
+    parser.add_argument('--seq_kd_path', type=str, default='',
+                        help='(ours) where --seq_kd writes its beams (default vis/<id>_seq_kd.json)')
+    parser.add_argument('--verbose_beam', type=int, default=1, help='print the beams of each image')
+    parser.add_argument('--verbose_loss', type=int, default=0, help='also compute the loss on the labels')
+    parser.add_argument('--seed', type=int, default=123, help='(ours) random seed for sampling')
+
+
+def parse_eval_opt(argv=None, beam_size=1, batch_size=32, description='Evaluate a SATIC checkpoint.'):
+    parser = argparse.ArgumentParser(description=description)
+    add_eval_options(parser, beam_size=beam_size, batch_size=batch_size)
+    return parser.parse_args(argv)
+
+
+def fill_defaults(opt):
+    """Give an opt from an older infos file every option it lacks, at its default (reference infos lack ours)."""
+    defaults = parse_opt([])
+    for key, value in vars(defaults).items():
+        if not hasattr(opt, key):
+            setattr(opt, key, value)
+    return opt
