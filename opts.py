@@ -182,14 +182,16 @@ def add_eval_options(parser, beam_size=1, batch_size=32):
                         help='1: also write every beam of every image (input of scripts/prepro_labels_seqKD.py)')
     parser.add_argument('--seq_kd_path', type=str, default='',
                         help='(ours) where --seq_kd writes its beams (default vis/<id>_seq_kd.json)')
-    parser.add_argument('--verbose_beam', type=int, default=1, help='print the beams of each image')
+    parser.add_argument('--verbose', type=int, default=0, help='(ours) print every caption as it is decoded')
+    parser.add_argument('--verbose_beam', type=int, default=1, help='with --verbose: also print the beams of each image')
     parser.add_argument('--verbose_loss', type=int, default=0, help='also compute the loss on the labels')
     parser.add_argument('--seed', type=int, default=123, help='(ours) random seed for sampling')
 
 
-def parse_eval_opt(argv=None, beam_size=1, batch_size=32, description='Evaluate a SATIC checkpoint.'):
+def parse_eval_opt(argv=None, beam_size=1, batch_size=32, language_eval=1, description='Evaluate a SATIC checkpoint.'):
     parser = argparse.ArgumentParser(description=description)
     add_eval_options(parser, beam_size=beam_size, batch_size=batch_size)
+    parser.set_defaults(language_eval=language_eval)
     return parser.parse_args(argv)
 
 

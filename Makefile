@@ -1,0 +1,41 @@
+# Fresh machine: `make demo` (set-up, demo data, the whole pipeline) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEMO_DIR := data/demo
+
+.PHONY: setup java test demo demo-data bench clean-demo
+
+setup: $(VENV)/.installed java
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
+	$(VENV)/bin/pip install -q -r requirements.txt
+	touch $@
+
+# Java runs pycocoevalcap's PTB tokenizer and METEOR. Install it when we can; otherwise say so (eval explains too).
+java:
+	@command -v java >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "java not found: installing default-jre-headless"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq default-jre-headless >/dev/null) \
+	      || echo "WARNING: could not install Java; language evaluation needs it (or use --language_eval 0)"; \
+	  else \
+	    echo "WARNING: java not found; install a JRE (Debian: apt-get install default-jre-headless) for language evaluation"; \
+	  fi; }
+
+test: setup
+	$(PY) -m pytest -q tests
+
+demo-data: setup
+	$(PY) scripts/make_demo_data.py --output_dir $(DEMO_DIR)
+
+demo: demo-data
+	bash scripts/run_demo.sh
+
+bench: setup
+	$(PY) bench/run_all.py
+
+clean-demo:
+	rm -rf $(DEMO_DIR) save/demo-* vis eval_results

@@ -1,0 +1,39 @@
+"""The training loss as a module around the model: XE (or label smoothing) or self-critical, one call."""
+import torch
+from torch import nn
+
+from misc.losses import build_criterion
+
+
+class LossWrapper(nn.Module):
+    """forward(batch, sc_flag) -> {'loss': scalar, 'reward': mean sample reward (self-critical only)}."""
+
+    def __init__(self, model, opt):
+        super().__init__()
+        self.model = model
+        self.crit = build_criterion(opt.label_smoothing)
+        self.seq_per_img = opt.seq_per_img
+        self.cached_tokens = opt.cached_tokens
+        self._reward = None  # built on first self-critical use: XE runs need no document frequencies
+
+    @property
+    def reward(self):
+        if self._reward is None:
+            from misc.rewards import SelfCriticalReward
+            self._reward = SelfCriticalReward(self.cached_tokens)
+        return self._reward
+
+    def forward(self, batch, sc_flag=False):
+        fc, att, att_masks = batch['fc_feats'], batch['att_feats'], batch['att_masks']
+        if not sc_flag:
+            labels, masks = batch['labels'], batch['masks']
+            logprobs = self.model(fc, att, labels, att_masks)  # (S, L-1, V)
+            return {'loss': self.crit(logprobs, labels[:, 1:], masks[:, 1:])}
+        from misc.rewards import self_critical_loss
+        # One multinomial sample per row, in train mode (dropout on), as the reference.
+        seq, logprobs = self.model(fc, att, att_masks, opt={'sample_max': 0}, mode='sample')  # (S, T) each
+        image_ids = [info['id'] for info in batch['infos']] if batch.get('infos') else None
+        advantage, rewards = self.reward(seq, batch['gts'], self.seq_per_img, image_ids)
+        advantage = torch.as_tensor(advantage, dtype=logprobs.dtype, device=logprobs.device)
+        loss = self_critical_loss(logprobs, seq, advantage)
+        return {'loss': loss, 'reward': float(rewards.mean())}

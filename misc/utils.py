@@ -1,0 +1,53 @@
+"""Small pure helpers shared by training and evaluation."""
+import os
+
+import torch
+
+
+def decode_sequence(ix_to_word, seq):
+    """Token ids -> captions. seq: (B, T) ids; a caption stops at its first 0. Returns a list of B strings."""
+    captions = []
+    for row in seq.tolist() if torch.is_tensor(seq) else seq:
+        words = []
+        for ix in row:
+            ix = int(ix)
+            if ix == 0:
+                break
+            words.append(ix_to_word[str(ix)])
+        captions.append(' '.join(words))
+    return captions
+
+
+def resolve_device(name=''):
+    """'' -> cuda when available, else cpu; anything else is passed to torch.device."""
+    if not name:
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    device = torch.device(name)
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        from misc.errors import SaticError
+        raise SaticError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def synchronize(device):
+    """Wait for queued GPU work so that wall-clock timings cover it."""
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def to_device(batch, device):
+    """Move the tensors of a loader batch to device; other entries are returned as they are."""
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def format_duration(seconds):
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f'{h}:{m:02d}:{s:02d}' if h else f'{m}:{s:02d}'
+
+
+def ensure_dir(path):
+    if path:
+        os.makedirs(path, exist_ok=True)
+    return path
