@@ -147,7 +147,8 @@ def check_opt(opt):
             raise SystemExit(f'error: {message}')
     need(opt.K >= 1, f'--K must be >= 1 (got {opt.K})')
     need(opt.caption_model in ('sat', 'transformer'), f"--caption_model must be 'sat' or 'transformer' (got {opt.caption_model!r})")
-    need(opt.caption_model != 'transformer' or opt.K == 1, f"--caption_model transformer means K=1 (got --K {opt.K})")
+    if opt.caption_model == 'transformer':
+        opt.K = 1  # the autoregressive model is SAT with K = 1, whatever --K says
     need(getattr(opt, 'batch_size', 1) > 0, '--batch_size must be > 0')
     need(getattr(opt, 'beam_size', 1) > 0, '--beam_size must be > 0')
     need(getattr(opt, 'seq_per_img', 1) > 0, '--seq_per_img must be > 0')
