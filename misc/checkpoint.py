@@ -71,7 +71,7 @@ def load_pickle(path):
     raise SaticError(f"{path}: cannot decode this pickle's strings")
 
 
-def _atomic_write(path, write):
+def atomic_write(path, write):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
@@ -89,12 +89,12 @@ def _atomic_write(path, write):
 
 def save_pickle(obj, path):
     """Pickle protocol 2 (as the reference), written atomically."""
-    _atomic_write(path, lambda f: pickle.dump(obj, f, protocol=2))
+    atomic_write(path, lambda f: pickle.dump(obj, f, protocol=2))
 
 
 def save_torch(obj, path):
     """torch.save, written atomically."""
-    _atomic_write(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_torch(path, what='checkpoint'):

@@ -10,13 +10,13 @@ import time
 
 import torch
 
-from misc.checkpoint import _atomic_write
+from misc.checkpoint import atomic_write
 from misc.utils import decode_sequence, synchronize
 
 
 def write_json_atomic(obj, path):
     """json.dump through a temp file + rename: an interrupted run never leaves half a JSON."""
-    _atomic_write(path, lambda f: f.write(json.dumps(obj).encode('utf-8')))
+    atomic_write(path, lambda f: f.write(json.dumps(obj).encode('utf-8')))
 
 
 def _decode_options(kw):

@@ -1,0 +1,72 @@
+"""eval.py --dump_images 1: a self-contained vis/index.html of captions, references and per-image CIDEr."""
+import html
+import json
+import os
+import shutil
+
+
+def _references(ref_json):
+    """image_id -> list of reference captions, from a COCO-format annotation file (empty if unavailable)."""
+    refs = {}
+    if ref_json and os.path.isfile(ref_json):
+        with open(ref_json) as f:
+            for ann in json.load(f).get('annotations', []):
+                refs.setdefault(int(ann['image_id']), []).append(ann['caption'].strip())
+    return refs
+
+
+def _per_image_cider(lang_stats_path):
+    if lang_stats_path and os.path.isfile(lang_stats_path):
+        with open(lang_stats_path) as f:
+            img_to_eval = json.load(f).get('imgToEval', {})
+        return {int(k): v.get('CIDEr') for k, v in img_to_eval.items()}
+    return {}
+
+
+def write_index_html(predictions, opt, lang_stats_path=None, image_root='', out_dir='vis'):
+    """Write out_dir/index.html for predictions [{image_id, caption[, file_path]}]; returns its path.
+
+    With image_root, each image (image_root/<file_path>) is copied to out_dir/imgs/ and shown.
+    """
+    refs = _references(getattr(opt, 'ref_json', ''))
+    cider = _per_image_cider(lang_stats_path)
+    file_paths = {}
+    if image_root:
+        with open(opt.input_json) as f:
+            file_paths = {int(img['id']): img.get('file_path', '') for img in json.load(f).get('images', [])}
+        os.makedirs(os.path.join(out_dir, 'imgs'), exist_ok=True)
+    rows = []
+    for p in predictions:
+        image_id = int(p['image_id'])
+        cells = [f'<td>{image_id}</td>']
+        if image_root:
+            src = os.path.join(image_root, file_paths.get(image_id, ''))
+            name = f'{image_id}{os.path.splitext(src)[1] or ".jpg"}'
+            if os.path.isfile(src):
+                shutil.copyfile(src, os.path.join(out_dir, 'imgs', name))
+                cells.append(f'<td><img src="imgs/{html.escape(name)}" width="224"></td>')
+            else:
+                cells.append('<td>(image not found)</td>')
+        cells.append(f"<td><b>{html.escape(p['caption'])}</b></td>")
+        cells.append('<td>' + '<br>'.join(html.escape(r) for r in refs.get(image_id, [])) + '</td>')
+        score = cider.get(image_id)
+        cells.append(f'<td>{score:.3f}</td>' if isinstance(score, (int, float)) else '<td></td>')
+        rows.append('<tr>' + ''.join(cells) + '</tr>')
+    head = '<th>image</th>' + ('<th>picture</th>' if image_root else '') + \
+        '<th>generated caption</th><th>references</th><th>CIDEr</th>'
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{html.escape(opt.id)}: captions</title>
+<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:6px;vertical-align:top;text-align:left}} th{{background:#eee}}</style></head>
+<body><h1>{html.escape(opt.id)}</h1>
+<p>{len(predictions)} images of split <code>{html.escape(str(getattr(opt, 'split', '')))}</code>,
+beam size {getattr(opt, 'beam_size', 1)}.</p>
+<table><tr>{head}</tr>
+{chr(10).join(rows)}
+</table></body></html>
+"""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, 'index.html')
+    from misc.checkpoint import atomic_write
+    atomic_write(path, lambda f: f.write(page.encode('utf-8')))
+    return path
