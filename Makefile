@@ -32,7 +32,7 @@ demo-data: setup
 	$(PY) scripts/make_demo_data.py --output_dir $(DEMO_DIR)
 
 demo: demo-data
-	bash scripts/run_demo.sh
+	$(PY) scripts/run_demo.py
 
 bench: setup
 	$(PY) bench/run_all.py

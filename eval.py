@@ -41,6 +41,9 @@ def evaluate(eval_opt, default_language_eval=True):
             print(f'{metric}: {score:.4f}' if isinstance(score, float) else f'{metric}: {score}')
     print(f"decoding: {timing['ms_per_image']:.2f} ms per image at batch size {timing['batch_size']}, "
           f"beam size {timing['beam_size']} ({timing['images']} images, {device.type})")
+    if eval_opt.timing_json:
+        os.makedirs(os.path.dirname(eval_opt.timing_json) or '.', exist_ok=True)
+        write_json_atomic(dict(timing, device=device.type), eval_opt.timing_json)
     if eval_opt.dump_json:
         path = os.path.join('vis', f'{opt.id}.json')
         os.makedirs('vis', exist_ok=True)

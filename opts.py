@@ -183,6 +183,8 @@ def add_eval_options(parser, beam_size=1, batch_size=32):
                         help='1: also write every beam of every image (input of scripts/prepro_labels_seqKD.py)')
     parser.add_argument('--seq_kd_path', type=str, default='',
                         help='(ours) where --seq_kd writes its beams (default vis/<id>_seq_kd.json)')
+    parser.add_argument('--timing_json', type=str, default='',
+                        help='(ours) also write the decoding time (ms per image, batch, beam) to this JSON file')
     parser.add_argument('--verbose', type=int, default=0, help='(ours) print every caption as it is decoded')
     parser.add_argument('--verbose_beam', type=int, default=1, help='with --verbose: also print the beams of each image')
     parser.add_argument('--verbose_loss', type=int, default=0, help='also compute the loss on the labels')

@@ -1,0 +1,155 @@
+"""The whole SATIC recipe of the original README on the embedded demo data, with a small model (make demo).
+
+  1. autoregressive transformer baseline: XE with Noam, then self-critical (save/demo-nsc-transformer-baseline)
+  2. sequence-level KD labels from it: eval.py --seq_kd 1 --split train --beam_size 5, prepro_labels_seqKD.py
+  3. SAT K=2 stage 1 on those labels, initialised from the baseline (save/demo-sat-2-from-nsc-seqkd)
+  4. save/copy_model.sh, then stage 2 self-critical (save/demo-nsc-sat-2-from-nsc-seqkd)
+  5. eval.py at beam 1 and 3 for SAT and the baseline -> one table; eval_cocotest.py -> the server JSON;
+     eval.py --dump_images 1 -> vis/index.html
+
+Every command is printed before it runs, so each step can be re-run (or changed) by hand.
+The demo features are synthetic: this demonstrates the pipeline, not image understanding.
+"""
+import argparse
+import glob
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(cmd, log=None):
+    """Run a command from the repository root, echoing it; stop the demo if it fails."""
+    print('\n$ ' + ' '.join(shlex.quote(c) for c in cmd), flush=True)
+    start = time.time()
+    if log:
+        with open(log, 'w') as f:
+            proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+        with open(log) as f:
+            tail = f.read().splitlines()[-4:]
+        print('\n'.join('  ' + line for line in tail))
+    else:
+        proc = subprocess.run(cmd, cwd=REPO)
+    if proc.returncode != 0:
+        sys.exit(f'demo: this step failed (exit {proc.returncode}){"; see " + log if log else ""}')
+    print(f'  ({time.time() - start:.0f} s)', flush=True)
+
+
+def feature_size(att_dir):
+    first = sorted(glob.glob(os.path.join(att_dir, '*.npz')))[0]
+    with np.load(first) as z:
+        return int(z['feat'].shape[1])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--data_dir', default='data/demo')
+    parser.add_argument('--num_layers', type=int, default=2)
+    parser.add_argument('--d_model', type=int, default=128)
+    parser.add_argument('--d_ff', type=int, default=512)
+    parser.add_argument('--xe_epochs', type=int, default=8)
+    parser.add_argument('--sc_epochs', type=int, default=3)
+    parser.add_argument('--batch_size', type=int, default=10)
+    parser.add_argument('--K', type=int, default=2)
+    args = parser.parse_args(argv)
+    py = sys.executable
+    d = args.data_dir
+    os.makedirs('save/logs', exist_ok=True)
+    data = ['--input_json', f'{d}/cocotalk.json', '--input_fc_dir', f'{d}/cocobu_fc',
+            '--input_att_dir', f'{d}/cocobu_att', '--cached_tokens', f'{d}/coco-train-idxs',
+            '--ref_json', f'{d}/captions_demo.json']
+    model = ['--num_layers', str(args.num_layers), '--input_encoding_size', str(args.d_model),
+             '--rnn_size', str(args.d_ff), '--att_feat_size', str(feature_size(f'{d}/cocobu_att')),
+             '--fc_feat_size', str(feature_size(f'{d}/cocobu_att'))]
+    common = data + model + ['--seq_per_img', '5', '--batch_size', str(args.batch_size), '--beam_size', '1',
+                             '--language_eval', '1', '--val_images_use', '250', '--save_checkpoint_every', '400',
+                             '--losses_log_every', '100']
+    xe = ['--noamopt', '--noamopt_warmup', '1000', '--label_smoothing', '0.0', '--learning_rate', '5e-4',
+          '--learning_rate_decay_start', '0', '--scheduled_sampling_start', '0', '--max_epochs', str(args.xe_epochs)]
+    sc = ['--learning_rate', '5e-5', '--self_critical_after', str(args.xe_epochs),
+          '--max_epochs', str(args.xe_epochs + args.sc_epochs)]
+    base, nsc_base = 'demo-transformer-baseline', 'demo-nsc-transformer-baseline'
+    sat, nsc_sat = f'demo-sat-{args.K}-from-nsc-seqkd', f'demo-nsc-sat-{args.K}-from-nsc-seqkd'
+    t0 = time.time()
+
+    print('== 1. autoregressive baseline: XE, then self-critical')
+    run([py, 'train.py', *common, *xe, '--caption_model', 'transformer', '--K', '1',
+         '--input_label_h5', f'{d}/cocotalk_label.h5', '--checkpoint_path', f'save/{base}', '--id', base],
+        log=f'save/logs/{base}.log')
+    run(['bash', 'save/copy_model.sh', base, nsc_base])
+    run([py, 'train.py', *common, *sc, '--caption_model', 'transformer', '--K', '1',
+         '--input_label_h5', f'{d}/cocotalk_label.h5', '--start_from', f'save/{nsc_base}',
+         '--checkpoint_path', f'save/{nsc_base}', '--id', nsc_base], log=f'save/logs/{nsc_base}.log')
+
+    print('== 2. sequence-level KD labels from the baseline (beam 5 over the training images)')
+    kd_json = f'vis/{nsc_base}_seq_kd.json'
+    kd_h5 = f'{d}/cocotalk_seq-kd-from-nsc-transformer-baseline-b5'
+    run([py, 'eval.py', '--model', f'save/{nsc_base}/model-best.pth',
+         '--infos_path', f'save/{nsc_base}/infos_{nsc_base}-best.pkl', *data[:6],
+         '--input_label_h5', f'{d}/cocotalk_label.h5', '--split', 'train', '--beam_size', '5', '--batch_size', '50',
+         '--language_eval', '0', '--seq_kd', '1', '--seq_kd_path', kd_json, '--id', f'{nsc_base}-train-b5'],
+        log=f'save/logs/{nsc_base}-seq-kd.log')
+    run([py, 'scripts/prepro_labels_seqKD.py', '--input_json', f'{d}/dataset_coco.json',
+         '--dict_json', f'{d}/cocotalk.json', '--teacher_json', kd_json, '--output_h5', kd_h5])
+
+    print(f'== 3. SAT K={args.K}, stage 1: XE on the seq-KD labels, initialised from the baseline')
+    run([py, 'train.py', *common, *xe, '--caption_model', 'sat', '--K', str(args.K),
+         '--init_from', f'save/{nsc_base}/model-best.pth', '--input_label_h5', f'{kd_h5}_label.h5',
+         '--checkpoint_path', f'save/{sat}', '--id', sat], log=f'save/logs/{sat}.log')
+
+    print(f'== 4. SAT K={args.K}, stage 2: self-critical')
+    run(['bash', 'save/copy_model.sh', sat, nsc_sat])
+    run([py, 'train.py', *common, *sc, '--caption_model', 'sat', '--K', str(args.K),
+         '--input_label_h5', f'{d}/cocotalk_label.h5', '--start_from', f'save/{nsc_sat}',
+         '--checkpoint_path', f'save/{nsc_sat}', '--id', nsc_sat], log=f'save/logs/{nsc_sat}.log')
+
+    print('== 5. evaluation on the demo test split (batch size 1)')
+    rows = []
+    for run_id, k in ((nsc_base, 1), (nsc_sat, args.K)):
+        for beam in (1, 3):
+            eval_id = f'{run_id}-b{beam}'
+            run([py, 'eval.py', '--model', f'save/{run_id}/model-best.pth',
+                 '--infos_path', f'save/{run_id}/infos_{run_id}-best.pkl', *data[:6], '--ref_json', f'{d}/captions_demo.json',
+                 '--input_label_h5', f'{d}/cocotalk_label.h5', '--split', 'test', '--batch_size', '1',
+                 '--beam_size', str(beam), '--language_eval', '1', '--id', eval_id,
+                 '--timing_json', f'eval_results/{eval_id}_timing.json'], log=f'save/logs/eval-{eval_id}.log')
+            with open(f'eval_results/{eval_id}_test.json') as f:
+                overall = json.load(f)['overall']
+            with open(f'eval_results/{eval_id}_timing.json') as f:
+                ms = json.load(f)['ms_per_image']
+            rows.append((run_id, k, beam, overall, ms))
+    run([py, 'eval.py', '--model', f'save/{nsc_sat}/model-best.pth', '--infos_path', f'save/{nsc_sat}/infos_{nsc_sat}-best.pkl',
+         *data[:6], '--ref_json', f'{d}/captions_demo.json', '--input_label_h5', f'{d}/cocotalk_label.h5',
+         '--split', 'test', '--batch_size', '50', '--beam_size', '1', '--language_eval', '1', '--dump_images', '1',
+         '--id', f'{nsc_sat}-viewer'], log=f'save/logs/eval-viewer.log')
+    run([py, 'eval_cocotest.py', '--input_json', f'{d}/cocotest.json', '--input_fc_dir', f'{d}/cocotest_bu_fc',
+         '--input_att_dir', f'{d}/cocotest_bu_att', '--input_label_h5', 'none', '--num_images', '-1',
+         '--language_eval', '0', '--model', f'save/{nsc_sat}/model-best.pth',
+         '--infos_path', f'save/{nsc_sat}/infos_{nsc_sat}-best.pkl', '--batch_size', '32', '--beam_size', '3',
+         '--id', 'captions_test2014_alg_results'], log='save/logs/eval-cocotest.log')
+
+    print('\n== Results on the demo test split (synthetic features: a pipeline check, not image understanding)')
+    header = f"{'model':<34} {'K':>2} {'beam':>4} {'BLEU-4':>7} {'METEOR':>7} {'ROUGE-L':>8} {'CIDEr':>7} {'ms/img':>7}"
+    print(header)
+    print('-' * len(header))
+    for run_id, k, beam, o, ms in rows:
+        print(f"{run_id:<34} {k:>2} {beam:>4} {o['Bleu_4']:>7.3f} {o['METEOR']:>7.3f} {o['ROUGE_L']:>8.3f} "
+              f"{o['CIDEr']:>7.3f} {ms:>7.2f}")
+    print(f'\nArtefacts:\n  checkpoints: save/{nsc_base}, save/{sat}, save/{nsc_sat} (TensorBoard: tensorboard --logdir save)'
+          f'\n  training logs: save/logs/\n  seq-KD labels: {kd_h5}_label.h5 (from {kd_json})'
+          f'\n  captions: vis/<id>.json; metrics: eval_results/<id>_test.json'
+          f'\n  caption viewer: vis/index.html\n  COCO server file: vis/captions_test2014_alg_results.json'
+          f'\n  total time: {(time.time() - t0) / 60:.1f} min')
+    with open('eval_results/demo_table.json', 'w') as f:
+        json.dump([{'model': r[0], 'K': r[1], 'beam': r[2], **r[3], 'ms_per_image': r[4]} for r in rows], f, indent=1)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
