@@ -1,0 +1,441 @@
+"""Batches of image features and captions for training and evaluation (SPEC.md section 2).
+
+Reads what scripts/ produce: cocotalk.json (vocabulary, image list and splits), the label h5 (or none) and the
+per-image features through one `FeatureReader` per kind, chosen by path: a directory of <id>.npy / <id>.npz,
+an .lmdb file (or folder), or an .h5 file with one dataset per image id.
+
+`DataLoader.get_batch(split)` returns, for B images and S = seq_per_img:
+  fc_feats  (B*S, D) float32        att_feats (B*S, N, D) float32, zero padded to the batch's largest N
+  att_masks (B*S, N) float32 1/0, or None when every image of the batch has the same number of boxes
+  labels    (B*S, L+2) int64 = [0, w1..wL, 0] (L = seq_length, 16)   masks (B*S, L+2) float32: words + 2 ones
+  gts       B int64 arrays (n_captions_i, L): every caption of the image (CIDEr-D reward references)
+  infos     [{ix, id, file_path}]   bounds {it_pos_now, it_max, wrapped}
+labels/masks/gts are None with `--input_label_h5 none`.
+
+Determinism (our design, so that resuming is exact): which captions an image gets and the next epoch's train order
+are pure functions of (seed, split, current order, image), never of thread timing or of how many batches ran
+before. `state_dict()` = {'iterators', 'split_ix'} (what the reference saved in infos) is therefore enough to
+continue exactly where an uninterrupted run would be. The train order is shuffled from the first epoch on
+(the reference kept dataset order for epoch 1 and shuffled at each wrap). Features are prefetched by threads.
+"""
+import collections
+import concurrent.futures
+import hashlib
+import io
+import os
+import random
+import sys
+
+import h5py
+import numpy as np
+import torch
+
+from misc.errors import SaticError
+from scripts._common import load_json, read_array, vocab_sha1
+
+SPLITS = ('train', 'val', 'test')
+DEFAULT_SEQ_LENGTH = 16
+
+
+class FeatureReader:
+    """Per-image float32 arrays from a directory (<id>.npy/.npz), an LMDB (key: id bytes) or an HDF5 file."""
+
+    def __init__(self, path, ext, flag):
+        """path: the --input_*_dir value; ext: '.npy' or '.npz', tried first in a directory; flag: for messages."""
+        self.path, self.ext, self.flag = path, ext, flag
+        self.exts = (ext,) + tuple(e for e in ('.npz', '.npy') if e != ext)
+        if not os.path.exists(path):
+            raise SaticError(f'{flag} {path} does not exist: build the features (scripts/make_bu_data.py) '
+                             'or fix the path')
+        if path.rstrip('/').endswith('.lmdb'):
+            self.kind = 'lmdb'
+            import lmdb
+            try:
+                self._env = lmdb.open(path, subdir=os.path.isdir(path), readonly=True, lock=False,
+                                      readahead=False, meminit=False, max_readers=256)
+            except lmdb.Error as e:
+                raise SaticError(f'{flag} {path} is not a readable LMDB ({e}): re-create it with '
+                                 'scripts/dump_to_lmdb.py') from None
+        elif path.endswith(('.h5', '.hdf5')):
+            self.kind = 'h5'
+            try:
+                self._h5 = h5py.File(path, 'r')
+            except OSError as e:
+                raise SaticError(f'{flag} {path} is not a readable HDF5 file ({e}); it may be truncated: '
+                                 're-create it') from None
+        elif os.path.isdir(path):
+            self.kind = 'dir'
+        else:
+            raise SaticError(f'{flag} {path} is neither a directory, an .lmdb nor an .h5 file: fix the path')
+
+    def get(self, image_id):
+        """(N, D) or (D,) float32 array of one image; SaticError naming the file and image id if absent or bad."""
+        key = str(image_id)
+        if self.kind == 'dir':
+            for ext in self.exts:
+                source = os.path.join(self.path, key + ext)
+                if os.path.exists(source):
+                    break
+            else:
+                raise SaticError(f'missing feature file {os.path.join(self.path, key + self.ext)} for image {key}: '
+                                 f'build the features of every image of the json (make_bu_data.py) or fix {self.flag}')
+            where = source
+        elif self.kind == 'lmdb':
+            with self._env.begin(write=False) as txn:
+                value = txn.get(key.encode('ascii'))
+            if value is None:
+                raise SaticError(f'{self.path} has no entry for image {key}: re-create it from the full feature '
+                                 f'folder (scripts/dump_to_lmdb.py) or fix {self.flag}')
+            source, where = io.BytesIO(value), f'{self.path} entry'
+        else:
+            try:
+                dataset = self._h5[key] if key in self._h5 else None
+            except Exception as e:  # h5py raises various errors on a damaged file
+                raise SaticError(f'{self.path} (image {key}) is unreadable ({type(e).__name__}: {e}); '
+                                 'it may be truncated: re-create it') from None
+            if dataset is None:
+                raise SaticError(f'{self.path} has no dataset for image {key}: re-create it from the full feature '
+                                 f'folder or fix {self.flag}')
+            source, where = dataset, self.path
+        try:
+            array = source[()] if self.kind == 'h5' else read_array(source)
+            return np.asarray(array, dtype=np.float32)
+        except Exception as e:  # truncated/corrupt npy, npz, lmdb value or h5 dataset
+            raise SaticError(f'{where} (image {key}) is unreadable ({type(e).__name__}: {e}); '
+                             'it may be truncated or corrupt: re-create it') from None
+
+    def close(self):
+        if self.kind == 'lmdb':
+            self._env.close()
+        elif self.kind == 'h5':
+            self._h5.close()
+
+
+class DataLoader:
+    """Splits, caption sampling, batching and prefetching over one dataset (cocotalk.json + label h5 + features)."""
+
+    def __init__(self, opt, rank=0, world_size=1):
+        self.opt = opt
+        self.batch_size = opt.batch_size
+        self.seq_per_img = opt.seq_per_img
+        self.norm_att_feat = getattr(opt, 'norm_att_feat', 0)
+        self.rank, self.world_size = rank, world_size
+        self.seed = getattr(opt, 'seed', 123)
+        if not 0 <= rank < world_size:
+            raise SaticError(f'rank {rank} is outside world size {world_size}')
+
+        self._pool, self._readers = None, []
+        self.info = load_json(opt.input_json, '--input_json')
+        if not isinstance(self.info, dict) or not isinstance(self.info.get('images'), list) \
+                or not all('id' in img for img in self.info['images']):
+            raise SaticError(f'--input_json {opt.input_json} has no images[] with ids: expected cocotalk.json from '
+                             'scripts/prepro_labels.py')
+        self.images = self.info['images']
+        self.ix_to_word = self.info.get('ix_to_word') or {}
+        self.vocab_size = len(self.ix_to_word)
+
+        self.label_h5 = None if str(opt.input_label_h5).lower() == 'none' else opt.input_label_h5
+        if self.label_h5 is None:
+            self.seq_length = getattr(opt, 'seq_length', DEFAULT_SEQ_LENGTH)
+            self.labels = self.label_start_ix = self.label_end_ix = None
+        else:
+            self._load_labels(opt.input_json, self.label_h5)
+            self.seq_length = self.labels.shape[1]
+
+        self.fc_loader = FeatureReader(opt.input_fc_dir, '.npy', '--input_fc_dir')
+        self._readers.append(self.fc_loader)
+        self.att_loader = FeatureReader(opt.input_att_dir, '.npz', '--input_att_dir')
+        self._readers.append(self.att_loader)
+
+        self.split_ix = {s: [] for s in SPLITS}
+        for ix, img in enumerate(self.images):
+            split = img.get('split')
+            if split is None:  # no split: the image serves every split (reference behaviour)
+                for s in SPLITS:
+                    self.split_ix[s].append(ix)
+            elif split in SPLITS:
+                self.split_ix[split].append(ix)
+            elif not getattr(opt, 'train_only', 0):  # restval (and any other split) trains
+                self.split_ix['train'].append(ix)
+        num_images = getattr(opt, 'num_images', -1)
+        if num_images is not None and num_images > 0:
+            self.split_ix = {s: ix[:num_images] for s, ix in self.split_ix.items()}
+        # Train order: shuffled from the start, the same on every rank (seeded by the data alone).
+        self.split_ix['train'] = self._shuffled('train', self.split_ix['train'], token='start')
+        self.iterators = {s: 0 for s in SPLITS}
+        self._views, self._next = {}, {}
+        for s in SPLITS:
+            self._refresh(s)
+        for s in SPLITS:
+            print(f'DataLoader: {len(self.split_ix[s])} images in split {s}'
+                  + (f' ({len(self._views[s][0])} on rank {rank} of {world_size})' if s == 'train' and world_size > 1
+                     else ''))
+
+        # Fail now, not in the middle of an epoch: read the first image of every split.
+        for s in SPLITS:
+            if self.split_ix[s]:
+                self._load_item(s, self.split_ix[s][0], '')
+        self.num_workers = max(0, getattr(opt, 'num_workers', 2))
+        self._pending = {s: collections.OrderedDict() for s in SPLITS}
+        if self.num_workers > 0:
+            self._pool = concurrent.futures.ThreadPoolExecutor(self.num_workers, thread_name_prefix='satic-loader')
+
+    # ---- public API (the reference's, plus state_dict / load_state_dict / close) ----
+
+    def get_vocab(self):
+        return self.ix_to_word
+
+    def get_vocab_size(self):
+        return self.vocab_size
+
+    def get_seq_length(self):
+        return self.seq_length
+
+    def reset_iterator(self, split):
+        """Start `split` again from its first image (same order)."""
+        self.iterators[split] = 0
+        self._drop_pending(split)
+
+    def state_dict(self):
+        """{'iterators', 'split_ix'}: saved in infos; enough to resume exactly (see the module docstring)."""
+        return {'iterators': dict(self.iterators), 'split_ix': {s: list(ix) for s, ix in self.split_ix.items()}}
+
+    def load_state_dict(self, state):
+        """Restore the positions and orders of a state_dict (or of a reference infos' iterators/split_ix)."""
+        if not state:
+            return
+        iterators, split_ix = state.get('iterators') or {}, state.get('split_ix') or {}
+        for s in SPLITS:
+            if s not in iterators or s not in split_ix:
+                continue
+            order = [int(i) for i in split_ix[s]]
+            if sorted(order) != sorted(self.split_ix[s]):
+                print(f'warning: the saved {s} split lists other images than this data (changed --num_images, '
+                      f'--train_only or json?): {s} restarts from its beginning', file=sys.stderr)
+                self.iterators[s] = 0
+            else:
+                self.split_ix[s] = order
+                self.iterators[s] = int(iterators[s])
+            self._refresh(s)
+            if not 0 <= self.iterators[s] < max(1, len(self._views[s][0])):
+                self.iterators[s] = 0
+            self._drop_pending(s)
+
+    def get_batch(self, split, batch_size=None):
+        """The next batch of `split` (dict described in the module docstring)."""
+        batch_size = batch_size or self.batch_size
+        if not self._views[split][0]:
+            raise SaticError(f'split {split!r} of {self.opt.input_json} has no images: check the json and --num_images')
+        keys, wrapped = [], False
+        for _ in range(batch_size):
+            key, w = self._advance(split)
+            keys.append(key)
+            wrapped = wrapped or w
+        # Queue the batch's images and the next batch's before waiting on any of them.
+        self._schedule(split, keys + self._peek(split, 2 * batch_size))
+        items = [self._collect(split, key) for key in keys]
+        batch = self._collate(items)
+        batch['bounds'] = {'it_pos_now': self.iterators[split], 'it_max': len(self._views[split][0]),
+                           'wrapped': wrapped}
+        return batch
+
+    def close(self):
+        """Stop the worker threads and close the feature files (idempotent)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        for pending in getattr(self, '_pending', {}).values():
+            pending.clear()
+        for reader in self._readers:
+            reader.close()
+        self._readers = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---- labels ----
+
+    def _load_labels(self, json_path, h5_path):
+        try:
+            with h5py.File(h5_path, 'r') as f:
+                self.labels = f['labels'][()]
+                self.label_start_ix = f['label_start_ix'][()].astype(np.int64)
+                self.label_end_ix = f['label_end_ix'][()].astype(np.int64)
+                attrs = dict(f.attrs)
+        except FileNotFoundError:
+            raise SaticError(f'label file {h5_path} does not exist: run scripts/prepro_labels.py, or pass '
+                             '--input_label_h5 none for images without captions') from None
+        except (OSError, KeyError) as e:
+            raise SaticError(f'label file {h5_path} is unreadable or incomplete ({type(e).__name__}: {e}); '
+                             'it may be truncated: re-create it with scripts/prepro_labels.py') from None
+        n = len(self.images)
+        if len(self.label_start_ix) != n or len(self.label_end_ix) != n:
+            raise SaticError(f'label file {h5_path} has {len(self.label_start_ix)} images but {json_path} has {n}: '
+                             'they come from different datasets; rebuild both with scripts/prepro_labels.py '
+                             '(or pass --input_label_h5 none)')
+        if 'vocab_sha1' in attrs and self.ix_to_word:
+            sha = attrs['vocab_sha1']
+            sha = sha.decode() if isinstance(sha, bytes) else str(sha)
+            if sha != vocab_sha1(self.ix_to_word):
+                raise SaticError(f'label file {h5_path} was built with another vocabulary than {json_path}: '
+                                 'rebuild it with --dict_json pointing at this json')
+        if self.labels.size:
+            if not self.ix_to_word:
+                raise SaticError(f'{json_path} has no ix_to_word vocabulary but {h5_path} has captions: '
+                                 'pass the cocotalk.json the labels were built with')
+            top = int(self.labels.max())
+            if top > self.vocab_size:
+                row = int(np.argmax(self.labels.max(axis=1)))
+                img = int(np.searchsorted(self.label_end_ix, row + 1))
+                raise SaticError(f'label file {h5_path} has word id {top} (image {self.images[img].get("id")}) but '
+                                 f'the vocabulary of {json_path} has {self.vocab_size} words: the files do not '
+                                 'belong together; rebuild the labels')
+        bad = np.nonzero((self.label_end_ix < self.label_start_ix) | (self.label_start_ix < 1)
+                         | (self.label_end_ix > len(self.labels)))[0]
+        if len(bad):
+            raise SaticError(f'label file {h5_path}: image {self.images[bad[0]].get("id")} has no captions '
+                             f'(label_start_ix {self.label_start_ix[bad[0]]}, label_end_ix {self.label_end_ix[bad[0]]}): '
+                             'rebuild it with scripts/prepro_labels.py')
+
+    def _captions(self, ix, rng):
+        """(seq_per_img, L) label rows of image ix: a contiguous window at a random offset, else with replacement."""
+        first, last = self.label_start_ix[ix] - 1, self.label_end_ix[ix] - 1  # 1-indexed inclusive on disk
+        n = last - first + 1
+        S = self.seq_per_img
+        if n < S:
+            rows = [rng.randint(first, last) for _ in range(S)]
+            return self.labels[rows]
+        start = rng.randint(first, last - S + 1)
+        return self.labels[start:start + S]
+
+    # ---- order, sharding, positions ----
+
+    def _shuffled(self, split, order, token):
+        order = sorted(order)
+        random.Random(f'{self.seed}/shuffle/{split}/{token}').shuffle(order)
+        return order
+
+    def _view(self, split, order):
+        """(this rank's images of `order`, the order's token). Train is sharded over ranks; val/test are whole."""
+        if split == 'train' and self.world_size > 1:
+            per = len(order) // self.world_size
+            if per == 0:
+                raise SaticError(f'split train has {len(order)} images, fewer than the {self.world_size} ranks')
+            order_view = order[self.rank * per:(self.rank + 1) * per]
+        else:
+            order_view = order
+        token = hashlib.sha1(np.asarray(order, dtype=np.int64).tobytes()).hexdigest()[:16]
+        return order_view, token
+
+    def _refresh(self, split):
+        self._views[split] = self._view(split, self.split_ix[split])
+        self._next[split] = None
+
+    def _next_order(self, split):
+        """The order after the current one wraps: train reshuffles (seeded by the current order), val/test stay."""
+        if split != 'train':
+            return self.split_ix[split]
+        if self._next[split] is None:
+            self._next[split] = self._shuffled(split, self.split_ix[split], self._views[split][1])
+        return self._next[split]
+
+    def _advance(self, split):
+        """Take the next image: ((ix, token), wrapped). Wrapping moves train to its next shuffled order."""
+        view, token = self._views[split]
+        pos = self.iterators[split]
+        if not 0 <= pos < len(view):  # e.g. a position set from outside
+            pos = 0
+        key = (view[pos], token)
+        pos += 1
+        wrapped = pos >= len(view)
+        if wrapped:
+            pos = 0
+            if split == 'train':
+                self.split_ix[split] = self._next_order(split)
+                self._refresh(split)
+        self.iterators[split] = pos
+        return key, wrapped
+
+    def _peek(self, split, n):
+        """The keys of the next n images, without moving (crosses at most one epoch boundary)."""
+        view, token = self._views[split]
+        pos = self.iterators[split]
+        keys = [(ix, token) for ix in view[pos:pos + n]]
+        if len(keys) < n:
+            view, token = self._view(split, self._next_order(split))
+            keys += [(ix, token) for ix in view[:n - len(keys)]]
+        return keys
+
+    # ---- loading and prefetching ----
+
+    def _load_item(self, split, ix, token):
+        """(fc (D,), att (N, D), captions (S, L) or None, ix) of one image; pure function of its arguments."""
+        iid = self.images[ix]['id']
+        att = self.att_loader.get(iid)
+        att = att.reshape(-1, att.shape[-1])  # (N, D)
+        if self.norm_att_feat:
+            att = att / np.linalg.norm(att, 2, 1, keepdims=True)
+        fc = self.fc_loader.get(iid).reshape(-1)
+        seq = None
+        if self.labels is not None:
+            seq = self._captions(ix, random.Random(f'{self.seed}/{split}/{token}/{ix}'))
+        return fc, att, seq, ix
+
+    def _schedule(self, split, keys):
+        if self._pool is None:
+            return
+        pending = self._pending[split]
+        for key in keys:
+            if key in pending:
+                pending.move_to_end(key)
+            else:
+                pending[key] = self._pool.submit(self._load_item, split, *key)
+        while len(pending) > len(keys):  # forget prefetches nobody will ask for (the batch size changed)
+            pending.popitem(last=False)[1].cancel()
+
+    def _collect(self, split, key):
+        future = self._pending[split].pop(key, None)
+        if future is None:
+            return self._load_item(split, *key)
+        return future.result()
+
+    def _drop_pending(self, split):
+        for future in self._pending[split].values():
+            future.cancel()
+        self._pending[split].clear()
+
+    def _collate(self, items):
+        S = self.seq_per_img
+        B = len(items)
+        fc = np.stack([it[0] for it in items])  # (B, Dfc)
+        counts = [it[1].shape[0] for it in items]
+        max_n, dim = max(counts), items[0][1].shape[1]
+        att = np.zeros((B, max_n, dim), dtype=np.float32)  # (B, N, D)
+        masks = np.zeros((B, max_n), dtype=np.float32)  # (B, N)
+        for b, it in enumerate(items):
+            att[b, :counts[b]] = it[1]
+            masks[b, :counts[b]] = 1
+        batch = {
+            'fc_feats': torch.from_numpy(np.repeat(fc, S, axis=0)),  # (B*S, Dfc)
+            'att_feats': torch.from_numpy(np.repeat(att, S, axis=0)),  # (B*S, N, D)
+            # reference quirk: no mask when all box counts are equal (the released checkpoints were evaluated so)
+            'att_masks': None if min(counts) == max_n else torch.from_numpy(np.repeat(masks, S, axis=0)),
+            'labels': None, 'masks': None, 'gts': None,
+            'infos': [{'ix': it[3], 'id': self.images[it[3]]['id'],
+                       'file_path': self.images[it[3]].get('file_path', '')} for it in items],
+        }
+        if self.labels is not None:
+            L = self.seq_length
+            labels = np.zeros((B * S, L + 2), dtype=np.int64)  # (B*S, L+2): [0, w1..wL, 0]
+            labels[:, 1:L + 1] = np.concatenate([it[2] for it in items])
+            lengths = (labels != 0).sum(1) + 2  # words + BOS + EOS
+            masks_txt = (np.arange(L + 2)[None, :] < lengths[:, None]).astype(np.float32)  # (B*S, L+2)
+            batch['labels'] = torch.from_numpy(labels)
+            batch['masks'] = torch.from_numpy(masks_txt)
+            batch['gts'] = [self.labels[self.label_start_ix[ix] - 1:self.label_end_ix[ix]].astype(np.int64)
+                            for ix in (it[3] for it in items)]
+        return batch
+

@@ -1,0 +1,111 @@
+"""A folder of per-image feature files (<id>.npy / <id>.npz) -> one LMDB (or HDF5) file.
+
+SPEC.md section 1; dataloader.py reads the result when --input_att_dir / --input_fc_dir end in .lmdb (or .h5).
+LMDB: key = image id as ascii bytes, value = the file's bytes unchanged (what the reference stored, so its loader
+and ours read each other's files). HDF5 (--output_file ending in .h5, our addition): one float32 dataset per image id.
+Images: those of --input_json (dataset_coco.json or cocotalk.json), or every file in --folder without it.
+
+  python scripts/dump_to_lmdb.py --input_json data/cocotalk.json --folder data/cocobu_att --output_file data/cocobu_att.lmdb
+"""
+import argparse
+import os
+import sys
+
+if __package__ in (None, ''):  # run as a file: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np
+
+from misc.errors import SaticError
+from scripts._common import cli, image_id, load_json, read_array
+
+EXTENSIONS = ('.npz', '.npy')
+
+
+def feature_files(folder, input_json=''):
+    """[(image id string, path)] of the images to dump."""
+    if not os.path.isdir(folder):
+        raise SaticError(f'feature folder {folder} does not exist: check --folder')
+    if not input_json:
+        names = sorted(n for n in os.listdir(folder) if n.endswith(EXTENSIONS))
+        if not names:
+            raise SaticError(f'{folder} has no .npy/.npz files: check --folder')
+        return [(os.path.splitext(n)[0], os.path.join(folder, n)) for n in names]
+    data = load_json(input_json, 'image list json')
+    out = []
+    for img in data.get('images', []):
+        key = str(image_id(img, input_json))
+        for ext in EXTENSIONS:
+            path = os.path.join(folder, key + ext)
+            if os.path.exists(path):
+                out.append((key, path))
+                break
+        else:
+            raise SaticError(f'{folder} has no {key}.npz/.npy for image {key} of {input_json}: '
+                             'build the features for every image first (make_bu_data.py)')
+    return out
+
+
+def load_array(path, key):
+    """The array stored in one feature file (npz key 'feat', else 'z')."""
+    try:
+        return read_array(path)
+    except Exception as e:  # corrupt or truncated file
+        raise SaticError(f'{path} (image {key}) is unreadable ({type(e).__name__}: {e}): re-create it') from None
+
+
+def write_lmdb(items, output_file):
+    import lmdb
+    page = 4096
+    pages = sum(os.path.getsize(p) // page + 3 for _, p in items)
+    map_size = int(pages * page * 1.5) + (64 << 20)
+    for stale in (output_file, output_file + '-lock'):
+        if os.path.isfile(stale):
+            os.remove(stale)
+    env = lmdb.open(output_file, subdir=False, map_size=map_size, readonly=False, meminit=False, map_async=True)
+    try:
+        for start in range(0, len(items), 1000):
+            with env.begin(write=True) as txn:
+                for key, path in items[start:start + 1000]:
+                    with open(path, 'rb') as f:
+                        txn.put(key.encode('ascii'), f.read())
+        env.sync()
+    finally:
+        env.close()
+
+
+def write_h5(items, output_file):
+    import h5py
+    tmp = output_file + '.tmp'
+    with h5py.File(tmp, 'w') as f:
+        for key, path in items:
+            f.create_dataset(key, data=np.asarray(load_array(path, key), dtype=np.float32))
+    os.replace(tmp, output_file)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--input_json', default='', help='dataset_coco.json or cocotalk.json (default: every file in --folder)')
+    p.add_argument('--folder', default='data/cocobu_att', help='folder of <id>.npz / <id>.npy feature files')
+    p.add_argument('--output_file', default='data/cocobu_att.lmdb', help='.lmdb output (or .h5 for HDF5)')
+    return p.parse_args(argv)
+
+
+def run(args):
+    items = feature_files(args.folder, args.input_json)
+    folder = os.path.dirname(args.output_file)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    if args.output_file.endswith(('.h5', '.hdf5')):
+        write_h5(items, args.output_file)
+    else:
+        write_lmdb(items, args.output_file)
+    print(f'wrote {len(items)} images from {args.folder} to {args.output_file}')
+
+
+def main(argv=None):
+    return cli(parse_args, run, argv)
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Bottom-up TSV features -> one file per image: <out>_att/<id>.npz, <out>_fc/<id>.npy, <out>_box/<id>.npy.
+
+SPEC.md section 1. Reads every `*.tsv*` file in --downloaded_feats (the reference hard-coded the Karpathy file
+names). A row is tab separated, no header: image_id, image_w, image_h, num_boxes, boxes, features, where boxes and
+features are base64 float32 reshaped to (num_boxes, -1); any feature dimension and box count. Rows whose base64
+lacks '=' padding (real test2014 files) are padded. Writes att: npz key 'feat' (num_boxes, D) float32;
+fc: mean over boxes (D,); box: (num_boxes, 4) x1 y1 x2 y2.
+
+  python scripts/make_bu_data.py --downloaded_feats data/bu_data --output_dir data/cocobu
+"""
+import argparse
+import base64
+import binascii
+import csv
+import glob
+import os
+import sys
+
+if __package__ in (None, ''):  # run as a file: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np
+
+from misc.errors import SaticError
+from scripts._common import cli
+
+FIELDNAMES = ['image_id', 'image_w', 'image_h', 'num_boxes', 'boxes', 'features']
+
+
+def b64_floats(text):
+    """base64 text (with or without '=' padding) -> float32 vector."""
+    text = text.strip()
+    text += '=' * (-len(text) % 4)
+    return np.frombuffer(base64.b64decode(text, validate=True), dtype=np.float32)
+
+
+def encode_b64(array, pad=True):
+    """float32 array -> base64 text (the TSV encoding); pad=False drops the '=' padding like real test2014 rows."""
+    text = base64.b64encode(np.ascontiguousarray(array, dtype=np.float32).tobytes()).decode('ascii')
+    return text if pad else text.rstrip('=')
+
+
+def parse_row(fields, where):
+    """One TSV row (list of 6 strings) -> (image_id, boxes (n, 4), features (n, D)); where names file:line."""
+    if len(fields) != len(FIELDNAMES):
+        raise SaticError(f'{where}: expected {len(FIELDNAMES)} tab-separated fields ({", ".join(FIELDNAMES)}), '
+                         f'got {len(fields)}: the file is truncated or not a bottom-up TSV')
+    try:
+        iid = int(fields[0])
+        n = int(fields[3])
+    except ValueError:
+        raise SaticError(f'{where}: image_id/num_boxes are not integers ({fields[0][:20]!r}, {fields[3][:20]!r}): '
+                         'not a bottom-up TSV') from None
+    where = f'{where} (image {iid})'
+    try:
+        boxes = b64_floats(fields[4])
+        feats = b64_floats(fields[5])
+    except (binascii.Error, ValueError) as e:
+        raise SaticError(f'{where}: bad base64 ({e}): the row is corrupt; re-extract the features') from None
+    if n <= 0:
+        raise SaticError(f'{where}: num_boxes is {n}: every image needs at least one box')
+    if boxes.size != n * 4:
+        raise SaticError(f'{where}: boxes hold {boxes.size * 4} bytes, num_boxes {n} needs {n * 16}: '
+                         'the row is corrupt or truncated; re-extract the features')
+    if feats.size == 0 or feats.size % n:
+        raise SaticError(f'{where}: features hold {feats.size * 4} bytes, not a multiple of num_boxes {n} x 4 bytes: '
+                         'the row is corrupt or truncated; re-extract the features')
+    return iid, boxes.reshape(n, 4), feats.reshape(n, -1)
+
+
+def convert_row(job):
+    """Decode one row and write its three files; job = (fields, where, output_dir). Returns (id, n_boxes, D)."""
+    fields, where, out = job
+    iid, boxes, feats = parse_row(fields, where)
+    np.savez_compressed(os.path.join(out + '_att', f'{iid}.npz'), feat=feats)
+    np.save(os.path.join(out + '_fc', f'{iid}.npy'), feats.mean(0))
+    np.save(os.path.join(out + '_box', f'{iid}.npy'), boxes)
+    return iid, feats.shape[0], feats.shape[1]
+
+
+def iter_rows(files, output_dir):
+    csv.field_size_limit(sys.maxsize)
+    for path in files:
+        with open(path, newline='') as f:
+            for line_no, fields in enumerate(csv.reader(f, delimiter='\t'), 1):
+                if fields:
+                    yield fields, f'{path}:{line_no}', output_dir
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--downloaded_feats', default='data/bu_data', help='folder of bottom-up *.tsv* files')
+    p.add_argument('--output_dir', default='data/cocobu', help="output prefix ('_att', '_fc', '_box' appended)")
+    p.add_argument('--num_workers', default=min(8, os.cpu_count() or 1), type=int,
+                   help='(ours) processes writing files (1: in this process)')
+    return p.parse_args(argv)
+
+
+def run(args):
+    files = sorted(f for f in glob.glob(os.path.join(args.downloaded_feats, '*.tsv*')) if os.path.isfile(f))
+    if not files:
+        raise SaticError(f'no *.tsv* files in {args.downloaded_feats}: check --downloaded_feats')
+    for suffix in ('_att', '_fc', '_box'):
+        os.makedirs(args.output_dir + suffix, exist_ok=True)
+    rows = iter_rows(files, args.output_dir)
+    if args.num_workers > 1:
+        import multiprocessing
+        with multiprocessing.Pool(args.num_workers) as pool:
+            done = list(pool.imap_unordered(convert_row, rows, chunksize=16))
+    else:
+        done = [convert_row(job) for job in rows]
+    dims = sorted({d for _, _, d in done})
+    if len(dims) > 1:
+        raise SaticError(f'{args.downloaded_feats}: feature dimension differs between rows ({dims}): mixed TSV files')
+    if len({iid for iid, _, _ in done}) != len(done):
+        print(f'warning: {args.downloaded_feats} lists some image ids more than once; their files were overwritten',
+              file=sys.stderr)
+    counts = [n for _, n, _ in done]
+    print(f'wrote {len(done)} images from {len(files)} files to {args.output_dir}_att/_fc/_box '
+          f'(D={dims[0] if dims else 0}, boxes per image {min(counts, default=0)}-{max(counts, default=0)})')
+
+
+def main(argv=None):
+    return cli(parse_args, run, argv)
+
+
+if __name__ == '__main__':
+    sys.exit(main())

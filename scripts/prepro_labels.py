@@ -1,0 +1,162 @@
+"""Karpathy dataset_coco.json -> vocabulary + image list (cocotalk.json) and encoded captions (<output_h5>_label.h5).
+
+First step of the data pipeline (SPEC.md section 1); dataloader.py reads both outputs.
+
+Vocabulary: words counted over the tokens of ALL splits; a word is kept when its count > --word_count_threshold,
+in order of first occurrence; the rest map to 'UNK', appended last only if some word was dropped. Index 0 is
+reserved (BOS/EOS/pad). Captions are cut to --max_length words.
+
+cocotalk_label.h5 (all uint32): labels (M, max_length) zero padded; label_start_ix / label_end_ix (N,), 1-indexed
+and inclusive (image i owns rows start-1 .. end-1); label_length (M,). Our addition: attrs vocab_size and
+vocab_sha1, so the loader can refuse a label file built with another vocabulary.
+
+  python scripts/prepro_labels.py --input_json data/dataset_coco.json --output_json data/cocotalk.json \
+      --output_h5 data/cocotalk
+"""
+import argparse
+import os
+import sys
+
+if __package__ in (None, ''):  # run as a file: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import h5py
+import numpy as np
+
+from misc.errors import SaticError
+from scripts._common import cli, dump_json, image_id, load_json, vocab_sha1
+
+UNK = 'UNK'
+
+
+def build_vocab(images, count_threshold):
+    """Words with count > count_threshold in first-occurrence order (+ 'UNK' if any word was dropped)."""
+    counts = {}
+    for img in images:
+        for sent in img.get('sentences', []):
+            for w in sent['tokens']:
+                counts[w] = counts.get(w, 0) + 1
+    vocab = [w for w, n in counts.items() if n > count_threshold]
+    dropped = [w for w, n in counts.items() if n <= count_threshold]
+    total = sum(counts.values())
+    if total:
+        n_unk = sum(counts[w] for w in dropped)
+        print(f'vocabulary: {len(vocab)} of {len(counts)} words kept (count > {count_threshold}); '
+              f'{len(dropped)} words ({100.0 * n_unk / total:.2f}% of tokens) become {UNK}')
+    if dropped:
+        vocab.append(UNK)
+    return vocab
+
+
+def encode_tokens(tokens, wtoi, max_length, where):
+    """Token list -> (max_length,) uint32 ids, OOV -> UNK; returns (ids, length = min(len, max_length))."""
+    row = np.zeros(max_length, dtype=np.uint32)
+    unk = wtoi.get(UNK)
+    for k, w in enumerate(tokens[:max_length]):
+        ix = wtoi.get(w, unk)
+        if ix is None:
+            raise SaticError(f'{where}: word {w!r} is not in the vocabulary, which has no {UNK}: '
+                             'rebuild the vocabulary from this dataset')
+        row[k] = ix
+    return row, min(max_length, len(tokens))
+
+
+def encode_captions(captions_per_image, wtoi, max_length, where):
+    """captions_per_image: N lists of token lists, in dataset order -> (labels, start_ix, end_ix, lengths), uint32.
+
+    where(i): text naming image i for error messages.
+    """
+    n = len(captions_per_image)
+    start_ix = np.zeros(n, dtype=np.uint32)
+    end_ix = np.zeros(n, dtype=np.uint32)
+    rows, lengths = [], []
+    counter = 1  # 1-indexed, inclusive (reference format)
+    for i, captions in enumerate(captions_per_image):
+        if not captions:
+            raise SaticError(f'{where(i)} has no captions: every image needs at least one '
+                             '(use --input_label_h5 none for caption-less images)')
+        for tokens in captions:
+            row, length = encode_tokens(tokens, wtoi, max_length, where(i))
+            rows.append(row)
+            lengths.append(length)
+        start_ix[i] = counter
+        end_ix[i] = counter + len(captions) - 1
+        counter += len(captions)
+    labels = np.stack(rows) if rows else np.zeros((0, max_length), dtype=np.uint32)
+    return labels, start_ix, end_ix, np.asarray(lengths, dtype=np.uint32)
+
+
+def write_label_h5(path, labels, start_ix, end_ix, lengths, ix_to_word):
+    """Write the label h5 (uint32 datasets) with the vocabulary attrs; atomically."""
+    folder = os.path.dirname(path)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    tmp = path + '.tmp'
+    with h5py.File(tmp, 'w') as f:
+        f.create_dataset('labels', dtype='uint32', data=labels)
+        f.create_dataset('label_start_ix', dtype='uint32', data=start_ix)
+        f.create_dataset('label_end_ix', dtype='uint32', data=end_ix)
+        f.create_dataset('label_length', dtype='uint32', data=lengths)
+        f.attrs['vocab_size'] = len(ix_to_word)
+        f.attrs['vocab_sha1'] = vocab_sha1(ix_to_word)
+    os.replace(tmp, path)
+
+
+def image_entry(img, images_root='', path='the dataset json'):
+    """The cocotalk.json record of one dataset image: split, file_path, id (+ width/height with --images_root)."""
+    entry = {'split': img['split']}
+    if 'filename' in img:
+        entry['file_path'] = os.path.join(img.get('filepath', ''), img['filename'])
+    entry['id'] = image_id(img, path)
+    if images_root:
+        from PIL import Image
+        with Image.open(os.path.join(images_root, img.get('filepath', ''), img['filename'])) as im:
+            entry['width'], entry['height'] = im.size
+    return entry
+
+
+def load_dataset_images(path):
+    """images[] of a Karpathy-format dataset json, checked for the fields the scripts need."""
+    data = load_json(path, 'dataset json')
+    images = data.get('images') if isinstance(data, dict) else None
+    if not isinstance(images, list):
+        raise SaticError(f'{path} has no images[] list: expected a Karpathy-format dataset_coco.json')
+    for img in images:
+        if 'split' not in img:
+            raise SaticError(f'{path}: image {image_id(img, path)} has no split: expected a Karpathy-format dataset_coco.json')
+    return images
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--input_json', required=True, help='Karpathy-format dataset_coco.json')
+    p.add_argument('--output_json', default='data/cocotalk.json', help='vocabulary + image list')
+    p.add_argument('--output_h5', default='data/cocotalk', help="label file prefix ('_label.h5' is appended)")
+    p.add_argument('--images_root', default='', help='if set, record each image width/height (reads the images)')
+    p.add_argument('--max_length', default=16, type=int, help='captions are cut to this many words')
+    p.add_argument('--word_count_threshold', default=5, type=int, help='words seen this many times or fewer -> UNK')
+    return p.parse_args(argv)
+
+
+def run(args):
+    images = load_dataset_images(args.input_json)
+    vocab = build_vocab(images, args.word_count_threshold)
+    ix_to_word = {str(i + 1): w for i, w in enumerate(vocab)}
+    wtoi = {w: i + 1 for i, w in enumerate(vocab)}
+    captions = [[s['tokens'] for s in img.get('sentences', [])] for img in images]
+    labels, start_ix, end_ix, lengths = encode_captions(
+        captions, wtoi, args.max_length, lambda i: f'{args.input_json}: image {image_id(images[i])}')
+    h5_path = args.output_h5 + '_label.h5'
+    write_label_h5(h5_path, labels, start_ix, end_ix, lengths, ix_to_word)
+    out = {'ix_to_word': ix_to_word, 'images': [image_entry(img, args.images_root, args.input_json) for img in images]}
+    dump_json(out, args.output_json)
+    print(f'wrote {args.output_json} ({len(images)} images, vocabulary {len(ix_to_word)}) and '
+          f'{h5_path} ({labels.shape[0]} captions)')
+
+
+def main(argv=None):
+    return cli(parse_args, run, argv)
+
+
+if __name__ == '__main__':
+    sys.exit(main())
