@@ -25,6 +25,7 @@ import io
 import os
 import random
 import sys
+import threading
 
 import h5py
 import numpy as np
@@ -58,11 +59,7 @@ class FeatureReader:
                                  'scripts/dump_to_lmdb.py') from None
         elif path.endswith(('.h5', '.hdf5')):
             self.kind = 'h5'
-            try:
-                self._h5 = h5py.File(path, 'r')
-            except OSError as e:
-                raise SaticError(f'{flag} {path} is not a readable HDF5 file ({e}); it may be truncated: '
-                                 're-create it') from None
+            self._h5, self._h5_lock = None, threading.Lock()  # opened by the first get(), to name its image
         elif os.path.isdir(path):
             self.kind = 'dir'
         else:
@@ -89,6 +86,9 @@ class FeatureReader:
             source, where = io.BytesIO(value), f'{self.path} entry'
         else:
             try:
+                with self._h5_lock:
+                    if self._h5 is None:
+                        self._h5 = h5py.File(self.path, 'r')
                 dataset = self._h5[key] if key in self._h5 else None
             except Exception as e:  # h5py raises various errors on a damaged file
                 raise SaticError(f'{self.path} (image {key}) is unreadable ({type(e).__name__}: {e}); '
@@ -107,8 +107,9 @@ class FeatureReader:
     def close(self):
         if self.kind == 'lmdb':
             self._env.close()
-        elif self.kind == 'h5':
+        elif self.kind == 'h5' and self._h5 is not None:
             self._h5.close()
+            self._h5 = None
 
 
 class DataLoader:

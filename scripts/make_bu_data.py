@@ -110,14 +110,12 @@ def run(args):
     else:
         done = [convert_row(job) for job in rows]
     dims = sorted({d for _, _, d in done})
-    if len(dims) > 1:
-        raise SaticError(f'{args.downloaded_feats}: feature dimension differs between rows ({dims}): mixed TSV files')
     if len({iid for iid, _, _ in done}) != len(done):
         print(f'warning: {args.downloaded_feats} lists some image ids more than once; their files were overwritten',
               file=sys.stderr)
     counts = [n for _, n, _ in done]
     print(f'wrote {len(done)} images from {len(files)} files to {args.output_dir}_att/_fc/_box '
-          f'(D={dims[0] if dims else 0}, boxes per image {min(counts, default=0)}-{max(counts, default=0)})')
+          f'(D={"/".join(map(str, dims))}, boxes per image {min(counts, default=0)}-{max(counts, default=0)})')
 
 
 def main(argv=None):

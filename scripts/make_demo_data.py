@@ -87,16 +87,24 @@ class ConceptFeatures:
             self._vectors[word] = v = v.astype(np.float32)
         return v
 
-    def regions(self, token_lists, rng, width=640, height=480):
-        """token_lists: the image's references -> (boxes (N, 4) x1 y1 x2 y2, features (N, dim)) float32."""
+    def regions(self, token_lists, rng, width=640, height=480, n_boxes=None):
+        """token_lists: the image's references -> (boxes (N, 4) x1 y1 x2 y2, features (N, dim)) float32.
+
+        N: one region per content word and 2-5 distractors, within [min_boxes, max_boxes]; or exactly n_boxes
+        (the most used words first).
+        """
         df = {}
         for tokens in token_lists:
             for w in set(tokens) - STOPWORDS:
                 df[w] = df.get(w, 0) + 1
         words = sorted(df, key=lambda w: (-df[w], w))
         n_distract = int(rng.integers(2, 6))
-        words = words[:self.max_boxes - n_distract]
-        n = min(self.max_boxes, max(self.min_boxes, len(words) + n_distract))
+        if n_boxes is None:
+            words = words[:self.max_boxes - n_distract]
+            n = min(self.max_boxes, max(self.min_boxes, len(words) + n_distract))
+        else:
+            n = n_boxes
+            words = words[:n]
         feats = rng.standard_normal((n, self.dim)).astype(np.float32)  # distractors stay pure noise
         for k, w in enumerate(words):
             salience = 0.5 + df[w] / max(1, len(token_lists))  # words most references use stand out

@@ -1,0 +1,128 @@
+"""Tiny datasets for tests, built through the real data scripts (dataset_coco.json -> prepro -> TSV -> features).
+
+    ds = make_tiny_dataset(tmp_path, n_train=8, n_val=3, n_test=3, feat_dim=8)
+    loader = DataLoader(ds.opt(batch_size=2))
+
+`ds` holds every path (dataset_json, input_json = cocotalk.json, label_h5, fc_dir, att_dir, box_dir, cached_tokens =
+coco-train-idxs.p, ref_json = COCO-format references of every image, and fc/att .lmdb and .h5 copies when asked for
+with backends=('dir', 'lmdb', 'h5')). Region features are the demo's "visual concepts" (one region per content word
+of the image's captions), so a tiny captioner can learn from them.
+"""
+import dataclasses
+import json
+import os
+
+import numpy as np
+
+from scripts import dump_to_lmdb, make_bu_data, prepro_labels, prepro_ngrams, prepro_reference_json
+from scripts.make_demo_data import ConceptFeatures, tsv_row
+
+WORDS = ('a', 'man', 'woman', 'dog', 'cat', 'red', 'blue', 'ball', 'on', 'the', 'grass', 'table', 'with', 'big',
+         'small', 'riding', 'horse', 'street', 'car', 'near')
+
+
+@dataclasses.dataclass
+class TinyDataset:
+    root: str
+    dataset_json: str
+    input_json: str
+    label_h5: str
+    fc_dir: str
+    att_dir: str
+    box_dir: str
+    cached_tokens: str
+    ref_json: str
+    feat_dim: int
+    vocab_size: int
+    fc_lmdb: str = None
+    att_lmdb: str = None
+    fc_h5: str = None
+    att_h5: str = None
+
+    def opt(self, backend='dir', **overrides):
+        """train.py options (opts.parse_opt defaults) pointing at this dataset; overrides set any option."""
+        import opts
+        opt = opts.parse_opt([])
+        fc, att = {'dir': (self.fc_dir, self.att_dir), 'lmdb': (self.fc_lmdb, self.att_lmdb),
+                   'h5': (self.fc_h5, self.att_h5)}[backend]
+        if fc is None:
+            raise ValueError(f'backend {backend!r} was not built: pass backends=(..., {backend!r})')
+        values = dict(input_json=self.input_json, input_label_h5=self.label_h5, input_fc_dir=fc, input_att_dir=att,
+                      input_box_dir=self.box_dir, cached_tokens=self.cached_tokens, ref_json=self.ref_json,
+                      att_feat_size=self.feat_dim, fc_feat_size=self.feat_dim, batch_size=2, seq_per_img=5,
+                      num_workers=0)
+        values.update(overrides)
+        for k, v in values.items():
+            setattr(opt, k, v)
+        return opt
+
+
+def tiny_dataset_json(n_train, n_val, n_test, n_restval=0, seed=0, captions=(3, 6), length=(3, 20)):
+    """A Karpathy-format dataset_coco.json dict with random captions over WORDS.
+
+    Image i has between captions[0] and captions[1] captions (so both the window and the with-replacement paths of
+    the loader run) of length[0]..length[1] words (longer than 16: truncation runs too).
+    """
+    rng = np.random.default_rng(seed)
+    images, sentid = [], 0
+    splits = ['train'] * n_train + ['val'] * n_val + ['test'] * n_test + ['restval'] * n_restval
+    for imgid, split in enumerate(splits):
+        cocoid = 1000 + 7 * imgid
+        sentences = []
+        for _ in range(int(rng.integers(captions[0], captions[1] + 1))):
+            tokens = [WORDS[k] for k in rng.integers(0, len(WORDS), int(rng.integers(length[0], length[1] + 1)))]
+            sentences.append({'tokens': tokens, 'raw': ' '.join(tokens).capitalize() + '.', 'imgid': imgid,
+                              'sentid': sentid})
+            sentid += 1
+        folder = 'train2014' if split == 'train' else 'val2014'
+        images.append({'filepath': folder, 'filename': f'COCO_{folder}_{cocoid:012d}.jpg', 'imgid': imgid,
+                       'split': split, 'cocoid': cocoid, 'sentids': [s['sentid'] for s in sentences],
+                       'sentences': sentences})
+    return {'images': images, 'dataset': 'coco'}
+
+
+def make_tiny_dataset(tmp_path, n_train=8, n_val=3, n_test=3, feat_dim=8, n_restval=0, boxes=(3, 7), seed=0,
+                      word_count_threshold=0, backends=('dir',), captions=(3, 6)):
+    """Build a tiny dataset under tmp_path with the real scripts; returns a TinyDataset.
+
+    boxes: (min, max) regions per image (equal numbers: every batch has att_masks None).
+    """
+    root = str(tmp_path)
+    p = lambda name: os.path.join(root, name)  # noqa: E731
+    os.makedirs(root, exist_ok=True)
+    dataset = tiny_dataset_json(n_train, n_val, n_test, n_restval, seed, captions)
+    with open(p('dataset_coco.json'), 'w') as f:
+        json.dump(dataset, f)
+    prepro_labels.run(prepro_labels.parse_args(
+        ['--input_json', p('dataset_coco.json'), '--output_json', p('cocotalk.json'), '--output_h5', p('cocotalk'),
+         '--word_count_threshold', str(word_count_threshold)]))
+    concepts = ConceptFeatures(feat_dim, seed)
+    os.makedirs(p('tsv'), exist_ok=True)
+    with open(p('tsv/tiny.tsv'), 'w') as f:
+        for img in dataset['images']:
+            rng = np.random.default_rng([seed, img['cocoid']])
+            n_boxes = int(rng.integers(boxes[0], boxes[1] + 1))
+            b, feats = concepts.regions([s['tokens'] for s in img['sentences']], rng, n_boxes=n_boxes)
+            f.write(tsv_row(img['cocoid'], 640, 480, b, feats))
+    make_bu_data.run(make_bu_data.parse_args(
+        ['--downloaded_feats', p('tsv'), '--output_dir', p('cocobu'), '--num_workers', '1']))
+    prepro_ngrams.run(prepro_ngrams.parse_args(
+        ['--input_json', p('dataset_coco.json'), '--dict_json', p('cocotalk.json'), '--output_pkl', p('coco-train')]))
+    prepro_reference_json.run(prepro_reference_json.parse_args(
+        ['--input_json', p('dataset_coco.json'), '--output_json', p('captions_ref.json')]))
+    with open(p('cocotalk.json')) as f:
+        vocab_size = len(json.load(f)['ix_to_word'])
+    ds = TinyDataset(root=root, dataset_json=p('dataset_coco.json'), input_json=p('cocotalk.json'),
+                     label_h5=p('cocotalk_label.h5'), fc_dir=p('cocobu_fc'), att_dir=p('cocobu_att'),
+                     box_dir=p('cocobu_box'), cached_tokens=p('coco-train-idxs.p'), ref_json=p('captions_ref.json'),
+                     feat_dim=feat_dim, vocab_size=vocab_size)
+    for backend in backends:
+        if backend == 'dir':
+            continue
+        for kind in ('fc', 'att'):
+            out = p(f'cocobu_{kind}.{backend}')
+            dump_to_lmdb.run(dump_to_lmdb.parse_args(
+                ['--input_json', ds.input_json, '--folder', getattr(ds, f'{kind}_dir'), '--output_file', out]))
+            setattr(ds, f'{kind}_{backend}', out)
+    return ds
+
