@@ -1,0 +1,98 @@
+"""Beam search for SATIC, batched over images; only uses `SATModel.step` and `DecoderCache.reorder`.
+
+Each decoding step gives K distributions at once; the beams then advance K token-level steps from them, the
+reference's beam_step applied to each position of the group in turn:
+- every beam proposes its beam_size best words (the last vocabulary index, UNK, lowered by 1000); candidates are
+  ranked by summed log-prob, ties broken by word rank first, then by beam (a stable sort of that order);
+- at the very first position all beams are the same empty caption, so only beam 0 proposes;
+- the distributions of the group's remaining positions follow their parent beam;
+- a beam whose word is 0, or that reaches the last position, is finished with its summed log-prob (length
+  penalty optional, none by default) and its running sum becomes -1000 so that it is never extended again.
+The finished beams of each image, best first and cut to beam_size, are returned (SATModel.done_beams).
+
+Shapes: B images, W beam width, S = B*W rows, K group size, V vocabulary + 1, T max_length.
+"""
+import torch
+
+UNK_PENALTY = 1000.0
+FINISHED = -1000.0
+
+
+def length_penalty_fn(spec):
+    """'' (none), 'wu_<alpha>' (GNMT) or 'avg_<alpha>' (per-word average) -> f(length, logprob_sum)."""
+    if not spec:
+        return lambda length, logprob: logprob
+    kind, alpha = spec.split('_')
+    alpha = float(alpha)
+    if kind == 'wu':
+        return lambda length, logprob: logprob / (((5 + length) ** alpha) / ((5 + 1) ** alpha))
+    if kind == 'avg':
+        return lambda length, logprob: logprob / length
+    raise ValueError(f"unknown length penalty {spec!r}: use '', 'wu_<alpha>' or 'avg_<alpha>'")
+
+
+def beam_search(model, memory, memory_mask, beam_size, max_length, use_cache=None, length_penalty=''):
+    """memory (B, N, D), memory_mask (B, 1, N) -> done_beams: per image a list of beam_size dicts, best first,
+    {'seq': (T,) int64, 'logps': (T,) per-word log-probs, 'p': float score}."""
+    batch, w, k = memory.size(0), beam_size, model.K
+    penalty = length_penalty_fn(length_penalty)
+    device = memory.device
+    last_start = max_length - k  # last group start that fits
+    last_pos = last_start // k * k + k - 1 if last_start >= 0 else -1  # last position decoded
+    cache = model.init_cache(memory, memory_mask, beam=w, use_cache=use_cache)
+    rows = torch.arange(batch, device=device).unsqueeze(1) * w  # (B, 1): first row of each image
+
+    beam_seq = torch.zeros(batch, w, max_length, dtype=torch.long, device=device)  # (B, W, T)
+    beam_logps = torch.zeros(batch, w, max_length, device=device)  # (B, W, T)
+    beam_sum = torch.zeros(batch, w, device=device)  # (B, W) running summed log-probs
+    done = [[] for _ in range(batch)]
+    tokens = torch.zeros(batch * w, k, dtype=torch.long, device=device)  # (S, K): the start group
+
+    for t0 in range(0, last_start + 1, k):
+        logprobs, cache = model.step(tokens, cache)  # (S, K, V)
+        logprobs = logprobs.detach().float().view(batch, w, k, -1).clone()  # (B, W, K, V)
+        # reference quirk: the last index is suppressed as "UNK" even when the vocabulary has no UNK.
+        logprobs[..., -1] -= UNK_PENALTY
+        parents = torch.arange(w, device=device).expand(batch, w)  # (B, W): row of the group's start
+        for j in range(k):
+            t = t0 + j
+            word_logprobs = logprobs[:, :, j]  # (B, W, V)
+            top_logprobs, top_words = word_logprobs.topk(w, dim=-1)  # (B, W beams, W ranks), sorted
+            candidates = beam_sum.unsqueeze(-1) + top_logprobs  # (B, W beams, W ranks)
+            if t == 0:
+                candidates[:, 1:] = float('-inf')  # all beams are the same empty caption: expand beam 0 only
+            # Candidates in the reference's order (word rank, then beam), stable-sorted by summed log-prob.
+            flat = candidates.transpose(1, 2).reshape(batch, w * w)  # (B, W*W), index = rank * W + beam
+            beam_sum, order = flat.sort(dim=1, descending=True, stable=True)
+            beam_sum, order = beam_sum[:, :w].contiguous(), order[:, :w]  # (B, W)
+            parent, rank = order % w, order // w  # (B, W)
+            words = top_words.gather(1, parent.unsqueeze(-1).expand(-1, -1, w)).gather(2, rank.unsqueeze(-1))
+            words = words.squeeze(-1)  # (B, W)
+            beam_seq = beam_seq.gather(1, parent.unsqueeze(-1).expand(-1, -1, max_length))
+            beam_logps = beam_logps.gather(1, parent.unsqueeze(-1).expand(-1, -1, max_length))
+            beam_seq[:, :, t] = words
+            beam_logps[:, :, t] = top_logprobs.gather(1, parent.unsqueeze(-1).expand(-1, -1, w)).gather(
+                2, rank.unsqueeze(-1)).squeeze(-1)
+            # The group's remaining positions follow their parent beam.
+            logprobs = logprobs.gather(1, parent.view(batch, w, 1, 1).expand_as(logprobs))
+            parents = parents.gather(1, parent)
+
+            finished = (words == 0) if t < last_pos else torch.ones_like(words, dtype=torch.bool)
+            finished &= beam_sum > FINISHED  # dead beams (reached only when all of an image's beams are) never count
+            if finished.any():
+                _collect(done, finished, beam_seq, beam_logps, beam_sum, penalty, t)
+                beam_sum = beam_sum.masked_fill(finished, FINISHED)
+        if t0 + k > last_start or bool((beam_sum <= FINISHED).all()):
+            break  # every beam of every image is finished: later ones would all score below -1000
+        cache.reorder((rows + parents).view(-1))
+        tokens = beam_seq[:, :, t0:t0 + k].reshape(batch * w, k)  # (S, K)
+    return [sorted(beams, key=lambda beam: -beam['p'])[:w] for beams in done]
+
+
+def _collect(done, finished, beam_seq, beam_logps, beam_sum, penalty, t):
+    """Append the finished beams (B, W) mask to each image's done list, in beam order."""
+    images, beams = finished.nonzero(as_tuple=True)
+    seqs, logps = beam_seq[images, beams], beam_logps[images, beams]  # (F, T) each
+    scores = beam_sum[images, beams].tolist()
+    for n, (b, score) in enumerate(zip(images.tolist(), scores)):
+        done[b].append({'seq': seqs[n], 'logps': logps[n], 'p': penalty(t + 1, score)})

@@ -1,0 +1,38 @@
+"""Attention masks for the decoder: the causal mask and SATIC's group (block) mask.
+
+All masks are boolean, True = may attend. A group mask lets position i see every position of its own K-word
+group and of the groups before it; K = 1 is the ordinary causal mask.
+"""
+import functools
+
+import torch
+
+
+@functools.lru_cache(maxsize=64)
+def _group_mask_cpu(size, k):
+    i = torch.arange(size).unsqueeze(1)  # (T, 1) query positions
+    j = torch.arange(size).unsqueeze(0)  # (1, T) key positions
+    return (j < (i // k + 1) * k).unsqueeze(0)  # (1, T, T)
+
+
+def group_mask(size, k, device=None):
+    """(1, T, T) with m[i, j] = (j < (i // K + 1) * K): each group sees itself and all earlier groups."""
+    mask = _group_mask_cpu(size, k)
+    return mask if device is None else mask.to(device)
+
+
+def subsequent_mask(size, device=None):
+    """(1, T, T) causal mask: position i sees positions 0..i (the group mask with K = 1)."""
+    return group_mask(size, 1, device)
+
+
+def target_mask(tokens, k):
+    """Training mask for the shifted target tokens (S, T) -> (S, T, T).
+
+    Key padding (token > 0; position 0 always visible, so no row is empty) AND the group mask.
+    """
+    # reference quirk: only position 0 of the K start zeros is visible as a key while training (the other K-1
+    # are zeros, hence "padding"), whereas decoding sees all K; kept because the checkpoints were trained so.
+    keys = tokens > 0
+    keys[:, 0] = True
+    return keys.unsqueeze(-2) & group_mask(tokens.size(1), k, tokens.device)  # (S, T, T)

@@ -1,0 +1,177 @@
+"""SATIC: the semi-autoregressive transformer captioner (K words per decoding step; K = 1 is 'transformer').
+
+Pipeline: region features --att_embed--> encoder --> memory; the decoder reads the caption shifted by one K-word
+group and predicts K words per position group. `forward` is teacher forcing (training), `encode` + `step` are the
+decoding primitives used by `models.decoding` (greedy / sampling) and `models.beam_search`. The reference call
+conventions (`model(fc, att, labels, att_masks)`, `model(fc, att, att_masks, opt=..., mode='sample')`) are a thin
+layer on top.
+
+Shapes: B images, S decoding rows, N regions, F region feature size, L label length (18), T tokens,
+K group size, V vocabulary + 1 (token 0 = BOS/EOS/padding), D d_model.
+"""
+import math
+
+import torch
+from torch import nn
+
+from models.cache import DecoderCache, LayerCache
+from models.masks import group_mask, target_mask
+from models.transformer import make_model
+
+HEADS = 8
+DROPOUT = 0.1
+
+
+class SATModel(nn.Module):
+    """Region features -> caption, K words per step. state_dict: `att_embed.*` and `model.*` (the reference's)."""
+
+    def __init__(self, vocab_size, K=1, d_model=512, d_ff=2048, num_layers=6, att_feat_size=2048,
+                 drop_prob_lm=0.5, use_bn=0, max_length=20, use_cache=True):
+        super().__init__()
+        self.vocab_size = vocab_size  # words; V = vocab_size + 1 outputs
+        self.K = K
+        self.max_length = max_length
+        self.use_cache = bool(use_cache)
+        self.d_model = d_model
+        self.done_beams = None  # filled by beam search: per image, the finished beams, best first
+        embed = [nn.Linear(att_feat_size, d_model), nn.ReLU(), nn.Dropout(drop_prob_lm)]
+        if use_bn:
+            embed.insert(0, nn.BatchNorm1d(att_feat_size))
+        if use_bn == 2:
+            embed.append(nn.BatchNorm1d(d_model))
+        self.att_embed = nn.Sequential(*embed)
+        self.model = make_model(vocab_size + 1, num_layers, d_model, d_ff, HEADS, DROPOUT)
+
+    # ---- encoder -------------------------------------------------------------------------------------------
+    def encode(self, att_feats, att_masks=None):
+        """att_feats (B, N, F), att_masks (B, N) float 1/0 or None -> memory (B, N', D), memory mask (B, 1, N').
+
+        With att_masks, regions are cut to the batch's longest valid count (N' <= N), as the reference's clip_att
+        did; without, every region is valid and the returned mask is None (attention then skips masking).
+        """
+        if att_masks is None:
+            return self.model.encode(self.att_embed(att_feats), None), None  # every region valid: no mask at all
+        n = int(att_masks.sum(1).max())
+        att_feats, mask = att_feats[:, :n], att_masks[:, :n] > 0  # (B, N', F), (B, N')
+        # Only valid regions go through att_embed (the reference packed them): padding stays exactly zero and
+        # BatchNorm statistics see real regions only.
+        embedded = att_feats.new_zeros(*mask.shape, self.d_model)  # (B, N', D)
+        embedded[mask] = self.att_embed(att_feats[mask]).to(embedded.dtype)
+        mask = mask.unsqueeze(1)  # (B, 1, N')
+        return self.model.encode(embedded, mask), mask
+
+    # ---- teacher forcing -----------------------------------------------------------------------------------
+    def shift_labels(self, labels):
+        """labels (S, L) = [0, w1 .. w16, 0] -> decoder input (S, ceil(L/K)*K - 1).
+
+        K-1 zeros are prepended so that group g's input is the K words of group g-1 (group 0: K zeros).
+        """
+        k = self.K
+        shifted = torch.cat([labels.new_zeros(labels.size(0), k - 1), labels], dim=1)  # (S, L+K-1)
+        return shifted[:, :math.ceil(labels.size(1) / k) * k - 1]
+
+    def forward_xe(self, att_feats, labels, att_masks=None):
+        """Teacher forcing: log-probs (S, L-1, V); position i predicts labels[:, i+1]."""
+        memory, memory_mask = self.encode(att_feats, att_masks)
+        tokens = self.shift_labels(labels)  # (S, T)
+        out = self.model.decode(memory, memory_mask, tokens, target_mask(tokens, self.K))  # (S, T, D)
+        return self.model.generator(out[:, :labels.size(1) - 1])  # (S, L-1, V)
+
+    # ---- decoding primitives -------------------------------------------------------------------------------
+    def init_cache(self, memory, memory_mask, beam=1, use_cache=None):
+        """A fresh decoding state for B images with `beam` rows each (see models.cache)."""
+        use_cache = self.use_cache if use_cache is None else use_cache
+        layers = None
+        if use_cache:
+            layers = [LayerCache(*layer.src_attn.project_key_value(memory, memory))
+                      for layer in self.model.decoder.layers]
+        return DecoderCache(memory, memory_mask, layers, beam)
+
+    def step(self, tokens, cache):
+        """One K-word group: the previous group's tokens (S, K) -> log-probs of the next K words (S, K, V).
+
+        The cache (updated in place, also returned) holds every earlier group. At decoding time all K start zeros
+        are visible: there is no key-padding mask.
+        """
+        k = tokens.size(1)
+        if cache.incremental:
+            x = self.model.embed(tokens, start=cache.length)  # (S, K, D)
+            out = self.model.decoder.step(x, cache)  # (S, K, D)
+        else:
+            prefix = cache.extend_prefix(tokens)  # (S, T)
+            memory, memory_mask = cache.memory, cache.encoder_mask  # (B, N, D), (B, 1, N) or None
+            if cache.beam > 1:
+                memory = memory.repeat_interleave(cache.beam, dim=0)  # (S, N, D)
+                if memory_mask is not None:
+                    memory_mask = memory_mask.repeat_interleave(cache.beam, dim=0)
+            mask = group_mask(prefix.size(1), self.K, prefix.device)  # (1, T, T)
+            out = self.model.decode(memory, memory_mask, prefix, mask)[:, -k:]  # (S, K, D)
+        cache.length += k
+        return self.model.generator(out), cache
+
+    def decode(self, att_feats, att_masks=None, sample_max=True, beam_size=1, temperature=1.0,
+               max_length=None, use_cache=None, length_penalty=''):
+        """Caption a batch: (seq (B, max_length) int64, seqLogprobs (B, max_length)), zero padded.
+
+        Greedy / sampling (models.decoding) for beam_size 1, else beam search (models.beam_search, which also
+        sets self.done_beams). Gradients flow into seqLogprobs in train mode only; in eval mode decoding runs
+        under torch.inference_mode.
+        """
+        from models.beam_search import beam_search
+        from models.decoding import greedy_or_sample
+        max_length = self.max_length if max_length is None else max_length
+        with torch.inference_mode(not self.training):
+            memory, memory_mask = self.encode(att_feats, att_masks)
+            if beam_size > 1:
+                self.done_beams = beam_search(self, memory, memory_mask, beam_size, max_length,
+                                              use_cache=use_cache, length_penalty=length_penalty)
+                seq = torch.stack([beams[0]['seq'] for beams in self.done_beams])
+                logprobs = torch.stack([beams[0]['logps'] for beams in self.done_beams])
+            else:
+                seq, logprobs = greedy_or_sample(self, memory, memory_mask, max_length, sample_max=sample_max,
+                                                 temperature=temperature, use_cache=use_cache)
+        if not self.training:
+            # Plain tensors again: inference tensors could not be used by later autograd code (e.g. as labels).
+            seq, logprobs = seq.clone(), logprobs.clone()
+        return seq, logprobs
+
+    def greedy(self, att_feats, att_masks=None, **kwargs):
+        """Per-position argmax decoding: (seq, seqLogprobs) (B, max_length)."""
+        return self.decode(att_feats, att_masks, sample_max=True, beam_size=1, **kwargs)
+
+    def beam_search(self, att_feats, att_masks=None, beam_size=3, **kwargs):
+        """Beam search: the best beam's (seq, seqLogprobs) (B, max_length); all finished beams in done_beams."""
+        return self.decode(att_feats, att_masks, beam_size=beam_size, **kwargs)
+
+    # ---- the reference call conventions --------------------------------------------------------------------
+    def forward(self, fc_feats, att_feats, *args, mode='forward', **kwargs):
+        """model(fc, att, labels, att_masks) -> log-probs (S, L-1, V);
+        model(fc, att, att_masks, opt={...}, mode='sample') -> (seq, seqLogprobs) (B, max_length).
+
+        fc_feats are unused by this model (kept for the reference signature).
+        """
+        if mode == 'forward':
+            return self.forward_xe(att_feats, *args, **kwargs)
+        if mode == 'sample':
+            return self._sample(att_feats, *args, **kwargs)
+        raise ValueError(f"unknown mode {mode!r}: use 'forward' or 'sample'")
+
+    def _sample(self, att_feats, att_masks=None, opt=None):
+        opt = opt or {}
+        return self.decode(att_feats, att_masks,
+                           sample_max=bool(opt.get('sample_max', 1)),
+                           beam_size=int(opt.get('beam_size', 1)),
+                           temperature=float(opt.get('temperature', 1.0)),
+                           max_length=opt.get('max_length'),
+                           use_cache=opt.get('use_cache'),
+                           length_penalty=opt.get('length_penalty', ''))
+
+
+def build_model(opt):
+    """SATModel from the options of a run / checkpoint infos (older infos may lack our additions)."""
+    k = 1 if opt.caption_model == 'transformer' else getattr(opt, 'K', 1)
+    return SATModel(vocab_size=opt.vocab_size, K=k,
+                    d_model=opt.input_encoding_size, d_ff=opt.rnn_size, num_layers=opt.num_layers,
+                    att_feat_size=opt.att_feat_size, drop_prob_lm=getattr(opt, 'drop_prob_lm', 0.5),
+                    use_bn=getattr(opt, 'use_bn', 0), max_length=getattr(opt, 'max_length', 20) or 20,
+                    use_cache=getattr(opt, 'use_cache', 1))
