@@ -10,7 +10,9 @@ an .lmdb file (or folder), or an .h5 file with one dataset per image id.
   labels    (B*S, L+2) int64 = [0, w1..wL, 0] (L = seq_length, 16)   masks (B*S, L+2) float32: words + 2 ones
   gts       B int64 arrays (n_captions_i, L): every caption of the image (CIDEr-D reward references)
   infos     [{ix, id, file_path}]   bounds {it_pos_now, it_max, wrapped}
-labels/masks/gts are None with `--input_label_h5 none`.
+labels/masks/gts are None with `--input_label_h5 none`. Attributes: vocab_size, seq_length, ix_to_word, iterators,
+split_ix (dict split -> image indices), batch_size, seq_per_img, fc_feat_size / att_feat_size (D of the data).
+With world_size > 1 the train split is sharded (same shuffled order on every rank, rank r takes slice r).
 
 Determinism (our design, so that resuming is exact): which captions an image gets and the next epoch's train order
 are pure functions of (seed, split, current order, image), never of thread timing or of how many batches ran
@@ -173,9 +175,11 @@ class DataLoader:
                      else ''))
 
         # Fail now, not in the middle of an epoch: read the first image of every split.
+        self.fc_feat_size = self.att_feat_size = None  # D of the data, for building a model that fits it
         for s in SPLITS:
             if self.split_ix[s]:
-                self._load_item(s, self.split_ix[s][0], '')
+                fc, att, _, _ = self._load_item(s, self.split_ix[s][0], '')
+                self.fc_feat_size, self.att_feat_size = fc.shape[0], att.shape[1]
         self.num_workers = max(0, getattr(opt, 'num_workers', 2))
         self._pending = {s: collections.OrderedDict() for s in SPLITS}
         if self.num_workers > 0:

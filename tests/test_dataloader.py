@@ -41,6 +41,7 @@ def test_batch_dict(tiny_dataset):
     labels, start, end = label_rows(ds)
     with DataLoader(ds.opt(batch_size=3)) as loader:
         assert loader.vocab_size == ds.vocab_size and loader.seq_length == 16
+        assert loader.fc_feat_size == loader.att_feat_size == ds.feat_dim
         with open(ds.input_json) as f:
             assert loader.get_vocab() == json.load(f)['ix_to_word']
         for split in ('train', 'val', 'test'):
