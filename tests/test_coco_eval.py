@@ -1,0 +1,200 @@
+"""misc/coco_eval.py: language_eval == pycocoevalcap's COCOEvalCap on a tiny reference file; SPICE and Java fallbacks."""
+import json
+import os
+
+import pytest
+
+from misc import coco_eval
+from misc.errors import SaticError
+
+needs_java = pytest.mark.skipif(not coco_eval.java_available(), reason='java not installed')
+
+REFERENCES = {
+    101: ['A man riding a wave on top of a surfboard.', 'A surfer rides a large wave in the ocean!',
+          'Man on a surf board, riding an ocean wave.'],
+    102: ['Two dogs playing with a red frisbee in the grass.', 'A couple of dogs run across a grassy field.'],
+    103: ['A plate of food with broccoli and rice', 'A white plate topped with meat, rice and broccoli.',
+          "Someone's dinner: chicken, rice and vegetables.", 'A close up of a plate of food'],
+    104: ['A red double decker bus driving down a street.', 'A bus on a city street near tall buildings.'],
+    105: ['A cat sleeping on a laptop keyboard.', 'A black cat lies on an open laptop computer.'],
+}
+PREDICTIONS = [
+    {'image_id': 103, 'caption': 'a plate of food with rice and broccoli'},
+    {'image_id': 101, 'caption': 'a man riding a wave on a surfboard'},
+    {'image_id': 999, 'caption': 'an image that is not in the reference file'},
+    {'image_id': 105, 'caption': 'a cat laying on a laptop'},
+    {'image_id': 102, 'caption': 'two dogs playing in the grass'},
+]
+
+
+def write_reference_json(path):
+    images = [{'id': i, 'file_name': 'COCO_val2014_%012d.jpg' % i} for i in REFERENCES]
+    annotations = [{'image_id': i, 'id': 1000 * i + k, 'caption': c}
+                   for i, caps in REFERENCES.items() for k, c in enumerate(caps)]
+    with open(path, 'w') as f:
+        json.dump({'images': images, 'annotations': annotations, 'type': 'captions', 'info': {}, 'licenses': []}, f)
+
+
+def java_children():
+    """Live or zombie java processes whose parent is this test process."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            with open('/proc/%s/stat' % pid) as f:
+                fields = f.read().rsplit(')', 1)[1].split()
+            with open('/proc/%s/cmdline' % pid, 'rb') as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid() and b'java' in cmdline:
+            found.append(pid)
+    return found
+
+
+def pycocoevalcap_scores(ref_json, predictions, tmp_path, monkeypatch):
+    """The reference's language_eval: COCO API + COCOEvalCap (SPICE stubbed out: its jars cannot be installed)."""
+    from pycocoevalcap import eval as cocoeval
+    from pycocotools.coco import COCO
+
+    class NoSpice:
+        def compute_score(self, gts, res):
+            return 0.0, [0.0] * len(gts)
+
+        def method(self):
+            return 'SPICE'
+
+    monkeypatch.setattr(cocoeval, 'Spice', NoSpice)
+    coco = COCO(ref_json)
+    valid = coco.getImgIds()
+    cache = tmp_path / 'preds.json'
+    cache.write_text(json.dumps([p for p in predictions if p['image_id'] in valid]))
+    evaluator = cocoeval.COCOEvalCap(coco, coco.loadRes(str(cache)))
+    evaluator.params['image_id'] = evaluator.cocoRes.getImgIds()
+    evaluator.evaluate()
+    del evaluator.eval['SPICE']
+    return evaluator.eval, evaluator.imgToEval
+
+
+@pytest.fixture
+def one_meteor_process(monkeypatch):
+    """Both sides share one METEOR java process (its start-up, loading the paraphrase table, takes seconds)."""
+    from pycocoevalcap import eval as cocoeval
+    from pycocoevalcap.meteor import meteor
+
+    started, real_meteor = [], meteor.Meteor
+
+    def shared_meteor():
+        if not started:
+            started.append(real_meteor())
+        return started[0]
+
+    monkeypatch.setattr(cocoeval, 'Meteor', shared_meteor)
+    monkeypatch.setattr(meteor, 'Meteor', shared_meteor)
+    return started
+
+
+@needs_java
+def test_language_eval_equals_cocoevalcap(tmp_path, monkeypatch, capsys, one_meteor_process):
+    ref_json = str(tmp_path / 'captions_val.json')
+    write_reference_json(ref_json)
+    expected, expected_img = pycocoevalcap_scores(ref_json, PREDICTIONS, tmp_path, monkeypatch)
+    capsys.readouterr()
+
+    monkeypatch.setattr(coco_eval, 'spice_status', lambda: (False, 'CoreNLP jars are not installed'))
+    out_path = str(tmp_path / 'eval_results' / 'run_test.json')
+    overall, img_to_eval = coco_eval.language_eval(PREDICTIONS, ref_json, 'test', out_path=out_path)
+    assert len(one_meteor_process) == 1
+    assert not java_children()  # METEOR closed, tokenizer finished
+    out = capsys.readouterr().out
+    assert 'using 4/5 predictions' in out and 'SPICE: unavailable (CoreNLP jars are not installed)' in out
+
+    assert list(overall) == ['Bleu_1', 'Bleu_2', 'Bleu_3', 'Bleu_4', 'METEOR', 'ROUGE_L', 'CIDEr']
+    for metric, value in expected.items():
+        assert overall[metric] == pytest.approx(value, abs=1e-9), metric
+    assert sorted(img_to_eval) == [101, 102, 103, 105]
+    for image_id, scores in expected_img.items():
+        for metric in expected:
+            assert img_to_eval[image_id][metric] == pytest.approx(scores[metric], abs=1e-9), (image_id, metric)
+    assert img_to_eval[101]['caption'] == 'a man riding a wave on a surfboard'
+    assert overall['CIDEr'] > 0.5 and 0 < overall['METEOR'] < 1
+
+    with open(out_path) as f:
+        written = json.load(f)
+    assert written['overall'] == pytest.approx(overall)
+    assert written['imgToEval']['103']['CIDEr'] == pytest.approx(img_to_eval[103]['CIDEr'])
+    assert [f for f in os.listdir(os.path.dirname(out_path))] == ['run_test.json']
+
+
+@needs_java
+def test_no_prediction_in_references(tmp_path):
+    ref_json = str(tmp_path / 'refs.json')
+    write_reference_json(ref_json)
+    with pytest.raises(SaticError, match='--ref_json'):
+        coco_eval.language_eval([{'image_id': 7, 'caption': 'a dog'}], ref_json, verbose=False)
+
+
+class FakeMeteor:
+    def compute_score(self, gts, res):
+        return 0.25, [0.25] * len(gts)
+
+    def close(self):
+        pass
+
+
+@needs_java
+@pytest.mark.parametrize('fails', [False, True])
+def test_spice_scores_by_image_id_and_failure_is_not_fatal(tmp_path, monkeypatch, capsys, fails):
+    """SPICE orders its per-image scores by image id; a failing SPICE is reported and the rest stands."""
+    import subprocess
+    from pycocoevalcap.spice import spice
+
+    class FakeSpice:
+        def compute_score(self, gts, res):
+            if fails:
+                raise subprocess.CalledProcessError(1, ['java', '-jar', 'spice-1.0.jar'])
+            return 0.5, [{'All': {'f': i / 1000.0}} for i in sorted(gts)]
+
+    monkeypatch.setattr(spice, 'Spice', FakeSpice)
+    monkeypatch.setattr(coco_eval, '_Meteor', FakeMeteor)
+    monkeypatch.setattr(coco_eval, 'spice_status', lambda: (True, 'jars here'))
+    monkeypatch.setattr(coco_eval, 'SPICE_JARS', ())  # nothing to place
+    ref_json = str(tmp_path / 'refs.json')
+    write_reference_json(ref_json)
+    overall, img_to_eval = coco_eval.language_eval(PREDICTIONS, ref_json)
+    if fails:
+        assert 'SPICE' not in overall and 'CIDEr' in overall
+        assert 'SPICE: unavailable (SPICE failed: ' in capsys.readouterr().out
+    else:
+        assert overall['SPICE'] == 0.5
+        assert all(img_to_eval[i]['SPICE']['All']['f'] == i / 1000.0 for i in img_to_eval)
+
+
+def test_spice_status_without_jars(monkeypatch, tmp_path):
+    monkeypatch.setattr(coco_eval, 'USER_SPICE_LIB', str(tmp_path))
+    lib = coco_eval._package_dir('spice', 'lib')
+    if all(os.path.isfile(os.path.join(lib, jar)) for jar in coco_eval.SPICE_JARS):
+        pytest.skip('the CoreNLP jars are installed here')
+    available, reason = coco_eval.spice_status()
+    assert not available and reason
+
+
+def test_missing_reference_file(tmp_path):
+    with pytest.raises(SaticError, match='prepro_reference_json.py'):
+        coco_eval.language_eval(PREDICTIONS, str(tmp_path / 'nope.json'))
+
+
+def test_java_missing(tmp_path, monkeypatch):
+    ref_json = str(tmp_path / 'refs.json')
+    write_reference_json(ref_json)
+    monkeypatch.setattr(coco_eval, 'java_available', lambda: False)
+    with pytest.raises(SaticError, match='Java not found.*--language_eval 0'):
+        coco_eval.language_eval(PREDICTIONS, ref_json)
+    assert coco_eval.spice_status()[0] is False
+
+
+@needs_java
+def test_ptb_tokenizer_matches_pycocoevalcap():
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+    captions = ['A man, riding a Horse.', "Someone's dinner: (chicken) -- rice...", '', 'Café au lait!', 'x\ny']
+    expected = PTBTokenizer().tokenize({i: [{'caption': c}] for i, c in enumerate(captions)})
+    assert coco_eval.ptb_tokenize(captions) == [expected[i][0] for i in range(len(captions))]
