@@ -40,6 +40,12 @@ def encode_b64(array, pad=True):
     return text if pad else text.rstrip('=')
 
 
+def format_row(iid, width, height, boxes, feats, pad=True):
+    """One TSV line (with newline) in the bottom-up format; pad=False drops the base64 '=' padding."""
+    return '\t'.join([str(iid), str(width), str(height), str(len(boxes)),
+                      encode_b64(boxes, pad), encode_b64(feats, pad)]) + '\n'
+
+
 def parse_row(fields, where):
     """One TSV row (list of 6 strings) -> (image_id, boxes (n, 4), features (n, D)); where names file:line."""
     if len(fields) != len(FIELDNAMES):

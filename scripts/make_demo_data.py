@@ -117,11 +117,6 @@ class ConceptFeatures:
         return np.stack([x1, y1, x2, y2], 1).astype(np.float32), feats
 
 
-def tsv_row(iid, width, height, boxes, feats, pad=True):
-    return '\t'.join([str(iid), str(width), str(height), str(len(boxes)),
-                      make_bu_data.encode_b64(boxes, pad), make_bu_data.encode_b64(feats, pad)]) + '\n'
-
-
 def build_dataset(args):
     """Select the images -> (dataset_coco dict, online-test image records, {id: token lists}, {id: (w, h)})."""
     rng = np.random.default_rng(args.seed)
@@ -181,7 +176,7 @@ def write_tsvs(args, dataset, online, tokens, sizes, tsv_dir):
                 rng = np.random.default_rng([args.seed, iid])
                 width, height = sizes[iid]
                 boxes, feats = concepts.regions(tokens[iid], rng, width, height)
-                f.write(tsv_row(iid, width, height, boxes, feats, pad))
+                f.write(make_bu_data.format_row(iid, width, height, boxes, feats, pad))
                 counts.append(len(boxes))
     return counts
 

@@ -15,7 +15,7 @@ import os
 import numpy as np
 
 from scripts import dump_to_lmdb, make_bu_data, prepro_labels, prepro_ngrams, prepro_reference_json
-from scripts.make_demo_data import ConceptFeatures, tsv_row
+from scripts.make_demo_data import ConceptFeatures
 
 WORDS = ('a', 'man', 'woman', 'dog', 'cat', 'red', 'blue', 'ball', 'on', 'the', 'grass', 'table', 'with', 'big',
          'small', 'riding', 'horse', 'street', 'car', 'near')
@@ -103,7 +103,7 @@ def make_tiny_dataset(tmp_path, n_train=8, n_val=3, n_test=3, feat_dim=8, n_rest
             rng = np.random.default_rng([seed, img['cocoid']])
             n_boxes = int(rng.integers(boxes[0], boxes[1] + 1))
             b, feats = concepts.regions([s['tokens'] for s in img['sentences']], rng, n_boxes=n_boxes)
-            f.write(tsv_row(img['cocoid'], 640, 480, b, feats))
+            f.write(make_bu_data.format_row(img['cocoid'], 640, 480, b, feats))
     make_bu_data.run(make_bu_data.parse_args(
         ['--downloaded_feats', p('tsv'), '--output_dir', p('cocobu'), '--num_workers', '1']))
     prepro_ngrams.run(prepro_ngrams.parse_args(
