@@ -109,7 +109,7 @@ class CiderD:
     def __init__(self, document_frequency, num_documents, n=4, sigma=6.0, cache_size=None):
         """document_frequency: {n-gram tuple: count}; num_documents: the corpus size (ref_len before the log).
         cache_size: at most this many reference sets are kept (least recently used dropped); None = no limit
-        (about 4 KB per set of 5 references)."""
+        (about 6 KB per set of 5 references)."""
         self.n = n
         self.sigma = sigma
         self.log_num_documents = math.log(float(num_documents))

@@ -35,7 +35,7 @@ class SelfCriticalReward:
 
     def __init__(self, cached_tokens_path, cider_weight=1.0, end_token_always=False, cache_size=None):
         """cached_tokens_path: the prepro_ngrams pickle (--cached_tokens, '.p' optional).
-        cache_size: reference sets kept in memory (None: every image seen, a few KB each)."""
+        cache_size: reference sets kept in memory (None: every image seen, about 6 KB each)."""
         self.cider = CiderD.from_cached_tokens(cached_tokens_path, cache_size=cache_size)
         self.cider_weight = cider_weight
         self.end_token_always = end_token_always
