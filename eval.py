@@ -21,9 +21,8 @@ def evaluate(eval_opt, default_language_eval=True):
     torch.manual_seed(eval_opt.seed)
     model, opt, infos, device = load_model_for_eval(eval_opt)
     if opt.language_eval:
-        from misc.coco_eval import check_java, check_ref_json
-        check_java()
-        check_ref_json(opt.ref_json)
+        from misc.eval_utils import check_language_eval_ready
+        check_language_eval_ready(opt.ref_json)
     loader = DataLoader(opt)
     loader.ix_to_word = infos['vocab']  # the vocabulary always comes from the checkpoint
     kwargs = dict(vars(opt))

@@ -148,9 +148,8 @@ def train(opt):
     if infos.get('iterators') is not None and infos.get('split_ix') is not None:
         loader.load_state_dict({'iterators': infos['iterators'], 'split_ix': infos['split_ix']})
     if opt.language_eval and is_main:
-        from misc.coco_eval import check_java, check_ref_json
-        check_java()
-        check_ref_json(opt.ref_json)
+        from misc.eval_utils import check_language_eval_ready
+        check_language_eval_ready(opt.ref_json)
 
     model = build_model(opt, device)
     loss_wrapper = LossWrapper(model, opt)

@@ -11,6 +11,7 @@ import time
 import torch
 
 from misc.checkpoint import atomic_write
+from misc.errors import SaticError
 from misc.utils import decode_sequence, synchronize
 
 
@@ -116,6 +117,16 @@ def eval_split(model, loader, eval_kwargs, crit=None, device=None):
         print(f'wrote the beam lists of {len(beam_lists)} images to {path}')
     loss = loss_sum / loss_batches if loss_batches else None
     return loss, predictions, lang_stats, timing
+
+
+def check_language_eval_ready(ref_json):
+    """Fail before decoding, not after, when the COCO metrics cannot run (no Java, no reference file)."""
+    from misc.coco_eval import JAVA_MISSING, java_available
+    if not java_available():
+        raise SaticError(JAVA_MISSING)
+    if not ref_json or not os.path.isfile(ref_json):
+        raise SaticError(f"--ref_json {ref_json}: reference captions not found; build them with "
+                         f"python scripts/prepro_reference_json.py (or pass --language_eval 0)")
 
 
 # Options that eval.py takes from its own command line; everything else comes from the checkpoint's infos.
