@@ -41,6 +41,7 @@ def beam_search(model, memory, memory_mask, beam_size, max_length, use_cache=Non
     last_pos = last_start // k * k + k - 1 if last_start >= 0 else -1  # last position decoded
     cache = model.init_cache(memory, memory_mask, beam=w, use_cache=use_cache)
     rows = torch.arange(batch, device=device).unsqueeze(1) * w  # (B, 1): first row of each image
+    worst = max(penalty(length, FINISHED) for length in range(1, max_length + 1))  # best score from a dead beam
 
     beam_seq = torch.zeros(batch, w, max_length, dtype=torch.long, device=device)  # (B, W, T)
     beam_logps = torch.zeros(batch, w, max_length, device=device)  # (B, W, T)
@@ -78,14 +79,22 @@ def beam_search(model, memory, memory_mask, beam_size, max_length, use_cache=Non
             parents = parents.gather(1, parent)
 
             finished = (words == 0) if t < last_pos else torch.ones_like(words, dtype=torch.bool)
-            finished &= beam_sum > FINISHED  # dead beams (reached only when all of an image's beams are) never count
             if finished.any():
                 _collect(done, finished, beam_seq, beam_logps, beam_sum, penalty, t)
                 beam_sum = beam_sum.masked_fill(finished, FINISHED)
-        if t0 + k > last_start or bool((beam_sum <= FINISHED).all()):
-            break  # every beam of every image is finished: later ones would all score below -1000
+        if t0 + k > last_start:
+            break
+        # reference quirk: the reference goes on extending finished beams (from -1000) to max_length. Once every
+        # beam is finished and each image holds beam_size results above anything such a beam could score, the
+        # returned lists can no longer change: stop there.
+        if bool((beam_sum <= FINISHED).all()) and all(
+                sum(beam['p'] > worst for beam in beams) >= w for beams in done):
+            break
         cache.reorder((rows + parents).view(-1))
         tokens = beam_seq[:, :, t0:t0 + k].reshape(batch * w, k)  # (S, K)
+    if not all(done):  # max_length < K: no group fits, every caption is empty
+        empty = {'seq': beam_seq.new_zeros(max_length), 'logps': beam_logps.new_zeros(max_length), 'p': 0.0}
+        done = [beams or [dict(empty)] for beams in done]
     return [sorted(beams, key=lambda beam: -beam['p'])[:w] for beams in done]
 
 
