@@ -63,17 +63,16 @@ def beam_search(model, memory, memory_mask, beam_size, max_length, use_cache=Non
             if t == 0:
                 candidates[:, 1:] = float('-inf')  # all beams are the same empty caption: expand beam 0 only
             # Candidates in the reference's order (word rank, then beam), stable-sorted by summed log-prob.
-            flat = candidates.transpose(1, 2).reshape(batch, w * w)  # (B, W*W), index = rank * W + beam
-            beam_sum, order = flat.sort(dim=1, descending=True, stable=True)
-            beam_sum, order = beam_sum[:, :w].contiguous(), order[:, :w]  # (B, W)
-            parent, rank = order % w, order // w  # (B, W)
-            words = top_words.gather(1, parent.unsqueeze(-1).expand(-1, -1, w)).gather(2, rank.unsqueeze(-1))
-            words = words.squeeze(-1)  # (B, W)
-            beam_seq = beam_seq.gather(1, parent.unsqueeze(-1).expand(-1, -1, max_length))
-            beam_logps = beam_logps.gather(1, parent.unsqueeze(-1).expand(-1, -1, max_length))
+            def in_order(x):
+                return x.transpose(1, 2).reshape(batch, w * w)  # (B, W*W), index = rank * W + beam
+            beam_sum, order = in_order(candidates).sort(dim=1, descending=True, stable=True)
+            beam_sum, order = beam_sum[:, :w].contiguous(), order[:, :w]  # (B, W) new beams
+            words = in_order(top_words).gather(1, order)  # (B, W)
+            parent = order % w  # (B, W): the beam each new beam extends
+            beam_seq = beam_seq.gather(1, parent.unsqueeze(-1).expand_as(beam_seq))
+            beam_logps = beam_logps.gather(1, parent.unsqueeze(-1).expand_as(beam_logps))
             beam_seq[:, :, t] = words
-            beam_logps[:, :, t] = top_logprobs.gather(1, parent.unsqueeze(-1).expand(-1, -1, w)).gather(
-                2, rank.unsqueeze(-1)).squeeze(-1)
+            beam_logps[:, :, t] = in_order(top_logprobs).gather(1, order)
             # The group's remaining positions follow their parent beam.
             logprobs = logprobs.gather(1, parent.view(batch, w, 1, 1).expand_as(logprobs))
             parents = parents.gather(1, parent)

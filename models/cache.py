@@ -38,8 +38,8 @@ class LayerCache:
 class DecoderCache:
     """Everything a decoding step needs besides the new tokens.
 
-    memory (B, N, D) and memory_mask (B, 1, N) or None come from `SATModel.encode`; `beam` rows per image follow each other
-    (rows b*beam .. b*beam+beam-1 belong to image b). `length` counts the positions decoded so far.
+    memory (B, N, D) and memory_mask (B, 1, N) or None come from `SATModel.encode`; the `beam` rows of an image
+    follow each other (rows b*beam .. b*beam+beam-1 belong to image b). `length` counts the positions decoded so far.
     """
 
     def __init__(self, memory, memory_mask, layers=None, beam=1):

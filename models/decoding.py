@@ -18,7 +18,7 @@ def greedy_or_sample(model, memory, memory_mask, max_length, sample_max=True, te
     batch, k = memory.size(0), model.K
     cache = model.init_cache(memory, memory_mask, beam=1, use_cache=use_cache)
     seq = memory.new_zeros(batch, max_length, dtype=torch.long)  # (B, T)
-    seq_logprobs = memory.new_zeros(batch, max_length)  # (B, T)
+    seq_logprobs = memory.new_zeros(batch, max_length, dtype=torch.float32)  # (B, T), even under autocast
     tokens = memory.new_zeros(batch, k, dtype=torch.long)  # (B, K): the start group
     unfinished = memory.new_ones(batch, dtype=torch.bool)  # (B,)
     # reference quirk: the reference loops one more group than fits and throws it away; we stop at max_length.

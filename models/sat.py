@@ -14,7 +14,9 @@ import math
 import torch
 from torch import nn
 
+from models.beam_search import beam_search as batched_beam_search
 from models.cache import DecoderCache, LayerCache
+from models.decoding import greedy_or_sample
 from models.masks import group_mask, target_mask
 from models.transformer import make_model
 
@@ -49,8 +51,9 @@ class SATModel(nn.Module):
         With att_masks, regions are cut to the batch's longest valid count (N' <= N), as the reference's clip_att
         did; without, every region is valid and the returned mask is None (attention then skips masking).
         """
-        if att_masks is None:
-            return self.model.encode(self.att_embed(att_feats), None), None  # every region valid: no mask at all
+        if att_masks is None:  # every region valid: no mask at all
+            embedded = self.att_embed(att_feats.reshape(-1, att_feats.size(-1)))  # (B*N, D); BatchNorm needs 2-D
+            return self.model.encode(embedded.view(*att_feats.shape[:2], -1), None), None
         n = int(att_masks.sum(1).max())
         att_feats, mask = att_feats[:, :n], att_masks[:, :n] > 0  # (B, N', F), (B, N')
         # Only valid regions go through att_embed (the reference packed them): padding stays exactly zero and
@@ -117,14 +120,12 @@ class SATModel(nn.Module):
         sets self.done_beams). Gradients flow into seqLogprobs in train mode only; in eval mode decoding runs
         under torch.inference_mode.
         """
-        from models.beam_search import beam_search
-        from models.decoding import greedy_or_sample
         max_length = self.max_length if max_length is None else max_length
         with torch.inference_mode(not self.training):
             memory, memory_mask = self.encode(att_feats, att_masks)
             if beam_size > 1:
-                self.done_beams = beam_search(self, memory, memory_mask, beam_size, max_length,
-                                              use_cache=use_cache, length_penalty=length_penalty)
+                self.done_beams = batched_beam_search(self, memory, memory_mask, beam_size, max_length,
+                                                      use_cache=use_cache, length_penalty=length_penalty)
                 seq = torch.stack([beams[0]['seq'] for beams in self.done_beams])
                 logprobs = torch.stack([beams[0]['logps'] for beams in self.done_beams])
             else:
@@ -133,6 +134,9 @@ class SATModel(nn.Module):
         if not self.training:
             # Plain tensors again: inference tensors could not be used by later autograd code (e.g. as labels).
             seq, logprobs = seq.clone(), logprobs.clone()
+            if beam_size > 1:
+                self.done_beams = [[{'seq': beam['seq'].clone(), 'logps': beam['logps'].clone(), 'p': beam['p']}
+                                    for beam in beams] for beams in self.done_beams]
         return seq, logprobs
 
     def greedy(self, att_feats, att_masks=None, **kwargs):

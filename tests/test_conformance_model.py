@@ -77,7 +77,8 @@ def test_checkpoints_load_strict(fixture_model, expected):
 
 def test_paper_size_state_dict_layout():
     lines = (CONFORMANCE / 'full_size_state_dict.txt').read_text().splitlines()
-    reference = {key: json.loads(shape) for key, shape in (line.split('\t') for line in lines if not line.startswith('#'))}
+    rows = (line.split('\t') for line in lines if not line.startswith('#'))
+    reference = {key: json.loads(shape) for key, shape in rows}
     with torch.device('meta'):  # no memory, no init cost
         model = SATModel(vocab_size=9487, K=2, d_model=512, d_ff=2048, num_layers=6, att_feat_size=2048)
     assert {key: list(value.shape) for key, value in model.state_dict().items()} == reference

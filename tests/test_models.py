@@ -128,6 +128,20 @@ def test_state_dict_layout_and_positional_buffer():
     assert model.vocab_size == VOCAB and model.K == 2 and model.max_length == 20
 
 
+@pytest.mark.parametrize('use_bn', [1, 2])
+def test_batch_norm_sees_only_valid_regions(use_bn):
+    torch.manual_seed(0)
+    model = models.setup(tiny_opt(use_bn=use_bn)).eval()
+    with torch.no_grad():
+        model.att_embed[0].running_mean.uniform_()
+    att, masks = masked_batch()
+    labels = labels_batch()
+    with torch.no_grad():
+        batched = model(None, att, labels, masks)
+        alone = model(None, att[:1, :5], labels[:1], None)
+    torch.testing.assert_close(alone, batched[:1], atol=1e-5, rtol=1e-5)
+
+
 def test_transformer_is_sat_with_k1():
     opt = tiny_opt(caption_model='transformer', K=6)
     assert models.setup(opt).K == 1
@@ -138,7 +152,8 @@ def test_transformer_is_sat_with_k1():
     with torch.no_grad():
         torch.testing.assert_close(sat(None, att, labels, masks), transformer(None, att, labels, masks))
     for beam in (1, 3):
-        assert torch.equal(sample(sat, att, masks, beam_size=beam)[0], sample(transformer, att, masks, beam_size=beam)[0])
+        assert torch.equal(sample(sat, att, masks, beam_size=beam)[0],
+                           sample(transformer, att, masks, beam_size=beam)[0])
 
 
 # ---- teacher forcing ------------------------------------------------------------------------------------------
