@@ -21,7 +21,7 @@ def setup(opt):
 def _layer_count(state_dict, part):
     pattern = re.compile(rf'model\.{part}\.layers\.(\d+)\.')
     found = {int(m.group(1)) for m in map(pattern.match, state_dict) if m}
-    return max(found) + 1 if found else 0
+    return max(found) + 1 if found else None
 
 
 def _checkpoint_sizes(state_dict):

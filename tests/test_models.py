@@ -48,13 +48,11 @@ def tiny_model(seed=0, **overrides):
         memory, memory_mask = model.encode(att, masks)
         tokens = torch.cat([seq.new_zeros(seq.size(0), model.K), seq], dim=1)[:, :20]
         logits = proj(model.model.decode(memory, memory_mask, tokens, group_mask(20, model.K)))  # (B, 20, V)
-        margin = logits[..., 0] - logits[..., 1:].max(-1).values  # (B, 20): how far the end token is behind
+        margin = logits[..., 0] + 1e4 - logits[..., 1:].max(-1).values  # (B, 20): end token behind, bias aside
 
-        def spread(shift):
-            ends = [(row + shift > 0).nonzero()[:1].flatten().tolist() or [20] for row in margin]
-            return len({end[0] for end in ends})
-        margin += 1e4  # without the bias
-        proj.bias[0] = -max(margin.flatten().tolist(), key=lambda m: spread(-m + 1e-3)) + 1e-3
+        def distinct_ends(bias):
+            return len({int((row + bias > 0).nonzero()[0]) if (row + bias > 0).any() else 20 for row in margin})
+        proj.bias[0] = max((-m + 1e-3 for m in margin.flatten().tolist()), key=distinct_ends)
     return model
 
 
