@@ -21,14 +21,14 @@ def greedy_or_sample(model, memory, memory_mask, max_length, sample_max=True, te
     seq_logprobs = memory.new_zeros(batch, max_length, dtype=torch.float32)  # (B, T), even under autocast
     tokens = memory.new_zeros(batch, k, dtype=torch.long)  # (B, K): the start group
     unfinished = memory.new_ones(batch, dtype=torch.bool)  # (B,)
-    # reference quirk: the reference loops one more group than fits and throws it away; we stop at max_length.
+    # The reference ran one more group than fits and threw it away; stopping here gives the same output.
     for t in range(0, max_length - k + 1, k):
         logprobs, cache = model.step(tokens, cache)  # (B, K, V)
         if sample_max:
             word_logprobs, words = logprobs.max(dim=-1)  # (B, K) each
         else:
             probs = torch.exp(logprobs.detach() / temperature)  # (B, K, V), unnormalised when temperature != 1
-            words = torch.multinomial(probs.view(-1, probs.size(-1)), 1).view(batch, k)  # (B, K)
+            words = torch.multinomial(probs.reshape(-1, probs.size(-1)), 1).view(batch, k)  # (B, K)
             word_logprobs = logprobs.gather(-1, words.unsqueeze(-1)).squeeze(-1)  # (B, K)
         words = words * unfinished.unsqueeze(1)  # finished captions emit zeros
         seq[:, t:t + k] = words
