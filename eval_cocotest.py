@@ -5,49 +5,43 @@
       --language_eval 0 --model save/X/model-best.pth --infos_path save/X/infos_X-best.pkl
       --batch_size 32 --beam_size 3 --id captions_test2014_alg_results
 
-Writes vis/<id>.json: one {"image_id": int, "caption": str} per test image, ready to zip and upload.
-The test images have no captions: the label file is not read (--input_label_h5 none works too).
+eval.py with language_eval 0: writes vis/<id>.json, one {"image_id": int, "caption": str} per test image, ready to
+zip and upload. The test images have no captions: the label file is never read (whatever --input_label_h5 names,
+e.g. the training labels of other images; 'none' works too).
 """
 import os
 import sys
 
-import torch
-
 from misc.errors import SaticError
 
 
-def main(argv=None):
-    from dataloader import DataLoader
-    from misc.eval_utils import eval_split, load_model_for_eval, write_json_atomic
-    from opts import parse_eval_opt
-    eval_opt = parse_eval_opt(argv, beam_size=3, batch_size=2, language_eval=0,
-                              description='Caption the COCO test images for the evaluation server.')
-    try:
-        torch.manual_seed(eval_opt.seed)
-        model, opt, infos, device = load_model_for_eval(eval_opt)
-        opt.input_label_h5 = 'none'  # test images have no references; the label file is never needed here
-        opt.language_eval = 0
-        loader = DataLoader(opt)
-        loader.ix_to_word = infos['vocab']
-        kwargs = dict(vars(opt), verbose=eval_opt.verbose, verbose_beam=eval_opt.verbose_beam)
-        try:
-            _, predictions, _, timing = eval_split(model, loader, kwargs, device=device)
-        finally:
-            loader.close()
-    except SaticError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+def server_results(predictions):
+    """The COCO server format: each image once (its first caption), with an integer id."""
     results, seen = [], set()
-    for p in predictions:  # the server wants each image once, with an integer id
+    for p in predictions:
         image_id = int(p['image_id'])
         if image_id not in seen:
             seen.add(image_id)
             results.append({'image_id': image_id, 'caption': p['caption']})
-    path = os.path.join('vis', f'{eval_opt.id}.json')
-    os.makedirs('vis', exist_ok=True)
-    write_json_atomic(results, path)
-    print(f"decoding: {timing['ms_per_image']:.2f} ms per image at batch size {timing['batch_size']}, "
-          f"beam size {timing['beam_size']}")
+    return results
+
+
+def main(argv=None):
+    from eval import run_evaluation
+    from misc.eval_utils import write_json_atomic
+    from opts import parse_eval_opt
+    eval_opt = parse_eval_opt(argv, beam_size=3, batch_size=2, language_eval=0,
+                              description='Caption the COCO test images for the evaluation server.')
+    eval_opt.language_eval = 0  # no references exist for the test images
+    eval_opt.input_label_h5 = 'none'
+    try:
+        _, predictions, _, _ = run_evaluation(eval_opt)
+        results = server_results(predictions)
+        path = os.path.join('vis', f'{eval_opt.id}.json')
+        write_json_atomic(results, path)
+    except SaticError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
     print(f'wrote {len(results)} captions to {path} (COCO server format)')
     return 0
 

@@ -215,8 +215,6 @@ def language_eval(predictions, ref_json, split_name=None, out_path=None, spice='
 
 
 def _write_json_atomic(path, obj):
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    with tempfile.NamedTemporaryFile('w', dir=directory, suffix='.tmp', delete=False) as f:
-        json.dump(obj, f)
-    os.replace(f.name, path)
+    """Through a temp file + rename; an interrupted write leaves neither half a JSON nor the temp file."""
+    from misc.checkpoint import atomic_write
+    atomic_write(path, lambda f: f.write(json.dumps(obj).encode('utf-8')))

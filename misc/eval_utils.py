@@ -1,9 +1,11 @@
-"""The evaluation loop, shared by eval.py, eval_cocotest.py and train.py's validation.
+"""The evaluation loop, shared by eval.py, eval_cocotest.py and train.py's validation (SPEC.md section 5).
 
-eval_split decodes one split image by image batch (features of each image once, not seq_per_img times),
-times the decoding alone, optionally scores the teacher-forced loss and the COCO metrics, and returns
-(loss, predictions, lang_stats, timing).
+`load_model_for_eval` reads a checkpoint and its infos: the options are infos['opt'] with the evaluation's own
+overrides (merge_eval_options), the vocabulary is always infos['vocab']. `eval_split` decodes one split batch by
+batch (each image's features once, not seq_per_img times), times the decoding alone, optionally scores the
+teacher-forced loss and the COCO metrics, and returns (loss, predictions, lang_stats, timing).
 """
+import argparse
 import json
 import os
 import time
@@ -14,6 +16,8 @@ from misc.checkpoint import atomic_write
 from misc.errors import SaticError
 from misc.utils import decode_sequence, synchronize
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def write_json_atomic(obj, path):
     """json.dump through a temp file + rename: an interrupted run never leaves half a JSON."""
@@ -23,85 +27,87 @@ def write_json_atomic(obj, path):
 def _decode_options(kw):
     return {'sample_max': kw.get('sample_max', 1), 'beam_size': kw.get('beam_size', 1),
             'temperature': kw.get('temperature', 1.0), 'max_length': kw.get('max_length', 20),
-            'use_cache': kw.get('use_cache', 1)}
+            'use_cache': kw.get('use_cache', 1), 'length_penalty': kw.get('length_penalty', '')}
 
 
 @torch.no_grad()
 def eval_split(model, loader, eval_kwargs, crit=None, device=None):
     """Decode eval_kwargs['split'] and score it.
 
-    eval_kwargs: split, num_images (-1: all), beam_size, sample_max, temperature, max_length, language_eval,
-    ref_json, id, verbose, verbose_beam, seq_kd, dump_path, bf16.
-    Returns (loss or None, predictions [{'image_id', 'caption'}], lang_stats dict or None, timing dict).
+    eval_kwargs: split, num_images (-1: all), batch_size, beam_size, sample_max, temperature, max_length,
+    length_penalty, language_eval, ref_json, id, verbose, verbose_beam, seq_kd, seq_kd_path, dump_path, bf16.
+    Returns (loss or None, predictions [{'image_id', 'caption'}] in split order, lang_stats dict or None,
+    timing {'seconds', 'images', 'batch_size', 'beam_size', 'ms_per_image'}).
     """
     split = eval_kwargs.get('split', 'val')
     num_images = eval_kwargs.get('num_images', -1)
     verbose = eval_kwargs.get('verbose', False)
+    show_beams = verbose and eval_kwargs.get('verbose_beam', 1)
+    seq_kd = eval_kwargs.get('seq_kd', False)
     beam_size = eval_kwargs.get('beam_size', 1)
     batch_size = eval_kwargs.get('batch_size', loader.batch_size)
     device = device or next(model.parameters()).device
     decode_opt = _decode_options(eval_kwargs)
     seq_per_img = loader.seq_per_img
+    vocab = loader.get_vocab()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(eval_kwargs.get('bf16', 0)))
+    if num_images == 0:
+        raise SaticError('--num_images 0: nothing to evaluate (-1: the whole split)')
 
     was_training = model.training
     model.eval()
     loader.reset_iterator(split)
     predictions, beam_lists = [], []
     loss_sum, loss_batches = 0.0, 0
-    decode_seconds, decoded_images = 0.0, 0
-    vocab = loader.get_vocab()
-    n = 0
+    decode_seconds = 0.0
     while True:
         data = loader.get_batch(split, batch_size)
-        n_in_batch = len(data['infos'])
-        n += n_in_batch
+        it_max = data['bounds']['it_max']
+        limit = it_max if num_images < 0 else min(num_images, it_max)
+        # A batch that runs past the limit (or wraps to the split's start) decodes only the images still due.
+        n = min(len(data['infos']), limit - len(predictions))
+        rows = torch.arange(n) * seq_per_img  # the batch repeats each image seq_per_img times
         att_masks = data['att_masks']
-        if crit is not None and data.get('labels') is not None:
+        if crit is not None and data['labels'] is not None:
+            ix = torch.arange(n * seq_per_img)
+            masks = None if att_masks is None else att_masks[ix].to(device)
             with autocast:
-                logprobs = model(data['fc_feats'].to(device), data['att_feats'].to(device),
-                                 data['labels'].to(device), None if att_masks is None else att_masks.to(device))
-            loss_sum += float(crit(logprobs.float(), data['labels'][:, 1:].to(device),
-                                   data['masks'][:, 1:].to(device)))
+                logprobs = model(data['fc_feats'][ix].to(device), data['att_feats'][ix].to(device),
+                                 data['labels'][ix].to(device), masks)
+            loss_sum += float(crit(logprobs.float(), data['labels'][ix, 1:].to(device),
+                                   data['masks'][ix, 1:].to(device)))
             loss_batches += 1
-        # The batch repeats each image seq_per_img times; decode each image once.
-        rows = torch.arange(n_in_batch) * seq_per_img
-        fc = data['fc_feats'][rows].to(device)
-        att = data['att_feats'][rows].to(device)
-        masks = None if att_masks is None else att_masks[rows].to(device)
+
+        fc = data['fc_feats'][rows].to(device)  # (B, Dfc)
+        att = data['att_feats'][rows].to(device)  # (B, N, D)
+        masks = None if att_masks is None else att_masks[rows].to(device)  # (B, N)
         synchronize(device)
         start = time.perf_counter()
         with autocast:
-            seq, _ = model(fc, att, masks, opt=decode_opt, mode='sample')
+            seq, _ = model(fc, att, masks, opt=decode_opt, mode='sample')  # (B, max_length)
         synchronize(device)
         decode_seconds += time.perf_counter() - start
-        decoded_images += n_in_batch
+
         captions = decode_sequence(vocab, seq)
-        done_beams = getattr(model, 'done_beams', None) if beam_size > 1 else None
+        beams = _beam_captions(vocab, model, captions, beam_size) if seq_kd or show_beams else None
         for k, (caption, info) in enumerate(zip(captions, data['infos'])):
             entry = {'image_id': info['id'], 'caption': caption}
             if eval_kwargs.get('dump_path', 0):
                 entry['file_path'] = info.get('file_path')
             predictions.append(entry)
-            if done_beams is not None and (eval_kwargs.get('seq_kd') or (verbose and eval_kwargs.get('verbose_beam'))):
-                beams = [decode_sequence(vocab, b['seq'].unsqueeze(0))[0] for b in done_beams[k]]
-                if eval_kwargs.get('seq_kd'):
-                    beam_lists.append({'image_id': info['id'], 'caption': beams[:beam_size]})
-                if verbose and eval_kwargs.get('verbose_beam'):
-                    print('\n'.join(f'  beam: {b}' for b in beams))
+            if seq_kd:
+                beam_lists.append({'image_id': info['id'], 'caption': beams[k]})
             if verbose:
                 print(f"image {info['id']}: {caption}")
-        limit = data['bounds']['it_max'] if num_images < 0 else min(num_images, data['bounds']['it_max'])
-        if data['bounds']['wrapped'] or n >= limit:
+                if show_beams and beam_size > 1:
+                    print('\n'.join(f'  beam: {b}' for b in beams[k]))
+        if len(predictions) >= limit:
             break
-    # The last batch may run past the limit (or wrap to the split's start): drop the surplus.
-    del predictions[limit:]
-    del beam_lists[limit:]
     if was_training:
         model.train()
 
-    timing = {'seconds': decode_seconds, 'images': decoded_images, 'batch_size': batch_size,
-              'beam_size': beam_size, 'ms_per_image': 1000.0 * decode_seconds / max(decoded_images, 1)}
+    timing = {'seconds': decode_seconds, 'images': len(predictions), 'batch_size': batch_size,
+              'beam_size': beam_size, 'ms_per_image': 1000.0 * decode_seconds / max(len(predictions), 1)}
     lang_stats = None
     if eval_kwargs.get('language_eval', 0):
         from misc.coco_eval import language_eval
@@ -110,13 +116,20 @@ def eval_split(model, loader, eval_kwargs, crit=None, device=None):
             out_path = os.path.join('eval_results', f"{eval_kwargs['id']}_{split}.json")
         lang_stats, _ = language_eval(predictions, eval_kwargs.get('ref_json'), split_name=split, out_path=out_path,
                                       verbose=eval_kwargs.get('verbose_metrics', True))
-    if eval_kwargs.get('seq_kd'):
-        path = eval_kwargs.get('seq_kd_path') or os.path.join('vis', f"{eval_kwargs.get('id', 'eval')}_seq_kd.json")
-        os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    if seq_kd:
+        path = eval_kwargs.get('seq_kd_path') or os.path.join('vis', f"{eval_kwargs.get('id') or 'eval'}_seq_kd.json")
         write_json_atomic(beam_lists, path)
         print(f'wrote the beam lists of {len(beam_lists)} images to {path}')
     loss = loss_sum / loss_batches if loss_batches else None
     return loss, predictions, lang_stats, timing
+
+
+def _beam_captions(vocab, model, captions, beam_size):
+    """Per image of the batch just decoded, its beam_size captions best first (greedy: the one caption)."""
+    if beam_size == 1:
+        return [[c] for c in captions]
+    return [[decode_sequence(vocab, b['seq'].unsqueeze(0))[0] for b in image_beams[:beam_size]]
+            for image_beams in model.done_beams]
 
 
 def check_language_eval_ready(ref_json):
@@ -129,16 +142,18 @@ def check_language_eval_ready(ref_json):
                          f"python scripts/prepro_reference_json.py (or pass --language_eval 0)")
 
 
-# Options that eval.py takes from its own command line; everything else comes from the checkpoint's infos.
-_EVAL_OWN = ('id', 'batch_size', 'beam_size', 'start_from', 'language_eval', 'sample_max', 'temperature',
-             'max_length', 'use_cache', 'device', 'bf16', 'num_images', 'split', 'ref_json', 'num_workers', 'seed')
+# Options that eval.py takes from its own command line (reference_eval_options.tsv and our additions);
+# everything else comes from the checkpoint's infos.
+_EVAL_OWN = ('id', 'batch_size', 'beam_size', 'language_eval', 'sample_max', 'temperature', 'max_length',
+             'length_penalty', 'block_trigrams', 'remove_bad_endings', 'use_cache', 'device', 'bf16', 'num_images',
+             'split', 'ref_json', 'num_workers', 'seed')
+# Data paths: the command line's when given, else the infos' (the reference's `opt.x or infos['opt'].x`).
 _PATH_OPTIONS = ('input_json', 'input_fc_dir', 'input_att_dir', 'input_box_dir', 'input_label_h5')
 
 
-def merge_eval_options(eval_opt, infos):
+def merge_eval_options(eval_opt, infos, infos_path='infos'):
     """The options a run of eval.py uses: infos['opt'] overridden by the evaluation's own and non-empty paths."""
-    import argparse
-    from opts import check_opt, fill_defaults
+    from opts import DEFAULT_REF_JSON, check_opt, fill_defaults
     opt = fill_defaults(argparse.Namespace(**vars(infos['opt'])))
     for key in _EVAL_OWN:
         if hasattr(eval_opt, key):
@@ -146,21 +161,44 @@ def merge_eval_options(eval_opt, infos):
     for key in _PATH_OPTIONS:
         if getattr(eval_opt, key, ''):
             setattr(opt, key, getattr(eval_opt, key))
+    if opt.ref_json == DEFAULT_REF_JSON and not os.path.isfile(opt.ref_json):
+        # The default is relative to the repository (where the reference was always run), not to any cwd.
+        opt.ref_json = os.path.join(REPO_ROOT, DEFAULT_REF_JSON)
     opt.vocab_size = len(infos['vocab'])
-    check_opt(opt)
+    if getattr(eval_opt, 'group_size', 1) != 1:
+        raise SaticError('--group_size: diverse beam search is not supported by SATIC decoding; use 1')
+    if getattr(eval_opt, 'decoding_constraint', 0):
+        raise SaticError('--decoding_constraint is not supported by SATIC decoding; use 0')
+    try:
+        check_opt(opt)
+    except SystemExit as e:  # check_opt's one line, here about the infos file or this command line
+        raise SaticError(f"{str(e).removeprefix('error: ')} (options of {infos_path} and this command line)") from None
     return opt
 
 
 def load_model_for_eval(eval_opt):
-    """Read infos + model, check that they agree, and return (model on its device, merged opt, infos)."""
+    """Read infos + model, check that they agree; returns (model in eval mode on its device, merged opt, infos,
+    device)."""
     import models
     from misc.checkpoint import load_pickle, load_torch
     from misc.utils import resolve_device
     infos = load_pickle(eval_opt.infos_path)
-    opt = merge_eval_options(eval_opt, infos)
+    if not isinstance(infos, dict) or not isinstance(infos.get('opt'), argparse.Namespace) \
+            or not isinstance(infos.get('vocab'), dict):
+        raise SaticError(f'{eval_opt.infos_path} is not an infos file (a dict with opt and vocab): pass the '
+                         'infos_<id>.pkl saved with the checkpoint')
+    opt = merge_eval_options(eval_opt, infos, eval_opt.infos_path)
     device = resolve_device(opt.device)
     model = models.setup(opt)
     state = load_torch(eval_opt.model, 'model')
     models.check_state_dict(model, state, eval_opt.model)
     model.to(device).eval()
     return model, opt, infos, device
+
+
+def check_features_fit(loader, opt):
+    """The data's region features must have the size the checkpoint was trained on (else: one line, not a
+    matrix-shape traceback in the middle of decoding)."""
+    if loader.att_feat_size is not None and loader.att_feat_size != opt.att_feat_size:
+        raise SaticError(f'--input_att_dir {opt.input_att_dir} has {loader.att_feat_size}-d region features but the '
+                         f'checkpoint expects att_feat_size {opt.att_feat_size}: use the features it was trained on')
