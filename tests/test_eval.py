@@ -1,0 +1,327 @@
+"""eval.py, eval_cocotest.py, misc/eval_utils.py, misc/visualize.py on the tiny dataset with a tiny random checkpoint.
+
+Every run is in-process (main(argv)) in a temporary working directory: vis/ and eval_results/ land in tmp_path.
+"""
+import argparse
+import html
+import json
+import os
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import eval as eval_script
+import eval_cocotest
+import models
+from misc import coco_eval
+from misc.checkpoint import save_pickle, save_torch
+from misc.eval_utils import merge_eval_options
+from models.sat import SATModel
+from opts import parse_eval_opt
+from scripts import prepro_cocotest
+
+needs_java = pytest.mark.skipif(not coco_eval.java_available(), reason='java not installed')
+METRICS = ('Bleu_1', 'Bleu_2', 'Bleu_3', 'Bleu_4', 'METEOR', 'ROUGE_L', 'CIDEr')
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_torch_thread():
+    """Tiny models on shared cores: one thread is much faster than several competing ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def train_briefly(model, ds, steps=60):
+    """A few XE steps on the tiny train split, so that captions (and their metrics) are not degenerate."""
+    from dataloader import DataLoader
+    from misc.losses import LanguageModelCriterion
+    crit, optimizer = LanguageModelCriterion(), torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    with DataLoader(ds.opt(batch_size=5)) as loader:
+        for _ in range(steps):
+            b = loader.get_batch('train')
+            loss = crit(model(b['fc_feats'], b['att_feats'], b['labels'], b['att_masks']), b['labels'][:, 1:],
+                        b['masks'][:, 1:])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval()
+
+
+def save_checkpoint(ds, folder, vocab=None, model_overrides=None, train_steps=0, **opt_overrides):
+    """A tiny SAT (K=2) checkpoint for ds: (model.pth, infos_tiny.pkl) paths.
+
+    Untrained, token 0 (the end) is made to never win, so that every caption is non-empty. model_overrides change
+    the saved weights' architecture only (the infos keep opt_overrides): a checkpoint/infos mismatch.
+    """
+    os.makedirs(folder, exist_ok=True)
+    with open(ds.input_json) as f:
+        ds_vocab = json.load(f)['ix_to_word']
+    opt = ds.opt(caption_model='sat', K=2, num_layers=1, input_encoding_size=16, rnn_size=32, id='tiny',
+                 **opt_overrides)
+    opt.vocab_size = len(ds_vocab)
+    model_opt = argparse.Namespace(**dict(vars(opt), **(model_overrides or {})))
+    torch.manual_seed(0)
+    model = models.setup(model_opt)
+    if train_steps:
+        train_briefly(model, ds, train_steps)
+    else:
+        with torch.no_grad():
+            model.model.generator.proj.bias[0] = -10.0
+    paths = os.path.join(folder, 'model.pth'), os.path.join(folder, 'infos_tiny.pkl')
+    save_torch(model.state_dict(), paths[0])
+    save_pickle({'opt': opt, 'vocab': vocab or ds_vocab, 'iter': 0, 'epoch': 0, 'best_val_score': None}, paths[1])
+    return paths
+
+
+@pytest.fixture(scope='module')
+def checkpoint(tiny_dataset, tmp_path_factory):
+    return save_checkpoint(tiny_dataset, str(tmp_path_factory.mktemp('ckpt')), train_steps=60)
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def split_ids(ds, split):
+    with open(ds.input_json) as f:
+        return [img['id'] for img in json.load(f)['images'] if img['split'] == split]
+
+
+def run_eval(checkpoint, *args, main=eval_script.main):
+    """main() of eval.py (or eval_cocotest.py) with this checkpoint; data paths come from its infos."""
+    return main(['--model', checkpoint[0], '--infos_path', checkpoint[1], *args])
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_options_come_from_infos_with_the_evaluations_overrides(tiny_dataset, workdir):
+    infos_opt = tiny_dataset.opt(beam_size=5, max_length=16, length_penalty='wu_0.5', K=2, num_images=7)
+    infos = {'opt': infos_opt, 'vocab': {'1': 'a', '2': 'b'}}
+    opt = merge_eval_options(parse_eval_opt(['--beam_size', '3', '--input_att_dir', '/elsewhere/att']), infos)
+    assert (opt.beam_size, opt.max_length, opt.length_penalty, opt.num_images) == (3, 20, '', -1)  # eval's own
+    assert opt.input_att_dir == '/elsewhere/att'  # a path given on the command line
+    assert (opt.input_json, opt.input_fc_dir) == (infos_opt.input_json, infos_opt.input_fc_dir)  # the infos'
+    assert (opt.K, opt.att_feat_size, opt.vocab_size) == (2, infos_opt.att_feat_size, 2)  # the model's, the vocab's
+    # The default references are the repository's, whatever the working directory.
+    default = merge_eval_options(parse_eval_opt([]), infos).ref_json
+    assert default == os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                   'coco-caption', 'annotations', 'captions_val2014.json')
+
+
+def test_eval_writes_every_image_once_whatever_the_batch_size(tiny_dataset, checkpoint, workdir, capsys,
+                                                               monkeypatch):
+    test_ids = split_ids(tiny_dataset, 'test')
+    boxes = {i: np.load(os.path.join(tiny_dataset.att_dir, f'{i}.npz'))['feat'].shape[0] for i in test_ids}
+    assert len(set(boxes.values())) > 1  # batches of these images need att_masks
+    seen_masks, real_decode = [], SATModel.decode
+
+    def decode(self, att_feats, att_masks=None, **kwargs):
+        seen_masks.append(None if att_masks is None else att_masks.sum(1).tolist())
+        return real_decode(self, att_feats, att_masks, **kwargs)
+    monkeypatch.setattr(SATModel, 'decode', decode)
+
+    captions = {}
+    for batch_size in (1, 2, 4):  # 3 test images: batches wrap to the split's start (2) or overflow it (4)
+        seen_masks.clear()
+        assert run_eval(checkpoint, '--language_eval', '0', '--batch_size', str(batch_size), '--beam_size', '2',
+                        '--id', f'b{batch_size}', '--timing_json', 'timing.json') == 0
+        predictions = read_json(f'vis/b{batch_size}.json')
+        assert [p['image_id'] for p in predictions] == test_ids
+        assert all(isinstance(p['caption'], str) and p['caption'] for p in predictions)
+        captions[batch_size] = predictions
+        out = capsys.readouterr().out
+        assert re.search(rf'decoding: [\d.]+ ms per image at batch size {batch_size}, beam size 2 \(3 images', out)
+        assert read_json('timing.json')['images'] == 3
+        # Each image decoded once, with the mask of its own regions when the batch mixes box counts.
+        decoded = [[boxes[i] for i in test_ids[k:k + batch_size]] for k in range(0, 3, batch_size)]
+        assert len(seen_masks) == len(decoded) and [m or b for m, b in zip(seen_masks, decoded)] == decoded
+        assert batch_size == 1 or any(seen_masks)
+    assert captions[1] == captions[2] == captions[4]
+
+
+def test_num_images_cuts_the_split(tiny_dataset, checkpoint, workdir):
+    assert run_eval(checkpoint, '--language_eval', '0', '--num_images', '2', '--batch_size', '3', '--id', 'cut') == 0
+    assert [p['image_id'] for p in read_json('vis/cut.json')] == split_ids(tiny_dataset, 'test')[:2]
+
+
+@pytest.mark.parametrize('beam_size', [1, 3])
+def test_seq_kd_writes_every_images_beams(tiny_dataset, checkpoint, workdir, beam_size):
+    assert run_eval(checkpoint, '--language_eval', '0', '--seq_kd', '1', '--beam_size', str(beam_size),
+                    '--batch_size', '2', '--split', 'val', '--id', 'kd') == 0
+    beams, best = read_json('vis/kd_seq_kd.json'), read_json('vis/kd.json')
+    assert [b['image_id'] for b in beams] == [p['image_id'] for p in best] == split_ids(tiny_dataset, 'val')
+    for entry, prediction in zip(beams, best):
+        assert len(entry['caption']) == beam_size and all(isinstance(c, str) for c in entry['caption'])
+        assert entry['caption'][0] == prediction['caption']
+
+
+def coco_eval_direct(ref_json, predictions, tmp_path, monkeypatch):
+    """The reference's language_eval: COCO API + COCOEvalCap (SPICE stubbed: its CoreNLP jars are not installed)."""
+    from pycocoevalcap import eval as cocoeval
+    from pycocotools.coco import COCO
+
+    class NoSpice:
+        def compute_score(self, gts, res):
+            return 0.0, [0.0] * len(gts)
+
+        def method(self):
+            return 'SPICE'
+
+    monkeypatch.setattr(cocoeval, 'Spice', NoSpice)
+    coco = COCO(ref_json)
+    results = tmp_path / 'direct_predictions.json'
+    results.write_text(json.dumps(predictions))
+    evaluator = cocoeval.COCOEvalCap(coco, coco.loadRes(str(results)))
+    evaluator.params['image_id'] = evaluator.cocoRes.getImgIds()
+    evaluator.evaluate()
+    return {m: evaluator.eval[m] for m in METRICS}, evaluator.imgToEval
+
+
+@pytest.fixture
+def one_meteor_process(monkeypatch):
+    """eval.py and COCOEvalCap share one METEOR java process (its start-up, loading the paraphrase table, can take
+    15 s on busy cores), closed at the end of the test."""
+    from pycocoevalcap import eval as cocoeval
+    from pycocoevalcap.meteor import meteor
+    started, real_meteor, real_close = [], meteor.Meteor, coco_eval._Meteor.close
+
+    def shared_meteor():
+        if not started:
+            started.append(real_meteor())
+        return started[0]
+    monkeypatch.setattr(cocoeval, 'Meteor', shared_meteor)
+    monkeypatch.setattr(meteor, 'Meteor', shared_meteor)
+    monkeypatch.setattr(coco_eval._Meteor, 'close', lambda self: None)
+    yield started
+    if started:
+        real_close(argparse.Namespace(scorer=started[0]))
+
+
+@needs_java
+def test_language_eval_and_viewer_match_pycocoevalcap(tiny_dataset, checkpoint, workdir, capsys, monkeypatch,
+                                                       one_meteor_process):
+    images = workdir / 'images'
+    with open(tiny_dataset.input_json) as f:
+        for img in json.load(f)['images']:
+            (images / img['file_path']).parent.mkdir(parents=True, exist_ok=True)
+            (images / img['file_path']).write_bytes(b'\xff\xd8 not really a jpeg')
+    assert run_eval(checkpoint, '--language_eval', '1', '--ref_json', tiny_dataset.ref_json, '--batch_size', '2',
+                    '--dump_images', '1', '--image_root', str(images), '--id', 'lang') == 0
+    printed = dict(re.findall(r'^(\w+): ([\d.]+)$', capsys.readouterr().out, flags=re.M))
+    predictions = read_json('vis/lang.json')
+    saved = read_json('eval_results/lang_test.json')
+
+    overall, img_to_eval = coco_eval_direct(tiny_dataset.ref_json, predictions, workdir, monkeypatch)
+    assert len(one_meteor_process) == 1
+    for metric, value in overall.items():
+        assert saved['overall'][metric] == pytest.approx(value, rel=1e-9, abs=1e-12), metric
+        assert printed[metric] == f'{value:.3f}', metric
+    for image_id, scores in img_to_eval.items():
+        assert saved['imgToEval'][str(image_id)]['CIDEr'] == pytest.approx(scores['CIDEr'], rel=1e-9, abs=1e-12)
+
+    page = (workdir / 'vis' / 'index.html').read_text()
+    references = {}
+    for ann in read_json(tiny_dataset.ref_json)['annotations']:
+        references.setdefault(ann['image_id'], []).append(ann['caption'])
+    for p in predictions:
+        assert html.escape(p['caption']) in page
+        assert all(html.escape(r) in page for r in references[p['image_id']])
+        assert f"{img_to_eval[p['image_id']]['CIDEr']:.3f}" in page
+        assert f'src="imgs/{p["image_id"]}.jpg"' in page
+    assert sorted(os.listdir(workdir / 'vis' / 'imgs')) == sorted(f"{p['image_id']}.jpg" for p in predictions)
+
+
+def test_viewer_without_references_lists_the_captions(tiny_dataset, checkpoint, workdir):
+    assert run_eval(checkpoint, '--language_eval', '0', '--dump_images', '1', '--ref_json', 'absent.json',
+                    '--id', 'view') == 0
+    page = (workdir / 'vis' / 'index.html').read_text()
+    assert all(html.escape(p['caption']) in page for p in read_json('vis/view.json'))
+
+
+@pytest.mark.parametrize('labels', ['none', 'training labels of other images'])
+def test_eval_cocotest_writes_the_server_format(tiny_dataset, checkpoint, workdir, labels):
+    ids = split_ids(tiny_dataset, 'train')[:5]  # images the label h5 lists among others, in another order
+    (workdir / 'image_info_test2014.json').write_text(json.dumps(
+        {'images': [{'id': i, 'file_name': f'COCO_test2014_{i:012d}.jpg'} for i in reversed(ids)]}))
+    prepro_cocotest.run(prepro_cocotest.parse_args(['--input_json', 'image_info_test2014.json',
+                                                    '--output_json', 'cocotest.json']))
+    label_h5 = 'none' if labels == 'none' else tiny_dataset.label_h5
+    assert run_eval(checkpoint, '--input_json', 'cocotest.json', '--input_fc_dir', tiny_dataset.fc_dir,
+                    '--input_att_dir', tiny_dataset.att_dir, '--input_label_h5', label_h5, '--num_images', '-1',
+                    '--language_eval', '0', '--batch_size', '2', '--beam_size', '3',
+                    '--id', 'captions_test2014_alg_results', main=eval_cocotest.main) == 0
+    results = read_json('vis/captions_test2014_alg_results.json')
+    assert sorted(r['image_id'] for r in results) == sorted(ids)  # each test image once
+    assert all(type(r['image_id']) is int and isinstance(r['caption'], str) and r['caption'] for r in results)
+
+
+# ---- bad input: one line, exit 2, nothing half-written ----
+
+@pytest.mark.parametrize('mismatch, message', [
+    ('vocabulary', 'vocabulary of'),
+    ('layers', 'encoder layers'),
+    ('features', '8-d region features but the checkpoint expects att_feat_size 12'),
+])
+def test_checkpoint_and_infos_that_disagree_fail_in_one_line(tiny_dataset, workdir, capsys, mismatch, message):
+    folder = str(workdir / 'bad')
+    if mismatch == 'vocabulary':  # the infos of another dataset
+        vocab = read_json(tiny_dataset.input_json)['ix_to_word']
+        paths = save_checkpoint(tiny_dataset, folder, vocab={k: v for k, v in vocab.items() if k != '1'})
+    elif mismatch == 'layers':
+        paths = save_checkpoint(tiny_dataset, folder, model_overrides={'num_layers': 2})
+    else:  # checkpoint and infos agree, the features are another kind
+        paths = save_checkpoint(tiny_dataset, folder, att_feat_size=12)
+    assert run_eval(paths, '--language_eval', '0') == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and message in err and 'Traceback' not in err
+    assert not os.path.exists('vis')
+
+
+def test_no_java_fails_before_decoding(checkpoint, workdir, capsys, monkeypatch, tiny_dataset):
+    monkeypatch.setenv('PATH', str(workdir))  # nothing called java on PATH
+
+    def must_not_decode(*args, **kwargs):
+        raise AssertionError('decoding started before the Java check')
+    monkeypatch.setattr(SATModel, 'decode', must_not_decode)
+    assert run_eval(checkpoint, '--language_eval', '1', '--ref_json', tiny_dataset.ref_json) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and 'Java not found' in err
+
+
+def test_missing_features_name_the_file_and_image(tiny_dataset, checkpoint, workdir, capsys):
+    att_dir = workdir / 'att'
+    shutil.copytree(tiny_dataset.att_dir, att_dir)
+    missing = split_ids(tiny_dataset, 'test')[2]  # not the first: found by a loader worker, mid-split
+    os.remove(att_dir / f'{missing}.npz')
+    assert run_eval(checkpoint, '--language_eval', '0', '--input_att_dir', str(att_dir), '--batch_size', '1') == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert str(att_dir / f'{missing}.npz') in err and f'image {missing}' in err
+
+
+@pytest.mark.parametrize('where', ['decoding', 'writing the json'])
+def test_an_interrupted_evaluation_leaves_the_previous_json(checkpoint, workdir, monkeypatch, where):
+    assert run_eval(checkpoint, '--language_eval', '0', '--id', 'run') == 0
+    before = (workdir / 'vis' / 'run.json').read_bytes()
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    if where == 'decoding':
+        monkeypatch.setattr(SATModel, 'decode', interrupt)
+    else:  # the new json is complete in its temp file, not yet renamed
+        monkeypatch.setattr(os, 'fsync', interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(checkpoint, '--language_eval', '0', '--id', 'run', '--num_images', '1')  # another json
+    assert (workdir / 'vis' / 'run.json').read_bytes() == before
+    assert os.listdir(workdir / 'vis') == ['run.json']  # no temp file left
