@@ -6,7 +6,7 @@ Stage 2:  (cd save && ./copy_model.sh sat-2-from-nsc-seqkd nsc-sat-2-from-nsc-se
           python train.py ... --self_critical_after 10 --start_from save/nsc-sat-2-from-nsc-seqkd ... --K 2
 
 Multi-GPU / multi-node: torchrun --nproc_per_node N train.py ... (each rank trains on its shard of the training
-split; rank 0 validates, logs and writes checkpoints).
+split, DistributedDataParallel averages the gradients; rank 0 validates, logs and writes checkpoints).
 """
 import argparse
 import math
@@ -26,7 +26,7 @@ from misc.loss_wrapper import LossWrapper
 from misc.utils import format_duration, resolve_device, to_device
 from opts import parse_opt
 
-# Options that must agree between a run and the checkpoint it resumes (the reference asserted the first four).
+# Options that must agree between a run and the checkpoint it resumes (the reference asserted the first three).
 _MUST_MATCH = ('caption_model', 'rnn_size', 'num_layers', 'input_encoding_size', 'att_feat_size', 'K')
 
 
@@ -41,8 +41,14 @@ def setup_distributed(opt):
     if device.type == 'cuda':
         device = torch.device('cuda', local_rank)
         torch.cuda.set_device(device)
-    dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    if not dist.is_initialized():  # (a caller may have initialised it already)
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     return rank, world_size, device
+
+
+def effective_k(opt):
+    """K of the model an opt builds: 'transformer' is K = 1 whatever --K says (reference infos may say otherwise)."""
+    return 1 if getattr(opt, 'caption_model', 'sat') == 'transformer' else getattr(opt, 'K', 1)
 
 
 def load_resume_state(opt, vocab):
@@ -56,15 +62,26 @@ def load_resume_state(opt, vocab):
     infos = load_pickle(infos_path)
     saved = infos['opt']
     for key in _MUST_MATCH:
-        if hasattr(saved, key) and getattr(saved, key) != getattr(opt, key):
-            raise SaticError(f"--{key} {getattr(opt, key)} disagrees with the checkpoint in {opt.start_from} "
-                             f"(trained with {key}={getattr(saved, key)}): use the same value or another folder")
+        ours, theirs = (effective_k(opt), effective_k(saved)) if key == 'K' else \
+            (getattr(opt, key), getattr(saved, key, getattr(opt, key)))
+        if ours != theirs:
+            raise SaticError(f"--{key} {ours} disagrees with the checkpoint in {opt.start_from} "
+                             f"(trained with {key}={theirs}): use the same value or another folder")
     if infos.get('vocab') is not None and infos['vocab'] != vocab:
         raise SaticError(f"the vocabulary of {infos_path} differs from {opt.input_json}: "
                          f"resume with the cocotalk.json the checkpoint was trained with")
     histories_path = os.path.join(opt.start_from, f'histories_{opt.id}.pkl')
     histories = load_pickle(histories_path) if os.path.isfile(histories_path) else {}
     return infos, histories
+
+
+def check_data(opt, loader):
+    """Training needs captions, and the model's input size must be the features' (not a shape error later)."""
+    if loader.labels is None:
+        raise SaticError("training needs captions: --input_label_h5 none is for evaluating caption-less images")
+    if loader.att_feat_size is not None and loader.att_feat_size != opt.att_feat_size:
+        raise SaticError(f"--att_feat_size {opt.att_feat_size}, but the region features in {opt.input_att_dir} "
+                         f"have {loader.att_feat_size} dimensions: pass --att_feat_size {loader.att_feat_size}")
 
 
 def build_model(opt, device):
@@ -82,13 +99,19 @@ def build_model(opt, device):
     return model.to(device)
 
 
-def build_optimizer(model, opt):
+def build_optimizer(model, opt, iteration):
+    """optim.build, with the state of --start_from's optimizer.pth when there is one."""
     optimizer = optim.build(model, opt)
+    if isinstance(optimizer, optim.NoamOpt):
+        optimizer._step = iteration  # as the reference; optimizer.pth, when present, overrides it
     path = os.path.join(opt.start_from or '', 'optimizer.pth')
     if opt.start_from and os.path.isfile(path):
         # reference quirk: the saved param_groups (betas, eps of a Noam stage 1 included) replace the new ones;
         # the lr is set again at the start of every epoch.
-        optimizer.load_state_dict(load_torch(path, 'optimizer'))
+        state = load_torch(path, 'optimizer')
+        if 'optimizer_state_dict' in state and not isinstance(optimizer, optim.PlateauOpt):
+            state = state['optimizer_state_dict']  # a --reduce_on_plateau run resumed without it
+        optimizer.load_state_dict(state)
     return optimizer
 
 
@@ -99,13 +122,16 @@ def set_epoch_lr(optimizer, opt, epoch):
         optim.set_lr(optimizer, optim.step_decay_rate(epoch, opt))
 
 
-def train_step(loss_wrapper, optimizer, batch, sc_flag, opt):
-    """One optimisation step; returns {'loss': float, 'reward': float (self-critical only)}."""
+def train_step(trainer, optimizer, batch, sc_flag, opt):
+    """One optimisation step; returns {'loss': float, 'reward': float (self-critical only)}.
+
+    trainer: the LossWrapper, or the DistributedDataParallel around it (which averages the gradients over ranks
+    during backward, before the element-wise clamp)."""
     optimizer.zero_grad()
     with torch.autocast(batch['att_feats'].device.type, dtype=torch.bfloat16, enabled=bool(opt.bf16)):
-        out = loss_wrapper(batch, sc_flag)
+        out = trainer(batch, sc_flag)
     out['loss'].backward()
-    optim.clamp_gradients(loss_wrapper.parameters(), opt.grad_clip)
+    optim.clamp_gradients(trainer.parameters(), opt.grad_clip)
     optimizer.step()
     result = {'loss': float(out['loss'].detach())}
     if 'reward' in out:
@@ -114,11 +140,13 @@ def train_step(loss_wrapper, optimizer, batch, sc_flag, opt):
 
 
 def validate(model, loader, crit, opt, device):
-    """Greedy decoding of val_images_use val images; returns (val_loss, predictions, lang_stats, score)."""
+    """Greedy decoding of val_images_use val images; returns (val_loss, predictions, lang_stats, score).
+
+    score (higher is better) selects model-best: CIDEr with --language_eval 1, else minus the val loss."""
     kwargs = dict(vars(opt), split='val', num_images=opt.val_images_use, verbose=False, sample_max=1,
                   seq_kd=False, dump_path=0)
     val_loss, predictions, lang_stats, _ = eval_split(model, loader, kwargs, crit=crit, device=device)
-    score = lang_stats['CIDEr'] if lang_stats else (-val_loss if val_loss is not None else 0.0)
+    score = lang_stats['CIDEr'] if lang_stats else -val_loss
     return val_loss, predictions, lang_stats, score
 
 
@@ -136,40 +164,60 @@ class ProgressLine:
         print(f'iter {iteration} (epoch {epoch}) {what} lr {lr:.3g} {rate:.2f} it/s ETA {eta}', flush=True)
 
 
+def self_critical_ahead(opt, epoch):
+    """Will this run reach an epoch >= --self_critical_after?"""
+    return opt.self_critical_after != -1 and (opt.max_epochs == -1 or max(epoch, opt.self_critical_after) < opt.max_epochs)
+
+
 # ----------------------------------------------------------------------------------------------- main
 def train(opt):
+    """Both stages of SPEC.md section 4; returns {'iter', 'epoch', 'best_val_score'} of the end of the run."""
     from dataloader import DataLoader
     rank, world_size, device = setup_distributed(opt)
-    is_main = rank == 0
-    torch.manual_seed(opt.seed + rank)
-    loader = DataLoader(opt, rank=rank, world_size=world_size)
-    opt.vocab_size, opt.seq_length = loader.vocab_size, loader.seq_length
-    infos, histories = load_resume_state(opt, loader.get_vocab())
-    if infos.get('iterators') is not None and infos.get('split_ix') is not None:
-        loader.load_state_dict({'iterators': infos['iterators'], 'split_ix': infos['split_ix']})
-    if opt.language_eval and is_main:
-        from misc.eval_utils import check_language_eval_ready
-        check_language_eval_ready(opt.ref_json)
+    loader = writer = None
+    try:
+        torch.manual_seed(opt.seed + rank)
+        loader = DataLoader(opt, rank=rank, world_size=world_size)
+        check_data(opt, loader)
+        opt.vocab_size, opt.seq_length = loader.vocab_size, loader.seq_length
+        infos, histories = load_resume_state(opt, loader.get_vocab())
+        if infos.get('iterators') is not None and infos.get('split_ix') is not None:
+            loader.load_state_dict({'iterators': infos['iterators'], 'split_ix': infos['split_ix']})
+        if opt.language_eval and rank == 0:
+            from misc.eval_utils import check_language_eval_ready
+            check_language_eval_ready(opt.ref_json)
+        model = build_model(opt, device)
+        loss_wrapper = LossWrapper(model, opt)
+        if self_critical_ahead(opt, infos.get('epoch', 0)):
+            loss_wrapper.load_reward()  # a missing --cached_tokens fails now, not epochs into the run
+        if rank == 0:
+            os.makedirs(opt.checkpoint_path, exist_ok=True)
+            from torch.utils.tensorboard import SummaryWriter
+            writer = SummaryWriter(opt.checkpoint_path)
+        return train_loop(opt, loader, model, loss_wrapper, infos, histories, writer, rank, world_size, device)
+    finally:
+        if loader is not None:
+            loader.close()
+        if writer is not None:
+            writer.close()
+        if world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
-    model = build_model(opt, device)
-    loss_wrapper = LossWrapper(model, opt)
+
+def train_loop(opt, loader, model, loss_wrapper, infos, histories, writer, rank, world_size, device):
+    is_main = rank == 0
     trainer = loss_wrapper
     if world_size > 1:
         trainer = torch.nn.parallel.DistributedDataParallel(
             loss_wrapper, device_ids=[device.index] if device.type == 'cuda' else None)
-    optimizer = build_optimizer(model, opt)
-
     iteration, epoch = infos.get('iter', 0), infos.get('epoch', 0)
+    optimizer = build_optimizer(model, opt, iteration)
     best_val_score = infos.get('best_val_score') if opt.load_best_score else None
-    val_result_history = histories.get('val_result_history', {})
-    loss_history = histories.get('loss_history', {})
-    lr_history = histories.get('lr_history', {})
-    ss_prob_history = histories.get('ss_prob_history', {})
-    writer = None
-    if is_main:
-        os.makedirs(opt.checkpoint_path, exist_ok=True)
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(opt.checkpoint_path)
+    histories = {key: histories.get(key, {}) for key in
+                 ('val_result_history', 'loss_history', 'lr_history', 'ss_prob_history')}
+    if opt.start_from and is_main:
+        print(f'resuming {opt.start_from} at iteration {iteration} (epoch {epoch}), '
+              f'train position {loader.iterators["train"]}, best score {best_val_score}', flush=True)
 
     iters_per_epoch = math.ceil(len(loader.split_ix['train']) / (opt.batch_size * world_size))
     total = opt.max_epochs * iters_per_epoch if opt.max_epochs > 0 else 0
@@ -177,35 +225,45 @@ def train(opt):
         total = min(total, opt.max_iters) if total else opt.max_iters
     progress = ProgressLine(iteration, total)
 
-    def snapshot(best=False):
-        infos_now = {'iter': iteration, 'epoch': epoch, **loader.state_dict(), 'vocab': loader.get_vocab(),
-                     'opt': argparse.Namespace(**vars(opt)), 'best_val_score': best_val_score}
-        histories_now = {'val_result_history': val_result_history, 'loss_history': loss_history,
-                         'lr_history': lr_history, 'ss_prob_history': ss_prob_history}
-        history_iter = iteration if opt.save_history_ckpt else None
-        save_checkpoint(opt.checkpoint_path, opt.id, model, optimizer, infos_now, histories_now, best, history_iter)
+    def resume_point():
+        """What a checkpoint records about where training is: taken after each completed iteration only, so that
+        an interrupt in the middle of one saves a state that resumes exactly (not one batch ahead)."""
+        return {'iter': iteration, 'epoch': epoch, **loader.state_dict()}
+
+    def snapshot(point, best=False):
+        infos_now = {**point, 'vocab': loader.get_vocab(), 'opt': argparse.Namespace(**vars(opt)),
+                     'best_val_score': best_val_score}
+        history_iter = point['iter'] if opt.save_history_ckpt else None
+        save_checkpoint(opt.checkpoint_path, opt.id, model, optimizer, infos_now, histories, best, history_iter)
 
     def validate_and_save():
         nonlocal best_val_score
+        point = resume_point()  # before validation moves the val iterator
         val_loss, predictions, lang_stats, score = validate(model, loader, loss_wrapper.crit, opt, device)
-        if opt.reduce_on_plateau and val_loss is not None:
-            optimizer.scheduler_step(val_loss)
-        if val_loss is not None:
-            writer.add_scalar('validation loss', val_loss, iteration)
+        if opt.reduce_on_plateau:
+            optimizer.scheduler_step(-lang_stats['CIDEr'] if lang_stats else val_loss)
+        writer.add_scalar('validation loss', val_loss, iteration)
         for metric, value in (lang_stats or {}).items():
             if isinstance(value, (int, float)):
                 writer.add_scalar(metric, value, iteration)
-        val_result_history[iteration] = {'loss': val_loss, 'lang_stats': lang_stats, 'predictions': predictions}
+        histories['val_result_history'][iteration] = {'loss': val_loss, 'lang_stats': lang_stats,
+                                                      'predictions': predictions}
         best = best_val_score is None or score > best_val_score
         if best:
             best_val_score = score
-        snapshot(best)
+        snapshot(point, best)
         shown = f"CIDEr {lang_stats['CIDEr']:.4f}" if lang_stats else f'val loss {val_loss:.4f}'
         print(f"validation at iter {iteration}: {shown}{' (best so far)' if best else ''}; "
               f"checkpoint written to {opt.checkpoint_path}", flush=True)
 
-    epoch_done, last_saved = True, iteration
-    sc_flag = False
+    def validate_and_save_on_rank0():
+        if is_main:
+            validate_and_save()
+        if world_size > 1:
+            dist.barrier()  # the other ranks wait for rank 0's validation
+
+    epoch_done, last_saved, sc_flag = True, iteration, False
+    point = resume_point()
     try:
         while True:
             if epoch_done:
@@ -220,38 +278,29 @@ def train(opt):
             if batch['bounds']['wrapped']:
                 epoch += 1
                 epoch_done = True
+            point = resume_point()
             if is_main and iteration % opt.losses_log_every == 0:
                 lr = optim.get_lr(optimizer)
                 progress(iteration, epoch, stats, lr)
                 writer.add_scalar('train_loss', stats['loss'], iteration)
                 writer.add_scalar('learning_rate', lr, iteration)
-                if 'reward' in stats:
+                if sc_flag:
+                    # (ours) the mean CIDEr-D of the samples; the reference logged the mean advantage, ~0 under nsc
                     writer.add_scalar('avg_reward', stats['reward'], iteration)
-                loss_history[iteration] = stats['reward'] if sc_flag else stats['loss']
-                lr_history[iteration] = lr
-                ss_prob_history[iteration] = 0.0
+                histories['loss_history'][iteration] = stats['reward'] if sc_flag else stats['loss']
+                histories['lr_history'][iteration] = lr
+                histories['ss_prob_history'][iteration] = 0.0
             if iteration % opt.save_checkpoint_every == 0:
-                if is_main:
-                    validate_and_save()
+                validate_and_save_on_rank0()
                 last_saved = iteration
-                if world_size > 1:
-                    dist.barrier()
         if iteration != last_saved:  # (ours) the final weights are always validated and saved
-            if is_main:
-                validate_and_save()
-            if world_size > 1:
-                dist.barrier()
-    except (KeyboardInterrupt, RuntimeError):
-        if is_main and iteration > 0:
-            print('interrupted: saving a checkpoint before exiting', file=sys.stderr)
-            snapshot()
+            validate_and_save_on_rank0()
+    except (KeyboardInterrupt, Exception):
+        if is_main and point['iter'] > 0:
+            print(f"interrupted: saving the state of iteration {point['iter']} to {opt.checkpoint_path} "
+                  f"before exiting", file=sys.stderr, flush=True)
+            snapshot(point)
         raise
-    finally:
-        loader.close()
-        if writer is not None:
-            writer.close()
-        if world_size > 1 and dist.is_initialized():
-            dist.destroy_process_group()
     return {'iter': iteration, 'epoch': epoch, 'best_val_score': best_val_score}
 
 

@@ -2,7 +2,7 @@
 
 A training run writes, in its checkpoint folder (SPEC.md section 4):
   model.pth (state_dict), optimizer.pth, infos_<id>.pkl, histories_<id>.pkl, and the -best copies.
-Writes go to a temporary file in the same folder, then os.replace: a crash leaves the previous file intact.
+Writes go to temporary files in the same folder, then os.replace: a crash leaves the previous files intact.
 Loads never execute code: tensors through torch.load(weights_only=True), pickles through an unpickler that
 admits only what infos/histories legitimately hold.
 """
@@ -71,20 +71,49 @@ def load_pickle(path):
     raise SaticError(f"{path}: cannot decode this pickle's strings")
 
 
-def atomic_write(path, write):
+def _temp_file(path):
+    """(fd, temp path) of a new hidden temp file next to path (same file system: os.replace is atomic)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
+    return tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
+
+
+def _remove_stale_temps(path):
+    """Temp files of `path` left by a process killed while writing it (kill -9 runs no clean-up)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    prefix = '.' + os.path.basename(path) + '.'
+    for name in os.listdir(folder) if os.path.isdir(folder) else ():
+        if name.startswith(prefix) and name.endswith('.tmp'):
+            try:
+                os.remove(os.path.join(folder, name))
+            except OSError:
+                pass
+
+
+def atomic_write_many(items):
+    """items: [(path, write(f))]. Every file is written to a temp file first, then all are renamed into place:
+    a crash while writing (the slow part) leaves every previous file intact and the set consistent."""
+    temps = []
     try:
-        with os.fdopen(fd, 'wb') as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        for path, write in items:
+            fd, tmp = _temp_file(path)
+            temps.append(tmp)
+            with os.fdopen(fd, 'wb') as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+        for tmp, (path, _) in zip(temps, items):
+            os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for tmp in temps:
+            if os.path.exists(tmp):
+                os.remove(tmp)
         raise
+
+
+def atomic_write(path, write):
+    """write(f) into path through a temp file + rename: a crash leaves the previous file intact."""
+    atomic_write_many([(path, write)])
 
 
 def save_pickle(obj, path):
@@ -114,15 +143,21 @@ def unwrap(model):
 
 
 def save_checkpoint(checkpoint_dir, run_id, model, optimizer, infos, histories, best=False, history_iter=None):
-    """Write model/optimizer/infos/histories (and the -best copies of model and infos when best)."""
+    """Write model/optimizer/infos/histories (and the -best copies of model and infos when best), all at once:
+    a crash or kill -9 during the save leaves the previous checkpoint's files, all of them readable."""
     state = unwrap(model).state_dict()
-    save_torch(state, os.path.join(checkpoint_dir, 'model.pth'))
-    save_torch(optimizer.state_dict(), os.path.join(checkpoint_dir, 'optimizer.pth'))
-    save_pickle(infos, os.path.join(checkpoint_dir, f'infos_{run_id}.pkl'))
-    save_pickle(histories, os.path.join(checkpoint_dir, f'histories_{run_id}.pkl'))
+    optimizer_state = optimizer.state_dict()
+    path = lambda name: os.path.join(checkpoint_dir, name)  # noqa: E731
+    write_torch = lambda obj: lambda f: torch.save(obj, f)  # noqa: E731
+    write_pickle = lambda obj: lambda f: pickle.dump(obj, f, protocol=2)  # noqa: E731
+    items = [(path('model.pth'), write_torch(state)), (path('optimizer.pth'), write_torch(optimizer_state)),
+             (path(f'histories_{run_id}.pkl'), write_pickle(histories))]
     if history_iter is not None:
-        save_torch(state, os.path.join(checkpoint_dir, f'model-{history_iter}.pth'))
-        save_pickle(infos, os.path.join(checkpoint_dir, f'infos_{run_id}-{history_iter}.pkl'))
+        items += [(path(f'model-{history_iter}.pth'), write_torch(state)),
+                  (path(f'infos_{run_id}-{history_iter}.pkl'), write_pickle(infos))]
     if best:
-        save_torch(state, os.path.join(checkpoint_dir, 'model-best.pth'))
-        save_pickle(infos, os.path.join(checkpoint_dir, f'infos_{run_id}-best.pkl'))
+        items += [(path('model-best.pth'), write_torch(state)), (path(f'infos_{run_id}-best.pkl'), write_pickle(infos))]
+    items.append((path(f'infos_{run_id}.pkl'), write_pickle(infos)))  # last: it says where training is
+    for name, _ in items:  # a checkpoint folder has one writer: any temp file there is a killed save's
+        _remove_stale_temps(name)
+    atomic_write_many(items)

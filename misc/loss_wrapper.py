@@ -14,13 +14,14 @@ class LossWrapper(nn.Module):
         self.crit = build_criterion(opt.label_smoothing)
         self.seq_per_img = opt.seq_per_img
         self.cached_tokens = opt.cached_tokens
+        self.cider_reward_weight = getattr(opt, 'cider_reward_weight', 1.0)
         self._reward = None  # built on first self-critical use: XE runs need no document frequencies
 
-    @property
-    def reward(self):
+    def load_reward(self):
+        """The CIDEr-D reward with the --cached_tokens document frequencies (read once, on first use)."""
         if self._reward is None:
             from misc.rewards import SelfCriticalReward
-            self._reward = SelfCriticalReward(self.cached_tokens)
+            self._reward = SelfCriticalReward(self.cached_tokens, cider_weight=self.cider_reward_weight)
         return self._reward
 
     def forward(self, batch, sc_flag=False):
@@ -33,7 +34,7 @@ class LossWrapper(nn.Module):
         # One multinomial sample per row, in train mode (dropout on), as the reference.
         seq, logprobs = self.model(fc, att, att_masks, opt={'sample_max': 0}, mode='sample')  # (S, T) each
         image_ids = [info['id'] for info in batch['infos']] if batch.get('infos') else None
-        advantage, rewards = self.reward(seq, batch['gts'], self.seq_per_img, image_ids)
+        advantage, rewards = self.load_reward()(seq, batch['gts'], self.seq_per_img, image_ids)
         advantage = torch.as_tensor(advantage, dtype=logprobs.dtype, device=logprobs.device)
         loss = self_critical_loss(logprobs, seq, advantage)
         return {'loss': loss, 'reward': float(rewards.mean())}

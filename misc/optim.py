@@ -107,7 +107,9 @@ class PlateauOpt:
 
     def load_state_dict(self, state):
         if 'optimizer_state_dict' not in state:  # a plain optimiser's state (e.g. from another stage)
+            lr = get_lr(self.optimizer)
             self.optimizer.load_state_dict(state)
+            set_lr(self.optimizer, lr)  # as the reference: the lr of the options, not the saved one
             return
         self.scheduler.load_state_dict(state['scheduler_state_dict'])
         self.optimizer.load_state_dict(state['optimizer_state_dict'])
