@@ -79,6 +79,8 @@ def check_data(opt, loader):
     """Training needs captions, and the model's input size must be the features' (not a shape error later)."""
     if loader.labels is None:
         raise SaticError("training needs captions: --input_label_h5 none is for evaluating caption-less images")
+    if not loader.split_ix['val']:
+        raise SaticError(f"{opt.input_json} has no val images: training validates on them at every checkpoint")
     if loader.att_feat_size is not None and loader.att_feat_size != opt.att_feat_size:
         raise SaticError(f"--att_feat_size {opt.att_feat_size}, but the region features in {opt.input_att_dir} "
                          f"have {loader.att_feat_size} dimensions: pass --att_feat_size {loader.att_feat_size}")

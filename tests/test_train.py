@@ -578,3 +578,15 @@ def test_transformer_infos_with_any_k_resume_as_k1(scene, stage1, tmp_path):
         rc, _, err = run_main(train.main, scene.args(copy, run_id, '--max_iters', str(STAGE1_ITERS + 2),
                                                      '--start_from', copy))
     assert rc == 0, err
+
+
+def test_data_without_val_images_is_refused_before_training(scene, tmp_path):
+    with open(scene.path('cocotalk.json')) as f:
+        cocotalk = json.load(f)
+    for img in cocotalk['images']:
+        img['split'] = 'train' if img['split'] == 'val' else img['split']
+    with open(tmp_path / 'no_val.json', 'w') as f:
+        json.dump(cocotalk, f)
+    args = scene.args(tmp_path / 'ck', 'run')
+    args[args.index('--input_json') + 1] = str(tmp_path / 'no_val.json')
+    assert_one_line_error(run_main(train.main, args), 'no_val.json has no val images')
