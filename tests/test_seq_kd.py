@@ -11,6 +11,7 @@ import torch
 
 import eval as eval_script
 import train
+from misc.checkpoint import load_pickle
 from scripts import prepro_labels_seqKD
 from tests.test_train import make_scene_dataset, run_main, working_dir
 
@@ -89,5 +90,5 @@ def test_beam_lists_become_the_seq_kd_labels_and_train_sat(tmp_path):
             '--max_iters', '3', '--init_from', os.path.join(base, 'model-best.pth'), label_h5=kd + '_label.h5'))
     assert rc == 0, err
     assert 'initialised from the autoregressive checkpoint' in out
-    infos = train.load_pickle(os.path.join(sat, 'infos_sat.pkl'))
+    infos = load_pickle(os.path.join(sat, 'infos_sat.pkl'))
     assert infos['iter'] == 3 and infos['opt'].K == 2 and infos['opt'].input_label_h5 == kd + '_label.h5'
