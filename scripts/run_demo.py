@@ -53,8 +53,10 @@ def main(argv=None):
     parser.add_argument('--num_layers', type=int, default=2)
     parser.add_argument('--d_model', type=int, default=128)
     parser.add_argument('--d_ff', type=int, default=512)
-    parser.add_argument('--xe_epochs', type=int, default=8)
-    parser.add_argument('--sc_epochs', type=int, default=3)
+    parser.add_argument('--xe_epochs', type=int, default=4, help='baseline XE epochs')
+    parser.add_argument('--sat_xe_epochs', type=int, default=3, help='SAT stage-1 epochs (from the baseline)')
+    parser.add_argument('--sc_epochs', type=int, default=1, help='self-critical epochs of each model')
+    parser.add_argument('--sc_learning_rate', type=float, default=1e-4)
     parser.add_argument('--batch_size', type=int, default=10)
     parser.add_argument('--K', type=int, default=2)
     args = parser.parse_args(argv)
@@ -68,22 +70,25 @@ def main(argv=None):
              '--rnn_size', str(args.d_ff), '--att_feat_size', str(feature_size(f'{d}/cocobu_att')),
              '--fc_feat_size', str(feature_size(f'{d}/cocobu_att'))]
     common = data + model + ['--seq_per_img', '5', '--batch_size', str(args.batch_size), '--beam_size', '1',
-                             '--language_eval', '1', '--val_images_use', '250', '--save_checkpoint_every', '400',
+                             '--language_eval', '1', '--val_images_use', '250', '--save_checkpoint_every', '800',
                              '--losses_log_every', '100']
-    xe = ['--noamopt', '--noamopt_warmup', '1000', '--label_smoothing', '0.0', '--learning_rate', '5e-4',
-          '--learning_rate_decay_start', '0', '--scheduled_sampling_start', '0', '--max_epochs', str(args.xe_epochs)]
-    sc = ['--learning_rate', '5e-5', '--self_critical_after', str(args.xe_epochs),
-          '--max_epochs', str(args.xe_epochs + args.sc_epochs)]
+    def xe(epochs):
+        return ['--noamopt', '--noamopt_warmup', '1000', '--label_smoothing', '0.0', '--learning_rate', '5e-4',
+                '--learning_rate_decay_start', '0', '--scheduled_sampling_start', '0', '--max_epochs', str(epochs)]
+
+    def sc(after):
+        return ['--learning_rate', str(args.sc_learning_rate), '--self_critical_after', str(after),
+                '--max_epochs', str(after + args.sc_epochs)]
     base, nsc_base = 'demo-transformer-baseline', 'demo-nsc-transformer-baseline'
     sat, nsc_sat = f'demo-sat-{args.K}-from-nsc-seqkd', f'demo-nsc-sat-{args.K}-from-nsc-seqkd'
     t0 = time.time()
 
     print('== 1. autoregressive baseline: XE, then self-critical')
-    run([py, 'train.py', *common, *xe, '--caption_model', 'transformer', '--K', '1',
+    run([py, 'train.py', *common, *xe(args.xe_epochs), '--caption_model', 'transformer', '--K', '1',
          '--input_label_h5', f'{d}/cocotalk_label.h5', '--checkpoint_path', f'save/{base}', '--id', base],
         log=f'save/logs/{base}.log')
     run(['bash', 'save/copy_model.sh', base, nsc_base])
-    run([py, 'train.py', *common, *sc, '--caption_model', 'transformer', '--K', '1',
+    run([py, 'train.py', *common, *sc(args.xe_epochs), '--caption_model', 'transformer', '--K', '1',
          '--input_label_h5', f'{d}/cocotalk_label.h5', '--start_from', f'save/{nsc_base}',
          '--checkpoint_path', f'save/{nsc_base}', '--id', nsc_base], log=f'save/logs/{nsc_base}.log')
 
@@ -99,13 +104,13 @@ def main(argv=None):
          '--dict_json', f'{d}/cocotalk.json', '--teacher_json', kd_json, '--output_h5', kd_h5])
 
     print(f'== 3. SAT K={args.K}, stage 1: XE on the seq-KD labels, initialised from the baseline')
-    run([py, 'train.py', *common, *xe, '--caption_model', 'sat', '--K', str(args.K),
+    run([py, 'train.py', *common, *xe(args.sat_xe_epochs), '--caption_model', 'sat', '--K', str(args.K),
          '--init_from', f'save/{nsc_base}/model-best.pth', '--input_label_h5', f'{kd_h5}_label.h5',
          '--checkpoint_path', f'save/{sat}', '--id', sat], log=f'save/logs/{sat}.log')
 
     print(f'== 4. SAT K={args.K}, stage 2: self-critical')
     run(['bash', 'save/copy_model.sh', sat, nsc_sat])
-    run([py, 'train.py', *common, *sc, '--caption_model', 'sat', '--K', str(args.K),
+    run([py, 'train.py', *common, *sc(args.sat_xe_epochs), '--caption_model', 'sat', '--K', str(args.K),
          '--input_label_h5', f'{d}/cocotalk_label.h5', '--start_from', f'save/{nsc_sat}',
          '--checkpoint_path', f'save/{nsc_sat}', '--id', nsc_sat], log=f'save/logs/{nsc_sat}.log')
 
