@@ -1,0 +1,97 @@
+"""Helpers shared by the bench/ scripts: the paper-size model, timing, machine facts, results.json merging.
+
+Not a benchmark itself. The paper configuration (SATIC, Zhou et al. 2021): 6 encoder and 6 decoder layers,
+d_model 512, d_ff 2048, 8 heads, COCO Karpathy vocabulary 9487 words, 2048-d bottom-up region features.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import models  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results.json')
+VOCAB = 9487
+PAPER = dict(input_encoding_size=512, rnn_size=2048, num_layers=6, att_feat_size=2048, vocab_size=VOCAB)
+
+
+def paper_opt(K, **overrides):
+    """The argparse.Namespace models.setup() reads, at the paper configuration."""
+    opt = dict(caption_model='sat', K=K, drop_prob_lm=0.5, use_bn=0, max_length=20, use_cache=1, **PAPER)
+    opt.update(overrides)
+    return argparse.Namespace(**opt)
+
+
+def paper_model(K, seed=0, full_length=True, **overrides):
+    """A randomly initialised paper-size SATModel in eval mode.
+
+    full_length: generator bias[0] = -1e4, so token 0 (end of caption) is never the argmax and never among a
+    beam's top candidates: every greedy / beam run decodes the full max_length words, as a trained model's
+    longest captions do (random weights would otherwise stop at arbitrary lengths and make timings meaningless).
+    """
+    torch.manual_seed(seed)
+    model = models.setup(paper_opt(K, **overrides))
+    if full_length:
+        with torch.no_grad():
+            model.model.generator.proj.bias[0] = -1e4
+    return model.eval()
+
+
+def median_ms(fn, repeats, warmup=1):
+    """Median wall time of fn() in milliseconds after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(max(repeats, 1)):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1000.0 * statistics.median(times)
+
+
+def machine():
+    """CPU model, core count, torch version/threads and the CPU's bf16 support, for the README and results."""
+    model_name, flags = platform.processor() or '?', ''
+    try:
+        out = subprocess.run(['lscpu'], capture_output=True, text=True, check=False).stdout
+        for line in out.splitlines():
+            if line.startswith('Model name:'):
+                model_name = line.split(':', 1)[1].strip()
+            if line.startswith('Flags:'):
+                flags = line.split(':', 1)[1]
+    except OSError:
+        pass
+    bf16 = [f for f in ('avx512_bf16', 'amx_bf16', 'avx512f') if f in flags.split()]
+    return {'cpu': model_name, 'cores': os.cpu_count(), 'torch': torch.__version__,
+            'threads': torch.get_num_threads(), 'cpu_capability': torch.backends.cpu.get_cpu_capability(),
+            'bf16_flags': bf16 or 'none (no avx512_bf16/amx_bf16 in lscpu flags)'}
+
+
+def other_load():
+    """Command lines of other CPU-heavy project processes running now (train/eval/demo/pytest), if any."""
+    out = subprocess.run(['pgrep', '-af', 'run_demo.py|train.py|eval.py|pytest'], capture_output=True, text=True,
+                         check=False).stdout
+    own = str(os.getpid())
+    return [line for line in out.splitlines() if line and not line.startswith(own + ' ') and 'pgrep' not in line]
+
+
+def merge_results(key, value, path=RESULTS):
+    """Read-modify-write bench/results.json atomically (each bench owns one key)."""
+    results = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            results = json.load(f)
+    results[key] = value
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(results, f, indent=2, sort_keys=True)
+        f.write('\n')
+    os.replace(tmp, path)
