@@ -1,0 +1,144 @@
+"""Benchmark: training iterations per second at the paper configuration, K = 2, batch 10 images x 5 captions.
+
+One iteration is train.py's train_step: LossWrapper forward (XE: teacher forcing; self-critical: 5 multinomial
+samples per image in train mode, the CIDEr-D reward with leave-one-out baseline), backward, the element-wise
+gradient clamp and the optimiser step (XE: Noam Adam, as the paper; self-critical: Adam 2e-5). Random weights,
+random 2048-d features of 10-100 regions per image (repeated 5x per image, as DataLoader returns them), random
+Zipf labels and a synthetic cached-tokens pickle (bench/reward.py's). Also times the encoder on the 50 repeated
+rows vs the 10 distinct images (the share of an iteration spent re-encoding copies).
+Prints a table and merges {"train_speed": {...}} into bench/results.json.
+
+    python bench/train_speed.py [--quick] [--iters 5] [--sc_iters 3]
+"""
+import argparse
+import os
+import sys
+import tempfile
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import opts  # noqa: E402
+from common import PAPER, machine, median_ms, merge_results, other_load, paper_model  # noqa: E402
+from reward import label_rows, write_cached_tokens  # noqa: E402
+from misc import optim  # noqa: E402
+from misc.loss_wrapper import LossWrapper  # noqa: E402
+
+REFERENCE_S_PER_ITER = {'xe': 2.5, 'sc': 11.5}  # reference code, this machine class (from the issue)
+
+
+def make_batch(images, seq_per_img, att_feat_size, vocab, seed=0):
+    """A DataLoader-style train batch: features repeated per caption, labels (S, 18), masks, gts, infos."""
+    rng = np.random.default_rng(seed)
+    g = torch.Generator().manual_seed(seed)
+    n_max = 100
+    counts = torch.randint(10, n_max + 1, (images,), generator=g)  # (B,)
+    masks = (torch.arange(n_max)[None] < counts[:, None]).float()  # (B, N)
+    att = torch.randn(images, n_max, att_feat_size, generator=g) * masks[..., None]  # (B, N, F)
+    gts = [np.minimum(label_rows(rng, 5, 1.3), vocab).astype(np.uint32) for _ in range(images)]  # B x (5, 16)
+    labels = np.zeros((images * seq_per_img, 18), dtype=np.int64)  # (S, 18): [0, w1..w16, 0]
+    for i in range(images):
+        labels[i * seq_per_img:(i + 1) * seq_per_img, 1:17] = gts[i][:seq_per_img]
+    label_masks = np.zeros_like(labels, dtype=np.float32)
+    nonzero = (labels > 0).sum(1) + 2  # words + BOS + EOS
+    for r, n in enumerate(nonzero):
+        label_masks[r, :n] = 1
+    rep = lambda t: t.repeat_interleave(seq_per_img, dim=0)  # noqa: E731
+    return {'fc_feats': torch.zeros(images * seq_per_img, att_feat_size), 'att_feats': rep(att),
+            'att_masks': rep(masks), 'labels': torch.from_numpy(labels), 'masks': torch.from_numpy(label_masks),
+            'gts': gts, 'infos': [{'id': i} for i in range(images)],
+            'distinct': (att, masks)}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--K', type=int, default=2)
+    parser.add_argument('--images', type=int, default=10)
+    parser.add_argument('--seq_per_img', type=int, default=5)
+    parser.add_argument('--iters', type=int, default=5, help='timed XE iterations (median)')
+    parser.add_argument('--sc_iters', type=int, default=3, help='timed self-critical iterations (median)')
+    parser.add_argument('--train_images', type=int, default=5000, help='synthetic corpus for the CIDEr-D df')
+    parser.add_argument('--quick', action='store_true', help='smoke test: tiny model, 1 iteration, 1 thread')
+    parser.add_argument('--threads', type=int, default=0)
+    args = parser.parse_args(argv)
+    sizes = {}
+    if args.quick:
+        sizes = dict(input_encoding_size=64, rnn_size=128, num_layers=2, att_feat_size=32, vocab_size=500)
+        args.iters = args.sc_iters = 1
+        args.train_images = 200
+    if args.threads or args.quick:
+        torch.set_num_threads(args.threads or 1)
+    size = {**PAPER, **sizes}
+    busy = other_load()
+    info = machine()
+    if busy:
+        print(f'WARNING: other CPU-heavy processes are running, timings are disturbed: {busy}')
+
+    model = paper_model(args.K, **sizes).train()
+    batch = make_batch(args.images, args.seq_per_img, size['att_feat_size'], size['vocab_size'])
+    att, masks = batch.pop('distinct')
+    results = {'K': args.K, 'images': args.images, 'seq_per_img': args.seq_per_img, 'machine': info,
+               'quick': args.quick, 'disturbed_by': busy}
+    with tempfile.TemporaryDirectory() as tmp:
+        cached = os.path.join(tmp, 'train-idxs.p')
+        write_cached_tokens(cached, np.random.default_rng(1), args.train_images, 1.3)
+        for mode, iters in (('xe', args.iters), ('sc', args.sc_iters)):
+            flags = ['--caption_model', 'sat', '--K', str(args.K), '--cached_tokens', cached,
+                     '--seq_per_img', str(args.seq_per_img), '--input_encoding_size', str(size['input_encoding_size'])]
+            flags += ['--noamopt'] if mode == 'xe' else ['--learning_rate', '2e-5']
+            opt = opts.parse_opt(flags)
+            wrapper = LossWrapper(model, opt)
+            optimizer = optim.build(model, opt)
+            sc = mode == 'sc'
+
+            def iteration():
+                optimizer.zero_grad()
+                out = wrapper(batch, sc)
+                out['loss'].backward()
+                optim.clamp_gradients(model.parameters(), opt.grad_clip)
+                optimizer.step()
+            ms = median_ms(iteration, iters, warmup=1)
+            ref = REFERENCE_S_PER_ITER[mode]
+            results[mode] = {'s_per_iter': round(ms / 1000, 3), 'iters_per_s': round(1000 / ms, 3),
+                             'iters_timed': iters, 'reference_s_per_iter': ref,
+                             'speedup_vs_reference': round(ref * 1000 / ms, 2)}
+            if sc:
+                reward = wrapper.load_reward()
+                model.eval()
+                with torch.no_grad():
+                    seq = model.decode(batch['att_feats'], batch['att_masks'], sample_max=False)[0]
+                model.train()
+                results['sc']['reward_ms'] = round(median_ms(
+                    lambda: reward(seq, batch['gts'], args.seq_per_img, list(range(args.images))), 5), 2)
+                results['sc']['sample_words_mean'] = round(float((seq > 0).sum(1).float().mean()), 1)
+        with torch.no_grad():
+            results['encode_50_rows_ms'] = round(median_ms(lambda: model.encode(batch['att_feats'],
+                                                                                batch['att_masks']), 3), 1)
+            results['encode_10_images_ms'] = round(median_ms(lambda: model.encode(att, masks), 3), 1)
+
+    print(f"\ntraining iterations, K={args.K}, batch {args.images} x {args.seq_per_img}"
+          f"{' (QUICK: tiny model)' if args.quick else ''}")
+    print(f"{'mode':>14} {'s/iter':>8} {'iters/s':>8} {'reference s/iter':>17} {'speedup':>8}")
+    for mode, name in (('xe', 'XE'), ('sc', 'self-critical')):
+        r = results[mode]
+        print(f"{name:>14} {r['s_per_iter']:>8.3f} {r['iters_per_s']:>8.3f} {r['reference_s_per_iter']:>17.1f} "
+              f"{r['speedup_vs_reference']:>7.2f}x")
+    print(f"self-critical reward (CIDEr-D, 50 samples) {results['sc']['reward_ms']:.1f} ms; "
+          f"encoder on 50 repeated rows {results['encode_50_rows_ms']:.0f} ms vs 10 distinct images "
+          f"{results['encode_10_images_ms']:.0f} ms (no grad)")
+    results['targets'] = {
+        'XE no slower than the reference (2.5 s/iter)': results['xe']['s_per_iter'] <= 2.5,
+        'self-critical >= 2x faster than the reference (11.5 s/iter)': results['sc']['speedup_vs_reference'] >= 2,
+    }
+    for name, met in results['targets'].items():
+        print(f"  {'MET ' if met else 'NOT MET'} {name}")
+    merge_results('train_speed', results)
+    print('wrote "train_speed" into bench/results.json')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
