@@ -59,6 +59,7 @@ def main(argv=None):
     parser.add_argument('--sc_learning_rate', type=float, default=1e-4)
     parser.add_argument('--batch_size', type=int, default=10)
     parser.add_argument('--K', type=int, default=2)
+    parser.add_argument('--eval_only', action='store_true', help='only step 5: evaluate the trained demo models')
     args = parser.parse_args(argv)
     py = sys.executable
     d = args.data_dir
@@ -83,36 +84,37 @@ def main(argv=None):
     sat, nsc_sat = f'demo-sat-{args.K}-from-nsc-seqkd', f'demo-nsc-sat-{args.K}-from-nsc-seqkd'
     t0 = time.time()
 
-    print('== 1. autoregressive baseline: XE, then self-critical')
-    run([py, 'train.py', *common, *xe(args.xe_epochs), '--caption_model', 'transformer', '--K', '1',
-         '--input_label_h5', f'{d}/cocotalk_label.h5', '--checkpoint_path', f'save/{base}', '--id', base],
-        log=f'save/logs/{base}.log')
-    run(['bash', 'save/copy_model.sh', base, nsc_base])
-    run([py, 'train.py', *common, *sc(args.xe_epochs), '--caption_model', 'transformer', '--K', '1',
-         '--input_label_h5', f'{d}/cocotalk_label.h5', '--start_from', f'save/{nsc_base}',
-         '--checkpoint_path', f'save/{nsc_base}', '--id', nsc_base], log=f'save/logs/{nsc_base}.log')
-
-    print('== 2. sequence-level KD labels from the baseline (beam 5 over the training images)')
     kd_json = f'vis/{nsc_base}_seq_kd.json'
     kd_h5 = f'{d}/cocotalk_seq-kd-from-nsc-transformer-baseline-b5'
-    run([py, 'eval.py', '--model', f'save/{nsc_base}/model-best.pth',
-         '--infos_path', f'save/{nsc_base}/infos_{nsc_base}-best.pkl', *data[:6],
-         '--input_label_h5', f'{d}/cocotalk_label.h5', '--split', 'train', '--beam_size', '5', '--batch_size', '50',
-         '--language_eval', '0', '--seq_kd', '1', '--seq_kd_path', kd_json, '--id', f'{nsc_base}-train-b5'],
-        log=f'save/logs/{nsc_base}-seq-kd.log')
-    run([py, 'scripts/prepro_labels_seqKD.py', '--input_json', f'{d}/dataset_coco.json',
-         '--dict_json', f'{d}/cocotalk.json', '--teacher_json', kd_json, '--output_h5', kd_h5])
+    if not args.eval_only:  # steps 1-4: training
+        print('== 1. autoregressive baseline: XE, then self-critical')
+        run([py, 'train.py', *common, *xe(args.xe_epochs), '--caption_model', 'transformer', '--K', '1',
+             '--input_label_h5', f'{d}/cocotalk_label.h5', '--checkpoint_path', f'save/{base}', '--id', base],
+            log=f'save/logs/{base}.log')
+        run(['bash', 'save/copy_model.sh', base, nsc_base])
+        run([py, 'train.py', *common, *sc(args.xe_epochs), '--caption_model', 'transformer', '--K', '1',
+             '--input_label_h5', f'{d}/cocotalk_label.h5', '--start_from', f'save/{nsc_base}',
+             '--checkpoint_path', f'save/{nsc_base}', '--id', nsc_base], log=f'save/logs/{nsc_base}.log')
 
-    print(f'== 3. SAT K={args.K}, stage 1: XE on the seq-KD labels, initialised from the baseline')
-    run([py, 'train.py', *common, *xe(args.sat_xe_epochs), '--caption_model', 'sat', '--K', str(args.K),
-         '--init_from', f'save/{nsc_base}/model-best.pth', '--input_label_h5', f'{kd_h5}_label.h5',
-         '--checkpoint_path', f'save/{sat}', '--id', sat], log=f'save/logs/{sat}.log')
+        print('== 2. sequence-level KD labels from the baseline (beam 5 over the training images)')
+        run([py, 'eval.py', '--model', f'save/{nsc_base}/model-best.pth',
+             '--infos_path', f'save/{nsc_base}/infos_{nsc_base}-best.pkl', *data[:6],
+             '--input_label_h5', f'{d}/cocotalk_label.h5', '--split', 'train', '--beam_size', '5', '--batch_size', '50',
+             '--language_eval', '0', '--seq_kd', '1', '--seq_kd_path', kd_json, '--id', f'{nsc_base}-train-b5'],
+            log=f'save/logs/{nsc_base}-seq-kd.log')
+        run([py, 'scripts/prepro_labels_seqKD.py', '--input_json', f'{d}/dataset_coco.json',
+             '--dict_json', f'{d}/cocotalk.json', '--teacher_json', kd_json, '--output_h5', kd_h5])
 
-    print(f'== 4. SAT K={args.K}, stage 2: self-critical')
-    run(['bash', 'save/copy_model.sh', sat, nsc_sat])
-    run([py, 'train.py', *common, *sc(args.sat_xe_epochs), '--caption_model', 'sat', '--K', str(args.K),
-         '--input_label_h5', f'{d}/cocotalk_label.h5', '--start_from', f'save/{nsc_sat}',
-         '--checkpoint_path', f'save/{nsc_sat}', '--id', nsc_sat], log=f'save/logs/{nsc_sat}.log')
+        print(f'== 3. SAT K={args.K}, stage 1: XE on the seq-KD labels, initialised from the baseline')
+        run([py, 'train.py', *common, *xe(args.sat_xe_epochs), '--caption_model', 'sat', '--K', str(args.K),
+             '--init_from', f'save/{nsc_base}/model-best.pth', '--input_label_h5', f'{kd_h5}_label.h5',
+             '--checkpoint_path', f'save/{sat}', '--id', sat], log=f'save/logs/{sat}.log')
+
+        print(f'== 4. SAT K={args.K}, stage 2: self-critical')
+        run(['bash', 'save/copy_model.sh', sat, nsc_sat])
+        run([py, 'train.py', *common, *sc(args.sat_xe_epochs), '--caption_model', 'sat', '--K', str(args.K),
+             '--input_label_h5', f'{d}/cocotalk_label.h5', '--start_from', f'save/{nsc_sat}',
+             '--checkpoint_path', f'save/{nsc_sat}', '--id', nsc_sat], log=f'save/logs/{nsc_sat}.log')
 
     print('== 5. evaluation on the demo test split (batch size 1)')
     rows = []
