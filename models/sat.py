@@ -73,9 +73,25 @@ class SATModel(nn.Module):
         shifted = torch.cat([labels.new_zeros(labels.size(0), k - 1), labels], dim=1)  # (S, L+K-1)
         return shifted[:, :math.ceil(labels.size(1) / k) * k - 1]
 
-    def forward_xe(self, att_feats, labels, att_masks=None):
-        """Teacher forcing: log-probs (S, L-1, V); position i predicts labels[:, i+1]."""
+    def encode_repeated(self, att_feats, att_masks=None, seq_per_img=1):
+        """encode, then repeat each image's memory seq_per_img times: (B*seq_per_img, N', D).
+
+        Training batches hold each image seq_per_img times; encoding it once saves (seq_per_img-1)/seq_per_img of
+        the encoder (in train mode the image's rows then share one encoder dropout draw).
+        """
         memory, memory_mask = self.encode(att_feats, att_masks)
+        if seq_per_img > 1:
+            memory = memory.repeat_interleave(seq_per_img, dim=0)  # (B*S, N', D)
+            if memory_mask is not None:
+                memory_mask = memory_mask.repeat_interleave(seq_per_img, dim=0)  # (B*S, 1, N')
+        return memory, memory_mask
+
+    def forward_xe(self, att_feats, labels, att_masks=None, seq_per_img=1):
+        """Teacher forcing: log-probs (S, L-1, V); position i predicts labels[:, i+1].
+
+        att_feats (S, N, F), or (S / seq_per_img, N, F) with one row per image (see encode_repeated).
+        """
+        memory, memory_mask = self.encode_repeated(att_feats, att_masks, seq_per_img)
         tokens = self.shift_labels(labels)  # (S, T)
         out = self.model.decode(memory, memory_mask, tokens, target_mask(tokens, self.K))  # (S, T, D)
         return self.model.generator(out[:, :labels.size(1) - 1])  # (S, L-1, V)
@@ -113,7 +129,7 @@ class SATModel(nn.Module):
         return self.model.generator(out), cache
 
     def decode(self, att_feats, att_masks=None, sample_max=True, beam_size=1, temperature=1.0,
-               max_length=None, use_cache=None, length_penalty=''):
+               max_length=None, use_cache=None, length_penalty='', seq_per_img=1):
         """Caption a batch: (seq (B, max_length) int64, seqLogprobs (B, max_length)), zero padded.
 
         Greedy / sampling (models.decoding) for beam_size 1, else beam search (models.beam_search, which also
@@ -122,13 +138,14 @@ class SATModel(nn.Module):
         """
         max_length = self.max_length if max_length is None else max_length
         with torch.inference_mode(not self.training):
-            memory, memory_mask = self.encode(att_feats, att_masks)
             if beam_size > 1:
+                memory, memory_mask = self.encode(att_feats, att_masks)
                 self.done_beams = batched_beam_search(self, memory, memory_mask, beam_size, max_length,
                                                       use_cache=use_cache, length_penalty=length_penalty)
                 seq = torch.stack([beams[0]['seq'] for beams in self.done_beams])
                 logprobs = torch.stack([beams[0]['logps'] for beams in self.done_beams])
-            else:
+            else:  # seq_per_img captions (rows) per image of att_feats
+                memory, memory_mask = self.encode_repeated(att_feats, att_masks, seq_per_img)
                 seq, logprobs = greedy_or_sample(self, memory, memory_mask, max_length, sample_max=sample_max,
                                                  temperature=temperature, use_cache=use_cache)
         if not self.training:
@@ -168,7 +185,8 @@ class SATModel(nn.Module):
                            temperature=float(opt.get('temperature', 1.0)),
                            max_length=opt.get('max_length'),
                            use_cache=opt.get('use_cache'),
-                           length_penalty=opt.get('length_penalty', ''))
+                           length_penalty=opt.get('length_penalty', ''),
+                           seq_per_img=int(opt.get('seq_per_img', 1)))
 
 
 def build_model(opt):

@@ -433,3 +433,20 @@ def test_check_state_dict_mismatch_is_one_line(overrides, words):
         models.check_state_dict(models.setup(tiny_opt(**overrides)), state, 'save/x/model.pth')
     message = str(error.value)
     assert '\n' not in message and 'save/x/model.pth' in message and words in message
+
+
+def test_encode_once_per_image_equals_encoding_every_copy():
+    from models.sat import SATModel
+    """forward_xe / sampling with one row per image and seq_per_img equal the repeated-rows call (eval mode)."""
+    torch.manual_seed(0)
+    model = SATModel(vocab_size=12, K=2, d_model=16, d_ff=32, num_layers=2, att_feat_size=8).eval()
+    S = 3
+    att = torch.randn(2, 5, 8)
+    masks = torch.tensor([[1., 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    labels = torch.randint(1, 12, (2 * S, 18))
+    full = model.forward_xe(att.repeat_interleave(S, 0), labels, masks.repeat_interleave(S, 0))
+    once = model.forward_xe(att, labels, masks, seq_per_img=S)
+    assert torch.allclose(full, once, atol=1e-6)
+    seq_full, _ = model.decode(att.repeat_interleave(S, 0), masks.repeat_interleave(S, 0))
+    seq_once, _ = model.decode(att, masks, seq_per_img=S)
+    assert torch.equal(seq_full, seq_once)
