@@ -61,6 +61,7 @@ def main(argv=None):
     parser.add_argument('--iters', type=int, default=5, help='timed XE iterations (median)')
     parser.add_argument('--sc_iters', type=int, default=3, help='timed self-critical iterations (median)')
     parser.add_argument('--train_images', type=int, default=5000, help='synthetic corpus for the CIDEr-D df')
+    parser.add_argument('--encode_per_image', type=int, default=0, help='1: encoder once per image (train.py flag)')
     parser.add_argument('--quick', action='store_true', help='smoke test: tiny model, 1 iteration, 1 thread')
     parser.add_argument('--threads', type=int, default=0)
     args = parser.parse_args(argv)
@@ -89,6 +90,7 @@ def main(argv=None):
             flags = ['--caption_model', 'sat', '--K', str(args.K), '--cached_tokens', cached,
                      '--seq_per_img', str(args.seq_per_img), '--input_encoding_size', str(size['input_encoding_size'])]
             flags += ['--noamopt'] if mode == 'xe' else ['--learning_rate', '2e-5']
+            flags += ['--encode_per_image', str(args.encode_per_image)]
             opt = opts.parse_opt(flags)
             wrapper = LossWrapper(model, opt)
             optimizer = optim.build(model, opt)

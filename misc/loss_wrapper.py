@@ -13,7 +13,7 @@ class LossWrapper(nn.Module):
         self.model = model
         self.crit = build_criterion(opt.label_smoothing)
         self.seq_per_img = opt.seq_per_img
-        self.encode_per_image = getattr(opt, 'encode_per_image', 1)
+        self.encode_per_image = getattr(opt, 'encode_per_image', 0)
         self.cached_tokens = opt.cached_tokens
         self.cider_reward_weight = getattr(opt, 'cider_reward_weight', 1.0)
         self._reward = None  # built on first self-critical use: XE runs need no document frequencies
@@ -27,8 +27,8 @@ class LossWrapper(nn.Module):
 
     def forward(self, batch, sc_flag=False):
         fc, att, att_masks = batch['fc_feats'], batch['att_feats'], batch['att_masks']
-        # The batch holds each image seq_per_img times in a row: encode it once (--encode_per_image 1, ours) and
-        # let the model repeat the encoder output; 0 encodes every copy, as the reference.
+        # The batch holds each image seq_per_img times in a row: encode it once with --encode_per_image 1 (ours)
+        # and let the model repeat the encoder output; 0 (default) encodes every copy, as the reference.
         per_img = self.seq_per_img if self.encode_per_image and att.size(0) % self.seq_per_img == 0 else 1
         att = att[::per_img]  # (S / per_img, N, F)
         att_masks = None if att_masks is None else att_masks[::per_img]

@@ -450,3 +450,23 @@ def test_encode_once_per_image_equals_encoding_every_copy():
     seq_full, _ = model.decode(att.repeat_interleave(S, 0), masks.repeat_interleave(S, 0))
     seq_once, _ = model.decode(att, masks, seq_per_img=S)
     assert torch.equal(seq_full, seq_once)
+
+
+def test_loss_wrapper_encode_per_image_gives_the_same_xe_loss():
+    """--encode_per_image 1 changes only where the encoder runs: in eval mode the XE loss is identical."""
+    import argparse
+    from misc.loss_wrapper import LossWrapper
+    from models.sat import SATModel
+    torch.manual_seed(0)
+    model = SATModel(vocab_size=12, K=2, d_model=16, d_ff=32, num_layers=1, att_feat_size=8).eval()
+    S = 5
+    att = torch.randn(2, 4, 8).repeat_interleave(S, 0)
+    labels = torch.cat([torch.zeros(2 * S, 1, dtype=torch.long), torch.randint(1, 12, (2 * S, 16)),
+                        torch.zeros(2 * S, 1, dtype=torch.long)], 1)
+    batch = {'fc_feats': None, 'att_feats': att, 'att_masks': None, 'labels': labels,
+             'masks': torch.ones(2 * S, 18)}
+    losses = []
+    for flag in (0, 1):
+        opt = argparse.Namespace(label_smoothing=0, seq_per_img=S, cached_tokens='', encode_per_image=flag)
+        losses.append(float(LossWrapper(model, opt)(batch)['loss']))
+    assert abs(losses[0] - losses[1]) < 1e-6
