@@ -14,6 +14,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from common import merge_results  # noqa: E402
+
 import opts  # noqa: E402
 from dataloader import DataLoader  # noqa: E402
 from scripts import dump_to_lmdb, make_demo_data  # noqa: E402
@@ -54,19 +56,6 @@ def measure(demo_dir, backend, args):
             'images_per_s': round(args.batches * args.batch_size / seconds, 1)}
 
 
-def merge_results(path, key, value):
-    """Read-modify-write the results json atomically (other benches own other keys)."""
-    results = {}
-    if os.path.isfile(path):
-        with open(path) as f:
-            results = json.load(f)
-    results[key] = value
-    with open(path + '.tmp', 'w') as f:
-        json.dump(results, f, indent=2, sort_keys=True)
-        f.write('\n')
-    os.replace(path + '.tmp', path)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--demo_dir', default='data/demo')
@@ -86,7 +75,7 @@ def main(argv=None):
         numbers[backend] = measure(args.demo_dir, backend, args)
         print(f'  {backend:5s} {numbers[backend]["batches_per_s"]:8.1f} batches/s '
               f'({numbers[backend]["images_per_s"]:.0f} images/s)')
-    merge_results(args.results, 'loader', numbers)
+    merge_results('loader', numbers, args.results)
     print(f'wrote "loader" into {args.results}')
     return 0
 

@@ -19,6 +19,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from common import merge_results  # noqa: E402
+
 from misc.cider_d import CiderD, ngram_counts  # noqa: E402
 from misc.rewards import SelfCriticalReward, ids_to_str  # noqa: E402
 
@@ -56,20 +58,6 @@ def best_ms(fn, repeats):
         fn()
         times.append(time.perf_counter() - t0)
     return 1000.0 * min(times)
-
-
-def merge_results(key, value, path):
-    """Read-modify-write bench/results.json atomically (other benches own other keys)."""
-    results = {}
-    if os.path.isfile(path):
-        with open(path) as f:
-            results = json.load(f)
-    results[key] = value
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(results, f, indent=2, sort_keys=True)
-        f.write('\n')
-    os.replace(tmp, path)
 
 
 def main():
