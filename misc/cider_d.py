@@ -24,8 +24,8 @@ computed once and cached (by image id, or by the tuple of its sentences); scorin
 n-grams (one pass for the whole batch) and does a few numpy operations per reference set.
 """
 import math
+import numbers
 import os
-import pickle
 from collections import Counter, OrderedDict
 
 import numpy as np
@@ -51,13 +51,13 @@ def load_cached_tokens(path):
     found = next((p for p in candidates if os.path.isfile(p)), None)
     if found is None:
         raise SaticError('cached tokens file %s not found: build it with %s' % (candidates[0], PREPRO_NGRAMS_COMMAND))
-    with open(found, 'rb') as f:
-        try:
-            data = pickle.load(f)
-        except UnicodeDecodeError:  # written by Python 2
-            f.seek(0)
-            data = pickle.load(f, encoding='latin-1')
-    if not isinstance(data, dict) or 'document_frequency' not in data or 'ref_len' not in data:
+    from misc.checkpoint import load_pickle  # (imports torch: not at module level)
+    try:  # never plain pickle.load: a crafted file would run code; this admits only containers and numbers
+        data = load_pickle(found)
+    except SaticError as e:
+        raise SaticError('cached tokens file %s; rebuild it with %s' % (e, PREPRO_NGRAMS_COMMAND)) from None
+    if not isinstance(data, dict) or not isinstance(data.get('document_frequency'), dict) \
+            or not isinstance(data.get('ref_len'), numbers.Real) or not data['ref_len'] > 0:
         raise SaticError('cached tokens file %s has no document_frequency/ref_len: rebuild it with %s'
                          % (found, PREPRO_NGRAMS_COMMAND))
     return data['document_frequency'], data['ref_len']
