@@ -24,6 +24,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import machine, median_ms, merge_results, other_load, paper_model  # noqa: E402
+from models.decode_config import DecodeConfig  # noqa: E402
 
 MATRIX_OPS = ('aten::addmm', 'aten::mm', 'aten::bmm', 'aten::baddbmm', 'aten::matmul', 'aten::linear')
 
@@ -72,7 +73,7 @@ def decode_ms(model, att, masks, beam, use_cache, repeats, warmup):
 
     def run():
         with torch.inference_mode():
-            out['seq'] = model.decode(att, masks, sample_max=True, beam_size=beam, use_cache=use_cache)[0]
+            out['seq'] = model.decode(att, masks, DecodeConfig(beam_size=beam, use_cache=bool(use_cache)))[0]
     ms = median_ms(run, repeats, warmup)
     return ms, out['seq']
 
@@ -89,11 +90,11 @@ def profile_decode(model, att, repeats):
     """torch.profiler over batch-1 cached greedy decoding: shares of matrix ops, attention, other ops, Python."""
     from torch.profiler import ProfilerActivity, profile
     with torch.inference_mode():
-        model.decode(att, None, use_cache=1)
+        model.decode(att, None, DecodeConfig(use_cache=True))
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             t0 = time.perf_counter()
             for _ in range(repeats):
-                model.decode(att, None, use_cache=1)
+                model.decode(att, None, DecodeConfig(use_cache=True))
             wall_us = (time.perf_counter() - t0) * 1e6
     matrix = attention = other = 0.0
     top = []

@@ -26,6 +26,7 @@ from common import PAPER, machine, median_ms, merge_results, other_load, paper_m
 from reward import label_rows, write_cached_tokens  # noqa: E402
 from misc import optim  # noqa: E402
 from misc.loss_wrapper import LossWrapper  # noqa: E402
+from models.decode_config import DecodeConfig  # noqa: E402
 
 REFERENCE_S_PER_ITER = {'xe': 2.5, 'sc': 11.5}  # reference code, this machine class (from the issue)
 
@@ -111,7 +112,7 @@ def main(argv=None):
                 reward = wrapper.load_reward()
                 model.eval()
                 with torch.no_grad():
-                    seq = model.decode(batch['att_feats'], batch['att_masks'], sample_max=False)[0]
+                    seq = model.decode(batch['att_feats'], batch['att_masks'], DecodeConfig(sample_max=False))[0]
                 model.train()
                 results['sc']['reward_ms'] = round(median_ms(
                     lambda: reward(seq, batch['gts'], args.seq_per_img, list(range(args.images))), 5), 2)

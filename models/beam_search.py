@@ -6,11 +6,21 @@ reference's beam_step applied to each position of the group in turn:
   ranked by summed log-prob, ties broken by word rank first, then by beam (a stable sort of that order);
 - at the very first position all beams are the same empty caption, so only beam 0 proposes;
 - the distributions of the group's remaining positions follow their parent beam;
-- a beam whose word is 0, or that reaches the last position, is finished with its summed log-prob (length
+- a beam whose word is 0, or that reaches position max_length-1, is finished with its summed log-prob (length
   penalty optional, none by default) and its running sum becomes -1000 so that it is never extended again.
-The finished beams of each image, best first and cut to beam_size, are returned (SATModel.done_beams).
+Groups start at t = 0, K, 2K, .. while t < max_length: when K does not divide max_length the last group is shorter
+(only its positions below max_length are stepped), as in the reference (greedy decoding stops at the last whole
+group instead).
 
-Shapes: B images, W beam width, S = B*W rows, K group size, V vocabulary + 1, T max_length.
+Diverse beam search (group_size G > 1, the reference's for K = 1): G groups of beam_size // G beams, each with its
+own decoding state; group d runs d decoding steps (K words each) behind group 0, and at each position every word
+that an earlier group's beams hold at that position lowers the candidate by diversity_lambda per occurrence
+before ranking (the stored per-word log-probs are the unpenalised ones, the running sum the penalised).
+--decoding_constraint sets the log-prob of each beam's previous word to -inf at every position but the first.
+The finished beams of each image, best first and cut to the group's width, are returned group after group
+(SATModel.done_beams).
+
+Shapes: B images, W beams per group, S = B*W rows, K group size, V vocabulary + 1, T max_length.
 """
 import torch
 
@@ -22,8 +32,11 @@ def length_penalty_fn(spec):
     """'' (none), 'wu_<alpha>' (GNMT) or 'avg_<alpha>' (per-word average) -> f(length, logprob_sum)."""
     if not spec:
         return lambda length, logprob: logprob
-    kind, alpha = spec.split('_')
-    alpha = float(alpha)
+    kind, _, alpha = spec.partition('_')
+    try:
+        alpha = float(alpha)
+    except ValueError:
+        kind = None
     if kind == 'wu':
         return lambda length, logprob: logprob / (((5 + length) ** alpha) / ((5 + 1) ** alpha))
     if kind == 'avg':
@@ -31,76 +44,125 @@ def length_penalty_fn(spec):
     raise ValueError(f"unknown length penalty {spec!r}: use '', 'wu_<alpha>' or 'avg_<alpha>'")
 
 
-def beam_search(model, memory, memory_mask, beam_size, max_length, use_cache=None, length_penalty=''):
-    """memory (B, N, D), memory_mask (B, 1, N) -> done_beams: per image a list of beam_size dicts, best first,
-    {'seq': (T,) int64, 'logps': (T,) per-word log-probs, 'p': float score}."""
-    batch, w, k = memory.size(0), beam_size, model.K
-    penalty = length_penalty_fn(length_penalty)
-    device = memory.device
-    last_start = max_length - k  # last group start that fits
-    last_pos = last_start // k * k + k - 1 if last_start >= 0 else -1  # last position decoded
-    cache = model.init_cache(memory, memory_mask, beam=w, use_cache=use_cache)
-    rows = torch.arange(batch, device=device).unsqueeze(1) * w  # (B, 1): first row of each image
-    worst = max(penalty(length, FINISHED) for length in range(1, max_length + 1))  # best score from a dead beam
+def beam_search(model, memory, memory_mask, config, max_length):
+    """memory (B, N, D), memory_mask (B, 1, N) -> done_beams: per image, group after group, that group's beams
+    best first: {'seq': (T,) int64, 'logps': (T,) per-word log-probs, 'p': float score}.
 
-    beam_seq = torch.zeros(batch, w, max_length, dtype=torch.long, device=device)  # (B, W, T)
-    beam_logps = torch.zeros(batch, w, max_length, device=device)  # (B, W, T)
-    beam_sum = torch.zeros(batch, w, device=device)  # (B, W) running summed log-probs
-    done = [[] for _ in range(batch)]
-    tokens = torch.zeros(batch * w, k, dtype=torch.long, device=device)  # (S, K): the start group
+    config: models.decode_config.DecodeConfig (beam_size, group_size, diversity_lambda, decoding_constraint,
+    length_penalty, use_cache)."""
+    groups = [_BeamGroup(model, memory, memory_mask, config, max_length) for _ in range(config.group_size)]
+    starts = range(0, max_length, model.K)
+    for step in range(len(starts) + len(groups) - 1):
+        for d, group in enumerate(groups):
+            if 0 <= step - d < len(starts) and not group.stopped:
+                # Only the last group may stop early: the earlier ones' beams feed the diversity penalty.
+                group.advance(starts[step - d], groups[:d], may_stop=d == len(groups) - 1)
+    return [sum((group.results(b) for group in groups), []) for b in range(memory.size(0))]
 
-    for t0 in range(0, last_start + 1, k):
-        logprobs, cache = model.step(tokens, cache)  # (S, K, V)
-        logprobs = logprobs.detach().float().view(batch, w, k, -1).clone()  # (B, W, K, V)
+
+class _BeamGroup:
+    """beam_size // group_size beams per image with their own decoding state."""
+
+    def __init__(self, model, memory, memory_mask, config, max_length):
+        self.model, self.config, self.max_length = model, config, max_length
+        self.batch, self.width = memory.size(0), config.beams_per_group
+        self.penalty = length_penalty_fn(config.length_penalty)
+        device = memory.device
+        b, w = self.batch, self.width
+        self.cache = model.init_cache(memory, memory_mask, beam=w, use_cache=config.use_cache)
+        self.rows = torch.arange(b, device=device).unsqueeze(1) * w  # (B, 1): first row of each image
+        self.seq = torch.zeros(b, w, max_length, dtype=torch.long, device=device)  # (B, W, T)
+        self.logps = torch.zeros(b, w, max_length, device=device)  # (B, W, T)
+        self.sum = torch.zeros(b, w, device=device)  # (B, W) running summed (penalised) log-probs
+        self.done = [[] for _ in range(b)]
+        self.tokens = torch.zeros(b * w, model.K, dtype=torch.long, device=device)  # (S, K): the start group
+        # The best score a finished beam restarted from -1000 could ever reach.
+        self.worst = max(self.penalty(length, FINISHED) for length in range(1, max_length + 1))
+        self.stopped = False
+
+    def advance(self, t0, earlier, may_stop):
+        """One decoding step (positions t0 .. t0+K-1, cut at max_length) for every image."""
+        b, w, k = self.batch, self.width, self.model.K
+        logprobs, self.cache = self.model.step(self.tokens, self.cache)  # (S, K, V)
+        logprobs = logprobs.detach().float().view(b, w, k, -1).clone()  # (B, W, K, V)
         # reference quirk: the last index is suppressed as "UNK" even when the vocabulary has no UNK.
         logprobs[..., -1] -= UNK_PENALTY
-        parents = torch.arange(w, device=device).expand(batch, w)  # (B, W): row of the group's start
-        for j in range(k):
-            t = t0 + j
-            word_logprobs = logprobs[:, :, j]  # (B, W, V)
-            top_logprobs, top_words = word_logprobs.topk(w, dim=-1)  # (B, W beams, W ranks), sorted
-            candidates = beam_sum.unsqueeze(-1) + top_logprobs  # (B, W beams, W ranks)
-            if t == 0:
-                candidates[:, 1:] = float('-inf')  # all beams are the same empty caption: expand beam 0 only
-            # Candidates in the reference's order (word rank, then beam), stable-sorted by summed log-prob.
-            def in_order(x):
-                return x.transpose(1, 2).reshape(batch, w * w)  # (B, W*W), index = rank * W + beam
-            beam_sum, order = in_order(candidates).sort(dim=1, descending=True, stable=True)
-            beam_sum, order = beam_sum[:, :w].contiguous(), order[:, :w]  # (B, W) new beams
-            words = in_order(top_words).gather(1, order)  # (B, W)
-            parent = order % w  # (B, W): the beam each new beam extends
-            beam_seq = beam_seq.gather(1, parent.unsqueeze(-1).expand_as(beam_seq))
-            beam_logps = beam_logps.gather(1, parent.unsqueeze(-1).expand_as(beam_logps))
-            beam_seq[:, :, t] = words
-            beam_logps[:, :, t] = in_order(top_logprobs).gather(1, order)
-            # The group's remaining positions follow their parent beam.
-            logprobs = logprobs.gather(1, parent.view(batch, w, 1, 1).expand_as(logprobs))
+        parents = torch.arange(w, device=logprobs.device).expand(b, w)  # (B, W): row of the group's start
+        for j in range(min(k, self.max_length - t0)):
+            logprobs, parent = self._token_step(logprobs[:, :, j], t0 + j, earlier, logprobs)
             parents = parents.gather(1, parent)
-
-            finished = (words == 0) if t < last_pos else torch.ones_like(words, dtype=torch.bool)
-            if finished.any():
-                _collect(done, finished, beam_seq, beam_logps, beam_sum, penalty, t)
-                beam_sum = beam_sum.masked_fill(finished, FINISHED)
-        if t0 + k > last_start:
-            break
+        if t0 + k >= self.max_length:
+            self.stopped = True
+            return
         # reference quirk: the reference goes on extending finished beams (from -1000) to max_length. Once every
-        # beam is finished and each image holds beam_size results above anything such a beam could score, the
-        # returned lists can no longer change: stop there.
-        if bool((beam_sum <= FINISHED).all()) and all(
-                sum(beam['p'] > worst for beam in beams) >= w for beams in done):
-            break
-        cache.reorder((rows + parents).view(-1))
-        tokens = beam_seq[:, :, t0:t0 + k].reshape(batch * w, k)  # (S, K)
-    if not all(done):  # max_length < K: no group fits, every caption is empty
-        empty = {'seq': beam_seq.new_zeros(max_length), 'logps': beam_logps.new_zeros(max_length), 'p': 0.0}
-        done = [beams or [dict(empty)] for beams in done]
-    return [sorted(beams, key=lambda beam: -beam['p'])[:w] for beams in done]
+        # beam is finished and each image holds its beams above anything such a beam could score, the returned
+        # lists can no longer change: stop there.
+        if may_stop and bool((self.sum <= FINISHED).all()) and all(
+                sum(beam['p'] > self.worst for beam in beams) >= w for beams in self.done):
+            self.stopped = True
+            return
+        self.cache.reorder((self.rows + parents).view(-1))
+        self.tokens = self.seq[:, :, t0:t0 + k].reshape(b * w, k)  # (S, K)
+
+    def _token_step(self, word_logprobs, t, earlier, group_logprobs):
+        """The reference's beam_step at position t: word_logprobs (B, W, V). Returns the group's log-probs
+        re-ordered by parent beam and the parent of each new beam (B, W)."""
+        b, w = self.batch, self.width
+        if self.config.decoding_constraint and t > 0:
+            word_logprobs = word_logprobs.scatter(2, self.seq[:, :, t - 1:t], float('-inf'))
+        ranked = word_logprobs
+        if earlier:
+            ranked = _diversity_penalty(word_logprobs, [g.seq[:, :, t] for g in earlier],
+                                        self.config.diversity_lambda)
+        top_ranked, top_words = ranked.topk(w, dim=-1)  # (B, W beams, W ranks), sorted
+        top_logprobs = word_logprobs.gather(2, top_words)  # unpenalised, stored per word
+        candidates = self.sum.unsqueeze(-1) + top_ranked  # (B, W beams, W ranks)
+        if t == 0:
+            candidates[:, 1:] = float('-inf')  # all beams are the same empty caption: expand beam 0 only
+
+        def in_order(x):  # candidates in the reference's order: word rank, then beam
+            return x.transpose(1, 2).reshape(b, w * w)  # (B, W*W), index = rank * W + beam
+        new_sum, order = in_order(candidates).sort(dim=1, descending=True, stable=True)
+        self.sum, order = new_sum[:, :w].contiguous(), order[:, :w]  # (B, W) new beams
+        words = in_order(top_words).gather(1, order)  # (B, W)
+        parent = order % w  # (B, W): the beam each new beam extends
+        self.seq = self.seq.gather(1, parent.unsqueeze(-1).expand_as(self.seq))
+        self.logps = self.logps.gather(1, parent.unsqueeze(-1).expand_as(self.logps))
+        self.seq[:, :, t] = words
+        self.logps[:, :, t] = in_order(top_logprobs).gather(1, order)
+        # The group's remaining positions follow their parent beam.
+        group_logprobs = group_logprobs.gather(1, parent.view(b, w, 1, 1).expand_as(group_logprobs))
+
+        finished = (words == 0) if t < self.max_length - 1 else torch.ones_like(words, dtype=torch.bool)
+        if finished.any():
+            self._collect(finished, t)
+            self.sum = self.sum.masked_fill(finished, FINISHED)
+        return group_logprobs, parent
+
+    def _collect(self, finished, t):
+        """Append the finished beams (B, W) mask to each image's done list, in beam order."""
+        images, beams = finished.nonzero(as_tuple=True)
+        seqs, logps = self.seq[images, beams], self.logps[images, beams]  # (F, T) each
+        scores = self.sum[images, beams].tolist()
+        for n, (b, score) in enumerate(zip(images.tolist(), scores)):
+            self.done[b].append({'seq': seqs[n], 'logps': logps[n], 'p': self.penalty(t + 1, score)})
+
+    def results(self, b):
+        """Image b's finished beams, best first, cut to the group's width."""
+        beams = self.done[b]
+        if not beams:  # nothing was decoded (max_length 0): one empty caption
+            beams = [{'seq': self.seq.new_zeros(self.max_length), 'logps': self.logps.new_zeros(self.max_length),
+                      'p': 0.0}]
+        return sorted(beams, key=lambda beam: -beam['p'])[:self.width]
 
 
-def _collect(done, finished, beam_seq, beam_logps, beam_sum, penalty, t):
-    """Append the finished beams (B, W) mask to each image's done list, in beam order."""
-    images, beams = finished.nonzero(as_tuple=True)
-    seqs, logps = beam_seq[images, beams], beam_logps[images, beams]  # (F, T) each
-    scores = beam_sum[images, beams].tolist()
-    for n, (b, score) in enumerate(zip(images.tolist(), scores)):
-        done[b].append({'seq': seqs[n], 'logps': logps[n], 'p': penalty(t + 1, score)})
+def _diversity_penalty(word_logprobs, earlier_words, diversity_lambda):
+    """word_logprobs (B, W, V) lowered by diversity_lambda once per occurrence of a word among earlier_words
+    (list of (B, W') at the same position), one subtraction per occurrence as the reference."""
+    counts = torch.zeros(word_logprobs.size(0), word_logprobs.size(-1), device=word_logprobs.device)  # (B, V)
+    for words in earlier_words:
+        counts.scatter_add_(1, words, torch.ones_like(words, dtype=counts.dtype))
+    penalised = word_logprobs
+    for n in range(1, int(counts.max()) + 1):
+        penalised = penalised - diversity_lambda * (counts >= n).unsqueeze(1).to(penalised.dtype)
+    return penalised

@@ -14,8 +14,9 @@ import math
 import torch
 from torch import nn
 
-from models.beam_search import beam_search as batched_beam_search
+from models.beam_search import beam_search
 from models.cache import DecoderCache, LayerCache
+from models.decode_config import DecodeConfig
 from models.decoding import greedy_or_sample
 from models.masks import group_mask, target_mask
 from models.transformer import make_model
@@ -128,41 +129,35 @@ class SATModel(nn.Module):
         cache.length += k
         return self.model.generator(out), cache
 
-    def decode(self, att_feats, att_masks=None, sample_max=True, beam_size=1, temperature=1.0,
-               max_length=None, use_cache=None, length_penalty='', seq_per_img=1):
+    def decode(self, att_feats, att_masks=None, config=None, seq_per_img=1):
         """Caption a batch: (seq (B, max_length) int64, seqLogprobs (B, max_length)), zero padded.
 
-        Greedy / sampling (models.decoding) for beam_size 1, else beam search (models.beam_search, which also
-        sets self.done_beams). Gradients flow into seqLogprobs in train mode only; in eval mode decoding runs
-        under torch.inference_mode.
+        config: models.decode_config.DecodeConfig (default: greedy). Greedy / sampling (models.decoding) for
+        beam_size 1, else beam search (models.beam_search, which also sets self.done_beams). seq_per_img: rows
+        per image of att_feats (greedy / sampling only). Gradients flow into seqLogprobs in train mode only; in
+        eval mode decoding runs under torch.inference_mode.
         """
-        max_length = self.max_length if max_length is None else max_length
+        config = config or DecodeConfig()
+        max_length = self.max_length if config.max_length is None else config.max_length
+        if config.beam_size > 1 and config.beams_per_group > self.vocab_size + 1:
+            raise ValueError(f'beam_size {config.beam_size} (per group {config.beams_per_group}) is larger than the '
+                             f'{self.vocab_size + 1} entries of the vocabulary')
         with torch.inference_mode(not self.training):
-            if beam_size > 1:
+            if config.beam_size > 1:
                 memory, memory_mask = self.encode(att_feats, att_masks)
-                self.done_beams = batched_beam_search(self, memory, memory_mask, beam_size, max_length,
-                                                      use_cache=use_cache, length_penalty=length_penalty)
+                self.done_beams = beam_search(self, memory, memory_mask, config, max_length)
                 seq = torch.stack([beams[0]['seq'] for beams in self.done_beams])
                 logprobs = torch.stack([beams[0]['logps'] for beams in self.done_beams])
             else:  # seq_per_img captions (rows) per image of att_feats
                 memory, memory_mask = self.encode_repeated(att_feats, att_masks, seq_per_img)
-                seq, logprobs = greedy_or_sample(self, memory, memory_mask, max_length, sample_max=sample_max,
-                                                 temperature=temperature, use_cache=use_cache)
+                seq, logprobs = greedy_or_sample(self, memory, memory_mask, config, max_length)
         if not self.training:
             # Plain tensors again: inference tensors could not be used by later autograd code (e.g. as labels).
             seq, logprobs = seq.clone(), logprobs.clone()
-            if beam_size > 1:
+            if config.beam_size > 1:
                 self.done_beams = [[{'seq': beam['seq'].clone(), 'logps': beam['logps'].clone(), 'p': beam['p']}
                                     for beam in beams] for beams in self.done_beams]
         return seq, logprobs
-
-    def greedy(self, att_feats, att_masks=None, **kwargs):
-        """Per-position argmax decoding: (seq, seqLogprobs) (B, max_length)."""
-        return self.decode(att_feats, att_masks, sample_max=True, beam_size=1, **kwargs)
-
-    def beam_search(self, att_feats, att_masks=None, beam_size=3, **kwargs):
-        """Beam search: the best beam's (seq, seqLogprobs) (B, max_length); all finished beams in done_beams."""
-        return self.decode(att_feats, att_masks, beam_size=beam_size, **kwargs)
 
     # ---- the reference call conventions --------------------------------------------------------------------
     def forward(self, fc_feats, att_feats, *args, mode='forward', **kwargs):
@@ -178,15 +173,8 @@ class SATModel(nn.Module):
         raise ValueError(f"unknown mode {mode!r}: use 'forward' or 'sample'")
 
     def _sample(self, att_feats, att_masks=None, opt=None):
-        opt = opt or {}
-        return self.decode(att_feats, att_masks,
-                           sample_max=bool(opt.get('sample_max', 1)),
-                           beam_size=int(opt.get('beam_size', 1)),
-                           temperature=float(opt.get('temperature', 1.0)),
-                           max_length=opt.get('max_length'),
-                           use_cache=opt.get('use_cache'),
-                           length_penalty=opt.get('length_penalty', ''),
-                           seq_per_img=int(opt.get('seq_per_img', 1)))
+        config, seq_per_img = DecodeConfig.from_reference_opt(opt)
+        return self.decode(att_feats, att_masks, config, seq_per_img=seq_per_img)
 
 
 def build_model(opt):

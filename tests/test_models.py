@@ -11,6 +11,7 @@ import torch
 import models
 from misc.errors import SaticError
 from models.beam_search import beam_search
+from models.decode_config import DecodeConfig
 from models.masks import group_mask, subsequent_mask, target_mask
 from models.transformer import LayerNorm
 
@@ -44,7 +45,7 @@ def tiny_model(seed=0, **overrides):
         proj.weight.mul_(8)
         proj.bias[0] = -1e4
         att, masks = masked_batch(feat=model.att_embed[0].in_features, seed=seed)  # the tests' usual batch
-        seq, _ = model.greedy(att, masks)  # no caption ends: a path through every position
+        seq, _ = model.decode(att, masks)  # greedy; no caption ends: a path through every position
         memory, memory_mask = model.encode(att, masks)
         tokens = torch.cat([seq.new_zeros(seq.size(0), model.K), seq], dim=1)[:, :20]
         logits = proj(model.model.decode(memory, memory_mask, tokens, group_mask(20, model.K)))  # (B, 20, V)
@@ -264,14 +265,16 @@ def test_max_length_respected_when_k_does_not_divide_it(k, groups, monkeypatch):
 
 @pytest.mark.parametrize('k', [3, 6])
 def test_max_length_with_real_steps(k):
+    """Greedy stops at the last whole group; beam search runs a last, shorter group up to max_length - 1."""
     model = tiny_model(K=k)
     with torch.no_grad():  # no caption may end, so every group is decoded
         model.model.generator.proj.bias[0] = -1e4
     att, masks = masked_batch()
-    for beam in (1, 2):
-        seq, _ = sample(model, att, masks, beam_size=beam)
-        assert seq.shape == (4, 20)
-        assert (seq[:, :20 // k * k] > 0).all() and (seq[:, 20 // k * k:] == 0).all()
+    seq, _ = sample(model, att, masks)
+    assert seq.shape == (4, 20)
+    assert (seq[:, :20 // k * k] > 0).all() and (seq[:, 20 // k * k:] == 0).all()
+    seq, _ = sample(model, att, masks, beam_size=2)
+    assert seq.shape == (4, 20) and (seq > 0).all()
 
 
 def test_sampling_in_train_mode_carries_gradients():
@@ -325,17 +328,17 @@ def literal_beam_search(model, att, beam, max_length=20):
     k = model.K
     memory, memory_mask = model.encode(att, None)
     memory = memory.expand(beam, -1, -1)
-    last_pos = (max_length // k) * k - 1
+    last_pos = max_length - 1
     beam_seq = torch.zeros(max_length, beam, dtype=torch.long)
     beam_logps = torch.zeros(max_length, beam)
     beam_sum = torch.zeros(beam)
     done = []
-    for t0 in range(0, max_length - k + 1, k):
+    for t0 in range(0, max_length, k):
         prefix = torch.cat([torch.zeros(beam, k, dtype=torch.long), beam_seq[:t0].t()], dim=1)
         out = model.model.decode(memory, None, prefix, group_mask(t0 + k, k))
         logprobs = model.model.generator(out[:, -k:]).clone()  # (beam, K, V)
         logprobs[..., -1] -= 1000
-        for t in range(t0, t0 + k):
+        for t in range(t0, min(t0 + k, max_length)):
             ys, ix = torch.sort(logprobs[:, t - t0], 1, True)
             candidates = [{'c': ix[q, c].item(), 'q': q, 'p': beam_sum[q] + ys[q, c].item(), 'r': ys[q, c]}
                           for c in range(beam) for q in range(1 if t == 0 else beam)]
@@ -393,7 +396,7 @@ def test_beam_search_first_position_expands_one_beam_and_suppresses_unk():
             model.model.generator.proj.bias[0] = -1e4  # no caption ends: every beam runs to the end
             model.model.generator.proj.bias[-1] = 50.0  # UNK would win everywhere
             memory, memory_mask = model.encode(att, masks)
-            done = beam_search(model, memory, memory_mask, beam_size=3, max_length=max_length)
+            done = beam_search(model, memory, memory_mask, DecodeConfig(beam_size=3), max_length)
         for beams in done:
             assert len(beams) == 3 and all(VOCAB not in beam['seq'].tolist() for beam in beams)
             if max_length == 1:
