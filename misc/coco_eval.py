@@ -5,7 +5,10 @@ caption toolkit). The numbers are those of pycocoevalcap's COCOEvalCap as the re
 to the images of the reference file, PTB tokenizer, Bleu_1..4, METEOR, ROUGE_L, CIDEr, SPICE), with these differences
 in how, not what:
 - one PTB tokenizer run for references and predictions together (two in COCOEvalCap: same tokens);
-- one METEOR java process per call, closed before returning (COCOEvalCap leaves it to the garbage collector);
+- one METEOR java process per call, closed before returning (COCOEvalCap leaves it to the garbage collector), and
+  killed at once on Ctrl-C or any error (pycocoevalcap's Meteor.__del__ would otherwise wait for ever on its lock);
+- pycocoevalcap's debug prints (Bleu's testlen/ratio) only with toolkit_verbose (eval.py --verbose 1);
+- a Java that fails to start or crashes is one SaticError line naming the program, not a traceback;
 - CIDEr by misc/cider_d.py, tested equal to pycocoevalcap's Cider (and faster);
 - SPICE only when the Stanford CoreNLP 3.6.0 jars are installed (coco-caption/README.md); otherwise, or when SPICE
   fails, it is reported unavailable and the other metrics stand. Its per-image scores are matched to images by id
@@ -17,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 
 from misc.cider_d import corpus_cider_d
 from misc.errors import SaticError
@@ -72,20 +76,31 @@ def _place_spice_jars():
                 shutil.copyfile(source, target)
 
 
+def _java_failed(what, detail):
+    """The one line for a Java program that failed to start or crashed: what failed, and what to do."""
+    detail = ' '.join(detail.split())[-300:] or 'no error output'
+    return ('%s failed (java: %s; %s): check that `java -version` works (Debian: apt-get install '
+            'default-jre-headless) or run with --language_eval 0' % (what, shutil.which('java') or 'java', detail))
+
+
 def ptb_tokenize(captions):
     """pycocoevalcap's PTB tokenization (Stanford PTBTokenizer 3.4.1, lower case, punctuation removed), one java run.
     captions: list of str -> list of str."""
     jar = _package_dir('tokenizer', 'stanford-corenlp-3.4.1.jar')
     with tempfile.NamedTemporaryFile('wb', suffix='.txt', delete=False) as f:
         f.write('\n'.join(c.replace('\n', ' ') for c in captions).encode())
+    what = 'the PTB tokenizer (%s)' % os.path.basename(jar)
     try:
         cmd = ['java', '-cp', jar, 'edu.stanford.nlp.process.PTBTokenizer', '-preserveLines', '-lowerCase',
                '-encoding', 'utf-8', f.name]
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # killed on Ctrl-C
+    except OSError as e:  # java not executable
+        raise SaticError(_java_failed(what, 'cannot start: %s' % e)) from None
     finally:
         os.remove(f.name)
     if proc.returncode != 0:
-        raise RuntimeError('PTB tokenizer failed: %s' % proc.stderr.decode(errors='replace').strip())
+        raise SaticError(_java_failed(what, 'exit status %d: %s' % (proc.returncode,
+                                                                   proc.stderr.decode(errors='replace'))))
     lines = proc.stdout.decode().split('\n')
     lines += [''] * (len(captions) - len(lines))  # a trailing empty caption yields no line
     return [' '.join(w for w in line.rstrip().split(' ') if w not in PUNCTUATIONS) for line in lines[:len(captions)]]
@@ -106,21 +121,56 @@ def _load_references(ref_json):
 
 
 class _Meteor:
-    """pycocoevalcap's METEOR scorer whose java process is closed explicitly (and surely)."""
+    """pycocoevalcap's METEOR scorer whose java process is closed explicitly, surely and at once.
+
+    pycocoevalcap's Meteor holds a threading lock during compute_score and takes it again in __del__: after an
+    exception inside compute_score (Ctrl-C while java computes) the lock stays held, and __del__ waits for it for
+    ever (the program hangs until a second Ctrl-C). close() kills java, closes its pipes and gives the scorer a free
+    lock, so that __del__ returns at once. A java that dies (fails to start, crashes) becomes one SaticError line."""
+
+    WHAT = 'METEOR (meteor-1.5.jar)'
 
     def __init__(self):
         from pycocoevalcap.meteor.meteor import Meteor
-        self.scorer = Meteor()
+        try:
+            self.scorer = Meteor()
+        except OSError as e:  # java not executable
+            raise SaticError(_java_failed(self.WHAT, 'cannot start: %s' % e)) from None
 
     def compute_score(self, gts, res):
-        return self.scorer.compute_score(gts, res)
+        try:
+            return self.scorer.compute_score(gts, res)
+        except (ValueError, OSError):  # java died: an empty line where a score was due, or a broken pipe
+            raise SaticError(_java_failed(self.WHAT, self._death())) from None
+
+    def _death(self):
+        """'exit status N: <its stderr>' of the java process, killed if it has not exited within 5 s."""
+        proc = self.scorer.meteor_p
+        try:
+            status = proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            status = proc.wait()
+        try:
+            err = proc.stderr.read().decode(errors='replace')
+        except (OSError, ValueError):
+            err = ''
+        return 'exit status %s: %s' % (status, err)
 
     def close(self):
-        proc = self.scorer.meteor_p
+        scorer = getattr(self, 'scorer', None)
+        if scorer is None:
+            return
+        proc = scorer.meteor_p
+        if proc.poll() is None:
+            proc.kill()
         for stream in (proc.stdin, proc.stdout, proc.stderr):
-            stream.close()
-        proc.kill()
+            try:
+                stream.close()
+            except (OSError, ValueError):  # stdin's buffered data cannot reach a dead process
+                pass
         proc.wait()
+        scorer.lock = threading.Lock()  # the interrupted compute_score's lock would block __del__ for ever
 
 
 def _spice(gts, res, verbose):
@@ -141,10 +191,14 @@ def _spice(gts, res, verbose):
     return None
 
 
-def language_eval(predictions, ref_json, split_name=None, out_path=None, spice='auto', verbose=True):
+def language_eval(predictions, ref_json, split_name=None, out_path=None, spice='auto', verbose=True,
+                  toolkit_verbose=False):
     """COCO caption metrics of predictions ([{"image_id": int, "caption": str}]) against ref_json.
 
     Only images present in ref_json are scored. spice: 'auto'/True to compute it when available, False to skip.
+    verbose: print the count of predictions used, SPICE's availability and each metric ("CIDEr: 1.234").
+    toolkit_verbose: also pycocoevalcap's own debug output (Bleu's {'testlen': ..} and "ratio: .." lines; eval.py
+    --verbose 1), silenced otherwise.
     Writes {"overall": .., "imgToEval": ..} to out_path (atomically) when given.
     Returns (overall {metric: float}, img_to_eval {image_id: {"image_id", metrics.., "caption"}})."""
     from pycocoevalcap.bleu.bleu import Bleu
@@ -182,11 +236,11 @@ def language_eval(predictions, ref_json, split_name=None, out_path=None, spice='
         res[i] = [t]
 
     overall, per_image = {}, {}
-    bleu, bleus = Bleu(4).compute_score(gts, res, verbose=int(verbose))
+    bleu, bleus = Bleu(4).compute_score(gts, res, verbose=int(bool(toolkit_verbose)))
     for n in range(4):
         overall['Bleu_%d' % (n + 1)], per_image['Bleu_%d' % (n + 1)] = bleu[n], bleus[n]
     meteor = _Meteor()
-    try:
+    try:  # on any exception, Ctrl-C included, java is killed at once (see _Meteor)
         overall['METEOR'], per_image['METEOR'] = meteor.compute_score(gts, res)
     finally:
         meteor.close()

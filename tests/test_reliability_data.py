@@ -79,3 +79,132 @@ def test_prepro_ngrams_output_loads(tiny_dataset):
     assert all(isinstance(g, tuple) and all(isinstance(w, str) for w in g) for g in df)
     words, _ = load_cached_tokens(tiny_dataset.cached_tokens.replace('-idxs.p', '-words.p'))
     assert ('<eos>',) in words
+
+
+# --- 2-4. COCO metrics: Ctrl-C during METEOR, broken Java, quiet pycocoevalcap ----------------------------------
+
+from misc import coco_eval  # noqa: E402
+from tests.test_coco_eval import PREDICTIONS, write_reference_json  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+needs_java = pytest.mark.skipif(not coco_eval.java_available(), reason='java not installed')
+
+METEOR_SCRIPT = r'''
+import json, random, sys
+sys.path.insert(0, %(repo)r)
+from misc import coco_eval
+n = 3000  # METEOR busy for several seconds
+words = 'a man woman dog cat red blue ball on the grass table with big small riding horse street car'.split()
+rng = random.Random(0)
+sent = lambda: ' '.join(rng.choice(words) for _ in range(rng.randint(5, 14)))
+with open(%(ref)r, 'w') as f:
+    json.dump({'images': [{'id': i} for i in range(n)],
+               'annotations': [{'image_id': i, 'id': 10 * i + k, 'caption': sent()} for i in range(n) for k in range(5)]}, f)
+predictions = [{'image_id': i, 'caption': sent()} for i in range(n)]
+compute = coco_eval._Meteor.compute_score
+def announced(self, gts, res):
+    print('METEOR started', flush=True)
+    return compute(self, gts, res)
+coco_eval._Meteor.compute_score = announced
+coco_eval.language_eval(predictions, %(ref)r, spice=False, verbose=False)
+print('METEOR finished', flush=True)
+'''
+
+
+@needs_java
+def test_ctrl_c_during_meteor_exits_at_once(tmp_path):
+    """pycocoevalcap's Meteor.__del__ waits on the lock an interrupted compute_score holds: the program hung."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    script = tmp_path / 'meteor.py'
+    script.write_text(METEOR_SCRIPT % {'repo': REPO, 'ref': str(tmp_path / 'refs.json')})
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    try:
+        assert proc.stdout.readline().strip() == 'METEOR started'
+        time.sleep(1.0)  # java is loading its paraphrase table or scoring
+        proc.send_signal(signal.SIGINT)  # to python only (a terminal's Ctrl-C also reaches java)
+        start = time.time()
+        out, err = proc.communicate(timeout=10)
+        assert time.time() - start < 10
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert 'METEOR finished' not in out  # interrupted inside METEOR, not after
+    assert 'KeyboardInterrupt' in err and proc.returncode != 0
+
+
+def _fake_java(tmp_path, monkeypatch, body):
+    """A `java` first on PATH running the shell `body` ("$@" holds java's arguments)."""
+    folder = tmp_path / 'fakebin'
+    folder.mkdir()
+    java = folder / 'java'
+    java.write_text('#!/bin/sh\n' + body + '\n')
+    java.chmod(0o755)
+    monkeypatch.setenv('PATH', '%s%s%s' % (folder, os.pathsep, os.environ.get('PATH', '')))
+    return str(java)
+
+
+def test_broken_java_is_one_line(tmp_path, monkeypatch):
+    java = _fake_java(tmp_path, monkeypatch, 'echo "Error occurred during initialization of VM" >&2; exit 1')
+    ref_json = str(tmp_path / 'refs.json')
+    write_reference_json(ref_json)
+    with pytest.raises(SaticError) as err:
+        coco_eval.language_eval(PREDICTIONS, ref_json, spice=False, verbose=False)
+    message = str(err.value)
+    assert 'PTB tokenizer' in message and java in message and 'initialization of VM' in message
+    assert 'java -version' in message and '--language_eval 0' in message and '\n' not in message
+
+
+def test_unexecutable_java_is_one_line(tmp_path, monkeypatch):
+    java = _fake_java(tmp_path, monkeypatch, '')
+    with open(java, 'wb') as f:
+        f.write(b'\x7fELF garbage')  # exec format error
+    monkeypatch.setenv('PATH', os.path.dirname(java))  # else the search goes on to a real java
+    with pytest.raises(SaticError, match='PTB tokenizer.*cannot start'):
+        coco_eval.ptb_tokenize(['a dog'])
+
+
+@needs_java
+def test_meteor_crash_is_one_line(tmp_path, monkeypatch):
+    """Java runs the tokenizer but the METEOR jar crashes at start."""
+    import shutil
+    real = shutil.which('java')
+    _fake_java(tmp_path, monkeypatch, 'case "$*" in *meteor-1.5.jar*) echo "Exception in thread main: '
+                                      'java.lang.OutOfMemoryError" >&2; exit 3;; esac\nexec %s "$@"' % real)
+    ref_json = str(tmp_path / 'refs.json')
+    write_reference_json(ref_json)
+    with pytest.raises(SaticError) as err:
+        coco_eval.language_eval(PREDICTIONS, ref_json, spice=False, verbose=False)
+    message = str(err.value)
+    assert 'METEOR' in message and 'exit status 3' in message and 'OutOfMemoryError' in message
+    assert '\n' not in message
+    assert not _java_children()
+
+
+def _java_children():
+    from tests.test_coco_eval import java_children
+    return java_children()
+
+
+class _FakeMeteor:
+    def compute_score(self, gts, res):
+        return 0.25, [0.25] * len(gts)
+
+    def close(self):
+        pass
+
+
+@needs_java
+@pytest.mark.parametrize('toolkit_verbose', [False, True])
+def test_pycocoevalcap_debug_prints_only_when_verbose(tmp_path, monkeypatch, capsys, toolkit_verbose):
+    monkeypatch.setattr(coco_eval, '_Meteor', _FakeMeteor)
+    ref_json = str(tmp_path / 'refs.json')
+    write_reference_json(ref_json)
+    coco_eval.language_eval(PREDICTIONS, ref_json, spice=False, toolkit_verbose=toolkit_verbose)
+    out = capsys.readouterr().out
+    assert 'Bleu_4: ' in out and 'CIDEr: ' in out  # the project's own lines stay
+    assert ("'testlen'" in out) == toolkit_verbose and ('ratio:' in out) == toolkit_verbose
