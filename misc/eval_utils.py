@@ -115,7 +115,7 @@ def eval_split(model, loader, eval_kwargs, crit=None, device=None):
         if eval_kwargs.get('id'):
             out_path = os.path.join('eval_results', f"{eval_kwargs['id']}_{split}.json")
         lang_stats, _ = language_eval(predictions, eval_kwargs.get('ref_json'), split_name=split, out_path=out_path,
-                                      verbose=eval_kwargs.get('verbose_metrics', True))
+                                      verbose=eval_kwargs.get('verbose_metrics', True), toolkit_verbose=verbose)
     if seq_kd:
         path = eval_kwargs.get('seq_kd_path') or os.path.join('vis', f"{eval_kwargs.get('id') or 'eval'}_seq_kd.json")
         write_json_atomic(beam_lists, path)
