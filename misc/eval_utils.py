@@ -24,10 +24,23 @@ def write_json_atomic(obj, path):
     atomic_write(path, lambda f: f.write(json.dumps(obj).encode('utf-8')))
 
 
-def _decode_options(kw):
-    return {'sample_max': kw.get('sample_max', 1), 'beam_size': kw.get('beam_size', 1),
-            'temperature': kw.get('temperature', 1.0), 'max_length': kw.get('max_length', 20),
-            'use_cache': kw.get('use_cache', 1), 'length_penalty': kw.get('length_penalty', '')}
+def decode_config(kw, vocab_size=None):
+    """The DecodeConfig of evaluation options (a dict of option values); bad values -> SaticError, one line."""
+    from models.decode_config import DecodeConfig
+    try:
+        config = DecodeConfig(sample_max=bool(kw.get('sample_max', 1)), beam_size=int(kw.get('beam_size', 1)),
+                              temperature=float(kw.get('temperature', 1.0)), max_length=kw.get('max_length', 20),
+                              use_cache=bool(kw.get('use_cache', 1)), length_penalty=kw.get('length_penalty', '') or '',
+                              group_size=int(kw.get('group_size', 1)),
+                              diversity_lambda=float(kw.get('diversity_lambda', 0.5)),
+                              decoding_constraint=bool(kw.get('decoding_constraint', 0)),
+                              block_trigrams=bool(kw.get('block_trigrams', 0)))
+    except ValueError as e:
+        raise SaticError(f'decoding options: {e}') from None
+    if vocab_size is not None and config.beam_size > 1 and config.beams_per_group > vocab_size + 1:
+        raise SaticError(f'--beam_size {config.beam_size} (with --group_size {config.group_size}) asks for more beams '
+                         f'than the {vocab_size + 1} entries of the vocabulary: use a smaller --beam_size')
+    return config
 
 
 @torch.no_grad()
@@ -47,7 +60,8 @@ def eval_split(model, loader, eval_kwargs, crit=None, device=None):
     beam_size = eval_kwargs.get('beam_size', 1)
     batch_size = eval_kwargs.get('batch_size', loader.batch_size)
     device = device or next(model.parameters()).device
-    decode_opt = _decode_options(eval_kwargs)
+    config = decode_config(eval_kwargs)
+    remove_bad_endings = bool(eval_kwargs.get('remove_bad_endings', 0))
     seq_per_img = loader.seq_per_img
     vocab = loader.get_vocab()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(eval_kwargs.get('bf16', 0)))
@@ -84,12 +98,12 @@ def eval_split(model, loader, eval_kwargs, crit=None, device=None):
         synchronize(device)
         start = time.perf_counter()
         with autocast:
-            seq, _ = model(fc, att, masks, opt=decode_opt, mode='sample')  # (B, max_length)
+            seq, _ = model.decode(att, masks, config)  # (B, max_length)
         synchronize(device)
         decode_seconds += time.perf_counter() - start
 
-        captions = decode_sequence(vocab, seq)
-        beams = _beam_captions(vocab, model, captions, beam_size) if seq_kd or show_beams else None
+        captions = decode_sequence(vocab, seq, remove_bad_endings)
+        beams = _beam_captions(vocab, model, captions, beam_size, remove_bad_endings) if seq_kd or show_beams else None
         for k, (caption, info) in enumerate(zip(captions, data['infos'])):
             entry = {'image_id': info['id'], 'caption': caption}
             if eval_kwargs.get('dump_path', 0):
@@ -124,11 +138,12 @@ def eval_split(model, loader, eval_kwargs, crit=None, device=None):
     return loss, predictions, lang_stats, timing
 
 
-def _beam_captions(vocab, model, captions, beam_size):
-    """Per image of the batch just decoded, its beam_size captions best first (greedy: the one caption)."""
+def _beam_captions(vocab, model, captions, beam_size, remove_bad_endings=False):
+    """Per image of the batch just decoded, its beam_size captions (greedy: the one caption), in done_beams order:
+    best first, or group after group with diverse beam search."""
     if beam_size == 1:
         return [[c] for c in captions]
-    return [[decode_sequence(vocab, b['seq'].unsqueeze(0))[0] for b in image_beams[:beam_size]]
+    return [decode_sequence(vocab, [b['seq'].tolist() for b in image_beams[:beam_size]], remove_bad_endings)
             for image_beams in model.done_beams]
 
 
@@ -145,7 +160,8 @@ def check_language_eval_ready(ref_json):
 # Options that eval.py takes from its own command line (reference_eval_options.tsv and our additions);
 # everything else comes from the checkpoint's infos.
 _EVAL_OWN = ('id', 'batch_size', 'beam_size', 'language_eval', 'sample_max', 'temperature', 'max_length',
-             'length_penalty', 'block_trigrams', 'remove_bad_endings', 'use_cache', 'device', 'bf16', 'num_images',
+             'length_penalty', 'block_trigrams', 'remove_bad_endings', 'group_size', 'diversity_lambda',
+             'decoding_constraint', 'use_cache', 'device', 'bf16', 'num_images',
              'split', 'ref_json', 'num_workers', 'seed')
 # Data paths: the command line's when given, else the infos' (the reference's `opt.x or infos['opt'].x`).
 _PATH_OPTIONS = ('input_json', 'input_fc_dir', 'input_att_dir', 'input_box_dir', 'input_label_h5')
@@ -165,14 +181,11 @@ def merge_eval_options(eval_opt, infos, infos_path='infos'):
         # The default is relative to the repository (where the reference was always run), not to any cwd.
         opt.ref_json = os.path.join(REPO_ROOT, DEFAULT_REF_JSON)
     opt.vocab_size = len(infos['vocab'])
-    if getattr(eval_opt, 'group_size', 1) != 1:
-        raise SaticError('--group_size: diverse beam search is not supported by SATIC decoding; use 1')
-    if getattr(eval_opt, 'decoding_constraint', 0):
-        raise SaticError('--decoding_constraint is not supported by SATIC decoding; use 0')
     try:
         check_opt(opt)
     except SystemExit as e:  # check_opt's one line, here about the infos file or this command line
         raise SaticError(f"{str(e).removeprefix('error: ')} (options of {infos_path} and this command line)") from None
+    decode_config(vars(opt), opt.vocab_size)  # bad decoding options fail now, not after loading the data
     return opt
 
 

@@ -4,8 +4,15 @@ import os
 import torch
 
 
-def decode_sequence(ix_to_word, seq):
-    """Token ids -> captions. seq: (B, T) ids; a caption stops at its first 0. Returns a list of B strings."""
+# --remove_bad_endings: words a caption should not end with (the reference's list).
+BAD_ENDINGS = ('with', 'in', 'on', 'of', 'a', 'at', 'to', 'for', 'an', 'this', 'his', 'her', 'that', 'the')
+
+
+def decode_sequence(ix_to_word, seq, remove_bad_endings=False):
+    """Token ids -> captions. seq: (B, T) ids; a caption stops at its first 0. Returns a list of B strings.
+
+    remove_bad_endings: drop the trailing words of BAD_ENDINGS (a caption made only of them is kept whole).
+    """
     captions = []
     for row in seq.tolist() if torch.is_tensor(seq) else seq:
         words = []
@@ -14,6 +21,11 @@ def decode_sequence(ix_to_word, seq):
             if ix == 0:
                 break
             words.append(ix_to_word[str(ix)])
+        if remove_bad_endings:
+            keep = len(words)
+            while keep > 0 and words[keep - 1] in BAD_ENDINGS:
+                keep -= 1
+            words = words[:keep] or words
         captions.append(' '.join(words))
     return captions
 

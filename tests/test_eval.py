@@ -126,9 +126,9 @@ def test_eval_writes_every_image_once_whatever_the_batch_size(tiny_dataset, chec
     assert len(set(boxes.values())) > 1  # batches of these images need att_masks
     seen_masks, real_decode = [], SATModel.decode
 
-    def decode(self, att_feats, att_masks=None, **kwargs):
+    def decode(self, att_feats, att_masks=None, *args, **kwargs):
         seen_masks.append(None if att_masks is None else att_masks.sum(1).tolist())
-        return real_decode(self, att_feats, att_masks, **kwargs)
+        return real_decode(self, att_feats, att_masks, *args, **kwargs)
     monkeypatch.setattr(SATModel, 'decode', decode)
 
     captions = {}
