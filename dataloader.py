@@ -19,6 +19,10 @@ are pure functions of (seed, split, current order, image), never of thread timin
 before. `state_dict()` = {'iterators', 'split_ix'} (what the reference saved in infos) is therefore enough to
 continue exactly where an uninterrupted run would be. The train order is shuffled from the first epoch on
 (the reference kept dataset order for epoch 1 and shuffled at each wrap). Features are prefetched by threads.
+
+Every feature array is checked as it is read (FeatureReader.get): finite values, at least one region, and the
+feature sizes of the first image read. A bad image is a SaticError naming it and its file (or LMDB/HDF5 key);
+raised in a prefetch thread, it reaches the caller unchanged from the get_batch that needs that image.
 """
 import collections
 import concurrent.futures
@@ -67,8 +71,11 @@ class FeatureReader:
         else:
             raise SaticError(f'{flag} {path} is neither a directory, an .lmdb nor an .h5 file: fix the path')
 
-    def get(self, image_id):
-        """(N, D) or (D,) float32 array of one image; SaticError naming the file and image id if absent or bad."""
+    def get(self, image_id, dim=None, regions=False):
+        """(N, D) or (D,) float32 array of one image; SaticError naming the file and image id if absent or bad.
+
+        Checked as read (cheap next to the read): finite values; feature size D == dim when given (the size of the
+        images read before); regions=True (att features): at least one region."""
         key = str(image_id)
         if self.kind == 'dir':
             for ext in self.exts:
@@ -85,7 +92,7 @@ class FeatureReader:
             if value is None:
                 raise SaticError(f'{self.path} has no entry for image {key}: re-create it from the full feature '
                                  f'folder (scripts/dump_to_lmdb.py) or fix {self.flag}')
-            source, where = io.BytesIO(value), f'{self.path} entry'
+            source, where = io.BytesIO(value), f"{self.path} entry '{key}'"
         else:
             try:
                 with self._h5_lock:
@@ -98,13 +105,30 @@ class FeatureReader:
             if dataset is None:
                 raise SaticError(f'{self.path} has no dataset for image {key}: re-create it from the full feature '
                                  f'folder or fix {self.flag}')
-            source, where = dataset, self.path
+            source, where = dataset, f"{self.path} dataset '{key}'"
         try:
             array = source[()] if self.kind == 'h5' else read_array(source)
-            return np.asarray(array, dtype=np.float32)
+            array = np.asarray(array, dtype=np.float32)
         except Exception as e:  # truncated/corrupt npy, npz, lmdb value or h5 dataset
             raise SaticError(f'{where} (image {key}) is unreadable ({type(e).__name__}: {e}); '
                              'it may be truncated or corrupt: re-create it') from None
+        self._check(array, key, where, dim, regions)
+        return array
+
+    def _check(self, array, key, where, dim, regions):
+        """One line naming the image and its file for features that would crash or poison training later."""
+        redo = 'regenerate its features (scripts/make_bu_data.py, then dump_to_lmdb.py for .lmdb/.h5)'
+        if array.size == 0 or array.ndim == 0:
+            what = 'no regions (0 boxes)' if regions else 'an empty feature vector'
+            raise SaticError(f'{where} (image {key}) has {what}, shape {array.shape}: every image needs at least '
+                             f'one box; {redo}')
+        size = array.shape[-1] if regions else array.size
+        if dim is not None and size != dim:
+            raise SaticError(f'{where} (image {key}) has {size}-d features, shape {array.shape}, but the images read '
+                             f'before have {dim}-d ({self.flag}): {redo} with the same extractor')
+        if not np.isfinite(array).all():
+            bad = np.count_nonzero(~np.isfinite(array))
+            raise SaticError(f'{where} (image {key}) holds {bad} NaN/inf values: {redo}')
 
     def close(self):
         if self.kind == 'lmdb':
@@ -174,7 +198,8 @@ class DataLoader:
                   + (f' ({len(self._views[s][0])} on rank {rank} of {world_size})' if s == 'train' and world_size > 1
                      else ''))
 
-        # Fail now, not in the middle of an epoch: read the first image of every split.
+        # Fail now, not in the middle of an epoch: read the first image of every split. Every later image must have
+        # the feature sizes of the first one (checked as it is read, in _load_item).
         self.fc_feat_size = self.att_feat_size = None  # D of the data, for building a model that fits it
         for s in SPLITS:
             if self.split_ix[s]:
@@ -379,11 +404,11 @@ class DataLoader:
     def _load_item(self, split, ix, token):
         """(fc (D,), att (N, D), captions (S, L) or None, ix) of one image; pure function of its arguments."""
         iid = self.images[ix]['id']
-        att = self.att_loader.get(iid)
+        att = self.att_loader.get(iid, self.att_feat_size, regions=True)
         att = att.reshape(-1, att.shape[-1])  # (N, D)
         if self.norm_att_feat:
             att = att / np.linalg.norm(att, 2, 1, keepdims=True)
-        fc = self.fc_loader.get(iid).reshape(-1)
+        fc = self.fc_loader.get(iid, self.fc_feat_size).reshape(-1)  # (D,)
         seq = None
         if self.labels is not None:
             seq = self._captions(ix, random.Random(f'{self.seed}/{split}/{token}/{ix}'))

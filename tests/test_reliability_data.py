@@ -208,3 +208,107 @@ def test_pycocoevalcap_debug_prints_only_when_verbose(tmp_path, monkeypatch, cap
     out = capsys.readouterr().out
     assert 'Bleu_4: ' in out and 'CIDEr: ' in out  # the project's own lines stay
     assert ("'testlen'" in out) == toolkit_verbose and ('ratio:' in out) == toolkit_verbose
+
+
+# --- 5. features checked when read ------------------------------------------------------------------------------
+
+import numpy as np  # noqa: E402
+
+from dataloader import DataLoader  # noqa: E402
+from tests.test_dataloader import copy_dataset, one_line_error  # noqa: E402
+
+
+def _later_image(ds, split='train', k=3):
+    """Image id and position of the k-th image of a split (not the first: that one is read when the loader opens)."""
+    with DataLoader(ds.opt(num_workers=0)) as loader:
+        return loader.images[loader.split_ix[split][k]]['id']
+
+
+def _read_until_error(loader, split, batches=20, batch_size=2):
+    with pytest.raises(SaticError) as err:
+        for _ in range(batches):
+            loader.get_batch(split, batch_size)
+    return err
+
+
+def _rewrite_att(root, iid, change):
+    path = os.path.join(root, 'cocobu_att', f'{iid}.npz')
+    with np.load(path) as data:
+        feat = data['feat']
+    np.savez_compressed(path, feat=change(feat))
+    return path
+
+
+@pytest.mark.parametrize('value', [np.nan, np.inf])
+def test_nan_region_feature_is_named(tmp_path, tiny_dataset, value):
+    root = copy_dataset(tiny_dataset, tmp_path)
+    iid = _later_image(tiny_dataset)
+
+    def poison(feat):
+        feat = feat.copy()
+        feat[1, 2] = value
+        return feat
+    path = _rewrite_att(root, iid, poison)
+    opt = tiny_dataset.opt(input_att_dir=os.path.join(root, 'cocobu_att'), num_workers=2)  # through the prefetch
+    with DataLoader(opt) as loader:
+        err = _read_until_error(loader, 'train')
+    one_line_error(err, path, f'image {iid}', 'NaN/inf', 'regenerate')
+
+
+def test_nan_fc_feature_in_lmdb_is_named(tmp_path, tiny_dataset):
+    from scripts import dump_to_lmdb
+    root = copy_dataset(tiny_dataset, tmp_path)
+    iid = _later_image(tiny_dataset)
+    fc_path = os.path.join(root, 'cocobu_fc', f'{iid}.npy')
+    np.save(fc_path, np.full(tiny_dataset.feat_dim, np.nan, dtype=np.float32))
+    lmdb_path = str(tmp_path / 'fc.lmdb')
+    dump_to_lmdb.run(dump_to_lmdb.parse_args(['--folder', os.path.join(root, 'cocobu_fc'), '--output_file', lmdb_path]))
+    with DataLoader(tiny_dataset.opt('lmdb', input_fc_dir=lmdb_path, num_workers=2)) as loader:
+        err = _read_until_error(loader, 'train')
+    one_line_error(err, lmdb_path, f"entry '{iid}'", f'image {iid}', 'NaN/inf')
+
+
+def test_nan_first_image_fails_when_the_loader_opens(tmp_path, tiny_dataset):
+    iid = _later_image(tiny_dataset, 'val', 0)
+    path = str(tmp_path / 'att.h5')
+    import h5py
+    with h5py.File(tiny_dataset.att_h5, 'r') as src, h5py.File(path, 'w') as dst:
+        for key in src:
+            data = src[key][()]
+            if key == str(iid):
+                data[0, 0] = np.nan
+            dst.create_dataset(key, data=data)
+    with pytest.raises(SaticError) as err:
+        DataLoader(tiny_dataset.opt('h5', input_att_dir=path))
+    one_line_error(err, path, f"dataset '{iid}'", f'image {iid}', 'NaN/inf')
+
+
+@pytest.mark.parametrize('kind', ['att', 'fc'])
+def test_wrong_dimension_in_a_later_image_is_named(tmp_path, tiny_dataset, kind):
+    """Was: `could not broadcast input array from shape (5,7) into shape (5,8)` while collating."""
+    root = copy_dataset(tiny_dataset, tmp_path)
+    iid = _later_image(tiny_dataset)
+    D = tiny_dataset.feat_dim
+    if kind == 'att':
+        path = _rewrite_att(root, iid, lambda feat: feat[:, :-1])
+    else:
+        path = os.path.join(root, 'cocobu_fc', f'{iid}.npy')
+        np.save(path, np.ones(D + 1, dtype=np.float32))
+    opt = tiny_dataset.opt(input_att_dir=os.path.join(root, 'cocobu_att'), input_fc_dir=os.path.join(root, 'cocobu_fc'),
+                           num_workers=2)
+    with DataLoader(opt) as loader:
+        err = _read_until_error(loader, 'train')
+    one_line_error(err, path, f'image {iid}', f'{D}-d', f'has {D - 1 if kind == "att" else D + 1}-d')
+
+
+def test_zero_box_image_is_named(tmp_path, tiny_dataset):
+    """Was: `cannot reshape tensor of 0 elements` in the model at evaluation."""
+    root = copy_dataset(tiny_dataset, tmp_path)
+    iid = _later_image(tiny_dataset, 'test', 1)
+    path = _rewrite_att(root, iid, lambda feat: feat[:0])
+    np.save(os.path.join(root, 'cocobu_fc', f'{iid}.npy'), np.zeros(0, dtype=np.float32))
+    opt = tiny_dataset.opt(input_att_dir=os.path.join(root, 'cocobu_att'), input_fc_dir=os.path.join(root, 'cocobu_fc'),
+                           num_workers=1)
+    with DataLoader(opt) as loader:
+        err = _read_until_error(loader, 'test', batch_size=1)
+    one_line_error(err, path, f'image {iid}', '0 boxes', 'regenerate')
