@@ -181,6 +181,10 @@ def merge_eval_options(eval_opt, infos, infos_path='infos'):
         # The default is relative to the repository (where the reference was always run), not to any cwd.
         opt.ref_json = os.path.join(REPO_ROOT, DEFAULT_REF_JSON)
     opt.vocab_size = len(infos['vocab'])
+    for flag in ('image_folder', 'coco_json'):
+        if getattr(eval_opt, flag, ''):
+            raise SaticError(f"--{flag}: the reference's raw-image mode (a CNN over image files) is not provided; "
+                             "extract bottom-up features and pass --input_att_dir (data/README.md)")
     try:
         check_opt(opt)
     except SystemExit as e:  # check_opt's one line, here about the infos file or this command line

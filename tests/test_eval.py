@@ -325,3 +325,34 @@ def test_an_interrupted_evaluation_leaves_the_previous_json(checkpoint, workdir,
         run_eval(checkpoint, '--language_eval', '0', '--id', 'run', '--num_images', '1')  # another json
     assert (workdir / 'vis' / 'run.json').read_bytes() == before
     assert os.listdir(workdir / 'vis') == ['run.json']  # no temp file left
+
+
+def test_reference_decoding_options_reach_the_captions(checkpoint, workdir, capsys):
+    from misc.utils import BAD_ENDINGS
+    runs = {'plain': [], 'constraint': ['--decoding_constraint', '1'], 'bad': ['--remove_bad_endings', '1'],
+            'diverse': ['--beam_size', '4', '--group_size', '2', '--diversity_lambda', '0.5'],
+            'trigrams': ['--block_trigrams', '1']}
+    captions = {}
+    for name, args in runs.items():
+        assert run_eval(checkpoint, '--language_eval', '0', '--id', name, *args) == 0, capsys.readouterr().err
+        captions[name] = [p['caption'].split() for p in read_json(f'vis/{name}.json')]
+    assert any(a == b for words in captions['plain'] for a, b in zip(words, words[1:]))  # the tiny model repeats
+    assert all(a != b for words in captions['constraint'] for a, b in zip(words, words[1:]))
+    assert captions['trigrams'] != captions['plain']
+    assert all(not words or words[-1] not in BAD_ENDINGS or set(words) <= set(BAD_ENDINGS)
+               for words in captions['bad'])
+    for name in ('constraint', 'bad', 'diverse', 'trigrams'):
+        assert len(captions[name]) == len(captions['plain'])
+
+
+@pytest.mark.parametrize('args,words', [
+    (['--image_folder', 'imgs'], '--image_folder'),
+    (['--coco_json', 'x.json'], '--coco_json'),
+    (['--beam_size', '5000'], '--beam_size 5000'),
+    (['--beam_size', '3', '--group_size', '4'], 'group_size'),
+    (['--length_penalty', 'bogus'], 'length penalty'),
+])
+def test_unusable_decoding_options_are_one_line(checkpoint, workdir, capsys, args, words):
+    assert run_eval(checkpoint, '--language_eval', '0', *args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and words in err
