@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import models  # noqa: E402
+from misc.checkpoint import atomic_write  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results.json')
 VOCAB = 9487
@@ -90,8 +91,5 @@ def merge_results(key, value, path=RESULTS):
         with open(path) as f:
             results = json.load(f)
     results[key] = value
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(results, f, indent=2, sort_keys=True)
-        f.write('\n')
-    os.replace(tmp, path)
+    text = json.dumps(results, indent=2, sort_keys=True) + '\n'
+    atomic_write(path, lambda f: f.write(text.encode('utf-8')))

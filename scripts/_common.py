@@ -1,7 +1,6 @@
 """Small helpers shared by the data scripts and dataloader.py: the command-line wrapper, the vocabulary hash, json io."""
 import hashlib
 import json
-import os
 import sys
 
 import numpy as np
@@ -32,14 +31,11 @@ def load_json(path, what='json file'):
 
 
 def dump_json(obj, path):
-    """Write json atomically (temp file + rename), creating the folder."""
-    folder = os.path.dirname(path)
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        f.write(json.dumps(obj))  # json.dumps runs the C encoder; json.dump the (slow) Python one
-    os.replace(tmp, path)
+    """Write json atomically (misc.checkpoint.atomic_write: temp file + fsync + rename, umask permissions), creating
+    the folder."""
+    from misc.checkpoint import atomic_write
+    text = json.dumps(obj)  # json.dumps runs the C encoder; json.dump the (slow) Python one
+    atomic_write(path, lambda f: f.write(text.encode('utf-8')))
 
 
 def vocab_sha1(ix_to_word):

@@ -12,7 +12,6 @@ each {'document_frequency': defaultdict(float, {tuple_of_str: float}), 'ref_len'
 """
 import argparse
 import os
-import pickle
 import sys
 from collections import defaultdict
 
@@ -81,12 +80,9 @@ def parse_args(argv=None):
 
 
 def write_pickle(obj, path):
-    folder = os.path.dirname(path)
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-    with open(path + '.tmp', 'wb') as f:
-        pickle.dump(obj, f, protocol=2)
-    os.replace(path + '.tmp', path)
+    """Pickle protocol 2 (as the reference), written atomically (misc.checkpoint.save_pickle)."""
+    from misc.checkpoint import save_pickle
+    save_pickle(obj, path)
 
 
 def run(args):

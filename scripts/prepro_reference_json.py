@@ -49,12 +49,9 @@ def open_coco_captions(name='captions_val2014.json'):
 
 
 def extract(name, output_json):
-    folder = os.path.dirname(output_json)
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-    with open_coco_captions(name) as src, open(output_json + '.tmp', 'wb') as dst:
-        shutil.copyfileobj(src, dst, 1 << 20)
-    os.replace(output_json + '.tmp', output_json)
+    from misc.checkpoint import atomic_write
+    with open_coco_captions(name) as src:
+        atomic_write(output_json, lambda dst: shutil.copyfileobj(src, dst, 1 << 20))
 
 
 def reference_json(images, splits, path):

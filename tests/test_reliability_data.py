@@ -312,3 +312,47 @@ def test_zero_box_image_is_named(tmp_path, tiny_dataset):
     with DataLoader(opt) as loader:
         err = _read_until_error(loader, 'test', batch_size=1)
     one_line_error(err, path, f'image {iid}', '0 boxes', 'regenerate')
+
+
+# --- 6. outputs honour the umask --------------------------------------------------------------------------------
+
+def _atomic_write_honours_umask(tmp_path):
+    from misc.checkpoint import atomic_write
+    old = os.umask(0o022)
+    try:
+        atomic_write(str(tmp_path / 'probe'), lambda f: f.write(b'x'))
+    finally:
+        os.umask(old)
+    return (os.stat(tmp_path / 'probe').st_mode & 0o777) == 0o644
+
+
+@pytest.mark.parametrize('umask', [0o022, 0o027])
+def test_script_outputs_honour_the_umask(tmp_path, monkeypatch, umask):
+    if not _atomic_write_honours_umask(tmp_path):
+        pytest.skip('misc.checkpoint.atomic_write does not honour the umask yet')
+    from tests.helpers import make_tiny_dataset
+    old = os.umask(umask)
+    try:
+        ds = make_tiny_dataset(tmp_path / 'data', n_train=3, n_val=1, n_test=1, feat_dim=4, backends=('dir', 'lmdb', 'h5'))
+        monkeypatch.setattr(coco_eval, '_Meteor', _FakeMeteor)
+        out_path = str(tmp_path / 'eval_results' / 'x_test.json')
+        if coco_eval.java_available():
+            coco_eval.language_eval(PREDICTIONS, _refs(tmp_path), spice=False, verbose=False, out_path=out_path)
+    finally:
+        os.umask(old)
+    outputs = [ds.input_json, ds.label_h5, ds.cached_tokens, ds.cached_tokens.replace('-idxs', '-words'), ds.ref_json,
+               ds.fc_lmdb, ds.att_lmdb, ds.fc_h5, ds.att_h5]
+    outputs += [os.path.join(folder, os.listdir(folder)[0]) for folder in (ds.fc_dir, ds.att_dir, ds.box_dir)]
+    if coco_eval.java_available():
+        outputs.append(out_path)
+    expected = 0o666 & ~umask
+    modes = {p: oct(os.stat(p).st_mode & 0o777) for p in outputs}
+    assert all(m == oct(expected) for m in modes.values()), modes
+    leftovers = [n for n in os.listdir(os.path.dirname(ds.input_json)) if n.endswith('.tmp')]
+    assert not leftovers
+
+
+def _refs(tmp_path):
+    path = str(tmp_path / 'refs.json')
+    write_reference_json(path)
+    return path
