@@ -59,7 +59,9 @@ def main(argv=None):
     parser.add_argument('--sc_learning_rate', type=float, default=1e-4)
     parser.add_argument('--batch_size', type=int, default=10)
     parser.add_argument('--K', type=int, default=2)
-    parser.add_argument('--eval_only', action='store_true', help='only step 5: evaluate the trained demo models')
+    parser.add_argument('--eval_only', action='store_true', help='only steps 5-6: evaluate the trained demo models')
+    parser.add_argument('--options_only', action='store_true',
+                        help='only step 6: the decoding options on the trained SAT model')
     args = parser.parse_args(argv)
     py = sys.executable
     d = args.data_dir
@@ -116,6 +118,9 @@ def main(argv=None):
              '--input_label_h5', f'{d}/cocotalk_label.h5', '--start_from', f'save/{nsc_sat}',
              '--checkpoint_path', f'save/{nsc_sat}', '--id', nsc_sat], log=f'save/logs/{nsc_sat}.log')
 
+    if args.options_only:
+        return decoding_options_table(py, nsc_sat, data, d)
+
     print('== 5. evaluation on the demo test split (batch size 1)')
     rows = []
     for run_id, k in ((nsc_base, 1), (nsc_sat, args.K)):
@@ -155,6 +160,44 @@ def main(argv=None):
           f'\n  total time: {(time.time() - t0) / 60:.1f} min')
     with open('eval_results/demo_table.json', 'w') as f:
         json.dump([{'model': r[0], 'K': r[1], 'beam': r[2], **r[3], 'ms_per_image': r[4]} for r in rows], f, indent=1)
+    return decoding_options_table(py, nsc_sat, data, d)
+
+
+# Step 6: what the reference's decoding options do to SAT (README, "Decoding options").
+DECODING_OPTIONS = (('greedy', []), ('greedy, decoding_constraint', ['--decoding_constraint', '1']),
+                    ('greedy, block_trigrams', ['--block_trigrams', '1']),
+                    ('greedy, remove_bad_endings', ['--remove_bad_endings', '1']),
+                    ('beam 3', ['--beam_size', '3']),
+                    ('beam 3, decoding_constraint', ['--beam_size', '3', '--decoding_constraint', '1']),
+                    ('diverse beam 4, 2 groups, lambda 0.5', ['--beam_size', '4', '--group_size', '2']))
+
+
+def repeated_word_rate(captions):
+    """Share of captions with the same word twice in a row (SAT's best-known failure)."""
+    words = [c.split() for c in captions]
+    return sum(any(a == b for a, b in zip(w, w[1:])) for w in words) / max(len(words), 1)
+
+
+def decoding_options_table(py, run_id, data, d):
+    print(f'\n== 6. decoding options on {run_id} (demo test split, batch size 50)')
+    results = []
+    for name, flags in DECODING_OPTIONS:
+        eval_id = f"{run_id}-{name.replace(' ', '').replace(',', '-')}"
+        run([py, 'eval.py', '--model', f'save/{run_id}/model-best.pth',
+             '--infos_path', f'save/{run_id}/infos_{run_id}-best.pkl', *data[:6], '--ref_json', f'{d}/captions_demo.json',
+             '--input_label_h5', f'{d}/cocotalk_label.h5', '--split', 'test', '--batch_size', '50',
+             '--language_eval', '1', '--id', eval_id, *flags], log=f'save/logs/eval-{eval_id}.log')
+        with open(f'eval_results/{eval_id}_test.json') as f:
+            cider = json.load(f)['overall']['CIDEr']
+        with open(f'vis/{eval_id}.json') as f:
+            captions = [p['caption'] for p in json.load(f)]
+        results.append({'decoding': name, 'CIDEr': cider, 'repeated_word_rate': repeated_word_rate(captions),
+                        'mean_words': float(np.mean([len(c.split()) for c in captions]))})
+    print(f"{'decoding':<40} {'CIDEr':>7} {'repeats':>8} {'words':>6}")
+    for r in results:
+        print(f"{r['decoding']:<40} {r['CIDEr']:>7.3f} {r['repeated_word_rate']:>8.1%} {r['mean_words']:>6.1f}")
+    with open('eval_results/demo_decoding_options.json', 'w') as f:
+        json.dump(results, f, indent=1)
     return 0
 
 
