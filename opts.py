@@ -33,7 +33,8 @@ def add_data_options(parser, defaults=True):
     parser.add_argument('--input_att_dir', type=str, default=d('data/mscoco/cocobu_att'),
                         help='region features: a directory of <id>.npz, an .lmdb or an .h5 file')
     parser.add_argument('--input_box_dir', type=str, default=d('data/mscoco/cocobu_box'),
-                        help='boxes (unused by SATIC, kept for compatibility)')
+                        help='box files: inert, as in the reference (it read them only with --use_box 1, '
+                             'which SATIC refuses)')
     parser.add_argument('--input_label_h5', type=str, default=d('data/cocotalk_label.h5'),
                         help="label h5 from prepro_labels(_seqKD).py, or 'none' for images without captions")
     parser.add_argument('--ref_json', type=str, default=DEFAULT_REF_JSON,
@@ -47,16 +48,12 @@ def add_model_options(parser):
     parser.add_argument('--caption_model', type=str, default='sat', help="'sat' (K words per step) or 'transformer' (K=1)")
     parser.add_argument('--rnn_size', type=int, default=1024, help='d_ff: the feed-forward inner size')
     parser.add_argument('--num_layers', type=int, default=1, help='N: encoder and decoder layers')
-    parser.add_argument('--rnn_type', type=str, default='lstm', help='unused (reference compatibility)')
     parser.add_argument('--input_encoding_size', type=int, default=512, help='D: d_model')
-    parser.add_argument('--att_hid_size', type=int, default=512, help='unused (reference compatibility)')
-    parser.add_argument('--fc_feat_size', type=int, default=2048, help='fc feature size (unused by the model)')
     parser.add_argument('--att_feat_size', type=int, default=2048, help='region feature size')
-    parser.add_argument('--logit_layers', type=int, default=1, help='unused (reference compatibility)')
     parser.add_argument('--use_bn', type=int, default=0, help='BatchNorm1d on region features before att_embed (2: also after)')
     parser.add_argument('--norm_att_feat', type=int, default=0, help='L2-normalise region features')
-    parser.add_argument('--use_box', type=int, default=0, help='unused by SATIC')
-    parser.add_argument('--norm_box_feat', type=int, default=0, help='unused by SATIC')
+    parser.add_argument('--use_box', type=int, default=0,
+                        help='must be 0: the reference appended 5 box features to every region; refused here')
     parser.add_argument('--drop_prob_lm', type=float, default=0.5, help='dropout after att_embed')
     parser.add_argument('--K', type=int, default=6, help='K: words per decoding step (group size)')
     parser.add_argument('--use_cache', type=int, default=1,
@@ -91,24 +88,23 @@ def add_training_options(parser):
     parser.add_argument('--self_critical_after', type=int, default=-1,
                         help='epoch from which self-critical training is used (-1: never)')
     parser.add_argument('--seq_per_img', type=int, default=5, help='S: captions (or samples) per image')
-    parser.add_argument('--optim', type=str, default='adam', help='adam|adamw|sgd|sgdm|sgdmom|rmsprop|adagrad')
-    parser.add_argument('--learning_rate', type=float, default=5e-4)
-    parser.add_argument('--learning_rate_decay_start', type=int, default=-1, help='epoch to start step decay (-1: off)')
-    parser.add_argument('--learning_rate_decay_every', type=int, default=3)
-    parser.add_argument('--learning_rate_decay_rate', type=float, default=0.8)
-    parser.add_argument('--optim_alpha', type=float, default=0.9)
-    parser.add_argument('--optim_beta', type=float, default=0.999)
-    parser.add_argument('--optim_epsilon', type=float, default=1e-8)
-    parser.add_argument('--weight_decay', type=float, default=0)
+    parser.add_argument('--optim', type=str, default='adam',
+                        help='adam|adamw|sgd|sgdm|sgdmom|rmsprop|adagrad (inert with --noamopt, as in the reference)')
+    parser.add_argument('--learning_rate', type=float, default=5e-4, help='(inert with --noamopt, as in the reference)')
+    parser.add_argument('--learning_rate_decay_start', type=int, default=-1,
+                        help='epoch to start step decay (-1: off); inert with --noamopt or --reduce_on_plateau, '
+                             'as in the reference')
+    parser.add_argument('--learning_rate_decay_every', type=int, default=3, help='(see --learning_rate_decay_start)')
+    parser.add_argument('--learning_rate_decay_rate', type=float, default=0.8, help='(see --learning_rate_decay_start)')
+    parser.add_argument('--optim_alpha', type=float, default=0.9, help='(inert with --noamopt, as in the reference)')
+    parser.add_argument('--optim_beta', type=float, default=0.999, help='(inert with --noamopt, as in the reference)')
+    parser.add_argument('--optim_epsilon', type=float, default=1e-8, help='(inert with --noamopt, as in the reference)')
+    parser.add_argument('--weight_decay', type=float, default=0, help='(inert with --noamopt, as in the reference)')
     parser.add_argument('--label_smoothing', type=float, default=0)
     parser.add_argument('--noamopt', action='store_true', help='Noam schedule: factor * D^-0.5 * min(t^-0.5, t * warmup^-1.5)')
     parser.add_argument('--noamopt_warmup', type=int, default=2000)
     parser.add_argument('--noamopt_factor', type=float, default=1)
     parser.add_argument('--reduce_on_plateau', action='store_true', help='halve the lr after 3 validations without gain')
-    parser.add_argument('--scheduled_sampling_start', type=int, default=-1, help='unused by SATIC (kept for histories)')
-    parser.add_argument('--scheduled_sampling_increase_every', type=int, default=5)
-    parser.add_argument('--scheduled_sampling_increase_prob', type=float, default=0.05)
-    parser.add_argument('--scheduled_sampling_max_prob', type=float, default=0.25)
     parser.add_argument('--val_images_use', type=int, default=-1, help='val images per validation (-1: all)')
     parser.add_argument('--save_checkpoint_every', type=int, default=2500)
     parser.add_argument('--save_history_ckpt', type=int, default=0, help='also keep model-<iter>.pth at every save')
@@ -119,17 +115,55 @@ def add_training_options(parser):
     parser.add_argument('--id', type=str, default='nsc-sat-6-from-nsc-seqkd-without-init')
     parser.add_argument('--train_only', type=int, default=0, help='1: train on train only, without restval')
     parser.add_argument('--num_images', type=int, default=-1, help='(ours) cut every split to this many images')
-    parser.add_argument('--cider_reward_weight', type=float, default=1)
-    parser.add_argument('--bleu_reward_weight', type=float, default=0, help='not supported (must be 0)')
-    parser.add_argument('--kd_weight', type=float, default=0, help='unused (the reference teacher is dropped)')
-    parser.add_argument('--teacher_caption_model', type=str, default='show_tell', help='unused')
-    parser.add_argument('--nsc', type=str2bool, default=True,
-                        help='reference quirk: always True (leave-one-out baseline); any value is accepted')
+    parser.add_argument('--cider_reward_weight', type=float, default=1,
+                        help='self-critical reward = cider_reward_weight * CIDEr-D + bleu_reward_weight * BLEU-4 '
+                             '(a part is computed only when its weight is > 0, as the reference)')
+    parser.add_argument('--bleu_reward_weight', type=float, default=0,
+                        help="weight of per-sentence BLEU-4 (pycocoevalcap's Bleu(4)) in the self-critical reward")
+    parser.add_argument('--kd_weight', type=float, default=0,
+                        help='word-level distillation (XE stage): loss = XE + kd_weight * KL(teacher || student) '
+                             'over the masked positions; needs --teacher_model')
+    parser.add_argument('--teacher_caption_model', type=str, default='show_tell',
+                        help="the reference's teacher type; here the teacher's caption model comes from its infos "
+                             "(sat or transformer): a value other than show_tell must match it. Inert without "
+                             "--kd_weight, as in the reference")
+    parser.add_argument('--teacher_model', type=str, default=None,
+                        help='(ours) with --kd_weight > 0: the teacher checkpoint (model.pth / model-best.pth of a '
+                             'sat or transformer run of this project, same vocabulary)')
+    parser.add_argument('--teacher_infos', type=str, default=None,
+                        help='(ours) the teacher\'s infos pkl (default: infos_*.pkl beside --teacher_model, '
+                             'infos_*-best.pkl for model-best.pth)')
+    parser.add_argument('--teacher_eval_mode', type=int, default=0,
+                        help='(ours) 0: the teacher runs in train mode, dropout on (reference quirk); 1: eval mode')
     parser.add_argument('--seed', type=int, default=123, help='(ours) random seed')
     parser.add_argument('--encode_per_image', type=int, default=0,
                         help="(ours) 1: run the encoder once per image, not once per caption: 2-3x faster "
                              "iterations, but the image's seq_per_img rows share one encoder dropout draw, which "
                              "learned measurably slower per iteration on the demo; 0 (default): the reference")
+
+
+def add_inert_reference_options(parser):
+    """Reference options that change nothing in the reference's transformer/SAT model either: accepted at any value
+    (the original README passes --scheduled_sampling_start 0), documented in README "Reference options accepted
+    but inert". (Also inert, as in the reference, but defined with their groups: --input_box_dir without
+    --use_box; --learning_rate_decay_* with --noamopt or --reduce_on_plateau; --optim, --optim_alpha/beta/epsilon,
+    --weight_decay, --learning_rate with --noamopt; --teacher_caption_model without --kd_weight.)"""
+    inert = 'inert, as in the reference'
+    group = parser.add_argument_group('reference options accepted but inert', 'they change nothing, as in the '
+                                      "reference's transformer model")
+    group.add_argument('--rnn_type', type=str, default='lstm', help=f'{inert} (no RNN in the transformer)')
+    group.add_argument('--att_hid_size', type=int, default=512, help=f'{inert} (its ctx2att layer was deleted)')
+    group.add_argument('--fc_feat_size', type=int, default=2048,
+                       help=f'{inert} (fc features are not used by the model; its fc_embed was deleted)')
+    group.add_argument('--logit_layers', type=int, default=1, help=f'{inert} (its logit layers were deleted)')
+    group.add_argument('--norm_box_feat', type=int, default=0, help=f'{inert} (only acted with --use_box 1)')
+    group.add_argument('--scheduled_sampling_start', type=int, default=-1,
+                       help=f'{inert} (the transformer ignores ss_prob); the original README passes 0')
+    group.add_argument('--scheduled_sampling_increase_every', type=int, default=5, help=inert)
+    group.add_argument('--scheduled_sampling_increase_prob', type=float, default=0.05, help=inert)
+    group.add_argument('--scheduled_sampling_max_prob', type=float, default=0.25, help=inert)
+    group.add_argument('--nsc', type=str2bool, default=True,
+                       help=f'{inert}: reference quirk, always True (leave-one-out baseline) whatever its value')
 
 
 def parse_opt(argv=None):
@@ -139,8 +173,10 @@ def parse_opt(argv=None):
     add_model_options(parser)
     add_decoding_options(parser)
     add_training_options(parser)
+    add_inert_reference_options(parser)
     opt = parser.parse_args(argv)
     check_opt(opt)
+    check_train_opt(opt)
     return opt
 
 
@@ -158,7 +194,38 @@ def check_opt(opt):
     need(getattr(opt, 'seq_per_img', 1) > 0, '--seq_per_img must be > 0')
     need(getattr(opt, 'block_trigrams', 0) == 0, '--block_trigrams is not supported by SATIC decoding; use 0')
     need(getattr(opt, 'remove_bad_endings', 0) == 0, '--remove_bad_endings is not supported by SATIC decoding; use 0')
-    need(getattr(opt, 'bleu_reward_weight', 0) == 0, '--bleu_reward_weight is not supported; use 0 (CIDEr-D reward only)')
+    check_reference_options(opt)
+
+
+def check_reference_options(opt):
+    """Reference model/data options that SATIC cannot honour (train.py, and eval.py on infos): one-line refusal."""
+    if getattr(opt, 'use_box', 0):
+        raise SystemExit(f'error: --use_box {opt.use_box} is refused: the reference appended 5 normalised box '
+                         'features to every region (needing image sizes in --input_json); SATIC reads region '
+                         'features only; use 0')
+
+
+def check_train_opt(opt):
+    """train.py's own refusals (not applied to the options of a checkpoint's infos): distillation options."""
+    def need(cond, message):
+        if not cond:
+            raise SystemExit(f'error: {message}')
+    kd = getattr(opt, 'kd_weight', 0)
+    need(kd >= 0, f'--kd_weight must be >= 0 (got {kd})')
+    need(getattr(opt, 'teacher_eval_mode', 0) in (0, 1),
+         f'--teacher_eval_mode must be 0 (train mode, the reference) or 1 (got {getattr(opt, "teacher_eval_mode", 0)})')
+    if kd > 0:
+        need(bool(getattr(opt, 'teacher_model', None)),
+             f"--kd_weight {kd} needs --teacher_model: the reference's {opt.teacher_caption_model} teacher (hard-coded "
+             "show_tell/topdown checkpoints) does not exist in this project; pass --teacher_model PATH of a "
+             "transformer or sat checkpoint trained here (same vocabulary)")
+        need(opt.teacher_caption_model in ('show_tell', 'sat', 'transformer'),
+             f"--teacher_caption_model {opt.teacher_caption_model!r}: only this project's sat/transformer "
+             "checkpoints can teach (the teacher's caption model is read from its infos)")
+    else:
+        for flag, default in (('teacher_model', None), ('teacher_infos', None), ('teacher_eval_mode', 0)):
+            need(getattr(opt, flag, default) in (default, ''),
+                 f'--{flag} is used only with --kd_weight > 0 (word-level distillation); add --kd_weight or drop it')
 
 
 def add_eval_options(parser, beam_size=1, batch_size=32):

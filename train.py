@@ -101,6 +101,17 @@ def build_model(opt, device):
     return model.to(device)
 
 
+def build_teacher(opt, vocab, device):
+    """The frozen --teacher_model of word-level distillation (--kd_weight > 0), or None (misc/teacher.py)."""
+    if not getattr(opt, 'kd_weight', 0) > 0:
+        return None
+    from misc.teacher import load_teacher
+    teacher = load_teacher(opt, vocab, device)
+    print(f"distillation: teacher {opt.teacher_model} (K={teacher.K}), "
+          f"kd_weight {opt.kd_weight}, teacher in {'eval' if opt.teacher_eval_mode else 'train'} mode", flush=True)
+    return teacher
+
+
 def build_optimizer(model, opt, iteration):
     """optim.build, with the state of --start_from's optimizer.pth when there is one."""
     optimizer = optim.build(model, opt)
@@ -189,7 +200,7 @@ def train(opt):
             from misc.eval_utils import check_language_eval_ready
             check_language_eval_ready(opt.ref_json)
         model = build_model(opt, device)
-        loss_wrapper = LossWrapper(model, opt)
+        loss_wrapper = LossWrapper(model, opt, teacher=build_teacher(opt, loader.get_vocab(), device))
         if self_critical_ahead(opt, infos.get('epoch', 0)):
             loss_wrapper.load_reward()  # a missing --cached_tokens fails now, not epochs into the run
         if rank == 0:

@@ -1,4 +1,5 @@
-"""The training loss as a module around the model: XE (or label smoothing) or self-critical, one call."""
+"""The training loss as a module around the model: XE (or label smoothing, plus word-level distillation) or
+self-critical, one call."""
 import torch
 from torch import nn
 
@@ -6,9 +7,11 @@ from misc.losses import build_criterion
 
 
 class LossWrapper(nn.Module):
-    """forward(batch, sc_flag) -> {'loss': scalar, 'reward': mean sample reward (self-critical only)}."""
+    """forward(batch, sc_flag) -> {'loss': scalar, 'reward': mean sample reward (self-critical only),
+    'kd_loss': the KL part, before its weight (XE with a teacher only)}."""
 
-    def __init__(self, model, opt):
+    def __init__(self, model, opt, teacher=None):
+        """teacher: the frozen model of --kd_weight (misc.teacher.load_teacher) or None."""
         super().__init__()
         self.model = model
         self.crit = build_criterion(opt.label_smoothing)
@@ -16,13 +19,39 @@ class LossWrapper(nn.Module):
         self.encode_per_image = getattr(opt, 'encode_per_image', 0)
         self.cached_tokens = opt.cached_tokens
         self.cider_reward_weight = getattr(opt, 'cider_reward_weight', 1.0)
+        self.bleu_reward_weight = getattr(opt, 'bleu_reward_weight', 0.0)
         self._reward = None  # built on first self-critical use: XE runs need no document frequencies
+        self.kd_weight = getattr(opt, 'kd_weight', 0) or 0
+        self.teacher_eval_mode = bool(getattr(opt, 'teacher_eval_mode', 0))
+        # Not registered as a submodule (object.__setattr__): the teacher stays out of state_dict(), parameters()
+        # (optimiser, gradient clamp, DDP) and checkpoints; _apply below still moves it with .to()/.cuda().
+        object.__setattr__(self, 'teacher', teacher)
+        self.kd_crit = nn.KLDivLoss(reduction='batchmean', log_target=True)
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        if self.teacher is not None:
+            self.teacher._apply(fn, *args, **kwargs)
+        return self
+
+    def kd_loss(self, logprobs, fc, att, labels, att_masks, masks, per_img):
+        """KL(teacher || student) over the positions of masks[:, 1:]: nn.KLDivLoss(log_target=True, 'batchmean')
+        on the (positions, V) rows, i.e. summed over the vocabulary and averaged over the masked positions.
+
+        reference quirk (--teacher_eval_mode 0): the teacher runs in train mode, dropout on, because the reference
+        called teacher.eval() and then .train() on the loss wrapper that contained it."""
+        self.teacher.train(self.training and not self.teacher_eval_mode)
+        with torch.no_grad():
+            teacher_logprobs = self.teacher(fc, att, labels, att_masks, seq_per_img=per_img)  # (S, L-1, V)
+        rows = masks[:, 1:logprobs.size(1) + 1] > 0  # (S, L-1)
+        return self.kd_crit(logprobs[rows], teacher_logprobs[rows].to(logprobs.dtype))  # (positions, V) each
 
     def load_reward(self):
         """The CIDEr-D reward with the --cached_tokens document frequencies (read once, on first use)."""
         if self._reward is None:
             from misc.rewards import SelfCriticalReward
-            self._reward = SelfCriticalReward(self.cached_tokens, cider_weight=self.cider_reward_weight)
+            self._reward = SelfCriticalReward(self.cached_tokens, cider_weight=self.cider_reward_weight,
+                                              bleu_weight=self.bleu_reward_weight)
         return self._reward
 
     def forward(self, batch, sc_flag=False):
@@ -35,7 +64,11 @@ class LossWrapper(nn.Module):
         if not sc_flag:
             labels, masks = batch['labels'], batch['masks']
             logprobs = self.model(fc, att, labels, att_masks, seq_per_img=per_img)  # (S, L-1, V)
-            return {'loss': self.crit(logprobs, labels[:, 1:], masks[:, 1:])}
+            loss = self.crit(logprobs, labels[:, 1:], masks[:, 1:])
+            if self.kd_weight > 0 and self.teacher is not None:  # word-level distillation (XE stage only)
+                kd = self.kd_loss(logprobs, fc, att, labels, att_masks, masks, per_img)
+                return {'loss': loss + self.kd_weight * kd, 'kd_loss': kd.detach()}
+            return {'loss': loss}
         from misc.rewards import self_critical_loss
         # One multinomial sample per row, in train mode (dropout on), as the reference.
         seq, logprobs = self.model(fc, att, att_masks, opt={'sample_max': 0, 'seq_per_img': per_img},

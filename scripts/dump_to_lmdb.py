@@ -17,7 +17,7 @@ if __package__ in (None, ''):  # run as a file: make the repository root importa
 import numpy as np
 
 from misc.errors import SaticError
-from scripts._common import cli, image_id, load_json, read_array
+from scripts._common import Progress, cli, image_id, load_json, progress, read_array
 
 EXTENSIONS = ('.npz', '.npy')
 
@@ -64,11 +64,13 @@ def write_lmdb(items, output_file):
             os.remove(stale)
     env = lmdb.open(output_file, subdir=False, map_size=map_size, readonly=False, meminit=False, map_async=True)
     try:
-        for start in range(0, len(items), 1000):
-            with env.begin(write=True) as txn:
-                for key, path in items[start:start + 1000]:
-                    with open(path, 'rb') as f:
-                        txn.put(key.encode('ascii'), f.read())
+        with Progress(len(items), f'dump_to_lmdb: {output_file}', 'images') as bar:
+            for start in range(0, len(items), 1000):
+                with env.begin(write=True) as txn:
+                    for key, path in items[start:start + 1000]:
+                        with open(path, 'rb') as f:
+                            txn.put(key.encode('ascii'), f.read())
+                        bar.update()
         env.sync()
     finally:
         env.close()
@@ -78,7 +80,7 @@ def write_h5(items, output_file):
     import h5py
     tmp = output_file + '.tmp'
     with h5py.File(tmp, 'w') as f:
-        for key, path in items:
+        for key, path in progress(items, desc=f'dump_to_lmdb: {output_file}', unit='images'):
             f.create_dataset(key, data=np.asarray(load_array(path, key), dtype=np.float32))
     os.replace(tmp, output_file)
 

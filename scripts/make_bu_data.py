@@ -22,7 +22,7 @@ if __package__ in (None, ''):  # run as a file: make the repository root importa
 import numpy as np
 
 from misc.errors import SaticError
-from scripts._common import cli
+from scripts._common import Progress, cli
 
 FIELDNAMES = ['image_id', 'image_w', 'image_h', 'num_boxes', 'boxes', 'features']
 
@@ -75,13 +75,14 @@ def parse_row(fields, where):
 
 
 def convert_row(job):
-    """Decode one row and write its three files; job = (fields, where, output_dir). Returns (id, n_boxes, D)."""
+    """Decode one row and write its three files; job = (fields, where, output_dir).
+    Returns (id, n_boxes, D, about the row's bytes in the TSV, for the progress)."""
     fields, where, out = job
     iid, boxes, feats = parse_row(fields, where)
     np.savez_compressed(os.path.join(out + '_att', f'{iid}.npz'), feat=feats)
     np.save(os.path.join(out + '_fc', f'{iid}.npy'), feats.mean(0))
     np.save(os.path.join(out + '_box', f'{iid}.npy'), boxes)
-    return iid, feats.shape[0], feats.shape[1]
+    return iid, feats.shape[0], feats.shape[1], sum(map(len, fields)) + len(fields)
 
 
 def iter_rows(files, output_dir):
@@ -109,12 +110,19 @@ def run(args):
     for suffix in ('_att', '_fc', '_box'):
         os.makedirs(args.output_dir + suffix, exist_ok=True)
     rows = iter_rows(files, args.output_dir)
-    if args.num_workers > 1:
-        import multiprocessing
-        with multiprocessing.Pool(args.num_workers) as pool:
-            done = list(pool.imap_unordered(convert_row, rows, chunksize=16))
-    else:
-        done = [convert_row(job) for job in rows]
+    done = []
+    with Progress(sum(os.path.getsize(f) for f in files), 'make_bu_data: TSV read', 'B') as bar:
+        if args.num_workers > 1:
+            import multiprocessing
+            with multiprocessing.Pool(args.num_workers) as pool:
+                for iid, n, d, size in pool.imap_unordered(convert_row, rows, chunksize=16):
+                    done.append((iid, n, d))
+                    bar.update(size)
+        else:
+            for job in rows:
+                iid, n, d, size = convert_row(job)
+                done.append((iid, n, d))
+                bar.update(size)
     dims = sorted({d for _, _, d in done})
     if len({iid for iid, _, _ in done}) != len(done):
         print(f'warning: {args.downloaded_feats} lists some image ids more than once; their files were overwritten',

@@ -25,7 +25,7 @@ import h5py
 import numpy as np
 
 from misc.errors import SaticError
-from scripts._common import cli, dump_json, image_id, load_json, vocab_sha1
+from scripts._common import cli, dump_json, image_id, load_json, progress, vocab_sha1
 
 UNK = 'UNK'
 
@@ -72,7 +72,7 @@ def encode_captions(captions_per_image, wtoi, max_length, where):
     end_ix = np.zeros(n, dtype=np.uint32)
     rows, lengths = [], []
     counter = 1  # 1-indexed, inclusive (reference format)
-    for i, captions in enumerate(captions_per_image):
+    for i, captions in enumerate(progress(captions_per_image, desc='encoding captions', unit='images')):
         if not captions:
             raise SaticError(f'{where(i)} has no captions: every image needs at least one '
                              '(use --input_label_h5 none for caption-less images)')
@@ -148,7 +148,12 @@ def run(args):
         captions, wtoi, args.max_length, lambda i: f'{args.input_json}: image {image_id(images[i])}')
     h5_path = args.output_h5 + '_label.h5'
     write_label_h5(h5_path, labels, start_ix, end_ix, lengths, ix_to_word)
-    out = {'ix_to_word': ix_to_word, 'images': [image_entry(img, args.images_root, args.input_json) for img in images]}
+    if args.images_root:  # reads every image: slow
+        images_iter = progress(images, desc=f'reading image sizes in {args.images_root}', unit='images')
+    else:
+        images_iter = images
+    out = {'ix_to_word': ix_to_word,
+           'images': [image_entry(img, args.images_root, args.input_json) for img in images_iter]}
     dump_json(out, args.output_json)
     print(f'wrote {args.output_json} ({len(images)} images, vocabulary {len(ix_to_word)}) and '
           f'{h5_path} ({labels.shape[0]} captions)')

@@ -19,7 +19,7 @@ if __package__ in (None, ''):  # run as a file: make the repository root importa
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from misc.errors import SaticError
-from scripts._common import cli, image_id, load_json
+from scripts._common import cli, image_id, load_json, progress
 from scripts.prepro_labels import UNK, load_dataset_images
 
 EOS_WORD = '<eos>'
@@ -31,10 +31,10 @@ def ngrams(tokens, max_n=MAX_N):
     return {tuple(tokens[i:i + n]) for n in range(1, max_n + 1) for i in range(len(tokens) - n + 1)}
 
 
-def document_frequency(refs_per_image):
+def document_frequency(refs_per_image, desc='prepro_ngrams: document frequencies'):
     """refs_per_image: list (one per image) of lists of token lists -> defaultdict(float) n-gram -> #images."""
     df = defaultdict(float)
-    for refs in refs_per_image:
+    for refs in progress(refs_per_image, desc=desc, unit='images'):
         seen = set()
         for tokens in refs:
             seen |= ngrams(tokens)
@@ -97,7 +97,8 @@ def run(args):
         raise SaticError(f'{args.input_json} has no {args.split!r} images: check --split')
     ref_len = len(refs_idxs)
     for suffix, refs in (('-words.p', refs_words), ('-idxs.p', refs_idxs)):
-        write_pickle({'document_frequency': document_frequency(refs), 'ref_len': ref_len}, args.output_pkl + suffix)
+        df = document_frequency(refs, f'prepro_ngrams: {args.output_pkl}{suffix}')
+        write_pickle({'document_frequency': df, 'ref_len': ref_len}, args.output_pkl + suffix)
     print(f'wrote {args.output_pkl}-idxs.p and -words.p: document frequencies over {ref_len} {args.split} images')
 
 

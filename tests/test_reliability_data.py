@@ -262,7 +262,8 @@ def test_nan_fc_feature_in_lmdb_is_named(tmp_path, tiny_dataset):
     fc_path = os.path.join(root, 'cocobu_fc', f'{iid}.npy')
     np.save(fc_path, np.full(tiny_dataset.feat_dim, np.nan, dtype=np.float32))
     lmdb_path = str(tmp_path / 'fc.lmdb')
-    dump_to_lmdb.run(dump_to_lmdb.parse_args(['--folder', os.path.join(root, 'cocobu_fc'), '--output_file', lmdb_path]))
+    dump_to_lmdb.run(dump_to_lmdb.parse_args(['--folder', os.path.join(root, 'cocobu_fc'),
+                                              '--output_file', lmdb_path]))
     with DataLoader(tiny_dataset.opt('lmdb', input_fc_dir=lmdb_path, num_workers=2)) as loader:
         err = _read_until_error(loader, 'train')
     one_line_error(err, lmdb_path, f"entry '{iid}'", f'image {iid}', 'NaN/inf')
@@ -333,7 +334,8 @@ def test_script_outputs_honour_the_umask(tmp_path, monkeypatch, umask):
     from tests.helpers import make_tiny_dataset
     old = os.umask(umask)
     try:
-        ds = make_tiny_dataset(tmp_path / 'data', n_train=3, n_val=1, n_test=1, feat_dim=4, backends=('dir', 'lmdb', 'h5'))
+        ds = make_tiny_dataset(tmp_path / 'data', n_train=3, n_val=1, n_test=1, feat_dim=4,
+                               backends=('dir', 'lmdb', 'h5'))
         monkeypatch.setattr(coco_eval, '_Meteor', _FakeMeteor)
         out_path = str(tmp_path / 'eval_results' / 'x_test.json')
         if coco_eval.java_available():
@@ -356,3 +358,38 @@ def _refs(tmp_path):
     path = str(tmp_path / 'refs.json')
     write_reference_json(path)
     return path
+
+
+# --- 7. progress output of the data scripts ---------------------------------------------------------------------
+
+def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path, monkeypatch, capsys):
+    """Log files get plain periodic lines (here: every update, PROGRESS_SECONDS = 0); a short run at the default
+    interval prints none."""
+    from scripts import _common
+    from tests.helpers import make_tiny_dataset
+    make_tiny_dataset(tmp_path / 'quiet', n_train=2, n_val=1, n_test=1, feat_dim=4, backends=('dir', 'lmdb'))
+    assert ' left' not in capsys.readouterr().err
+    monkeypatch.setattr(_common, 'PROGRESS_SECONDS', 0.0)
+    make_tiny_dataset(tmp_path / 'loud', n_train=2, n_val=1, n_test=1, feat_dim=4, backends=('dir', 'lmdb', 'h5'))
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    for prefix in ('make_bu_data: TSV read: ', 'encoding captions: ', 'prepro_ngrams: ', 'dump_to_lmdb: '):
+        assert any(line.startswith(prefix) for line in lines), (prefix, err)
+    tsv = [line for line in lines if line.startswith('make_bu_data')]
+    assert '(100.0%)' in tsv[-1] and 'B/s' in tsv[-1]  # the byte estimate of each row is exact for ASCII TSV
+    assert any('/4 images (25.0%)' in line and 'about' in line and 'left' in line for line in lines), err
+    assert '\r' not in err  # no bar redraws in a log file
+
+
+def test_progress_bar_on_a_terminal(monkeypatch):
+    import io
+    import sys
+    from scripts._common import progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    term = Terminal()
+    monkeypatch.setattr(sys, 'stderr', term)
+    assert list(progress(range(5), desc='demo', unit='images')) == list(range(5))
+    assert 'demo: 100%' in term.getvalue() and '5/5' in term.getvalue()

@@ -1,0 +1,425 @@
+"""Issue 9, training half: the BLEU-4 part of the self-critical reward, word-level distillation from a teacher
+checkpoint (--kd_weight, --teacher_model), and the reference's training/model options (accepted and inert, or refused
+with one line)."""
+import argparse
+import contextlib
+import csv
+import io
+import json
+import os
+import pickle
+import re
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import models
+import opts
+import train
+from misc.checkpoint import load_pickle, load_torch, save_pickle
+from misc.cider_d import CiderD, ngram_counts
+from misc.errors import SaticError
+from misc.loss_wrapper import LossWrapper
+from misc.losses import LanguageModelCriterion
+from misc.rewards import SelfCriticalReward, ids_to_str
+from misc.teacher import default_infos_path, load_teacher
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE_OPTIONS = REPO.parent / 'shared' / 'conformance' / 'reference_options.tsv'
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------------------------- BLEU reward
+def label_rows(rows):
+    out = np.zeros((len(rows), 16), dtype=np.uint32)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out
+
+
+GTS = [label_rows([[1, 2, 3, 4], [1, 2, 5], [6, 2, 3, 4, 7]]),
+       label_rows([[8, 9, 10], [8, 11, 10, 12], [9, 10], [13, 8, 9]])]
+SEQS = torch.tensor([[1, 2, 3, 4, 0, 0], [1, 2, 5, 0, 0, 0], [6, 2, 3, 4, 9, 0],
+                     [8, 9, 10, 0, 0, 0], [8, 11, 10, 12, 0, 0], [13, 0, 0, 0, 0, 0]])
+
+
+@pytest.fixture
+def cached_tokens(tmp_path):
+    train_rows = GTS + [label_rows([[1, 5, 9], [2, 3, 14]]), label_rows([[4, 4, 4, 1], [7, 8]])]
+    df = {}
+    for rows in train_rows:
+        for g in set(g for row in rows for g in ngram_counts(ids_to_str(row, end_token_always=True))):
+            df[g] = df.get(g, 0.0) + 1.0
+    with open(tmp_path / 'train-idxs.p', 'wb') as f:
+        pickle.dump({'document_frequency': df, 'ref_len': len(train_rows)}, f, protocol=2)
+    return str(tmp_path / 'train-idxs')
+
+
+def pycocoevalcap_bleu4(hyps, refs):
+    """pycocoevalcap's Bleu(4) per-sentence BLEU-4, called directly as the reference's get_scores did."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    with contextlib.redirect_stdout(io.StringIO()):
+        _, scores = Bleu(4).compute_score({i: r for i, r in enumerate(refs)}, {i: [h] for i, h in enumerate(hyps)})
+    return np.array(scores[3])
+
+
+def leave_one_out(rewards, S):
+    per_image = rewards.reshape(-1, S)
+    return (per_image - (per_image.sum(1, keepdims=True) - per_image) / (S - 1)).reshape(-1)
+
+
+def test_bleu_weighted_reward_is_cider_plus_pycocoevalcap_bleu4(cached_tokens, capsys):
+    hyps = [ids_to_str(row) for row in SEQS.numpy()]
+    refs = [[ids_to_str(row) for row in GTS[i // 3]] for i in range(6)]
+    bleu = pycocoevalcap_bleu4(hyps, refs)
+    cider = CiderD.from_cached_tokens(cached_tokens).score(hyps, refs)
+    assert bleu[0] == pytest.approx(1.0) and 0.05 < bleu[2] < 0.9 and bleu[5] < 1e-3  # a BLEU that can tell
+    capsys.readouterr()
+    advantage, rewards = SelfCriticalReward(cached_tokens, cider_weight=0.7, bleu_weight=0.3)(SEQS, GTS, 3)
+    assert capsys.readouterr().out == ''  # pycocoevalcap's {'testlen': ..} and ratio lines are silenced
+    np.testing.assert_allclose(rewards, 0.7 * cider + 0.3 * bleu, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(advantage, leave_one_out(0.7 * cider + 0.3 * bleu, 3), rtol=0, atol=1e-6)
+    # BLEU alone (CIDEr-D weight 0: not computed, as the reference)
+    _, rewards = SelfCriticalReward(cached_tokens, cider_weight=0, bleu_weight=2.0)(SEQS, GTS, 3)
+    np.testing.assert_allclose(rewards, 2.0 * bleu, rtol=0, atol=1e-12)
+
+
+def test_bleu_is_not_computed_at_weight_0(cached_tokens, monkeypatch):
+    import misc.rewards
+    monkeypatch.setattr(misc.rewards, 'bleu_scores', lambda *a: pytest.fail('BLEU computed at weight 0'))
+    _, rewards = SelfCriticalReward(cached_tokens, cider_weight=1.0, bleu_weight=0)(SEQS, GTS, 3)
+    assert rewards.max() > 0
+
+
+def test_loss_wrapper_passes_the_bleu_weight(cached_tokens):
+    opt = argparse.Namespace(label_smoothing=0, seq_per_img=3, cached_tokens=cached_tokens, cider_reward_weight=0.5,
+                             bleu_reward_weight=1.5)
+    reward = LossWrapper(torch.nn.Linear(1, 1), opt).load_reward()
+    assert (reward.cider_weight, reward.bleu_weight) == (0.5, 1.5)
+
+
+# ----------------------------------------------------------------------------------------------- distillation
+VOCAB = {str(i): f'w{i}' for i in range(1, 21)}  # 20 words, V = 21
+FEAT = 12
+
+
+def tiny_model_opt(**overrides):
+    opt = dict(caption_model='sat', K=2, vocab_size=len(VOCAB), seq_length=16, input_encoding_size=32, rnn_size=48,
+               num_layers=1, att_feat_size=FEAT, drop_prob_lm=0.5, use_bn=0)
+    opt.update(overrides)
+    return argparse.Namespace(**opt)
+
+
+def save_run(folder, run_id, vocab=VOCAB, best=False, seed=0, **overrides):
+    """A checkpoint folder as train.py writes it: model.pth + infos_<id>.pkl (and the -best copies)."""
+    os.makedirs(folder, exist_ok=True)
+    opt = tiny_model_opt(**overrides)
+    torch.manual_seed(seed)
+    model = models.setup(opt) if opt.caption_model in ('sat', 'transformer') else models.setup(tiny_model_opt())
+    infos = {'iter': 10, 'epoch': 1, 'vocab': vocab, 'opt': opt, 'best_val_score': None}
+    names = [('model.pth', f'infos_{run_id}.pkl')] + ([('model-best.pth', f'infos_{run_id}-best.pkl')] if best else [])
+    for model_name, infos_name in names:
+        torch.save(model.state_dict(), os.path.join(folder, model_name))
+        save_pickle(infos, os.path.join(folder, infos_name))
+    return os.path.join(folder, 'model.pth')
+
+
+def kd_opt(teacher_model=None, **overrides):
+    opt = dict(label_smoothing=0, seq_per_img=2, cached_tokens='unused', kd_weight=0.5, teacher_model=teacher_model,
+               teacher_infos=None, teacher_caption_model='show_tell', teacher_eval_mode=0, input_json='cocotalk.json',
+               att_feat_size=FEAT, encode_per_image=0)
+    opt.update(overrides)
+    return argparse.Namespace(**opt)
+
+
+def kd_batch(S=4, N=5, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.zeros(S, 18, dtype=torch.long)
+    masks = torch.zeros(S, 18)
+    for i, n in enumerate([3, 16, 1, 7][:S]):
+        labels[i, 1:n + 1] = torch.randint(1, len(VOCAB) + 1, (n,), generator=g)
+        masks[i, :n + 2] = 1
+    att = torch.randn(S // 2, N, FEAT, generator=g).repeat_interleave(2, dim=0)  # 2 captions per image
+    return {'fc_feats': torch.zeros(S, FEAT), 'att_feats': att, 'att_masks': None, 'labels': labels, 'masks': masks}
+
+
+def kl_by_hand(student, teacher, masks):
+    """sum over vocabulary of exp(t) * (t - s), over the rows of masks[:, 1:], / the number of those rows."""
+    student, total, rows = student.detach(), 0.0, 0
+    for i in range(student.size(0)):
+        for t in range(student.size(1)):
+            if masks[i, t + 1] > 0:
+                total += float((teacher[i, t].exp() * (teacher[i, t] - student[i, t])).sum())
+                rows += 1
+    return total / rows
+
+
+@pytest.fixture
+def teacher_path(tmp_path):
+    """A transformer teacher (K=1, other sizes than the student's K=2 student)."""
+    return save_run(str(tmp_path / 'teacher'), 'teacher', caption_model='transformer', K=1, input_encoding_size=16,
+                    rnn_size=24, seed=7)
+
+
+def student():
+    torch.manual_seed(1)
+    model = models.setup(tiny_model_opt())
+    model.eval()  # deterministic student: the only dropout left is the teacher's
+    return model
+
+
+def test_kd_loss_is_xe_plus_weighted_kl_teacher_eval_mode(teacher_path):
+    opt = kd_opt(teacher_path, teacher_eval_mode=1)
+    teacher = load_teacher(opt, VOCAB)
+    wrapper = LossWrapper(student(), opt, teacher=teacher)
+    batch = kd_batch()
+    out = wrapper(batch)
+    assert not teacher.training
+    s = wrapper.model(batch['fc_feats'], batch['att_feats'], batch['labels'], None)
+    t = teacher(batch['fc_feats'], batch['att_feats'], batch['labels'], None)
+    xe = float(LanguageModelCriterion()(s, batch['labels'][:, 1:], batch['masks'][:, 1:]).detach())
+    kl = kl_by_hand(s, t, batch['masks'])
+    assert kl > 0.01
+    assert float(out['kd_loss']) == pytest.approx(kl, rel=1e-5)
+    assert float(out['loss']) == pytest.approx(xe + 0.5 * kl, rel=1e-5)
+    torch.manual_seed(123)
+    assert float(wrapper(batch)['loss']) == pytest.approx(float(out['loss']), rel=1e-6)  # no dropout: the same
+    # without a teacher (kd_weight 0) it is the XE alone
+    assert float(LossWrapper(wrapper.model, kd_opt(kd_weight=0))(batch)['loss']) == pytest.approx(xe, rel=1e-6)
+
+
+def test_teacher_runs_in_train_mode_by_default(teacher_path):
+    """reference quirk: the teacher's dropout is on (--teacher_eval_mode 0)."""
+    opt = kd_opt(teacher_path)
+    teacher = load_teacher(opt, VOCAB)
+    wrapper = LossWrapper(student(), opt, teacher=teacher)
+    batch = kd_batch()
+    torch.manual_seed(5)
+    first = wrapper(batch)
+    assert teacher.training
+    torch.manual_seed(6)
+    second = wrapper(batch)
+    assert abs(float(first['kd_loss']) - float(second['kd_loss'])) > 1e-4  # dropout: another draw, another KL
+    torch.manual_seed(5)  # the same draw by hand: the teacher in train mode, on the same batch
+    s = wrapper.model(batch['fc_feats'], batch['att_feats'], batch['labels'], None)
+    with torch.no_grad():
+        t = teacher(batch['fc_feats'], batch['att_feats'], batch['labels'], None)
+    assert float(first['kd_loss']) == pytest.approx(kl_by_hand(s, t, batch['masks']), rel=1e-5)
+
+
+def test_teacher_is_frozen_and_outside_the_student(teacher_path):
+    opt = kd_opt(teacher_path)
+    teacher = load_teacher(opt, VOCAB)
+    model = student()
+    model.train()
+    wrapper = LossWrapper(model, opt, teacher=teacher)
+    assert all(not p.requires_grad for p in teacher.parameters())
+    teacher_ids = {id(p) for p in teacher.parameters()}
+    assert not teacher_ids & {id(p) for p in wrapper.parameters()}
+    assert set(wrapper.state_dict()) == {f'model.{k}' for k in model.state_dict()}
+    assert not any('teacher' in name for name, _ in wrapper.named_modules())
+    wrapper(kd_batch())['loss'].backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    wrapper.double()  # .to()/.cuda()/.double() of the wrapper move the teacher too
+    assert all(p.dtype == torch.float64 for p in teacher.parameters())
+
+
+def test_kd_only_in_the_xe_stage(teacher_path, cached_tokens):
+    opt = kd_opt(teacher_path, cached_tokens=cached_tokens)
+    calls = []
+    teacher = load_teacher(opt, VOCAB)
+    teacher.register_forward_hook(lambda *a: calls.append(1))
+    model = student()
+    model.train()
+    wrapper = LossWrapper(model, opt, teacher=teacher)
+    batch = dict(kd_batch(), gts=[GTS[0], GTS[1]], infos=None)
+    out = wrapper(batch, sc_flag=True)
+    assert 'kd_loss' not in out and not calls
+
+
+def test_default_teacher_infos_path(tmp_path):
+    folder = str(tmp_path / 'run')
+    save_run(folder, 'sat-2', best=True)
+    assert default_infos_path(os.path.join(folder, 'model.pth')) == os.path.join(folder, 'infos_sat-2.pkl')
+    assert default_infos_path(os.path.join(folder, 'model-best.pth')) == os.path.join(folder, 'infos_sat-2-best.pkl')
+    save_pickle({}, os.path.join(folder, 'infos_other.pkl'))
+    with pytest.raises(SaticError, match=r'2 infos files .*pass --teacher_infos'):
+        default_infos_path(os.path.join(folder, 'model.pth'))
+    with pytest.raises(SaticError, match='no infos file .*pass --teacher_infos'):
+        default_infos_path(str(tmp_path / 'model.pth'))
+
+
+def one_line(error):
+    text = str(error.value)
+    assert '\n' not in text
+    return text
+
+
+def test_teacher_of_another_vocabulary_is_refused(tmp_path):
+    other = dict(VOCAB, **{'20': 'zebra'})
+    path = save_run(str(tmp_path / 'other'), 'other', vocab=other)
+    with pytest.raises(SaticError) as error:
+        load_teacher(kd_opt(path), VOCAB)
+    assert path in one_line(error) and 'vocabulary' in one_line(error)
+
+
+def test_show_tell_teacher_is_refused(tmp_path):
+    path = save_run(str(tmp_path / 'st'), 'st', caption_model='show_tell')
+    with pytest.raises(SaticError) as error:
+        load_teacher(kd_opt(path), VOCAB)
+    assert 'infos_st.pkl' in one_line(error) and "'show_tell'" in one_line(error)
+    path = save_run(str(tmp_path / 'tr'), 'tr', caption_model='transformer', K=1)
+    with pytest.raises(SaticError) as error:  # --teacher_caption_model, when given, must be the teacher's
+        load_teacher(kd_opt(path, teacher_caption_model='sat'), VOCAB)
+    assert 'infos_tr.pkl' in one_line(error)
+    assert load_teacher(kd_opt(path, teacher_caption_model='transformer'), VOCAB).K == 1
+
+
+def refused(argv, *fragments):
+    with pytest.raises(SystemExit) as error:
+        opts.parse_opt(argv)
+    text = str(error.value.code)
+    assert text.startswith('error: ') and '\n' not in text, text
+    for fragment in fragments:
+        assert fragment in text, text
+    return text
+
+
+def test_kd_without_teacher_model_is_refused():
+    refused(['--kd_weight', '0.5'], '--teacher_model', 'show_tell', 'does not exist in this project')
+    refused(['--kd_weight', '0.5', '--teacher_caption_model', 'topdown', '--teacher_model', 'x.pth'], 'topdown')
+    refused(['--kd_weight', '-1'], '--kd_weight')
+    refused(['--teacher_model', 'x.pth'], '--teacher_model', '--kd_weight > 0')
+    refused(['--teacher_eval_mode', '1'], '--teacher_eval_mode', '--kd_weight > 0')
+    refused(['--kd_weight', '1', '--teacher_model', 'x.pth', '--teacher_eval_mode', '2'], '--teacher_eval_mode')
+    opt = opts.parse_opt(['--kd_weight', '0.5', '--teacher_model', 'x.pth', '--teacher_eval_mode', '1'])
+    assert (opt.kd_weight, opt.teacher_model, opt.teacher_eval_mode) == (0.5, 'x.pth', 1)
+    assert opts.parse_opt(['--teacher_caption_model', 'topdown']).kd_weight == 0  # inert without --kd_weight
+
+
+# ----------------------------------------------------------------------------------------------- train.py
+def run_main(argv):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = train.main(argv)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def tiny_train_args(ds, folder, run_id, *extra):
+    return ['--input_json', ds.input_json, '--input_label_h5', ds.label_h5, '--input_fc_dir', ds.fc_dir,
+            '--input_att_dir', ds.att_dir, '--cached_tokens', ds.cached_tokens, '--ref_json', ds.ref_json,
+            '--att_feat_size', str(ds.feat_dim), '--caption_model', 'sat', '--K', '2', '--init_from', 'none',
+            '--num_layers', '1', '--input_encoding_size', '16', '--rnn_size', '24', '--batch_size', '2',
+            '--seq_per_img', '5', '--language_eval', '0', '--num_workers', '0', '--device', 'cpu',
+            '--max_epochs', '-1', '--max_iters', '3', '--save_checkpoint_every', '1000', '--losses_log_every', '1',
+            '--checkpoint_path', str(folder), '--id', run_id, *extra]
+
+
+def test_train_with_kd_end_to_end(tiny_dataset, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with open(tiny_dataset.input_json) as f:
+        vocab = json.load(f)['ix_to_word']
+    teacher = save_run(str(tmp_path / 'teacher'), 'teacher', vocab=vocab, caption_model='transformer', K=1,
+                       att_feat_size=tiny_dataset.feat_dim, input_encoding_size=16, rnn_size=24, best=True)
+    best = os.path.join(os.path.dirname(teacher), 'model-best.pth')
+    runs = {}
+    for name, extra in (('kd', ['--kd_weight', '0.5', '--teacher_model', best]),
+                        ('kd-eval', ['--kd_weight', '0.5', '--teacher_model', teacher, '--teacher_eval_mode', '1']),
+                        ('xe', [])):
+        rc, out, err = run_main(tiny_train_args(tiny_dataset, tmp_path / name, name, *extra))
+        assert rc == 0, err
+        runs[name] = load_torch(str(tmp_path / name / 'model.pth'))
+        if name != 'xe':
+            assert 'distillation: teacher' in out and ('eval mode' in out) == (name == 'kd-eval')
+    student_model = models.setup(tiny_model_opt(vocab_size=len(vocab), att_feat_size=tiny_dataset.feat_dim,
+                                                input_encoding_size=16, rnn_size=24))
+    assert set(runs['kd']) == set(student_model.state_dict())  # the teacher is not saved with the student
+    optimizer = load_torch(str(tmp_path / 'kd' / 'optimizer.pth'))
+    assert sum(len(g['params']) for g in optimizer['param_groups']) == len(list(student_model.parameters()))
+    infos = load_pickle(str(tmp_path / 'kd' / 'infos_kd.pkl'))
+    assert infos['opt'].teacher_model == best and infos['iter'] == 3
+    # the teacher in eval mode draws no random numbers: the only difference from plain XE is the KL gradient
+    assert any(not torch.equal(runs['kd-eval'][k], runs['xe'][k]) for k in runs['xe'])
+
+    # a teacher of another vocabulary: one line naming it, before training
+    other = save_run(str(tmp_path / 'other'), 'other', vocab=dict(vocab, **{'1': 'zebra'}),
+                     att_feat_size=tiny_dataset.feat_dim)
+    rc, _, err = run_main(tiny_train_args(tiny_dataset, tmp_path / 'bad', 'bad', '--kd_weight', '1',
+                                          '--teacher_model', other))
+    lines = [line for line in err.splitlines() if line.startswith('error: ')]
+    assert rc == 2 and len(lines) == 1 and other in lines[0] and 'vocabulary' in lines[0], err
+    assert not os.path.exists(tmp_path / 'bad' / 'model.pth')
+
+
+# ----------------------------------------------------------------------------------------------- options
+def reference_options():
+    with open(REFERENCE_OPTIONS) as f:
+        rows = [line for line in f if not line.startswith('#')]
+    return list(csv.DictReader(rows, delimiter='\t'))
+
+
+@pytest.mark.skipif(not REFERENCE_OPTIONS.is_file(), reason='no ../shared/conformance')
+def test_every_reference_option_exists_with_its_default():
+    defaults = vars(opts.parse_opt([]))
+    for row in reference_options():
+        name = row['option'].lstrip('-')
+        assert name in defaults, name
+        default = row['default']
+        if row['type'] in ('str',) and default != 'None':
+            assert defaults[name] == default.strip("'"), name
+        elif row['type'] in ('int', 'float'):
+            assert defaults[name] == float(default), name
+
+
+def test_refused_reference_options_say_why_in_one_line():
+    refused(['--use_box', '1'], '--use_box 1', 'box')
+    with pytest.raises(SystemExit) as error:  # also for a checkpoint's infos (eval.py)
+        opts.check_opt(argparse.Namespace(**dict(vars(opts.parse_opt([])), use_box=1)))
+    assert '\n' not in str(error.value.code)
+
+
+def test_inert_reference_options_are_accepted_and_change_nothing():
+    argv = ['--rnn_type', 'gru', '--att_hid_size', '7', '--logit_layers', '3', '--fc_feat_size', '5',
+            '--norm_box_feat', '1', '--input_box_dir', 'nowhere', '--scheduled_sampling_start', '0',
+            '--scheduled_sampling_increase_every', '1', '--scheduled_sampling_increase_prob', '0.5',
+            '--scheduled_sampling_max_prob', '0.9', '--nsc', '0', '--teacher_caption_model', 'topdown',
+            '--noamopt', '--learning_rate_decay_start', '0', '--optim', 'sgd', '--weight_decay', '0.1']
+    opt = opts.parse_opt(argv)
+    plain = opts.parse_opt([])
+    for o in (opt, plain):
+        o.vocab_size = 20
+    torch.manual_seed(0)
+    a = models.setup(opt).state_dict()
+    torch.manual_seed(0)
+    b = models.setup(plain).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    from misc import optim
+    noam = optim.build(models.setup(opt), opt)  # --optim/--weight_decay are inert with --noamopt, as the reference
+    assert isinstance(noam, optim.NoamOpt)
+
+
+def readme_train_commands():
+    text = (REPO / 'README.md').read_text()
+    return [shlex.split(m.group(1)) for m in re.finditer(r'^python3? train\.py (.+)$', text, re.M)]
+
+
+def test_readme_train_commands_are_accepted():
+    commands = readme_train_commands()
+    assert len(commands) >= 2
+    stage1 = next(c for c in commands if '--noamopt' in c)
+    assert {'--scheduled_sampling_start', '--learning_rate_decay_start'} <= set(stage1)
+    for argv in commands:
+        opt = opts.parse_opt(argv)
+        assert opt.K == 2
+    assert opts.parse_opt(stage1).scheduled_sampling_start == 0
