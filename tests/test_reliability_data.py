@@ -393,3 +393,25 @@ def test_progress_bar_on_a_terminal(monkeypatch):
     monkeypatch.setattr(sys, 'stderr', term)
     assert list(progress(range(5), desc='demo', unit='images')) == list(range(5))
     assert 'demo: 100%' in term.getvalue() and '5/5' in term.getvalue()
+
+
+@needs_java
+@pytest.mark.parametrize('verbose', ['0', '1'])
+def test_eval_verbose_shows_pycocoevalcap_prints(tiny_dataset, tmp_path, monkeypatch, capsys, verbose):
+    """eval.py: the metric lines always, pycocoevalcap's {'testlen': ..} / ratio lines only with --verbose 1."""
+    import torch
+    import eval as eval_script
+    from tests.test_eval import save_checkpoint
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, infos = save_checkpoint(tiny_dataset, str(tmp_path / 'ckpt'))
+        monkeypatch.setattr(coco_eval, '_Meteor', _FakeMeteor)
+        monkeypatch.chdir(tmp_path)
+        assert eval_script.main(['--model', model, '--infos_path', infos, '--language_eval', '1', '--ref_json',
+                                 tiny_dataset.ref_json, '--verbose', verbose, '--id', 'v']) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert 'CIDEr: ' in out and 'Bleu_4: ' in out
+    assert ("'testlen'" in out) == (verbose == '1') and ('ratio:' in out) == (verbose == '1')
