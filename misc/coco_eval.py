@@ -83,6 +83,24 @@ def _java_failed(what, detail):
             'default-jre-headless) or run with --language_eval 0' % (what, shutil.which('java') or 'java', detail))
 
 
+def check_java():
+    """SaticError (one line) unless Java is installed and starts with METEOR's heap (java -Xmx2G -version): called
+    before decoding or training, so that a missing or broken Java fails in seconds, not after hours of work."""
+    if not java_available():
+        raise SaticError(JAVA_MISSING)
+    what = '`java -Xmx2G -version`'
+    try:
+        proc = subprocess.run(['java', '-Xmx2G', '-version'], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              timeout=120)
+    except OSError as e:  # not executable
+        raise SaticError(_java_failed(what, 'cannot start: %s' % e)) from None
+    except subprocess.TimeoutExpired:
+        raise SaticError(_java_failed(what, 'no answer within 120 s')) from None
+    if proc.returncode != 0:
+        raise SaticError(_java_failed(what, 'exit status %d: %s' % (proc.returncode,
+                                                                   proc.stderr.decode(errors='replace'))))
+
+
 def ptb_tokenize(captions):
     """pycocoevalcap's PTB tokenization (Stanford PTBTokenizer 3.4.1, lower case, punctuation removed), one java run.
     captions: list of str -> list of str."""

@@ -148,10 +148,9 @@ def _beam_captions(vocab, model, captions, beam_size, remove_bad_endings=False):
 
 
 def check_language_eval_ready(ref_json):
-    """Fail before decoding, not after, when the COCO metrics cannot run (no Java, no reference file)."""
-    from misc.coco_eval import JAVA_MISSING, java_available
-    if not java_available():
-        raise SaticError(JAVA_MISSING)
+    """Fail before decoding, not after, when the COCO metrics cannot run (no or broken Java, no reference file)."""
+    from misc.coco_eval import check_java
+    check_java()
     if not ref_json or not os.path.isfile(ref_json):
         raise SaticError(f"--ref_json {ref_json}: reference captions not found; build them with "
                          f"python scripts/prepro_reference_json.py (or pass --language_eval 0)")

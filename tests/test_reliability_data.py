@@ -415,3 +415,22 @@ def test_eval_verbose_shows_pycocoevalcap_prints(tiny_dataset, tmp_path, monkeyp
     out = capsys.readouterr().out
     assert 'CIDEr: ' in out and 'Bleu_4: ' in out
     assert ("'testlen'" in out) == (verbose == '1') and ('ratio:' in out) == (verbose == '1')
+
+
+def test_broken_java_fails_eval_before_decoding(tiny_dataset, tmp_path, monkeypatch, capsys):
+    """A java that is on PATH but does not start stops eval.py (and train.py) before any work, in one line."""
+    import eval as eval_script
+    from models.sat import SATModel
+    from tests.test_eval import save_checkpoint
+    model, infos = save_checkpoint(tiny_dataset, str(tmp_path / 'ckpt'))
+    java = _fake_java(tmp_path, monkeypatch, 'echo "Error: Could not reserve enough space for object heap" >&2; exit 1')
+
+    def must_not_decode(*args, **kwargs):
+        raise AssertionError('decoding started before the Java check')
+    monkeypatch.setattr(SATModel, 'decode', must_not_decode)
+    monkeypatch.chdir(tmp_path)
+    assert eval_script.main(['--model', model, '--infos_path', infos, '--language_eval', '1',
+                             '--ref_json', tiny_dataset.ref_json]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and 'Traceback' not in err
+    assert err.startswith('error: `java -Xmx2G -version` failed') and java in err and 'object heap' in err
