@@ -1,13 +1,43 @@
 """Issue 13 ("a run never loses days"), data side: safe cached-tokens loading, features checked when read,
 Ctrl-C and broken Java during the COCO metrics, quiet pycocoevalcap, umask-honouring outputs, progress output."""
+import io
 import os
 import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from collections import defaultdict
 
+import h5py
+import numpy as np
 import pytest
+import torch
 
+import eval as eval_script
+from dataloader import DataLoader
+from misc import coco_eval
+from misc.checkpoint import atomic_write
 from misc.cider_d import CiderD, load_cached_tokens
 from misc.errors import SaticError
+from models.sat import SATModel
+from scripts import _common, dump_to_lmdb
+from tests.helpers import make_tiny_dataset
+from tests.test_coco_eval import PREDICTIONS, java_children, write_reference_json
+from tests.test_dataloader import copy_dataset, one_line_error
+from tests.test_eval import save_checkpoint
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+needs_java = pytest.mark.skipif(not coco_eval.java_available(), reason='java not installed')
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # --- 1. --cached_tokens never executes code -------------------------------------------------------------------
@@ -83,11 +113,7 @@ def test_prepro_ngrams_output_loads(tiny_dataset):
 
 # --- 2-4. COCO metrics: Ctrl-C during METEOR, broken Java, quiet pycocoevalcap ----------------------------------
 
-from misc import coco_eval  # noqa: E402
-from tests.test_coco_eval import PREDICTIONS, write_reference_json  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-needs_java = pytest.mark.skipif(not coco_eval.java_available(), reason='java not installed')
 
 METEOR_SCRIPT = r'''
 import json, random, sys
@@ -114,10 +140,6 @@ print('METEOR finished', flush=True)
 @needs_java
 def test_ctrl_c_during_meteor_exits_at_once(tmp_path):
     """pycocoevalcap's Meteor.__del__ waits on the lock an interrupted compute_score holds: the program hung."""
-    import signal
-    import subprocess
-    import sys
-    import time
     script = tmp_path / 'meteor.py'
     script.write_text(METEOR_SCRIPT % {'repo': REPO, 'ref': str(tmp_path / 'refs.json')})
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -171,7 +193,6 @@ def test_unexecutable_java_is_one_line(tmp_path, monkeypatch):
 @needs_java
 def test_meteor_crash_is_one_line(tmp_path, monkeypatch):
     """Java runs the tokenizer but the METEOR jar crashes at start."""
-    import shutil
     real = shutil.which('java')
     _fake_java(tmp_path, monkeypatch, 'case "$*" in *meteor-1.5.jar*) echo "Exception in thread main: '
                                       'java.lang.OutOfMemoryError" >&2; exit 3;; esac\nexec %s "$@"' % real)
@@ -182,12 +203,7 @@ def test_meteor_crash_is_one_line(tmp_path, monkeypatch):
     message = str(err.value)
     assert 'METEOR' in message and 'exit status 3' in message and 'OutOfMemoryError' in message
     assert '\n' not in message
-    assert not _java_children()
-
-
-def _java_children():
-    from tests.test_coco_eval import java_children
-    return java_children()
+    assert not java_children()
 
 
 class _FakeMeteor:
@@ -212,10 +228,7 @@ def test_pycocoevalcap_debug_prints_only_when_verbose(tmp_path, monkeypatch, cap
 
 # --- 5. features checked when read ------------------------------------------------------------------------------
 
-import numpy as np  # noqa: E402
 
-from dataloader import DataLoader  # noqa: E402
-from tests.test_dataloader import copy_dataset, one_line_error  # noqa: E402
 
 
 def _later_image(ds, split='train', k=3):
@@ -256,7 +269,6 @@ def test_nan_region_feature_is_named(tmp_path, tiny_dataset, value):
 
 
 def test_nan_fc_feature_in_lmdb_is_named(tmp_path, tiny_dataset):
-    from scripts import dump_to_lmdb
     root = copy_dataset(tiny_dataset, tmp_path)
     iid = _later_image(tiny_dataset)
     fc_path = os.path.join(root, 'cocobu_fc', f'{iid}.npy')
@@ -272,7 +284,6 @@ def test_nan_fc_feature_in_lmdb_is_named(tmp_path, tiny_dataset):
 def test_nan_first_image_fails_when_the_loader_opens(tmp_path, tiny_dataset):
     iid = _later_image(tiny_dataset, 'val', 0)
     path = str(tmp_path / 'att.h5')
-    import h5py
     with h5py.File(tiny_dataset.att_h5, 'r') as src, h5py.File(path, 'w') as dst:
         for key in src:
             data = src[key][()]
@@ -318,7 +329,6 @@ def test_zero_box_image_is_named(tmp_path, tiny_dataset):
 # --- 6. outputs honour the umask --------------------------------------------------------------------------------
 
 def _atomic_write_honours_umask(tmp_path):
-    from misc.checkpoint import atomic_write
     old = os.umask(0o022)
     try:
         atomic_write(str(tmp_path / 'probe'), lambda f: f.write(b'x'))
@@ -331,7 +341,6 @@ def _atomic_write_honours_umask(tmp_path):
 def test_script_outputs_honour_the_umask(tmp_path, monkeypatch, umask):
     if not _atomic_write_honours_umask(tmp_path):
         pytest.skip('misc.checkpoint.atomic_write does not honour the umask yet')
-    from tests.helpers import make_tiny_dataset
     old = os.umask(umask)
     try:
         ds = make_tiny_dataset(tmp_path / 'data', n_train=3, n_val=1, n_test=1, feat_dim=4,
@@ -365,8 +374,6 @@ def _refs(tmp_path):
 def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path, monkeypatch, capsys):
     """Log files get plain periodic lines (here: every update, PROGRESS_SECONDS = 0); a short run at the default
     interval prints none."""
-    from scripts import _common
-    from tests.helpers import make_tiny_dataset
     make_tiny_dataset(tmp_path / 'quiet', n_train=2, n_val=1, n_test=1, feat_dim=4, backends=('dir', 'lmdb'))
     assert ' left' not in capsys.readouterr().err
     monkeypatch.setattr(_common, 'PROGRESS_SECONDS', 0.0)
@@ -382,16 +389,13 @@ def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path, monkeypatch, cap
 
 
 def test_progress_bar_on_a_terminal(monkeypatch):
-    import io
-    import sys
-    from scripts._common import progress
 
     class Terminal(io.StringIO):
         def isatty(self):
             return True
     term = Terminal()
     monkeypatch.setattr(sys, 'stderr', term)
-    assert list(progress(range(5), desc='demo', unit='images')) == list(range(5))
+    assert list(_common.progress(range(5), desc='demo', unit='images')) == list(range(5))
     assert 'demo: 100%' in term.getvalue() and '5/5' in term.getvalue()
 
 
@@ -399,19 +403,11 @@ def test_progress_bar_on_a_terminal(monkeypatch):
 @pytest.mark.parametrize('verbose', ['0', '1'])
 def test_eval_verbose_shows_pycocoevalcap_prints(tiny_dataset, tmp_path, monkeypatch, capsys, verbose):
     """eval.py: the metric lines always, pycocoevalcap's {'testlen': ..} / ratio lines only with --verbose 1."""
-    import torch
-    import eval as eval_script
-    from tests.test_eval import save_checkpoint
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model, infos = save_checkpoint(tiny_dataset, str(tmp_path / 'ckpt'))
-        monkeypatch.setattr(coco_eval, '_Meteor', _FakeMeteor)
-        monkeypatch.chdir(tmp_path)
-        assert eval_script.main(['--model', model, '--infos_path', infos, '--language_eval', '1', '--ref_json',
-                                 tiny_dataset.ref_json, '--verbose', verbose, '--id', 'v']) == 0
-    finally:
-        torch.set_num_threads(threads)
+    model, infos = save_checkpoint(tiny_dataset, str(tmp_path / 'ckpt'))
+    monkeypatch.setattr(coco_eval, '_Meteor', _FakeMeteor)
+    monkeypatch.chdir(tmp_path)
+    assert eval_script.main(['--model', model, '--infos_path', infos, '--language_eval', '1', '--ref_json',
+                             tiny_dataset.ref_json, '--verbose', verbose, '--id', 'v']) == 0
     out = capsys.readouterr().out
     assert 'CIDEr: ' in out and 'Bleu_4: ' in out
     assert ("'testlen'" in out) == (verbose == '1') and ('ratio:' in out) == (verbose == '1')
@@ -419,9 +415,6 @@ def test_eval_verbose_shows_pycocoevalcap_prints(tiny_dataset, tmp_path, monkeyp
 
 def test_broken_java_fails_eval_before_decoding(tiny_dataset, tmp_path, monkeypatch, capsys):
     """A java that is on PATH but does not start stops eval.py (and train.py) before any work, in one line."""
-    import eval as eval_script
-    from models.sat import SATModel
-    from tests.test_eval import save_checkpoint
     model, infos = save_checkpoint(tiny_dataset, str(tmp_path / 'ckpt'))
     java = _fake_java(tmp_path, monkeypatch, 'echo "Error: Could not reserve enough space for object heap" >&2; exit 1')
 
