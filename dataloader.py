@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from misc.errors import SaticError
-from scripts._common import load_json, read_array, vocab_sha1
+from misc.fileio import read_array, read_json, vocab_sha1
 
 SPLITS = ('train', 'val', 'test')
 DEFAULT_SEQ_LENGTH = 16
@@ -152,7 +152,7 @@ class DataLoader:
             raise SaticError(f'rank {rank} is outside world size {world_size}')
 
         self._pool, self._readers = None, []
-        self.info = load_json(opt.input_json, '--input_json')
+        self.info = read_json(opt.input_json, '--input_json')
         if not isinstance(self.info, dict) or not isinstance(self.info.get('images'), list) \
                 or not all('id' in img for img in self.info['images']):
             raise SaticError(f'--input_json {opt.input_json} has no images[] with ids: expected cocotalk.json from '

@@ -17,7 +17,7 @@ if __package__ in (None, ''):  # run as a file: make the repository root importa
 import numpy as np
 
 from misc.errors import SaticError
-from scripts._common import Progress, cli, image_id, load_json, progress, read_array
+from misc.fileio import Progress, image_id, progress, read_array, read_json, run_cli
 
 EXTENSIONS = ('.npz', '.npy')
 
@@ -31,7 +31,7 @@ def feature_files(folder, input_json=''):
         if not names:
             raise SaticError(f'{folder} has no .npy/.npz files: check --folder')
         return [(os.path.splitext(n)[0], os.path.join(folder, n)) for n in names]
-    data = load_json(input_json, 'image list json')
+    data = read_json(input_json, 'image list json')
     out = []
     for img in data.get('images', []):
         key = str(image_id(img, input_json))
@@ -106,7 +106,7 @@ def run(args):
 
 
 def main(argv=None):
-    return cli(parse_args, run, argv)
+    return run_cli(parse_args, run, argv)
 
 
 if __name__ == '__main__':

@@ -22,7 +22,7 @@ if __package__ in (None, ''):  # run as a file: make the repository root importa
 import numpy as np
 
 from misc.errors import SaticError
-from scripts._common import Progress, cli
+from misc.fileio import Progress, run_cli
 
 FIELDNAMES = ['image_id', 'image_w', 'image_h', 'num_boxes', 'boxes', 'features']
 
@@ -133,7 +133,7 @@ def run(args):
 
 
 def main(argv=None):
-    return cli(parse_args, run, argv)
+    return run_cli(parse_args, run, argv)
 
 
 if __name__ == '__main__':

@@ -31,7 +31,7 @@ import numpy as np
 
 from misc.errors import SaticError
 from scripts import make_bu_data, prepro_cocotest, prepro_labels, prepro_ngrams, prepro_reference_json
-from scripts._common import cli, dump_json
+from misc.fileio import run_cli, write_json
 
 VERSION = 1  # bump when the generated data changes, so existing demo folders are rebuilt
 STAMP = '.demo_stamp.json'
@@ -270,8 +270,8 @@ def run(args):
     j = lambda name: os.path.join(out, name)  # noqa: E731
 
     dataset, online, tokens, sizes = build_dataset(args)
-    dump_json(dataset, j('dataset_coco.json'))
-    dump_json({'info': {'description': 'SATIC demo: caption-less online-test images (COCO val2014)'},
+    write_json(dataset, j('dataset_coco.json'))
+    write_json({'info': {'description': 'SATIC demo: caption-less online-test images (COCO val2014)'},
                'images': online, 'licenses': [], 'categories': []}, j('image_info_test.json'))
     box_counts = write_tsvs(args, dataset, online, tokens, sizes, j('tsv'))
 
@@ -290,12 +290,12 @@ def run(args):
                                '--dict_json', j('cocotalk.json'), '--images_dir', 'val2014'])
     text = summary(out, box_counts, args.seed)
     text += f'\n  built in {time.time() - start:.1f} s'
-    dump_json({'args': build_args(args), 'summary': text}, stamp_path)
+    write_json({'args': build_args(args), 'summary': text}, stamp_path)
     print(text)
 
 
 def main(argv=None):
-    return cli(parse_args, run, argv)
+    return run_cli(parse_args, run, argv)
 
 
 if __name__ == '__main__':

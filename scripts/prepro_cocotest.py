@@ -14,7 +14,7 @@ if __package__ in (None, ''):  # run as a file: make the repository root importa
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from misc.errors import SaticError
-from scripts._common import cli, dump_json, load_json
+from misc.fileio import read_json, run_cli, write_json
 
 
 def parse_args(argv=None):
@@ -28,7 +28,7 @@ def parse_args(argv=None):
 
 
 def run(args):
-    info = load_json(args.input_json, 'COCO image info json')
+    info = read_json(args.input_json, 'COCO image info json')
     images = info.get('images') if isinstance(info, dict) else None
     if not isinstance(images, list) or not images:
         raise SaticError(f'{args.input_json} has no images[]: expected COCO image_info_test2014.json')
@@ -43,16 +43,16 @@ def run(args):
                            'split': 'test'})
     out = {'images': out_images}
     if args.dict_json:
-        vocab = load_json(args.dict_json, 'vocabulary json')
+        vocab = read_json(args.dict_json, 'vocabulary json')
         if not isinstance(vocab, dict) or not vocab.get('ix_to_word'):
             raise SaticError(f'{args.dict_json} has no ix_to_word: pass the cocotalk.json written by prepro_labels.py')
         out['ix_to_word'] = vocab['ix_to_word']
-    dump_json(out, args.output_json)
+    write_json(out, args.output_json)
     print(f'wrote {args.output_json} ({len(out_images)} test images)')
 
 
 def main(argv=None):
-    return cli(parse_args, run, argv)
+    return run_cli(parse_args, run, argv)
 
 
 if __name__ == '__main__':

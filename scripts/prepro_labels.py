@@ -25,7 +25,7 @@ import h5py
 import numpy as np
 
 from misc.errors import SaticError
-from scripts._common import cli, dump_json, image_id, load_json, progress, vocab_sha1
+from misc.fileio import image_id, progress, read_json, run_cli, vocab_sha1, write_json
 
 UNK = 'UNK'
 
@@ -117,7 +117,7 @@ def image_entry(img, images_root='', path='the dataset json'):
 
 def load_dataset_images(path):
     """images[] of a Karpathy-format dataset json, checked for the fields the scripts need."""
-    data = load_json(path, 'dataset json')
+    data = read_json(path, 'dataset json')
     images = data.get('images') if isinstance(data, dict) else None
     if not isinstance(images, list):
         raise SaticError(f'{path} has no images[] list: expected a Karpathy-format dataset_coco.json')
@@ -154,13 +154,13 @@ def run(args):
         images_iter = images
     out = {'ix_to_word': ix_to_word,
            'images': [image_entry(img, args.images_root, args.input_json) for img in images_iter]}
-    dump_json(out, args.output_json)
+    write_json(out, args.output_json)
     print(f'wrote {args.output_json} ({len(images)} images, vocabulary {len(ix_to_word)}) and '
           f'{h5_path} ({labels.shape[0]} captions)')
 
 
 def main(argv=None):
-    return cli(parse_args, run, argv)
+    return run_cli(parse_args, run, argv)
 
 
 if __name__ == '__main__':

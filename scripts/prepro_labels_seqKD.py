@@ -17,13 +17,13 @@ if __package__ in (None, ''):  # run as a file: make the repository root importa
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from misc.errors import SaticError
-from scripts._common import cli, image_id, load_json
+from misc.fileio import image_id, read_json, run_cli
 from scripts.prepro_labels import encode_captions, load_dataset_images, write_label_h5
 
 
 def load_teacher(path):
     """{image_id: [token lists]} from a teacher captions json."""
-    data = load_json(path, 'teacher captions json')
+    data = read_json(path, 'teacher captions json')
     if not isinstance(data, list):
         raise SaticError(f'{path}: expected a list of {{"image_id", "caption"}} entries (eval.py --seq_kd 1 output)')
     teacher = {}
@@ -53,7 +53,7 @@ def parse_args(argv=None):
 
 def run(args):
     images = load_dataset_images(args.input_json)
-    vocab_json = load_json(args.dict_json, 'vocabulary json')
+    vocab_json = read_json(args.dict_json, 'vocabulary json')
     ix_to_word = vocab_json.get('ix_to_word') if isinstance(vocab_json, dict) else None
     if not ix_to_word:
         raise SaticError(f'{args.dict_json} has no ix_to_word: pass the cocotalk.json written by prepro_labels.py')
@@ -82,7 +82,7 @@ def run(args):
 
 
 def main(argv=None):
-    return cli(parse_args, run, argv)
+    return run_cli(parse_args, run, argv)
 
 
 if __name__ == '__main__':

@@ -19,7 +19,7 @@ if __package__ in (None, ''):  # run as a file: make the repository root importa
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from misc.errors import SaticError
-from scripts._common import cli, image_id, load_json, progress
+from misc.fileio import image_id, progress, read_json, run_cli
 from scripts.prepro_labels import UNK, load_dataset_images
 
 EOS_WORD = '<eos>'
@@ -87,7 +87,7 @@ def write_pickle(obj, path):
 
 def run(args):
     images = load_dataset_images(args.input_json)
-    vocab_json = load_json(args.dict_json, 'vocabulary json')
+    vocab_json = read_json(args.dict_json, 'vocabulary json')
     ix_to_word = vocab_json.get('ix_to_word') if isinstance(vocab_json, dict) else None
     if not ix_to_word:
         raise SaticError(f'{args.dict_json} has no ix_to_word: pass the cocotalk.json written by prepro_labels.py')
@@ -103,7 +103,7 @@ def run(args):
 
 
 def main(argv=None):
-    return cli(parse_args, run, argv)
+    return run_cli(parse_args, run, argv)
 
 
 if __name__ == '__main__':

@@ -19,7 +19,7 @@ if __package__ in (None, ''):  # run as a file: make the repository root importa
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from misc.errors import SaticError
-from scripts._common import cli, dump_json, image_id
+from misc.fileio import image_id, run_cli, write_json
 from scripts.prepro_labels import load_dataset_images
 
 DEFAULT_OUTPUT = 'coco-caption/annotations/captions_val2014.json'
@@ -92,12 +92,12 @@ def run(args):
     ref = reference_json(images, splits, args.input_json)
     if not ref['images']:
         raise SaticError(f'{args.input_json} has no images in splits {sorted(splits)}: check --splits')
-    dump_json(ref, args.output_json)
+    write_json(ref, args.output_json)
     print(f'wrote {args.output_json} ({len(ref["images"])} images, {len(ref["annotations"])} captions)')
 
 
 def main(argv=None):
-    return cli(parse_args, run, argv)
+    return run_cli(parse_args, run, argv)
 
 
 if __name__ == '__main__':

@@ -11,7 +11,7 @@ import pytest
 from misc.errors import SaticError
 from scripts import (dump_to_lmdb, make_bu_data, make_demo_data, prepro_cocotest, prepro_labels, prepro_labels_seqKD,
                      prepro_ngrams, prepro_reference_json)
-from scripts._common import vocab_sha1
+from misc.fileio import vocab_sha1
 
 LONG = ['a', 'dog'] * 9  # 18 words: cut to 16
 

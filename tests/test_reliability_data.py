@@ -22,7 +22,8 @@ from misc.checkpoint import atomic_write
 from misc.cider_d import CiderD, load_cached_tokens
 from misc.errors import SaticError
 from models.sat import SATModel
-from scripts import _common, dump_to_lmdb
+from misc import fileio
+from scripts import dump_to_lmdb
 from tests.helpers import make_tiny_dataset
 from tests.test_coco_eval import PREDICTIONS, java_children, write_reference_json
 from tests.test_dataloader import copy_dataset, one_line_error
@@ -376,7 +377,7 @@ def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path, monkeypatch, cap
     interval prints none."""
     make_tiny_dataset(tmp_path / 'quiet', n_train=2, n_val=1, n_test=1, feat_dim=4, backends=('dir', 'lmdb'))
     assert ' left' not in capsys.readouterr().err
-    monkeypatch.setattr(_common, 'PROGRESS_SECONDS', 0.0)
+    monkeypatch.setattr(fileio, 'PROGRESS_SECONDS', 0.0)
     make_tiny_dataset(tmp_path / 'loud', n_train=2, n_val=1, n_test=1, feat_dim=4, backends=('dir', 'lmdb', 'h5'))
     err = capsys.readouterr().err
     lines = err.splitlines()
@@ -395,7 +396,7 @@ def test_progress_bar_on_a_terminal(monkeypatch):
             return True
     term = Terminal()
     monkeypatch.setattr(sys, 'stderr', term)
-    assert list(_common.progress(range(5), desc='demo', unit='images')) == list(range(5))
+    assert list(fileio.progress(range(5), desc='demo', unit='images')) == list(range(5))
     assert 'demo: 100%' in term.getvalue() and '5/5' in term.getvalue()
 
 

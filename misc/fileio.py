@@ -1,5 +1,6 @@
-"""Small helpers shared by the data scripts and dataloader.py: the command-line wrapper, progress output, the vocabulary
-hash, json io."""
+"""File input/output shared by the loader, the scripts, evaluation, training and bench: atomic writes, json and
+feature-array readers, the vocabulary fingerprint, progress output for long jobs, and the command-line wrapper that
+turns a SaticError into one line and exit status 2."""
 import hashlib
 import json
 import sys
@@ -91,7 +92,7 @@ def progress(iterable, total=None, desc='', unit='it'):
             bar.update()
 
 
-def cli(parse_args, run, argv=None):
+def run_cli(parse_args, run, argv=None):
     """Parse argv, call run(args); a SaticError becomes 'error: <msg>' on stderr and exit status 2."""
     args = parse_args(argv)
     try:
@@ -102,7 +103,7 @@ def cli(parse_args, run, argv=None):
     return 0
 
 
-def load_json(path, what='json file'):
+def read_json(path, what='json file'):
     """json.load with a one-line SaticError for a missing or malformed file."""
     try:
         with open(path) as f:
@@ -113,7 +114,7 @@ def load_json(path, what='json file'):
         raise SaticError(f'{what} {path} is not valid json ({e}): re-create it') from None
 
 
-def dump_json(obj, path):
+def write_json(obj, path):
     """Write json atomically (misc.checkpoint.atomic_write: temp file + fsync + rename, umask permissions), creating
     the folder."""
     from misc.checkpoint import atomic_write
