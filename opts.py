@@ -177,7 +177,26 @@ def parse_opt(argv=None):
     opt = parser.parse_args(argv)
     check_opt(opt)
     check_train_opt(opt)
+    check_schedule_opt(opt)
     return opt
+
+
+def check_schedule_opt(opt):
+    """train.py: lengths, periods and sizes of the run that make no sense (a one-line refusal, exit 2)."""
+    def need(cond, message):
+        if not cond:
+            raise SystemExit(f'error: {message}')
+    need(opt.max_epochs >= -1, f'--max_epochs must be -1 (no limit) or >= 0 (got {opt.max_epochs})')
+    need(opt.max_iters == -1 or opt.max_iters > 0, f'--max_iters must be -1 (no limit) or > 0 (got {opt.max_iters})')
+    need(opt.save_checkpoint_every > 0, f'--save_checkpoint_every must be > 0 (got {opt.save_checkpoint_every})')
+    need(opt.losses_log_every > 0, f'--losses_log_every must be > 0 (got {opt.losses_log_every})')
+    need(opt.val_images_use == -1 or opt.val_images_use > 0,
+         f'--val_images_use must be -1 (all) or > 0 (got {opt.val_images_use})')
+    need(opt.self_critical_after >= -1, f'--self_critical_after must be -1 (never) or >= 0 (got {opt.self_critical_after})')
+    need(opt.grad_clip > 0, f'--grad_clip must be > 0 (got {opt.grad_clip})')
+    need(opt.learning_rate >= 0, f'--learning_rate must be >= 0 (got {opt.learning_rate})')
+    need(opt.noamopt_warmup > 0, f'--noamopt_warmup must be > 0 (got {opt.noamopt_warmup})')
+    need(0 <= opt.seed < 2 ** 31, f'--seed must be in [0, 2^31) (got {opt.seed})')
 
 
 def check_opt(opt):

@@ -1,19 +1,40 @@
-"""The only reader and writer of checkpoints: atomic writes, safe loads.
+"""The only reader and writer of checkpoints: atomic writes with one commit point per save, safe loads.
 
 A training run writes, in its checkpoint folder (SPEC.md section 4):
-  model.pth (state_dict), optimizer.pth, infos_<id>.pkl, histories_<id>.pkl, and the -best copies.
-Writes go to temporary files in the same folder, then os.replace: a crash leaves the previous files intact.
+  model.pth (state_dict), optimizer.pth, infos_<id>.pkl, histories_<id>.pkl, and the -best copies,
+all plain files at the paths the reference used, plus (ours) the manifest checkpoint_<id>.json.
+
+Save protocol (save_checkpoint), so that a kill -9 at any instant leaves one consistent set:
+  1. every file of the save is written to a hidden temp file beside it (.model.pth.XXXX.tmp), fsync'ed;
+  2. the manifest checkpoint_<id>.json, listing each file with its temp name, size and sha1, is written to its own
+     temp file, fsync'ed and renamed into place (then the folder is fsync'ed): THE commit point;
+  3. each temp file is renamed onto its final name, then the folder is fsync'ed.
+A kill before 2 leaves the previous files untouched (the new temps are stale and removed by the next save); a kill
+during 3 leaves a committed manifest whose remaining temps recover_checkpoint() renames (train.py --start_from and
+the next save call it), which completes the save. Nothing is ever written with non-finite weights.
+Infos also record what they belong to: model_fingerprint (sha1 of the state_dict), optimizer_step, K,
+caption_model, vocab_sha1; check_infos_match() compares them (files without them, e.g. the reference's, pass).
+Written files get the permissions 0666 & ~umask, like any file the user creates.
 Loads never execute code: tensors through torch.load(weights_only=True), pickles through an unpickler that
 admits only what infos/histories legitimately hold.
 """
+import hashlib
+import json
+import math
 import os
 import pickle
+import re
 import tempfile
+import time
 
 import numpy as np
 import torch
 
 from misc.errors import SaticError
+
+
+class CheckpointError(SaticError):
+    """A save that could not (or must not) be written; the folder keeps its previous checkpoint."""
 
 # The classes an infos/histories pickle may name. Anything else is refused.
 _SAFE_GLOBALS = {
@@ -71,44 +92,110 @@ def load_pickle(path):
     raise SaticError(f"{path}: cannot decode this pickle's strings")
 
 
+# ----------------------------------------------------------------------------------------------- file permissions
+def _read_umask():
+    """The process umask, without changing it when /proc tells it (os.umask(0) + restore briefly affects threads)."""
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('Umask:'):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
+
+
+def file_mode():
+    """Permissions of a new file: 0666 & ~umask (0644 under umask 022), as open() gives; mkstemp gives 0600."""
+    return 0o666 & ~_read_umask()
+
+
 def _temp_file(path):
     """(fd, temp path) of a new hidden temp file next to path (same file system: os.replace is atomic)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    return tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
+    try:
+        os.chmod(tmp, file_mode())
+    except OSError:
+        pass
+    return fd, tmp
 
 
-def _remove_stale_temps(path):
-    """Temp files of `path` left by a process killed while writing it (kill -9 runs no clean-up)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    prefix = '.' + os.path.basename(path) + '.'
-    for name in os.listdir(folder) if os.path.isdir(folder) else ():
-        if name.startswith(prefix) and name.endswith('.tmp'):
+def _fsync_dir(folder):
+    """Make renames in folder durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class _HashingWriter:
+    """A write-only file object that also counts and hashes what goes through it."""
+
+    def __init__(self, f):
+        self.f, self.sha1, self.size = f, hashlib.sha1(), 0
+
+    def write(self, data):
+        self.sha1.update(data)
+        self.size += memoryview(data).nbytes
+        return self.f.write(data)
+
+    def flush(self):
+        self.f.flush()
+
+
+def _write_temps(items, failure_note=''):
+    """items: [(path, write(f))] -> [(path, temp path, size, sha1)], each temp written and fsync'ed.
+
+    Any failure removes the temps written so far; an OSError (disk full, permission...) becomes a one-line
+    CheckpointError naming the file being written."""
+    written, path = [], None
+    try:
+        for path, write in items:
+            fd, tmp = _temp_file(path)
+            written.append((path, tmp, 0, ''))
+            with os.fdopen(fd, 'wb') as f:
+                writer = _HashingWriter(f)
+                write(writer)
+                f.flush()
+                os.fsync(f.fileno())
+            written[-1] = (path, tmp, writer.size, writer.sha1.hexdigest())
+        return written
+    except BaseException as e:
+        for _, tmp, _, _ in written:
             try:
-                os.remove(os.path.join(folder, name))
+                os.remove(tmp)
             except OSError:
                 pass
+        if isinstance(e, OSError):
+            raise CheckpointError(f'{e.strerror or e} writing {path}{failure_note}') from None
+        raise
 
 
 def atomic_write_many(items):
     """items: [(path, write(f))]. Every file is written to a temp file first, then all are renamed into place:
-    a crash while writing (the slow part) leaves every previous file intact and the set consistent."""
-    temps = []
+    a crash while writing (the slow part) leaves every previous file intact. (Checkpoints use save_checkpoint,
+    whose manifest also makes the renames one commit.)"""
+    written = _write_temps(items)
     try:
-        for path, write in items:
-            fd, tmp = _temp_file(path)
-            temps.append(tmp)
-            with os.fdopen(fd, 'wb') as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-        for tmp, (path, _) in zip(temps, items):
+        for path, tmp, _, _ in written:
             os.replace(tmp, path)
     except BaseException:
-        for tmp in temps:
+        for _, tmp, _, _ in written:
             if os.path.exists(tmp):
                 os.remove(tmp)
         raise
+    for folder in {os.path.dirname(os.path.abspath(path)) for path, _ in items}:
+        _fsync_dir(folder)
 
 
 def atomic_write(path, write):
@@ -142,22 +229,288 @@ def unwrap(model):
     return model.module if hasattr(model, 'module') else model
 
 
+# ----------------------------------------------------------------------------------------------- what infos record
+def state_fingerprint(state_dict):
+    """sha1 over a state_dict's sorted names, dtypes, shapes and bytes: the same for the saved model.pth, the file
+    loaded back, and the model it was loaded into (whatever device)."""
+    sha1 = hashlib.sha1()
+    for key in sorted(state_dict):
+        value = state_dict[key]
+        if not torch.is_tensor(value):
+            sha1.update(repr((key, value)).encode('utf-8'))
+            continue
+        value = value.detach().cpu().contiguous()
+        sha1.update(f'{key}|{value.dtype}|{tuple(value.shape)}|'.encode('utf-8'))
+        sha1.update(value.reshape(-1).view(torch.uint8).numpy())
+    return sha1.hexdigest()
+
+
+def optimizer_step(state):
+    """The number of updates an optimizer state_dict has made: Noam's '_step', else Adam's per-parameter 'step'
+    (their maximum); None when it does not say (a fresh or step-less optimiser)."""
+    if not isinstance(state, dict):
+        return None
+    if isinstance(state.get('optimizer_state_dict'), dict):  # misc.optim.PlateauOpt
+        state = state['optimizer_state_dict']
+    if '_step' in state:
+        return int(state['_step'])
+    steps = [float(s['step']) for s in (state.get('state') or {}).values() if isinstance(s, dict) and 'step' in s]
+    return int(max(steps)) if steps else None
+
+
+def _effective_k(opt):
+    return 1 if getattr(opt, 'caption_model', 'sat') == 'transformer' else getattr(opt, 'K', None)
+
+
+def describe(infos, state_dict, optimizer_state=None):
+    """The fields save_checkpoint adds to infos: what the infos belong to."""
+    fields = {'model_fingerprint': state_fingerprint(state_dict)}
+    if optimizer_state is not None:
+        fields['optimizer_step'] = optimizer_step(optimizer_state)
+    opt = infos.get('opt')
+    if opt is not None:
+        fields['K'], fields['caption_model'] = _effective_k(opt), getattr(opt, 'caption_model', None)
+    if isinstance(infos.get('vocab'), dict):
+        from misc.fileio import vocab_sha1
+        fields['vocab_sha1'] = vocab_sha1(infos['vocab'])
+    return fields
+
+
+def check_infos_match(infos, state_dict_or_path=None, optimizer_state=None, vocab=None, opt=None,
+                      infos_path='the infos file', model_path=None, optimizer_path='optimizer.pth'):
+    """Refuse (SaticError, one line) a model, optimizer state, vocabulary or options that are not the ones `infos`
+    was saved with. Each check runs only when infos records the field (reference infos record none of them: they
+    pass), except the optimizer step, which falls back on infos['iter'] (the reference stepped once per iteration).
+
+    state_dict_or_path: a state_dict, or the path of a model.pth; optimizer_state: an optimizer state_dict;
+    vocab: ix_to_word; opt: the options the model is built with (compared on K and caption_model)."""
+    if not isinstance(infos, dict):
+        raise SaticError(f'{infos_path} is not an infos file (a dict): pass the infos_<id>.pkl saved with the model')
+    where = f" (iteration {infos['iter']})" if 'iter' in infos else ''
+    if state_dict_or_path is not None and infos.get('model_fingerprint'):
+        if isinstance(state_dict_or_path, (str, os.PathLike)):
+            model_path = model_path or str(state_dict_or_path)
+            state_dict_or_path = load_torch(str(state_dict_or_path), 'model')
+        if state_fingerprint(state_dict_or_path) != infos['model_fingerprint']:
+            raise SaticError(f"{model_path or 'the model'} is not the model {infos_path} was saved with{where}: "
+                             f"use the infos file saved together with it (model-best.pth goes with "
+                             f"infos_<id>-best.pkl)")
+    if optimizer_state is not None:
+        found = optimizer_step(optimizer_state)
+        expected = infos.get('optimizer_step', infos.get('iter'))
+        if found is not None and expected is not None and found != expected:
+            raise SaticError(f"{optimizer_path} has made {found} optimiser steps but {infos_path} says "
+                             f"{expected}{where}: the files come from different saves; put back the files saved "
+                             f"together, or remove {optimizer_path} to resume with a fresh optimiser state")
+    if vocab is not None and infos.get('vocab_sha1'):
+        from misc.fileio import vocab_sha1
+        if vocab_sha1(vocab) != infos['vocab_sha1']:
+            raise SaticError(f'{infos_path} was saved with another vocabulary than this data\'s: use the '
+                             'cocotalk.json the checkpoint was trained with')
+    if opt is not None:
+        for key, ours in (('caption_model', getattr(opt, 'caption_model', None)), ('K', _effective_k(opt))):
+            if infos.get(key) is not None and ours is not None and infos[key] != ours:
+                raise SaticError(f'{infos_path} belongs to a model with {key}={infos[key]}, not {key}={ours}')
+    return infos
+
+
+# ----------------------------------------------------------------------------------------------- one save, one commit
+def manifest_path(checkpoint_dir, run_id):
+    return os.path.join(checkpoint_dir, f'checkpoint_{run_id}.json')
+
+
+def read_manifest(checkpoint_dir, run_id):
+    """The manifest of the last committed save of run_id in checkpoint_dir, or None (none written: e.g. the
+    reference's checkpoints, or ours from before manifests)."""
+    path = manifest_path(checkpoint_dir, run_id)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding='utf-8') as f:
+            manifest = json.load(f)
+        files = manifest['files']
+        for entry in files:
+            for key in ('name', 'temp'):
+                if os.path.basename(entry[key]) != entry[key] or entry[key] in ('', '.', '..'):
+                    raise ValueError(f'{key} {entry[key]!r} is not a file name')
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SaticError(f'{path} is damaged ({type(e).__name__}: {e}); remove it to use the files of '
+                         f'{checkpoint_dir} as they are') from None
+    return manifest
+
+
+def recover_checkpoint(checkpoint_dir, run_id):
+    """Finish the last committed save of run_id: rename onto their final names the temp files its manifest lists
+    and that still exist (a kill -9 between its renames). Returns the manifest, or None without one."""
+    manifest = read_manifest(checkpoint_dir, run_id)
+    if manifest is None:
+        return None
+    pending = [(entry, os.path.join(checkpoint_dir, entry['temp'])) for entry in manifest['files']]
+    pending = [(entry, tmp) for entry, tmp in pending if os.path.exists(tmp)]
+    for entry, tmp in pending:
+        if os.path.getsize(tmp) != entry['size']:
+            raise SaticError(f"{tmp} has {os.path.getsize(tmp)} bytes, not the {entry['size']} that "
+                             f"{manifest_path(checkpoint_dir, run_id)} committed: the folder was altered; remove "
+                             f"the manifest to use the files as they are")
+    for entry, tmp in pending:
+        try:
+            os.replace(tmp, os.path.join(checkpoint_dir, entry['name']))
+        except OSError as e:
+            raise SaticError(f"cannot complete the interrupted save of iteration {manifest.get('iter')} in "
+                             f"{checkpoint_dir} ({e.strerror or e} renaming {tmp}): make the folder writable "
+                             f"and retry") from None
+    if pending:
+        _fsync_dir(checkpoint_dir)
+        print(f"completed the save of iteration {manifest.get('iter')} in {checkpoint_dir} that was interrupted "
+              f"after its commit ({len(pending)} file(s) renamed)", flush=True)
+    return manifest
+
+
+def check_writable_dir(folder, flag='--checkpoint_path'):
+    """Create folder and write a file there, or raise a one-line SaticError: before training, not at the first save."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix='.write-test.', suffix='.tmp')
+        os.close(fd)
+        os.remove(tmp)
+    except OSError as e:
+        raise SaticError(f'{flag} {folder} is not writable ({e.strerror or e}): fix its permissions or choose '
+                         f'another folder') from None
+
+
+def _nonfinite(tensors):
+    """True when a floating tensor holds a nan or inf: one fused max-abs reduction per device and dtype."""
+    groups = {}
+    for t in tensors:
+        if torch.is_tensor(t) and (t.is_floating_point() or t.is_complex()) and t.numel():
+            groups.setdefault((t.device, t.dtype), []).append(t.detach())
+    for group in groups.values():
+        if not bool(torch.isfinite(torch.stack(torch._foreach_norm(group, math.inf)).max())):
+            return True
+    return False
+
+
+def _optimizer_tensors(state):
+    if isinstance(state, dict):
+        for value in state.values():
+            yield from _optimizer_tensors(value)
+    elif isinstance(state, (list, tuple)):
+        for value in state:
+            yield from _optimizer_tensors(value)
+    elif torch.is_tensor(state):
+        yield state
+
+
+def check_finite(state_dict, optimizer_state=None, what='the model'):
+    """Raise CheckpointError when the weights (or the optimiser's moments) hold a nan or inf."""
+    if _nonfinite(state_dict.values()):
+        key = next(k for k, v in state_dict.items() if torch.is_tensor(v) and (v.is_floating_point() or v.is_complex())
+                   and not bool(torch.isfinite(v).all()))
+        raise CheckpointError(f'{what}: the weights are not finite (nan or inf in {key})')
+    if optimizer_state is not None and _nonfinite(_optimizer_tensors(optimizer_state)):
+        raise CheckpointError(f'{what}: the optimiser state is not finite (nan or inf)')
+
+
+_CHECKPOINT_TEMP = re.compile(r'^\.(model.*\.pth|optimizer\.pth|infos_.*\.pkl|histories_.*\.pkl|checkpoint_.*\.json)'
+                              r'\.[^.]+\.tmp$')
+
+
+def _remove_checkpoint_temps(checkpoint_dir):
+    """A checkpoint folder has one writer: the temp files of checkpoint files there are those of killed saves, unless
+    a committed manifest still needs them (a save of another run id, cut between its renames)."""
+    names = os.listdir(checkpoint_dir) if os.path.isdir(checkpoint_dir) else []
+    keep = set()
+    for name in names:
+        if name.startswith('checkpoint_') and name.endswith('.json'):
+            try:
+                keep |= {e['temp'] for e in read_manifest(checkpoint_dir, name[len('checkpoint_'):-len('.json')])
+                         ['files']}
+            except (SaticError, TypeError):
+                pass
+    for name in names:
+        if _CHECKPOINT_TEMP.match(name) and name not in keep:
+            try:
+                os.remove(os.path.join(checkpoint_dir, name))
+            except OSError:
+                pass
+
+
 def save_checkpoint(checkpoint_dir, run_id, model, optimizer, infos, histories, best=False, history_iter=None):
-    """Write model/optimizer/infos/histories (and the -best copies of model and infos when best), all at once:
-    a crash or kill -9 during the save leaves the previous checkpoint's files, all of them readable."""
+    """Write model/optimizer/infos/histories (and the -best copies of model and infos when best; model-<iter>.pth and
+    infos_<id>-<iter>.pkl with history_iter) as ONE commit (module docstring): a kill -9 at any instant leaves the
+    previous set or this one. Refuses (CheckpointError, nothing written) non-finite weights; a full disk or another
+    write error raises CheckpointError naming the file, with the previous checkpoint intact.
+    Adds to infos: model_fingerprint, optimizer_step, K, caption_model, vocab_sha1 (describe). Returns the infos."""
     state = unwrap(model).state_dict()
     optimizer_state = optimizer.state_dict()
+    try:
+        previous = recover_checkpoint(checkpoint_dir, run_id)  # a save of this run cut between its renames
+    except SaticError:
+        previous = None  # a damaged manifest: this save replaces it
+    kept = (f"; {checkpoint_dir} keeps its previous checkpoint (iteration {previous.get('iter')})" if previous
+            else f'; the previous files in {checkpoint_dir} are kept')
+    try:
+        check_finite(state, optimizer_state, f"refusing to save iteration {infos.get('iter')} to {checkpoint_dir}")
+    except CheckpointError as e:
+        raise CheckpointError(f'{e}{kept}') from None
+    state = {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in state.items()}
+    infos = {**infos, **describe(infos, state, optimizer_state)}
     path = lambda name: os.path.join(checkpoint_dir, name)  # noqa: E731
     write_torch = lambda obj: lambda f: torch.save(obj, f)  # noqa: E731
     write_pickle = lambda obj: lambda f: pickle.dump(obj, f, protocol=2)  # noqa: E731
     items = [(path('model.pth'), write_torch(state)), (path('optimizer.pth'), write_torch(optimizer_state)),
-             (path(f'histories_{run_id}.pkl'), write_pickle(histories))]
+             (path(f'histories_{run_id}.pkl'), write_pickle(histories)),
+             (path(f'infos_{run_id}.pkl'), write_pickle(infos))]
     if history_iter is not None:
         items += [(path(f'model-{history_iter}.pth'), write_torch(state)),
                   (path(f'infos_{run_id}-{history_iter}.pkl'), write_pickle(infos))]
     if best:
         items += [(path('model-best.pth'), write_torch(state)), (path(f'infos_{run_id}-best.pkl'), write_pickle(infos))]
-    items.append((path(f'infos_{run_id}.pkl'), write_pickle(infos)))  # last: it says where training is
-    for name, _ in items:  # a checkpoint folder has one writer: any temp file there is a killed save's
-        _remove_stale_temps(name)
-    atomic_write_many(items)
+    manifest_file = manifest_path(checkpoint_dir, run_id)
+    _remove_checkpoint_temps(checkpoint_dir)
+
+    written = _write_temps(items, kept)  # 1. the new files, under temp names
+    manifest = {'format': 'satic-checkpoint/1', 'id': run_id, 'iter': infos.get('iter'), 'epoch': infos.get('epoch'),
+                'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
+                'files': [{'name': os.path.basename(p), 'temp': os.path.basename(tmp), 'size': size, 'sha1': sha1}
+                          for p, tmp, size, sha1 in written]}
+    body = json.dumps(manifest, indent=1).encode('utf-8')
+    manifest_tmp = None
+    try:
+        (_, manifest_tmp, _, _), = _write_temps([(manifest_file, lambda f: f.write(body))], kept)
+        os.replace(manifest_tmp, manifest_file)  # 2. THE commit point
+    except BaseException as e:
+        for tmp in [tmp for _, tmp, _, _ in written] + [manifest_tmp]:
+            try:
+                if tmp and os.path.exists(tmp):
+                    os.remove(tmp)
+            except OSError:
+                pass
+        if isinstance(e, OSError):
+            raise CheckpointError(f'{e.strerror or e} writing {manifest_file}{kept}') from None
+        raise
+    _fsync_dir(checkpoint_dir)
+    for final, tmp, _, _ in written:  # 3. into place; a kill here is completed by recover_checkpoint
+        os.replace(tmp, final)
+    _fsync_dir(checkpoint_dir)
+    return infos
+
+
+def verify_checkpoint(checkpoint_dir, run_id):
+    """[names of the files that differ from the last committed manifest] (size or sha1); [] when all match or when
+    there is no manifest. For tests and by-hand checks; resuming relies on the fingerprints in infos instead."""
+    manifest = read_manifest(checkpoint_dir, run_id)
+    differing = []
+    for entry in (manifest or {}).get('files', ()):
+        path = os.path.join(checkpoint_dir, entry['name'])
+        sha1 = hashlib.sha1()
+        try:
+            with open(path, 'rb') as f:
+                for block in iter(lambda: f.read(1 << 20), b''):
+                    sha1.update(block)
+        except OSError:
+            differing.append(entry['name'])
+            continue
+        if os.path.getsize(path) != entry['size'] or sha1.hexdigest() != entry['sha1']:
+            differing.append(entry['name'])
+    return differing

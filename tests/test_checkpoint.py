@@ -73,8 +73,8 @@ def test_save_checkpoint_layout(tmp_path):
     optimizer = torch.optim.Adam(model.parameters())
     save_checkpoint(str(tmp_path), 'run', model, optimizer, {'iter': 3}, {'loss_history': {}}, best=True)
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ['histories_run.pkl', 'infos_run-best.pkl', 'infos_run.pkl', 'model-best.pth', 'model.pth',
-                     'optimizer.pth']
+    assert names == ['checkpoint_run.json', 'histories_run.pkl', 'infos_run-best.pkl', 'infos_run.pkl',
+                     'model-best.pth', 'model.pth', 'optimizer.pth']  # the reference's files + our manifest
     assert load_pickle(str(tmp_path / 'infos_run-best.pkl'))['iter'] == 3
     assert set(load_torch(str(tmp_path / 'model.pth'))) == {'weight', 'bias'}
 
@@ -87,3 +87,127 @@ def test_reference_infos_and_models_load_safely(name):
     assert infos['opt'].K == {'transformer': 1, 'sat-2': 2, 'sat-4': 4}[name]
     state = load_torch(str(CONFORMANCE / name / 'model.pth'))
     assert 'model.generator.proj.weight' in state
+
+
+# ----------------------------------------------------------------------------------------------- issue 13
+def _tiny_run(tmp_path, iteration=3, best=True):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.Adam(model.parameters())
+    for _ in range(iteration):
+        model(torch.ones(1, 2)).sum().backward()
+        optimizer.step()
+    infos = {'iter': iteration, 'opt': argparse.Namespace(caption_model='sat', K=2), 'vocab': {'1': 'a', '2': 'dog'}}
+    return model, optimizer, save_checkpoint(str(tmp_path), 'run', model, optimizer, infos, {}, best=best)
+
+
+@pytest.mark.parametrize('umask, mode', [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_files_honour_the_umask(tmp_path, umask, mode):
+    from misc.checkpoint import atomic_write
+    old = os.umask(umask)
+    try:
+        _tiny_run(tmp_path)
+        atomic_write(str(tmp_path / 'vis.json'), lambda f: f.write(b'{}'))
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert len(modes) == 8 and set(modes.values()) == {mode}, modes
+
+
+def test_infos_record_what_they_belong_to(tmp_path):
+    from misc.checkpoint import check_infos_match, state_fingerprint
+    from misc.fileio import vocab_sha1
+    model, optimizer, infos = _tiny_run(tmp_path)
+    saved = load_pickle(str(tmp_path / 'infos_run.pkl'))
+    assert saved['model_fingerprint'] == state_fingerprint(model.state_dict()) == infos['model_fingerprint']
+    assert saved['optimizer_step'] == 3 and saved['K'] == 2 and saved['caption_model'] == 'sat'
+    assert saved['vocab_sha1'] == vocab_sha1({'1': 'a', '2': 'dog'})
+    # the file, the state_dict loaded from it, and the model all match; another model does not
+    check_infos_match(saved, str(tmp_path / 'model.pth'), optimizer_state=optimizer.state_dict(),
+                      vocab={'1': 'a', '2': 'dog'}, opt=argparse.Namespace(caption_model='sat', K=2))
+    check_infos_match(saved, load_torch(str(tmp_path / 'model-best.pth')))
+    with pytest.raises(SaticError, match=r'is not the model infos_run.pkl was saved with \(iteration 3\)'):
+        check_infos_match(saved, torch.nn.Linear(2, 2).state_dict(), infos_path='infos_run.pkl')
+    with pytest.raises(SaticError, match='has made 4 optimiser steps but infos says 3'):
+        model(torch.ones(1, 2)).sum().backward()
+        optimizer.step()
+        check_infos_match(saved, optimizer_state=optimizer.state_dict(), infos_path='infos')
+    with pytest.raises(SaticError, match='another vocabulary'):
+        check_infos_match(saved, vocab={'1': 'a', '2': 'cat'})
+    with pytest.raises(SaticError, match='K=2, not K=4'):
+        check_infos_match(saved, opt=argparse.Namespace(caption_model='sat', K=4))
+    # infos of the original code have none of the fields: everything passes, the optimizer step is the iteration
+    old = {'iter': 4, 'opt': saved['opt'], 'vocab': saved['vocab']}
+    check_infos_match(old, torch.nn.Linear(2, 2).state_dict(), optimizer_state=optimizer.state_dict(),
+                      vocab={'9': 'x'}, opt=argparse.Namespace(caption_model='transformer', K=6))
+    with pytest.raises(SaticError, match='has made 4 optimiser steps but infos says 3'):
+        check_infos_match(dict(old, iter=3), optimizer_state=optimizer.state_dict(), infos_path='infos')
+
+
+def test_nonfinite_weights_are_refused_and_the_previous_files_kept(tmp_path):
+    from misc.checkpoint import CheckpointError
+    model, optimizer, _ = _tiny_run(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with torch.no_grad():
+        model.bias[1] = float('inf')
+    with pytest.raises(CheckpointError, match=r'refusing to save iteration 4 .*not finite \(nan or inf in bias\); '
+                                              r'.* keeps its previous checkpoint \(iteration 3\)'):
+        save_checkpoint(str(tmp_path), 'run', model, optimizer, {'iter': 4}, {})
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_a_save_cut_after_its_commit_is_completed_by_recover(tmp_path, monkeypatch):
+    """The manifest's rename is the commit: a kill after it (here an exception that skips all clean-up, as kill -9
+    would) leaves temp files that recover_checkpoint renames into place; before it, the previous save stands."""
+    from misc.checkpoint import check_infos_match, read_manifest, recover_checkpoint, verify_checkpoint
+
+    class Killed(BaseException):
+        pass
+    model, optimizer, _ = _tiny_run(tmp_path, iteration=3)
+    model(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+    real_replace, calls = os.replace, []
+
+    def dying_replace(src, dst):
+        calls.append(dst)
+        if len(calls) == 3:  # the manifest, model.pth, then killed before optimizer.pth
+            raise Killed
+        return real_replace(src, dst)
+    monkeypatch.setattr(os, 'replace', dying_replace)
+    with pytest.raises(Killed):
+        save_checkpoint(str(tmp_path), 'run', model, optimizer, {'iter': 4}, {}, best=True)
+    monkeypatch.undo()
+    assert read_manifest(str(tmp_path), 'run')['iter'] == 4
+    assert load_pickle(str(tmp_path / 'infos_run.pkl'))['iter'] == 3  # not renamed yet ...
+    assert verify_checkpoint(str(tmp_path), 'run')  # ... so the files do not match the committed manifest
+    recover_checkpoint(str(tmp_path), 'run')
+    assert verify_checkpoint(str(tmp_path), 'run') == []
+    infos = load_pickle(str(tmp_path / 'infos_run.pkl'))
+    assert infos['iter'] == 4
+    check_infos_match(infos, str(tmp_path / 'model.pth'), optimizer_state=load_torch(str(tmp_path / 'optimizer.pth')))
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith('.tmp')]
+
+
+def test_a_damaged_manifest_is_one_line(tmp_path):
+    from misc.checkpoint import recover_checkpoint
+    _tiny_run(tmp_path)
+    (tmp_path / 'checkpoint_run.json').write_text('{"files": [{"name": "../../etc/passwd", "temp": "x"}]}')
+    with pytest.raises(SaticError, match='checkpoint_run.json is damaged.*remove it'):
+        recover_checkpoint(str(tmp_path), 'run')
+
+
+def test_disk_full_while_writing_is_one_line_and_keeps_the_previous_save(tmp_path, monkeypatch):
+    import errno
+    from misc.checkpoint import CheckpointError
+    model, optimizer, _ = _tiny_run(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def full(obj, f, *args, **kwargs):
+        f.write(b'some bytes')
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(pickle, 'dump', full)
+    with pytest.raises(CheckpointError, match=f'No space left on device writing {tmp_path}/histories_run.pkl; '
+                                              f'{tmp_path} keeps its previous checkpoint \\(iteration 3\\)'):
+        save_checkpoint(str(tmp_path), 'run', model, optimizer, {'iter': 4}, {})
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

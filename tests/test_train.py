@@ -336,56 +336,87 @@ sys.path.insert(0, {repo!r})
 import misc.checkpoint as checkpoint
 import train
 
-original, saves = checkpoint.atomic_write_many, []
+mode = os.environ['KILL_MODE']
+original_write, original_replace, state = checkpoint._write_temps, os.replace, dict(saves=0, committed=0, renames=0)
 
 
-def dying(items):
-    """The second checkpoint: two files fully written to their temp files, the third half, then kill -9."""
-    saves.append(items)
-    if len(saves) == 2:
-        path, write = items[2]
+def write_temps(items, note=''):
+    """'writing': in the second checkpoint, two files fully written to their temp files, the third half, kill -9."""
+    if len(items) > 1:  # the files of a checkpoint (the manifest is written alone)
+        state['saves'] += 1
+        if mode == 'writing' and state['saves'] == 2:
+            path, write = items[2]
 
-        def half_then_die(f):
-            f.write(b'half a file')
-            f.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
-        items = items[:2] + [(path, half_then_die)] + items[3:]
-    return original(items)
+            def half_then_die(f):
+                f.write(b'half a file')
+                f.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+            items = items[:2] + [(path, half_then_die)] + items[3:]
+    return original_write(items, note)
 
 
-checkpoint.atomic_write_many = dying
+def replace(src, dst, *args, **kwargs):
+    """'renaming': in the second checkpoint, after its manifest (the commit) and one file's rename, kill -9."""
+    if mode == 'renaming' and state['saves'] == 2:
+        if dst.endswith('checkpoint_run.json'):
+            state['committed'] = 1
+        elif state['committed']:
+            state['renames'] += 1
+            if state['renames'] == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+    return original_replace(src, dst, *args, **kwargs)
+
+
+checkpoint._write_temps, os.replace = write_temps, replace
 sys.exit(train.main(sys.argv[1:]))
 '''
 
 
-def test_kill_during_save_keeps_the_previous_checkpoint(scene, tmp_path):
+@pytest.mark.parametrize('mode', ['writing', 'renaming'])
+def test_kill_during_save_keeps_one_consistent_checkpoint(scene, tmp_path, mode):
+    """kill -9 while the second save writes its files: the first checkpoint is kept; after its commit (between two
+    renames, where model.pth is already the new one and infos the old): --start_from completes the second."""
+    from misc.checkpoint import check_infos_match, verify_checkpoint
     folder = str(tmp_path / 'ck')
     script = tmp_path / 'die_in_save.py'
     script.write_text(KILL_DURING_SECOND_SAVE.format(repo=str(REPO)))
     proc = subprocess.run([sys.executable, str(script), *scene.args(folder, 'run', '--max_iters', '30',
                                                                      '--save_checkpoint_every', '10')],
-                          cwd=tmp_path, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+                          cwd=tmp_path, env=dict(SUBPROCESS_ENV, KILL_MODE=mode), capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
     assert glob.glob(os.path.join(folder, '.*.tmp'))  # the killed save's temp files
     infos = load_pickle(os.path.join(folder, 'infos_run.pkl'))
-    assert infos['iter'] == 10  # every file is the first checkpoint's
-    assert load_pickle(os.path.join(folder, 'infos_run-best.pkl'))['iter'] == 10
-    assert max(load_pickle(os.path.join(folder, 'histories_run.pkl'))['val_result_history']) == 10
-    model, best = load_torch(os.path.join(folder, 'model.pth')), load_torch(os.path.join(folder, 'model-best.pth'))
-    assert all(torch.equal(model[k], best[k]) for k in model)
-    assert load_torch(os.path.join(folder, 'optimizer.pth'))['state']
+    assert infos['iter'] == 10  # not renamed yet in either case
+    if mode == 'writing':  # every file is the first checkpoint's
+        assert load_pickle(os.path.join(folder, 'infos_run-best.pkl'))['iter'] == 10
+        assert max(load_pickle(os.path.join(folder, 'histories_run.pkl'))['val_result_history']) == 10
+        model, best = (load_torch(os.path.join(folder, name)) for name in ('model.pth', 'model-best.pth'))
+        assert all(torch.equal(model[k], best[k]) for k in model)
+        check_infos_match(infos, os.path.join(folder, 'model.pth'),
+                          optimizer_state=load_torch(os.path.join(folder, 'optimizer.pth')))
+        assert verify_checkpoint(folder, 'run') == []
+        resumed_at = 10
+    else:  # model.pth is the second save's: as they lie, the files do not belong together
+        assert verify_checkpoint(folder, 'run')
+        with pytest.raises(Exception, match='is not the model'):
+            check_infos_match(infos, os.path.join(folder, 'model.pth'))
+        resumed_at = 20
 
     with working_dir(tmp_path):
-        rc, out, err = run_main(train.main, scene.args(folder, 'run', '--max_iters', '15',
+        rc, out, err = run_main(train.main, scene.args(folder, 'run', '--max_iters', '25',
                                                        '--save_checkpoint_every', '10', '--start_from', folder))
     assert rc == 0, err
-    assert 'at iteration 10 (epoch 0)' in out
-    assert load_pickle(os.path.join(folder, 'infos_run.pkl'))['iter'] == 15
+    assert f'at iteration {resumed_at} (epoch ' in out
+    assert ('completed the save of iteration 20' in out) == (mode == 'renaming')
+    assert load_pickle(os.path.join(folder, 'infos_run.pkl'))['iter'] == 25
     assert not glob.glob(os.path.join(folder, '.*.tmp'))  # the next save cleans up
+    assert verify_checkpoint(folder, 'run') == []
 
 
 def test_interrupt_saves_the_last_complete_iteration(scene, tmp_path, monkeypatch):
-    """Ctrl-C (or an error) in the middle of an iteration saves the state after the previous one, then re-raises."""
+    """A KeyboardInterrupt (or an error) in the middle of an iteration saves the state after the previous one; main
+    says so on one line and exits 130. (A real Ctrl-C waits for the iteration: tests/test_resume.py.)"""
     folder = str(tmp_path / 'ck')
     real_step, calls = train.train_step, []
 
@@ -396,8 +427,12 @@ def test_interrupt_saves_the_last_complete_iteration(scene, tmp_path, monkeypatc
         return real_step(*args)
 
     monkeypatch.setattr(train, 'train_step', interrupted_step)
-    with working_dir(tmp_path), pytest.raises(KeyboardInterrupt):
-        run_main(train.main, scene.args(folder, 'run', '--max_iters', '100', '--save_checkpoint_every', '50'))
+    with working_dir(tmp_path):
+        rc, _, err = run_main(train.main, scene.args(folder, 'run', '--max_iters', '100',
+                                                     '--save_checkpoint_every', '50'))
+    assert rc == 130 and 'Traceback' not in err
+    assert err.strip().splitlines() == [f'interrupted by SIGINT: the state after iteration 12 is saved in {folder}; '
+                                        f'resume with --start_from {folder}']
     infos = load_pickle(os.path.join(folder, 'infos_run.pkl'))
     assert infos['iter'] == 12 and infos['iterators']['train'] == 120  # not one batch ahead
 
