@@ -1,4 +1,10 @@
-"""Cross-entropy losses over teacher-forced log-probabilities (SPEC.md section 4)."""
+"""Cross-entropy losses over teacher-forced log-probabilities (SPEC.md section 4).
+
+forward(logprobs (S, T, V), target, mask) is the reference's form; scored(logprobs (M, V), target (M,)) takes
+only the M scored positions (SATModel.scored_logprobs) and gives the same value.
+"""
+import math
+
 import torch
 from torch import nn
 
@@ -12,6 +18,10 @@ class LanguageModelCriterion(nn.Module):
         target, mask = target[:, :T], mask[:, :T].to(logprobs.dtype)
         nll = -logprobs.gather(2, target.unsqueeze(2)).squeeze(2)  # (S, T)
         return (nll * mask).sum() / mask.sum()
+
+    def scored(self, logprobs, target):
+        """The same loss from the scored positions only (SATModel.scored_logprobs): logprobs (M, V), target (M,)."""
+        return -logprobs.gather(1, target.unsqueeze(1)).mean()
 
 
 class LabelSmoothing(nn.Module):
@@ -31,6 +41,19 @@ class LabelSmoothing(nn.Module):
         # KL(true || model) per position, with 0 * log 0 = 0 as in nn.KLDivLoss
         kl = torch.where(true_dist > 0, true_dist * (true_dist.log() - logprobs), torch.zeros_like(logprobs))
         return (kl.sum(2) * mask).sum() / mask.sum()
+
+    def scored(self, logprobs, target):
+        """The same loss from the scored positions only (SATModel.scored_logprobs): logprobs (M, V), target (M,).
+
+        The KL per position in closed form, without the (M, V) smoothed target: with t = e/(V-1) off the word and
+        c = 1-e on it, sum_j t_j (log t_j - lp_j) = (V-1) t log t + c log c - t (sum_j lp_j - lp_y) - c lp_y.
+        """
+        vocab = logprobs.size(1)
+        other, conf = self.smoothing / (vocab - 1), self.confidence
+        entropy = sum(p * math.log(p) * n for p, n in ((other, vocab - 1), (conf, 1)) if p > 0)  # 0 log 0 = 0
+        word = logprobs.gather(1, target.unsqueeze(1)).squeeze(1)  # (M,)
+        kl = entropy - other * (logprobs.sum(1) - word) - conf * word  # (M,)
+        return kl.mean()
 
 
 def build_criterion(label_smoothing):

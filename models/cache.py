@@ -1,8 +1,17 @@
 """Decoder state for incremental (group-by-group) decoding, passed explicitly to `SATModel.step`.
 
 fairseq style: self-attention keys/values grow by one K-word group per step; cross-attention keys/values are
-projected from the encoder memory once per image and shared by that image's beams (never copied per beam);
-beam search calls `reorder(index)` to follow the surviving beams.
+projected from the encoder memory once per image (on its real regions only) and shared by that image's rows
+(beams, or its sampled captions), never copied per row; beam search calls `reorder(index)` to follow the
+surviving beams.
+
+Two layouts of the self-attention keys/values:
+- fixed (decoding without gradients, the default): buffers (S, H, capacity, dk) allocated once for the whole
+  caption (capacity = max_length rounded up to whole groups); a step writes its positions in place and attends
+  over the whole buffer with a mask hiding the positions not yet filled. Every step has the same shapes, so a
+  compiled step (torch.compile, CUDA graphs) is built once; no torch.cat per step.
+- growing (with gradients, e.g. self-critical sampling in train mode): torch.cat per step, so that autograd keeps
+  each step's keys/values (an in-place buffer would be overwritten under it).
 
 With `incremental=False` the state only remembers the token prefix and the memory, and every step re-decodes the
 whole prefix with cross-attention recomputed (the reference's way; kept for tests and benchmarks).
@@ -13,26 +22,42 @@ import torch
 
 
 class LayerCache:
-    """One decoder layer's keys/values: self-attention (S, H, T, dk), memory (B, H, N, dk)."""
+    """One decoder layer's keys/values: self-attention (S, H, T or capacity, dk), memory (B, H, N, dk)."""
 
-    def __init__(self, memory_key, memory_value):
+    def __init__(self, memory_key, memory_value, capacity=None):
         self.memory_key = memory_key
         self.memory_value = memory_value
+        self.capacity = capacity  # None: growing layout
         self.key = None
         self.value = None
 
-    def append(self, key, value):
-        """Add the newest positions' keys/values (S, H, Tn, dk); return all of them (S, H, T, dk)."""
-        if self.key is not None:
-            key = torch.cat([self.key, key], dim=2)
-            value = torch.cat([self.value, value], dim=2)
-        self.key, self.value = key, value
-        return key, value
+    def append(self, key, value, positions=None):
+        """Add the newest positions' keys/values (S, H, Tn, dk); return the keys/values to attend over.
+
+        Fixed layout: written at `positions` ((Tn,) tensor) of the buffers, which are returned whole (the caller
+        masks the unfilled positions). Growing layout: concatenated, exactly the positions so far."""
+        if self.capacity is None:
+            if self.key is not None:
+                key = torch.cat([self.key, key], dim=2)
+                value = torch.cat([self.value, value], dim=2)
+            self.key, self.value = key, value
+            return key, value
+        if self.key is None:
+            shape = (key.size(0), key.size(1), self.capacity, key.size(3))
+            self.key, self.value = key.new_zeros(shape), value.new_zeros(shape)
+        self.key.index_copy_(2, positions, key)
+        self.value.index_copy_(2, positions, value)
+        return self.key, self.value
 
     def reorder(self, index):
-        if self.key is not None:
+        if self.key is None:
+            return
+        if self.capacity is None:
             self.key = self.key.index_select(0, index)
             self.value = self.value.index_select(0, index)
+        else:  # in place: the buffers keep their addresses (CUDA graphs, compiled steps)
+            self.key.copy_(self.key.index_select(0, index))
+            self.value.copy_(self.value.index_select(0, index))
 
 
 class DecoderCache:
@@ -40,21 +65,49 @@ class DecoderCache:
 
     memory (B, N, D) and memory_mask (B, 1, N) or None come from `SATModel.encode`; the `beam` rows of an image
     follow each other (rows b*beam .. b*beam+beam-1 belong to image b). `length` counts the positions decoded so far.
+    capacity: positions the fixed layout holds (None: growing layout).
     """
 
-    def __init__(self, memory, memory_mask, layers=None, beam=1):
+    def __init__(self, memory, memory_mask, layers=None, beam=1, capacity=None):
         self.memory = memory  # (B, N, D)
         self.encoder_mask = memory_mask  # (B, 1, N) or None (every region valid)
         # (B, 1, 1, N): one mask for every head and query
         self.memory_mask = None if memory_mask is None else memory_mask.unsqueeze(1)
         self.layers = layers  # list of LayerCache, or None: re-decode the prefix at every step
         self.beam = beam
+        self.capacity = capacity
         self.length = 0
         self.prefix = None  # (S, T) tokens so far, kept only without layer caches
 
     @property
     def incremental(self):
         return self.layers is not None
+
+    @property
+    def fixed(self):
+        """True when the self-attention keys/values live in fixed-size buffers (see the module docstring)."""
+        return self.layers is not None and self.capacity is not None
+
+    def positions(self, count, device):
+        """The next `count` absolute positions as a tensor (count,), and the (1, 1, 1, capacity) mask of the
+        buffer positions filled once they are written (None for the growing layout)."""
+        positions = torch.arange(self.length, self.length + count, device=device)
+        if not self.fixed:
+            return positions, None
+        if self.length + count > self.capacity:
+            self.grow(self.length + count)
+        filled = torch.arange(self.capacity, device=device) < self.length + count
+        return positions, filled.view(1, 1, 1, -1)
+
+    def grow(self, capacity):
+        """Longer fixed buffers (a caller decoding past the max_length it announced)."""
+        for layer in self.layers:
+            if layer.key is not None:
+                pad = layer.key.new_zeros(*layer.key.shape[:2], capacity - self.capacity, layer.key.size(3))
+                layer.key = torch.cat([layer.key, pad], dim=2)
+                layer.value = torch.cat([layer.value, pad], dim=2)
+            layer.capacity = capacity
+        self.capacity = capacity
 
     def extend_prefix(self, tokens):
         """Non-incremental path: append the new tokens (S, Tn) to the prefix and return it (S, T)."""

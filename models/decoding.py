@@ -32,15 +32,17 @@ def trigram_penalty(seq, t, vocab):
     return counts * TRIGRAM_PENALTY * TRIGRAM_ALPHA
 
 
-def greedy_or_sample(model, memory, memory_mask, config, max_length):
+def greedy_or_sample(model, memory, memory_mask, config, max_length, rows_per_image=1):
     """Decode groups at t = 0, K, 2K, .. while t + K <= max_length (config: models.decode_config.DecodeConfig).
 
-    Returns seq (B, T) int64 and seqLogprobs (B, T). A caption is finished at the first group holding a 0; its
-    later groups are 0 in seq, while the words after the 0 inside that group are kept (decode_sequence stops at
-    the first 0 anyway).
+    memory (B, N, D), memory_mask (B, 1, N) or None; rows_per_image rows (e.g. sampled captions) per image, B
+    in all, each image's rows one after the other. Returns seq (B, T) int64 and seqLogprobs (B, T). A caption
+    is finished at the first group holding a 0; its later groups are 0 in seq, while the words after the 0 inside
+    that group are kept (decode_sequence stops at the first 0 anyway).
     """
-    batch, k = memory.size(0), model.K
-    cache = model.init_cache(memory, memory_mask, beam=1, use_cache=config.use_cache)
+    batch, k = memory.size(0) * rows_per_image, model.K
+    cache = model.init_cache(memory, memory_mask, beam=rows_per_image, use_cache=config.use_cache,
+                             max_length=max_length)
     seq = memory.new_zeros(batch, max_length, dtype=torch.long)  # (B, T)
     seq_logprobs = memory.new_zeros(batch, max_length, dtype=torch.float32)  # (B, T), even under autocast
     tokens = memory.new_zeros(batch, k, dtype=torch.long)  # (B, K): the start group

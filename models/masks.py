@@ -36,3 +36,40 @@ def target_mask(tokens, k):
     keys = tokens > 0
     keys[:, 0] = True
     return keys.unsqueeze(-2) & group_mask(tokens.size(1), k, tokens.device)  # (S, T, T)
+
+
+class Packing:
+    """The real positions of a zero-padded (B, N) batch, to run per-position layers on them only.
+
+    Per-position work (layer norms, projections, FFN) runs on the M real rows, packed as (M, C); `pad` scatters
+    them into the padded (B, N, C) layout for attention (zeros at padding), `unpad` gathers them back.
+    attn_mask (B, 1, 1, N) boolean (True = a real region) or None when every position is real.
+    """
+
+    def __init__(self, valid=None, batch=None, length=None):
+        """valid (B, N) boolean; or batch and length with every position real."""
+        if valid is None:
+            self.batch, self.length = batch, length
+            self.index, self.attn_mask = None, None
+        else:
+            self.batch, self.length = valid.shape
+            self.index = valid.reshape(-1).nonzero().squeeze(1)  # (M,) into the flattened (B*N)
+            self.attn_mask = valid[:, None, None, :]  # (B, 1, 1, N)
+        self.rows = self.batch * self.length if self.index is None else self.index.numel()
+
+    def pad(self, x):
+        """(M, C) -> (B, N, C), zeros at padding."""
+        if self.index is None:
+            return x.view(self.batch, self.length, x.size(-1))
+        out = x.new_zeros(self.batch * self.length, x.size(-1))
+        return out.index_copy(0, self.index, x).view(self.batch, self.length, x.size(-1))
+
+    def unpad(self, x):
+        """(B, N, ...) -> (M, prod(...)): the real positions' rows."""
+        x = x.reshape(self.batch * self.length, -1)
+        return x if self.index is None else x.index_select(0, self.index)
+
+    @property
+    def memory_mask(self):
+        """(B, 1, N) boolean or None: the mask SATModel.encode returns."""
+        return None if self.attn_mask is None else self.attn_mask.squeeze(1)

@@ -18,7 +18,7 @@ from models.beam_search import beam_search
 from models.cache import DecoderCache, LayerCache
 from models.decode_config import DecodeConfig
 from models.decoding import greedy_or_sample
-from models.masks import group_mask, target_mask
+from models.masks import Packing, group_mask, target_mask
 from models.transformer import make_model
 
 HEADS = 8
@@ -46,23 +46,34 @@ class SATModel(nn.Module):
         self.model = make_model(vocab_size + 1, num_layers, d_model, d_ff, HEADS, DROPOUT)
 
     # ---- encoder -------------------------------------------------------------------------------------------
+    def encode_packed(self, att_feats, att_masks=None):
+        """att_feats (B, N, F), att_masks (B, N) float 1/0 or None -> (memory rows (M, D), models.masks.Packing).
+
+        Only the M real regions go through att_embed and the encoder's per-position layers (norms, projections,
+        FFN); attention runs per image over its own regions (packing.attn_mask). With att_masks, regions are cut
+        to the batch's longest valid count, as the reference's clip_att did; without, every region is real.
+        The numbers are those of the padded computation (padding never reached a real region).
+        """
+        batch, n_full, feat = att_feats.shape
+        if att_masks is None:  # every region valid: no mask at all
+            packing = Packing(batch=batch, length=n_full)
+            rows = att_feats.reshape(batch * n_full, feat)  # (B*N, F); BatchNorm needs 2-D
+        else:
+            n = int(att_masks.sum(1).max())
+            packing = Packing(att_masks[:, :n] > 0)  # (B, N')
+            # The real regions' rows, gathered straight from att_feats (whatever its strides): BatchNorm
+            # statistics see real regions only, as the reference's packing did.
+            rows = att_feats[packing.index // n, packing.index % n]  # (M, F)
+        return self.model.encoder.forward_packed(self.att_embed(rows), packing), packing
+
     def encode(self, att_feats, att_masks=None):
         """att_feats (B, N, F), att_masks (B, N) float 1/0 or None -> memory (B, N', D), memory mask (B, 1, N').
 
-        With att_masks, regions are cut to the batch's longest valid count (N' <= N), as the reference's clip_att
-        did; without, every region is valid and the returned mask is None (attention then skips masking).
+        See encode_packed; the memory is zero at padded positions, and the mask is None when every region of
+        the batch is valid (attention then skips masking).
         """
-        if att_masks is None:  # every region valid: no mask at all
-            embedded = self.att_embed(att_feats.reshape(-1, att_feats.size(-1)))  # (B*N, D); BatchNorm needs 2-D
-            return self.model.encode(embedded.view(*att_feats.shape[:2], -1), None), None
-        n = int(att_masks.sum(1).max())
-        att_feats, mask = att_feats[:, :n], att_masks[:, :n] > 0  # (B, N', F), (B, N')
-        # Only valid regions go through att_embed (the reference packed them): padding stays exactly zero and
-        # BatchNorm statistics see real regions only.
-        embedded = att_feats.new_zeros(*mask.shape, self.d_model)  # (B, N', D)
-        embedded[mask] = self.att_embed(att_feats[mask]).to(embedded.dtype)
-        mask = mask.unsqueeze(1)  # (B, 1, N')
-        return self.model.encode(embedded, mask), mask
+        memory, packing = self.encode_packed(att_feats, att_masks)
+        return packing.pad(memory), packing.memory_mask
 
     # ---- teacher forcing -----------------------------------------------------------------------------------
     def shift_labels(self, labels):
@@ -75,11 +86,7 @@ class SATModel(nn.Module):
         return shifted[:, :math.ceil(labels.size(1) / k) * k - 1]
 
     def encode_repeated(self, att_feats, att_masks=None, seq_per_img=1):
-        """encode, then repeat each image's memory seq_per_img times: (B*seq_per_img, N', D).
-
-        Training batches hold each image seq_per_img times; encoding it once saves (seq_per_img-1)/seq_per_img of
-        the encoder (in train mode the image's rows then share one encoder dropout draw).
-        """
+        """encode, then repeat each image's memory seq_per_img times: (B*seq_per_img, N', D)."""
         memory, memory_mask = self.encode(att_feats, att_masks)
         if seq_per_img > 1:
             memory = memory.repeat_interleave(seq_per_img, dim=0)  # (B*S, N', D)
@@ -87,25 +94,62 @@ class SATModel(nn.Module):
                 memory_mask = memory_mask.repeat_interleave(seq_per_img, dim=0)  # (B*S, 1, N')
         return memory, memory_mask
 
-    def forward_xe(self, att_feats, labels, att_masks=None, seq_per_img=1):
-        """Teacher forcing: log-probs (S, L-1, V); position i predicts labels[:, i+1].
+    def decoder_states(self, att_feats, labels, att_masks=None, seq_per_img=1):
+        """Teacher forcing up to the decoder's final norm: (S, T, D), T = ceil(L/K)*K - 1 input positions.
 
-        att_feats (S, N, F), or (S / seq_per_img, N, F) with one row per image (see encode_repeated).
+        att_feats (S, N, F), or (S / seq_per_img, N, F) with one row per image: the image is then encoded once
+        and its seq_per_img caption rows attend to the same memory keys/values (in train mode they share one
+        encoder dropout draw). Cross-attention keys/values are projected from the real regions only.
         """
-        memory, memory_mask = self.encode_repeated(att_feats, att_masks, seq_per_img)
+        memory, packing = self.encode_packed(att_feats, att_masks)  # (M, D)
+        memory_kv = [layer.src_attn.memory_key_value(memory, packing) for layer in self.model.decoder.layers]
         tokens = self.shift_labels(labels)  # (S, T)
-        out = self.model.decode(memory, memory_mask, tokens, target_mask(tokens, self.K))  # (S, T, D)
+        return self.model.decoder.forward_memory_kv(self.model.embed(tokens), memory_kv, packing.attn_mask,
+                                                    target_mask(tokens, self.K), fold=seq_per_img)
+
+    def forward_xe(self, att_feats, labels, att_masks=None, seq_per_img=1):
+        """Teacher forcing: log-probs (S, L-1, V); position i predicts labels[:, i+1]."""
+        out = self.decoder_states(att_feats, labels, att_masks, seq_per_img)  # (S, T, D)
         return self.model.generator(out[:, :labels.size(1) - 1])  # (S, L-1, V)
 
+    def scored_logprobs(self, att_feats, labels, att_masks=None, masks=None, seq_per_img=1):
+        """Teacher forcing at the scored positions only: (log-probs (M, V), targets (M,)).
+
+        The M positions are those of masks[:, 1:] > 0 (all L-1 without masks), row by row; the generator and
+        the log-softmax over the vocabulary run on them only. Row m equals forward_xe(...)[masks[:, 1:] > 0][m].
+        """
+        out = self.decoder_states(att_feats, labels, att_masks, seq_per_img)  # (S, T, D)
+        length = labels.size(1) - 1
+        targets = labels[:, 1:]  # (S, L-1)
+        if masks is None:
+            return self.model.generator(out[:, :length].reshape(-1, out.size(-1))), targets.reshape(-1)
+        scored = (masks[:, 1:length + 1] > 0).reshape(-1).nonzero().squeeze(1)  # (M,) into (S*(L-1))
+        rows = out[:, :length].reshape(-1, out.size(-1)).index_select(0, scored)  # (M, D)
+        return self.model.generator(rows), targets.reshape(-1).index_select(0, scored)
+
     # ---- decoding primitives -------------------------------------------------------------------------------
-    def init_cache(self, memory, memory_mask, beam=1, use_cache=None):
-        """A fresh decoding state for B images with `beam` rows each (see models.cache)."""
+    def init_cache(self, memory, memory_mask, beam=1, use_cache=None, max_length=None):
+        """A fresh decoding state for B images with `beam` rows each (see models.cache).
+
+        memory (B, N, D) and memory_mask (B, 1, N) or None from encode. The cross-attention keys/values are
+        projected once, from the real regions only. Without gradients the self-attention keys/values go into
+        fixed buffers for max_length positions (default self.max_length), rounded up to whole K-word groups.
+        """
         use_cache = self.use_cache if use_cache is None else use_cache
-        layers = None
+        layers = capacity = None
         if use_cache:
-            layers = [LayerCache(*layer.src_attn.project_key_value(memory, memory))
-                      for layer in self.model.decoder.layers]
-        return DecoderCache(memory, memory_mask, layers, beam)
+            if memory_mask is None:
+                packing = Packing(batch=memory.size(0), length=memory.size(1))
+            else:
+                packing = Packing(memory_mask.squeeze(1))
+            rows = packing.unpad(memory)  # (M, D)
+            if not torch.is_grad_enabled():
+                capacity = math.ceil((max_length or self.max_length) / self.K) * self.K
+            layers = []
+            for layer in self.model.decoder.layers:
+                key, value = layer.src_attn.memory_key_value(rows, packing)  # (B, H, N, dk) each
+                layers.append(LayerCache(key.contiguous(), value.contiguous(), capacity))
+        return DecoderCache(memory, memory_mask, layers, beam, capacity)
 
     def step(self, tokens, cache):
         """One K-word group: the previous group's tokens (S, K) -> log-probs of the next K words (S, K, V).
@@ -115,8 +159,9 @@ class SATModel(nn.Module):
         """
         k = tokens.size(1)
         if cache.incremental:
-            x = self.model.embed(tokens, start=cache.length)  # (S, K, D)
-            out = self.model.decoder.step(x, cache)  # (S, K, D)
+            positions, self_mask = cache.positions(k, tokens.device)  # (K,), (1, 1, 1, capacity) or None
+            x = self.model.embed(tokens, positions)  # (S, K, D)
+            out = self.model.decoder.step(x, cache, positions, self_mask)  # (S, K, D)
         else:
             prefix = cache.extend_prefix(tokens)  # (S, T)
             memory, memory_mask = cache.memory, cache.encoder_mask  # (B, N, D), (B, 1, N) or None
@@ -148,9 +193,9 @@ class SATModel(nn.Module):
                 self.done_beams = beam_search(self, memory, memory_mask, config, max_length)
                 seq = torch.stack([beams[0]['seq'] for beams in self.done_beams])
                 logprobs = torch.stack([beams[0]['logps'] for beams in self.done_beams])
-            else:  # seq_per_img captions (rows) per image of att_feats
-                memory, memory_mask = self.encode_repeated(att_feats, att_masks, seq_per_img)
-                seq, logprobs = greedy_or_sample(self, memory, memory_mask, config, max_length)
+            else:  # seq_per_img captions (rows) per image of att_feats, sharing its memory keys/values
+                memory, memory_mask = self.encode(att_feats, att_masks)
+                seq, logprobs = greedy_or_sample(self, memory, memory_mask, config, max_length, seq_per_img)
         if not self.training:
             # Plain tensors again: inference tensors could not be used by later autograd code (e.g. as labels).
             seq, logprobs = seq.clone(), logprobs.clone()

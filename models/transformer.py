@@ -21,6 +21,65 @@ def clones(module, n):
     return nn.ModuleList([copy.deepcopy(module) for _ in range(n)])
 
 
+def _center_and_std(x):
+    """x - mean and the unbiased std over the last dim (both keepdim).
+
+    torch.std_mean is a slow Welford kernel on CPU (about 4 us per 512-wide row); mean, subtract and a vector
+    norm of the centred rows are about 6x faster from a few rows on, and the centred rows are needed anyway.
+    A single row (batch-1 decoding) is cheaper in one call."""
+    if x.numel() == x.size(-1):
+        std, mean = torch.std_mean(x, dim=-1, keepdim=True)
+        return x - mean, std
+    centred = x - x.mean(dim=-1, keepdim=True)
+    return centred, torch.linalg.vector_norm(centred, dim=-1, keepdim=True).div_(math.sqrt(x.size(-1) - 1))
+
+
+class _ReferenceLayerNorm(torch.autograd.Function):
+    """a * (x - mean) / (std + eps) + b with the unbiased std, and its gradient written out by hand.
+
+    Autograd of the plain formula records std_mean, sub, add, div and addcmul and runs about twice as many
+    full-size passes backwards; here the forward keeps only xhat = (x - mean) / (std + eps) and the backward is
+      g_xhat = g * a,  dx = (g_xhat - mean(g_xhat)) / (std + eps) - xhat * sum(g_xhat * xhat) / ((D - 1) * std)
+    (the std term is 0 where std = 0, as torch's own std backward).
+    """
+
+    @staticmethod
+    def forward(ctx, x, a, b, eps):
+        centred, std = _center_and_std(x)
+        inv = (std + eps).reciprocal_()
+        xhat = centred.mul_(inv)
+        ctx.save_for_backward(xhat, inv, std, a)
+        return torch.addcmul(b, a, xhat)
+
+    @staticmethod
+    def backward(ctx, grad):
+        xhat, inv, std, a = ctx.saved_tensors
+        d = xhat.size(-1)
+        g = grad * a
+        dot = torch.linalg.vecdot(g, xhat).unsqueeze(-1)  # (..., 1)
+        coef = torch.where(std > 0, dot / std, 0.0).mul_(-1.0 / (d - 1))  # (..., 1)
+        dx = torch.addcmul(g.mean(-1, keepdim=True).mul_(inv).neg_(), xhat, coef).addcmul_(g, inv)
+        flat = grad.reshape(-1, d)
+        da = (flat * xhat.reshape(-1, d)).sum(0).to(a.dtype) if ctx.needs_input_grad[1] else None
+        db = flat.sum(0).to(a.dtype) if ctx.needs_input_grad[2] else None
+        return dx.to(xhat.dtype), da, db, None
+
+
+def reference_layer_norm(x, a, b, eps):
+    """The reference layer norm, a * (x - mean) / (std + eps) + b with the UNBIASED std, in few passes.
+
+    Under torch.compile the plain formula (inductor fuses it into one kernel); with gradients the hand-written
+    backward above; without, centre + norm + scale + affine (see _center_and_std).
+    """
+    if torch.compiler.is_compiling():
+        std, mean = torch.std_mean(x, dim=-1, keepdim=True)
+        return a * (x - mean) / (std + eps) + b
+    if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad):
+        return _ReferenceLayerNorm.apply(x, a, b, eps)
+    centred, std = _center_and_std(x)
+    return torch.addcmul(b, a, centred.mul_((std + eps).reciprocal_()))
+
+
 class LayerNorm(nn.Module):
     """The reference layer norm: a_2 * (x - mean) / (std + eps) + b_2, with the UNBIASED std."""
 
@@ -32,8 +91,7 @@ class LayerNorm(nn.Module):
 
     def forward(self, x):
         # reference quirk: eps is added to the unbiased std, not to the variance (differs from nn.LayerNorm).
-        std, mean = torch.std_mean(x, dim=-1, keepdim=True)
-        return torch.addcmul(self.b_2, self.a_2, (x - mean) / (std + self.eps))
+        return reference_layer_norm(x, self.a_2, self.b_2, self.eps)
 
 
 class SublayerConnection(nn.Module):
@@ -47,6 +105,26 @@ class SublayerConnection(nn.Module):
     def forward(self, x, sublayer):
         return x + self.dropout(sublayer(self.norm(x)))
 
+    def residual(self, x, y):
+        """x + dropout(y), skipping the identity dropout call in eval mode (a little less per decoding step)."""
+        return x + self.dropout(y) if self.training else x + y
+
+
+def attention(q, k, v, mask=None, dropout_p=0.0):
+    """Softmax attention of queries (B, H, Tq, dk) over keys/values (B, H, Tk, dk) -> (B, H, Tq, dk).
+
+    mask: boolean, True = may attend, broadcastable to (B, H, Tq, Tk); masked scores get no weight at all, as the
+    reference's -1e9 fill did (no row is ever fully masked). Without dropout torch's fused kernel; with attention
+    dropout on CPU, where torch has no fused kernel and its fallback adds full-size mask conversions and
+    fully-masked-row checks, the four plain steps (scores, masked softmax, dropout, weighted sum).
+    """
+    if dropout_p == 0.0 or q.device.type != 'cpu' or torch.compiler.is_compiling():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    scores = torch.matmul(q, k.transpose(-2, -1)).mul_(1.0 / math.sqrt(q.size(-1)))  # (B, H, Tq, Tk)
+    if mask is not None:
+        scores = scores.masked_fill_(~mask, float('-inf'))
+    return torch.matmul(F.dropout(torch.softmax(scores, dim=-1), dropout_p), v)
+
 
 class MultiHeadedAttention(nn.Module):
     """Scaled dot-product attention over H heads; linears 0..3 project query, key, value and output."""
@@ -58,10 +136,46 @@ class MultiHeadedAttention(nn.Module):
         self.h = h
         self.linears = clones(nn.Linear(d_model, d_model), 4)
         self.dropout = nn.Dropout(p=dropout)
+        self._fused = {}  # inference only: concatenated projection weights, keyed by the weights' versions
+
+    @property
+    def dropout_p(self):
+        return self.dropout.p if self.training else 0.0
 
     def split_heads(self, x):
         """(B, T, D) -> (B, H, T, dk)."""
         return x.view(x.size(0), -1, self.h, self.d_k).transpose(1, 2)
+
+    def merge_heads(self, x):
+        """(B, H, T, dk) -> (B, T, D)."""
+        return x.transpose(1, 2).reshape(x.size(0), -1, self.h * self.d_k)
+
+    def project(self, x, which):
+        """x (..., D) through the linears `which` (e.g. (0, 1, 2) = query, key, value) -> a tuple of (..., D).
+
+        One matrix product with the weights concatenated when the linears are plain nn.Linear (one larger GEMM,
+        fewer calls); per-module calls otherwise (e.g. after torch.ao dynamic quantization)."""
+        linears = [self.linears[i] for i in which]
+        if len(linears) == 1 or not all(type(m) is nn.Linear for m in linears):
+            return tuple(m(x) for m in linears)
+        weight, bias = self._fused_weights(which, linears)
+        return F.linear(x, weight, bias).split(self.h * self.d_k, dim=-1)
+
+    def _fused_weights(self, which, linears):
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            # training: concatenated anew each call, so that the gradient reaches each linear's parameters
+            return torch.cat([m.weight for m in linears]), torch.cat([m.bias for m in linears])
+        key = tuple((m.weight.data_ptr(), m.weight._version, m.bias.data_ptr(), m.bias._version) for m in linears)
+        cached = self._fused.get(which)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, torch.cat([m.weight for m in linears]), torch.cat([m.bias for m in linears]))
+            self._fused[which] = cached
+        return cached[1], cached[2]
+
+    def _apply(self, fn, *args, **kwargs):
+        self._fused = {}  # .to() / .half() / ...: rebuild the concatenated weights from the new parameters
+        return super()._apply(fn, *args, **kwargs)
 
     def project_query(self, query):
         """(B, T, D) -> (B, H, T, dk)."""
@@ -69,24 +183,56 @@ class MultiHeadedAttention(nn.Module):
 
     def project_key_value(self, key, value):
         """(B, T, D) twice -> keys and values (B, H, T, dk) each."""
+        if key is value:
+            k, v = self.project(key, (1, 2))
+            return self.split_heads(k), self.split_heads(v)
         return self.split_heads(self.linears[1](key)), self.split_heads(self.linears[2](value))
 
     def attend(self, q, k, v, mask=None):
-        """Queries (B, H, Tq, dk) over keys/values (B, H, Tk, dk) -> (B, Tq, D) after the output projection.
-
-        Masked scores get no weight at all, as the reference's -1e9 fill did (no row is ever fully masked).
-        """
-        p = self.dropout.p if self.training else 0.0
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, Tq, dk)
-        x = x.transpose(1, 2).reshape(q.size(0), -1, self.h * self.d_k)  # (B, Tq, D)
-        return self.linears[3](x)
+        """Queries (B, H, Tq, dk) over keys/values (B, H, Tk, dk) -> (B, Tq, D) after the output projection."""
+        return self.linears[3](self.merge_heads(attention(q, k, v, mask, self.dropout_p)))
 
     def forward(self, query, key, value, mask=None):
         """query (B, Tq, D), key/value (B, Tk, D), mask (B, 1 or Tq, Tk) -> (B, Tq, D)."""
         if mask is not None:
             mask = mask.unsqueeze(1)  # same mask for every head
+        if query is key and key is value:  # self-attention: one projection for q, k and v
+            q, k, v = (self.split_heads(t) for t in self.project(query, (0, 1, 2)))
+            return self.attend(q, k, v, mask)
         k, v = self.project_key_value(key, value)
         return self.attend(self.project_query(query), k, v, mask)
+
+    def packed_self_attention(self, x, packing):
+        """Self-attention of packed rows x (M, D) (the real positions of packing's (B, N) batch) -> (M, D).
+
+        Projections run on the M real rows only; queries, keys and values are scattered into the padded
+        (B, H, N, dk) layout for the attention itself, masked by packing.attn_mask, and gathered back."""
+        qkv = packing.pad(torch.cat(self.project(x, (0, 1, 2)), dim=-1))  # (B, N, 3D)
+        b, n = qkv.shape[:2]
+        q, k, v = qkv.view(b, n, 3, self.h, self.d_k).permute(2, 0, 3, 1, 4)  # (B, H, N, dk) each
+        y = attention(q, k, v, packing.attn_mask, self.dropout_p)  # (B, H, N, dk)
+        return self.linears[3](packing.unpad(y.transpose(1, 2)))  # (M, D)
+
+    def memory_key_value(self, memory, packing):
+        """Cross-attention keys/values of packed memory rows (M, D) -> (B, H, N, dk) each, zero at padding."""
+        kv = packing.pad(torch.cat(self.project(memory, (1, 2)), dim=-1))  # (B, N, 2D)
+        b, n = kv.shape[:2]
+        k, v = kv.view(b, n, 2, self.h, self.d_k).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def attend_memory(self, q, memory_key, memory_value, memory_mask, fold=1):
+        """Queries q (S, H, Tq, dk) over per-image memory keys/values (B, H, N, dk), S = B * fold rows (the
+        fold rows of an image follow each other: beams, or an image's captions) -> (S, Tq, D).
+
+        The rows of an image are folded into the query axis instead of copying the memory per row."""
+        rows, heads, tq, dk = q.shape
+        if fold > 1:
+            q = q.view(-1, fold, heads, tq, dk).transpose(1, 2).reshape(-1, heads, fold * tq, dk)  # (B, H, f*Tq, dk)
+        y = attention(q, memory_key, memory_value, memory_mask, self.dropout_p)  # (B, H, f*Tq, dk)
+        if fold > 1:
+            y = y.view(-1, heads, fold, tq, dk).transpose(1, 2)  # (B, f, H, Tq, dk)
+        y = y.reshape(rows, heads, tq, dk).transpose(1, 2).reshape(rows, tq, heads * dk)  # (S, Tq, D)
+        return self.linears[3](y)
 
 
 class PositionwiseFeedForward(nn.Module):
@@ -99,7 +245,8 @@ class PositionwiseFeedForward(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
-        return self.w_2(self.dropout(F.relu(self.w_1(x))))
+        h = F.relu(self.w_1(x))
+        return self.w_2(self.dropout(h) if self.training else h)
 
 
 class Embeddings(nn.Module):
@@ -128,7 +275,9 @@ class PositionalEncoding(nn.Module):
         self.register_buffer('pe', pe.unsqueeze(0))  # (1, max_len, D); persistent: it is in the checkpoints
 
     def forward(self, x, start=0):
-        """x (B, T, D) holding positions start .. start+T-1."""
+        """x (B, T, D) holding positions start .. start+T-1; start may be a (T,) tensor of the positions."""
+        if torch.is_tensor(start):
+            return self.dropout(x + self.pe[0].index_select(0, start))
         return self.dropout(x + self.pe[:, start:start + x.size(1)])
 
 
@@ -157,6 +306,12 @@ class EncoderLayer(nn.Module):
         x = self.sublayer[0](x, lambda y: self.self_attn(y, y, y, mask))
         return self.sublayer[1](x, self.feed_forward)
 
+    def forward_packed(self, x, packing):
+        """The real regions only: x (M, D) packed rows of packing's padded batch -> (M, D) (same numbers)."""
+        attn, ff = self.sublayer
+        x = attn.residual(x, self.self_attn.packed_self_attention(attn.norm(x), packing))
+        return ff.residual(x, self.feed_forward(ff.norm(x)))
+
 
 class Encoder(nn.Module):
     """N encoder layers, then a final norm."""
@@ -170,6 +325,12 @@ class Encoder(nn.Module):
         """x (B, N, D), mask (B, 1, N) -> memory (B, N, D)."""
         for layer in self.layers:
             x = layer(x, mask)
+        return self.norm(x)
+
+    def forward_packed(self, x, packing):
+        """x (M, D): the real regions of a padded batch (models.masks.Packing) -> memory rows (M, D)."""
+        for layer in self.layers:
+            x = layer.forward_packed(x, packing)
         return self.norm(x)
 
 
@@ -190,36 +351,35 @@ class DecoderLayer(nn.Module):
         x = self.sublayer[1](x, lambda y: self.src_attn(y, memory, memory, src_mask))
         return self.sublayer[2](x, self.feed_forward)
 
-    def step(self, x, layer_cache, memory_mask, beam):
-        """Only the newest positions: x (S, Tn, D) -> (S, Tn, D), appending their keys/values to layer_cache.
+    def forward_memory_kv(self, x, memory_key, memory_value, memory_mask, tgt_mask, fold=1):
+        """Full sequence x (S, T, D) with the memory's keys/values already projected (B, H, N, dk), memory_mask
+        (B, 1, 1, N) or None, S = B * fold (the rows of an image follow each other), tgt_mask (S or 1, T, T)."""
+        sub = self.sublayer
+        x = sub[0](x, lambda y: self.self_attn(y, y, y, tgt_mask))
+        h = sub[1].norm(x)
+        x = sub[1].residual(x, self.src_attn.attend_memory(self.src_attn.project_query(h), memory_key,
+                                                           memory_value, memory_mask, fold))
+        return sub[2].residual(x, self.feed_forward(sub[2].norm(x)))
 
-        The new positions see every cached position and each other (the block mask has no zero there), so the
-        self-attention needs no mask. memory_mask (B, 1, 1, N); S = B * beam rows share each image's memory.
+    def step(self, x, layer_cache, positions, self_mask, memory_mask, beam):
+        """Only the newest positions: x (S, Tn, D) -> (S, Tn, D), their keys/values written into layer_cache.
+
+        The new positions see every cached position and each other (the block mask has no zero there);
+        self_mask (1, 1, 1, capacity) hides the cache's unfilled positions (None: the cache holds exactly the
+        positions so far). memory_mask (B, 1, 1, N); S = B * beam rows share each image's memory.
         """
         attn, sub = self.self_attn, self.sublayer[0]
         h = sub.norm(x)
-        k, v = layer_cache.append(*attn.project_key_value(h, h))  # (S, H, T, dk) each
-        x = x + self._dropout(sub, attn.attend(attn.project_query(h), k, v))
+        q, k, v = (attn.split_heads(t) for t in attn.project(h, (0, 1, 2)))  # (S, H, Tn, dk) each
+        k, v = layer_cache.append(k, v, positions)  # (S, H, T or capacity, dk) each
+        x = sub.residual(x, attn.attend(q, k, v, self_mask))
 
         attn, sub = self.src_attn, self.sublayer[1]
         q = attn.project_query(sub.norm(x))  # (S, H, Tn, dk)
-        rows, heads, tn, dk = q.shape
-        if beam > 1:
-            # The beams of an image attend to the same memory: fold them into the query axis instead of copying it.
-            q = q.view(-1, beam, heads, tn, dk).transpose(1, 2).reshape(-1, heads, beam * tn, dk)  # (B, H, beam*Tn, dk)
-        p = attn.dropout.p if attn.training else 0.0
-        y = F.scaled_dot_product_attention(q, layer_cache.memory_key, layer_cache.memory_value,
-                                           attn_mask=memory_mask, dropout_p=p)  # (B, H, beam*Tn, dk)
-        if beam > 1:
-            y = y.view(-1, heads, beam, tn, dk).transpose(1, 2)  # (B, beam, H, Tn, dk)
-        y = y.reshape(rows, heads, tn, dk).transpose(1, 2).reshape(rows, tn, heads * dk)  # (S, Tn, D)
-        x = x + self._dropout(sub, attn.linears[3](y))
-
-        return self.sublayer[2](x, self.feed_forward)
-
-    def _dropout(self, sublayer, y):
-        # Skipping the identity module call in eval mode saves a little on every decoding step.
-        return sublayer.dropout(y) if self.training else y
+        x = sub.residual(x, attn.attend_memory(q, layer_cache.memory_key, layer_cache.memory_value, memory_mask,
+                                               beam))
+        sub = self.sublayer[2]
+        return sub.residual(x, self.feed_forward(sub.norm(x)))
 
 
 class Decoder(nn.Module):
@@ -236,10 +396,16 @@ class Decoder(nn.Module):
             x = layer(x, memory, src_mask, tgt_mask)
         return self.norm(x)
 
-    def step(self, x, cache):
-        """Newest positions only: x (S, Tn, D) -> (S, Tn, D), growing the cache's self-attention keys/values."""
+    def forward_memory_kv(self, x, memory_kv, memory_mask, tgt_mask, fold=1):
+        """x (S, T, D) with each layer's memory keys/values [(B, H, N, dk) x 2] -> (S, T, D); S = B * fold."""
+        for layer, (key, value) in zip(self.layers, memory_kv):
+            x = layer.forward_memory_kv(x, key, value, memory_mask, tgt_mask, fold)
+        return self.norm(x)
+
+    def step(self, x, cache, positions=None, self_mask=None):
+        """Newest positions only: x (S, Tn, D) -> (S, Tn, D), adding their keys/values to the cache's layers."""
         for layer, layer_cache in zip(self.layers, cache.layers):
-            x = layer.step(x, layer_cache, cache.memory_mask, cache.beam)
+            x = layer.step(x, layer_cache, positions, self_mask, cache.memory_mask, cache.beam)
         return self.norm(x)
 
 
@@ -258,7 +424,7 @@ class EncoderDecoder(nn.Module):
         return self.encoder(src, src_mask)
 
     def embed(self, tokens, start=0):
-        """Token ids (S, T) at absolute positions start.. -> (S, T, D)."""
+        """Token ids (S, T) at absolute positions start.. (or the (T,) positions tensor start) -> (S, T, D)."""
         words, positions = self.tgt_embed
         return positions(words(tokens), start)
 

