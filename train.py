@@ -429,7 +429,13 @@ def train_loop(opt, loader, model, loss_wrapper, infos, histories, writer, rank,
         return f'the state after iteration {n} is saved in {opt.checkpoint_path}; resume with --start_from ' \
                f'{opt.checkpoint_path}'
 
+    def kept_line():
+        if last_saved == start_iteration:
+            return 'nothing was saved by this run'
+        return f'{opt.checkpoint_path} keeps its last completed save (iteration {last_saved})'
+
     epoch_done, last_saved, sc_flag, stop = True, iteration, False, False
+    start_iteration = iteration
     point = good_point = resume_point()  # good_point: after the last iteration whose update ran
     streak = []  # the iterations of the current run of skipped (non-finite) updates
     signals.phase = 'train'
@@ -451,10 +457,13 @@ def train_loop(opt, loader, model, loss_wrapper, infos, histories, writer, rank,
             if stats['skipped']:
                 streak.append(iteration)
                 images = ', '.join(str(info['id']) for info in batch['infos'])
-                where = f'rank {rank}: ' if world_size > 1 else ''
-                print(f"warning: {where}iteration {iteration}: non-finite loss or gradient (loss {stats['loss']:.4g}"
-                      f"{' on this rank' if world_size > 1 else ''}); update skipped; images {images}",
-                      file=sys.stderr, flush=True)
+                if world_size > 1:
+                    print(f"warning: rank {rank}: iteration {iteration}: non-finite loss or gradient on some rank "
+                          f"(loss here {stats['loss']:.4g}); update skipped on every rank; images here {images}",
+                          file=sys.stderr, flush=True)
+                else:
+                    print(f"warning: iteration {iteration}: non-finite loss or gradient (loss {stats['loss']:.4g}); "
+                          f"update skipped; images {images}", file=sys.stderr, flush=True)
                 if len(streak) >= NONFINITE_STOP:
                     raise NonFiniteTraining(
                         f'{len(streak)} consecutive iterations ({streak[0]}-{streak[-1]}) had a non-finite loss or '
@@ -495,17 +504,18 @@ def train_loop(opt, loader, model, loss_wrapper, infos, histories, writer, rank,
         if isinstance(e, Interrupted) and e.message:
             raise
         if isinstance(e, _Abort):
-            raise _Abort(e.signum, f'stopped at once by a second signal; {opt.checkpoint_path} keeps its last '
-                                   f'completed save (iteration {last_saved})') from None
+            raise _Abort(e.signum, f'stopped at once by a second signal; {kept_line()}') from None
         todo = good_point if isinstance(e, NonFiniteTraining) else point
         saved = ''
         if is_main and not isinstance(e, CheckpointError) and todo['iter'] > last_saved:
             signals.phase = 'save'
             snapshot(todo, [todo['rng']] if world_size == 1 else None)
             saved = saved_line(todo['iter'])
-        if isinstance(e, KeyboardInterrupt):
-            raise Interrupted(getattr(e, 'signum', signal.SIGINT),
-                              saved or f'{opt.checkpoint_path} keeps its last save (iteration {last_saved})') from None
+        if isinstance(e, KeyboardInterrupt) or (world_size > 1 and signals.signum is not None
+                                                and not isinstance(e, SaticError)):
+            # (the second case: a rank waiting at a barrier whose peer stopped on the same Ctrl-C)
+            raise Interrupted(getattr(e, 'signum', signals.signum or signal.SIGINT),
+                              saved or kept_line()) from None
         if saved:
             print(f'{saved} (stopping on the error below)', file=sys.stderr, flush=True)
         raise

@@ -366,6 +366,14 @@ def recover_checkpoint(checkpoint_dir, run_id):
     return manifest
 
 
+def recover_folder(checkpoint_dir):
+    """recover_checkpoint for every run id with a manifest in checkpoint_dir (for readers that know a model file but
+    not its run id, e.g. eval.py before reading model-best.pth). Returns {run id: manifest}."""
+    names = os.listdir(checkpoint_dir) if os.path.isdir(checkpoint_dir) else []
+    ids = [n[len('checkpoint_'):-len('.json')] for n in names if n.startswith('checkpoint_') and n.endswith('.json')]
+    return {run_id: recover_checkpoint(checkpoint_dir, run_id) for run_id in sorted(ids)}
+
+
 def check_writable_dir(folder, flag='--checkpoint_path'):
     """Create folder and write a file there, or raise a one-line SaticError: before training, not at the first save."""
     try:

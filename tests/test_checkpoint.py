@@ -159,7 +159,7 @@ def test_nonfinite_weights_are_refused_and_the_previous_files_kept(tmp_path):
 def test_a_save_cut_after_its_commit_is_completed_by_recover(tmp_path, monkeypatch):
     """The manifest's rename is the commit: a kill after it (here an exception that skips all clean-up, as kill -9
     would) leaves temp files that recover_checkpoint renames into place; before it, the previous save stands."""
-    from misc.checkpoint import check_infos_match, read_manifest, recover_checkpoint, verify_checkpoint
+    from misc.checkpoint import check_infos_match, read_manifest, recover_checkpoint, recover_folder, verify_checkpoint
 
     class Killed(BaseException):
         pass
@@ -180,8 +180,9 @@ def test_a_save_cut_after_its_commit_is_completed_by_recover(tmp_path, monkeypat
     assert read_manifest(str(tmp_path), 'run')['iter'] == 4
     assert load_pickle(str(tmp_path / 'infos_run.pkl'))['iter'] == 3  # not renamed yet ...
     assert verify_checkpoint(str(tmp_path), 'run')  # ... so the files do not match the committed manifest
-    recover_checkpoint(str(tmp_path), 'run')
+    assert set(recover_folder(str(tmp_path))) == {'run'}  # (recover_checkpoint(folder, 'run') for each run id)
     assert verify_checkpoint(str(tmp_path), 'run') == []
+    assert recover_checkpoint(str(tmp_path), 'run')['iter'] == 4  # nothing left to do
     infos = load_pickle(str(tmp_path / 'infos_run.pkl'))
     assert infos['iter'] == 4
     check_infos_match(infos, str(tmp_path / 'model.pth'), optimizer_state=load_torch(str(tmp_path / 'optimizer.pth')))
