@@ -365,6 +365,10 @@ def train_loop(opt, loader, model, loss_wrapper, infos, histories, writer, rank,
     if opt.start_from and is_main:
         print(f'resuming {opt.start_from} at iteration {iteration} (epoch {epoch}), '
               f'train position {loader.iterators["train"]}, best score {best_val_score}', flush=True)
+        saved_seed = getattr(infos.get('opt'), 'seed', opt.seed)
+        if saved_seed != opt.seed:  # the loader's caption draws and epoch orders are functions of the seed
+            print(f'note: --seed {opt.seed} is not the checkpoint\'s {saved_seed}: the captions drawn per image and '
+                  f'the order of the next epochs differ from those of an uninterrupted run', flush=True)
 
     iters_per_epoch = math.ceil(len(loader.split_ix['train']) / (opt.batch_size * world_size))
     total = opt.max_epochs * iters_per_epoch if opt.max_epochs > 0 else 0

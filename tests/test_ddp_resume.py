@@ -3,7 +3,6 @@ all-reduced; here the gradients stay finite, so DDP's gradient averaging alone w
 rank's random state is saved, and a stopped + resumed run equals an uninterrupted one bit for bit."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -62,8 +61,8 @@ def launch(tmp_path, tiny_dataset, name, poisoned_step, *extra):
             '--save_checkpoint_every', '3', '--losses_log_every', '1', '--id', 'ddp', *map(str, extra)]
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
     proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-                           str(script), str(out), str(poisoned_step), *argv], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
+                           str(script), str(out), str(poisoned_step), *argv], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     assert [json.loads((out / f'rank{r}.json').read_text())['rc'] for r in range(2)] == [0, 0]

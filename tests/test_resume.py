@@ -274,7 +274,7 @@ def test_a_kill_at_any_point_of_a_save_leaves_one_consistent_checkpoint(tiny_dat
         assert not glob.glob(str(image / '.*.tmp'))
 
 
-# ----------------------------------------------------------------------------------------------- files that do not match
+# ----------------------------------------------------------------------------------------------- mismatched files
 def test_files_of_different_saves_are_refused(tiny_dataset, tmp_path):
     folder = tmp_path / 'ck'
     rc, _, err = run_main(targs(tiny_dataset, folder, '--max_iters', '10', '--save_checkpoint_every', '5',
@@ -288,9 +288,10 @@ def test_files_of_different_saves_are_refused(tiny_dataset, tmp_path):
     assert_one_line_error(run_main(resume, tmp_path), f'{folder}/optimizer.pth has made 10 optimiser steps',
                           'says 5', 'remove')
     os.remove(folder / 'optimizer.pth')  # as the message says: a fresh optimiser state
-    rc, out, err = run_main(resume, tmp_path)
+    rc, out, err = run_main(resume + ['--seed', '7'], tmp_path)
     assert rc == 0, err
     assert f'resuming {folder} at iteration 5 ' in out
+    assert "note: --seed 7 is not the checkpoint's 123" in out  # (the loader's draws depend on the seed)
 
 
 def test_infos_without_the_new_fields_still_resume(tiny_dataset, tmp_path):
