@@ -70,6 +70,9 @@ def add_decoding_options(parser, beam_size=1):
                         help="(ours) 'cuda', 'cpu', 'cuda:1'...; default: cuda when available")
     parser.add_argument('--bf16', type=int, default=0,
                         help='(ours) bfloat16 autocast for training and decoding (off: fp32, as the reference)')
+    parser.add_argument('--compile', type=int, default=0,
+                        help='(ours) 1: torch.compile the training forward/backward and the decoding step '
+                             '(minutes of compilation up front; README, "Speed options")')
 
 
 def add_training_options(parser):
@@ -279,6 +282,8 @@ def add_eval_options(parser, beam_size=1, batch_size=32):
     parser.add_argument('--verbose_beam', type=int, default=1, help='with --verbose: also print the beams of each image')
     parser.add_argument('--verbose_loss', type=int, default=0, help='also compute the loss on the labels')
     parser.add_argument('--seed', type=int, default=123, help='(ours) random seed for sampling')
+    parser.add_argument('--quantize', type=str, default='',
+                        help="(ours) 'int8': dynamic int8 linear layers for CPU inference (off by default)")
 
 
 def parse_eval_opt(argv=None, beam_size=1, batch_size=32, language_eval=1, description='Evaluate a SATIC checkpoint.'):

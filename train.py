@@ -105,7 +105,11 @@ def build_model(opt, device):
                              f"checkpoint: train the transformer baseline first (README), or pass --init_from none")
         models.check_state_dict(model, load_torch(opt.init_from, 'model'), opt.init_from)
         print(f'initialised from the autoregressive checkpoint {opt.init_from}')
-    return model.to(device)
+    model = model.to(device)
+    if getattr(opt, 'compile', 0):  # (ours) opt-in: compiled on the first iterations (README, "Speed options")
+        from models.speed import compile_model
+        compile_model(model)
+    return model
 
 
 def build_teacher(opt, vocab, device):

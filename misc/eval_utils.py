@@ -160,7 +160,7 @@ def check_language_eval_ready(ref_json):
 # everything else comes from the checkpoint's infos.
 _EVAL_OWN = ('id', 'batch_size', 'beam_size', 'language_eval', 'sample_max', 'temperature', 'max_length',
              'length_penalty', 'block_trigrams', 'remove_bad_endings', 'group_size', 'diversity_lambda',
-             'decoding_constraint', 'use_cache', 'device', 'bf16', 'num_images',
+             'decoding_constraint', 'use_cache', 'device', 'bf16', 'compile', 'quantize', 'num_images',
              'split', 'ref_json', 'num_workers', 'seed')
 # Data paths: the command line's when given, else the infos' (the reference's `opt.x or infos['opt'].x`).
 _PATH_OPTIONS = ('input_json', 'input_fc_dir', 'input_att_dir', 'input_box_dir', 'input_label_h5')
@@ -209,6 +209,8 @@ def load_model_for_eval(eval_opt):
     state = load_torch(eval_opt.model, 'model')
     models.check_state_dict(model, state, eval_opt.model)
     model.to(device).eval()
+    from models.speed import apply_eval_options
+    model = apply_eval_options(model, opt)  # --quantize int8, --compile 1 (both off by default)
     return model, opt, infos, device
 
 

@@ -28,26 +28,8 @@ class LayerCache:
         self.memory_key = memory_key
         self.memory_value = memory_value
         self.capacity = capacity  # None: growing layout
-        self.key = None
+        self.key = None  # allocated by DecoderCache.buffers on the first step
         self.value = None
-
-    def append(self, key, value, positions=None):
-        """Add the newest positions' keys/values (S, H, Tn, dk); return the keys/values to attend over.
-
-        Fixed layout: written at `positions` ((Tn,) tensor) of the buffers, which are returned whole (the caller
-        masks the unfilled positions). Growing layout: concatenated, exactly the positions so far."""
-        if self.capacity is None:
-            if self.key is not None:
-                key = torch.cat([self.key, key], dim=2)
-                value = torch.cat([self.value, value], dim=2)
-            self.key, self.value = key, value
-            return key, value
-        if self.key is None:
-            shape = (key.size(0), key.size(1), self.capacity, key.size(3))
-            self.key, self.value = key.new_zeros(shape), value.new_zeros(shape)
-        self.key.index_copy_(2, positions, key)
-        self.value.index_copy_(2, positions, value)
-        return self.key, self.value
 
     def reorder(self, index):
         if self.key is None:
@@ -58,6 +40,29 @@ class LayerCache:
         else:  # in place: the buffers keep their addresses (CUDA graphs, compiled steps)
             self.key.copy_(self.key.index_select(0, index))
             self.value.copy_(self.value.index_select(0, index))
+
+
+class StepBuffers:
+    """One layer's state during one decoding step, as plain tensors (what a compiled step takes).
+
+    fixed=True: self-attention buffers (S, H, capacity, dk) written in place at the step's positions and returned
+    whole; fixed=False: the keys/values so far (S, H, T, dk), concatenated with the new ones (kept in .key/.value
+    for the caller). memory keys/values (B, H, N, dk) either way."""
+
+    def __init__(self, key, value, memory_key, memory_value, fixed):
+        self.key, self.value = key, value
+        self.memory_key, self.memory_value = memory_key, memory_value
+        self.fixed = fixed
+
+    def append(self, key, value, positions):
+        """The newest positions' keys/values (S, H, Tn, dk) -> the keys/values to attend over."""
+        if self.fixed:
+            self.key.index_copy_(2, positions, key)
+            self.value.index_copy_(2, positions, value)
+        else:
+            self.key = torch.cat([self.key, key], dim=2)
+            self.value = torch.cat([self.value, value], dim=2)
+        return self.key, self.value
 
 
 class DecoderCache:
@@ -98,6 +103,24 @@ class DecoderCache:
             self.grow(self.length + count)
         filled = torch.arange(self.capacity, device=device) < self.length + count
         return positions, filled.view(1, 1, 1, -1)
+
+    def buffers(self, rows):
+        """Per layer [self keys], [self values], [memory keys], [memory values] (lists of tensors) for a step.
+
+        Allocated on the first step: fixed layout (rows, H, capacity, dk) zero buffers, growing layout empty
+        (rows, H, 0, dk) tensors."""
+        for layer in self.layers:
+            if layer.key is None:
+                heads, dk = layer.memory_key.size(1), layer.memory_key.size(3)
+                layer.key = layer.memory_key.new_zeros(rows, heads, self.capacity or 0, dk)
+                layer.value = layer.memory_value.new_zeros(rows, heads, self.capacity or 0, dk)
+        return ([layer.key for layer in self.layers], [layer.value for layer in self.layers],
+                [layer.memory_key for layer in self.layers], [layer.memory_value for layer in self.layers])
+
+    def store(self, keys, values):
+        """Growing layout: keep the step's concatenated keys/values (lists, one per layer)."""
+        for layer, key, value in zip(self.layers, keys, values):
+            layer.key, layer.value = key, value
 
     def grow(self, capacity):
         """Longer fixed buffers (a caller decoding past the max_length it announced)."""

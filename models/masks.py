@@ -46,16 +46,16 @@ class Packing:
     attn_mask (B, 1, 1, N) boolean (True = a real region) or None when every position is real.
     """
 
-    def __init__(self, valid=None, batch=None, length=None):
-        """valid (B, N) boolean; or batch and length with every position real."""
+    def __init__(self, valid=None, batch=None, length=None, index=None, attn_mask=None):
+        """valid (B, N) boolean; or batch and length, with every position real or the given index and attn_mask
+        (the parts of another Packing, e.g. inside a compiled function)."""
         if valid is None:
             self.batch, self.length = batch, length
-            self.index, self.attn_mask = None, None
+            self.index, self.attn_mask = index, attn_mask
         else:
             self.batch, self.length = valid.shape
             self.index = valid.reshape(-1).nonzero().squeeze(1)  # (M,) into the flattened (B*N)
             self.attn_mask = valid[:, None, None, :]  # (B, 1, 1, N)
-        self.rows = self.batch * self.length if self.index is None else self.index.numel()
 
     def pad(self, x):
         """(M, C) -> (B, N, C), zeros at padding."""

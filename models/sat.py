@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from models.beam_search import beam_search
-from models.cache import DecoderCache, LayerCache
+from models.cache import DecoderCache, LayerCache, StepBuffers
 from models.decode_config import DecodeConfig
 from models.decoding import greedy_or_sample
 from models.masks import Packing, group_mask, target_mask
@@ -54,17 +54,54 @@ class SATModel(nn.Module):
         to the batch's longest valid count, as the reference's clip_att did; without, every region is real.
         The numbers are those of the padded computation (padding never reached a real region).
         """
+        rows, packing = self.real_regions(att_feats, att_masks)
+        return self._encode_fn(rows, packing.index, packing.attn_mask, packing.batch, packing.length), packing
+
+    @staticmethod
+    def real_regions(att_feats, att_masks=None):
+        """att_feats (B, N, F) -> the real regions' features (M, F) and their models.masks.Packing."""
         batch, n_full, feat = att_feats.shape
         if att_masks is None:  # every region valid: no mask at all
-            packing = Packing(batch=batch, length=n_full)
-            rows = att_feats.reshape(batch * n_full, feat)  # (B*N, F); BatchNorm needs 2-D
-        else:
-            n = int(att_masks.sum(1).max())
-            packing = Packing(att_masks[:, :n] > 0)  # (B, N')
-            # The real regions' rows, gathered straight from att_feats (whatever its strides): BatchNorm
-            # statistics see real regions only, as the reference's packing did.
-            rows = att_feats[packing.index // n, packing.index % n]  # (M, F)
-        return self.model.encoder.forward_packed(self.att_embed(rows), packing), packing
+            return att_feats.reshape(batch * n_full, feat), Packing(batch=batch, length=n_full)
+        n = int(att_masks.sum(1).max())
+        packing = Packing(att_masks[:, :n] > 0)  # (B, N')
+        # Gathered straight from att_feats, whatever its strides; BatchNorm statistics see real regions only,
+        # as the reference's packing did.
+        return att_feats[packing.index // n, packing.index % n], packing  # (M, F)
+
+    def encode_rows(self, rows, index, attn_mask, batch, length):
+        """att_embed + encoder on the real regions' features rows (M, F) of a (batch, length) padded batch
+        (models.masks.Packing parts, plain tensors and ints: what --compile 1 compiles) -> memory rows (M, D)."""
+        packing = Packing(batch=batch, length=length, index=index, attn_mask=attn_mask)
+        return self.model.encoder.forward_packed(self.att_embed(rows), packing)
+
+    def teacher_forcing(self, rows, index, attn_mask, batch, length, tokens, tgt_mask, fold):
+        """encode_rows, then the decoder over the shifted tokens (S, T) with tgt_mask (S, T, T) -> (S, T, D)
+        (plain tensors and ints: what --compile 1 compiles for training)."""
+        packing = Packing(batch=batch, length=length, index=index, attn_mask=attn_mask)
+        memory = self.encode_rows(rows, index, attn_mask, batch, length)  # (M, D)
+        memory_kv = [layer.src_attn.memory_key_value(memory, packing) for layer in self.model.decoder.layers]
+        return self.model.decoder.forward_memory_kv(self.model.embed(tokens), memory_kv, attn_mask, tgt_mask, fold)
+
+    def _maybe_compiled(self, name, fallback):
+        compiled = self.__dict__.get('_compiled', {}).get(name)
+        return fallback if compiled is None else compiled
+
+    @property
+    def _encode_fn(self):
+        return self._maybe_compiled('encode', self.encode_rows)
+
+    @property
+    def _teacher_forcing_fn(self):
+        return self._maybe_compiled('teacher_forcing', self.teacher_forcing)
+
+    @property
+    def _generator_fn(self):
+        return self._maybe_compiled('generator', self.model.generator)
+
+    @property
+    def _step_fn(self):
+        return self._maybe_compiled('step', self.cached_step)
 
     def encode(self, att_feats, att_masks=None):
         """att_feats (B, N, F), att_masks (B, N) float 1/0 or None -> memory (B, N', D), memory mask (B, 1, N').
@@ -101,16 +138,15 @@ class SATModel(nn.Module):
         and its seq_per_img caption rows attend to the same memory keys/values (in train mode they share one
         encoder dropout draw). Cross-attention keys/values are projected from the real regions only.
         """
-        memory, packing = self.encode_packed(att_feats, att_masks)  # (M, D)
-        memory_kv = [layer.src_attn.memory_key_value(memory, packing) for layer in self.model.decoder.layers]
+        rows, packing = self.real_regions(att_feats, att_masks)  # (M, F)
         tokens = self.shift_labels(labels)  # (S, T)
-        return self.model.decoder.forward_memory_kv(self.model.embed(tokens), memory_kv, packing.attn_mask,
-                                                    target_mask(tokens, self.K), fold=seq_per_img)
+        return self._teacher_forcing_fn(rows, packing.index, packing.attn_mask, packing.batch, packing.length,
+                                        tokens, target_mask(tokens, self.K), seq_per_img)
 
     def forward_xe(self, att_feats, labels, att_masks=None, seq_per_img=1):
         """Teacher forcing: log-probs (S, L-1, V); position i predicts labels[:, i+1]."""
         out = self.decoder_states(att_feats, labels, att_masks, seq_per_img)  # (S, T, D)
-        return self.model.generator(out[:, :labels.size(1) - 1])  # (S, L-1, V)
+        return self._generator_fn(out[:, :labels.size(1) - 1])  # (S, L-1, V)
 
     def scored_logprobs(self, att_feats, labels, att_masks=None, masks=None, seq_per_img=1):
         """Teacher forcing at the scored positions only: (log-probs (M, V), targets (M,)).
@@ -122,10 +158,10 @@ class SATModel(nn.Module):
         length = labels.size(1) - 1
         targets = labels[:, 1:]  # (S, L-1)
         if masks is None:
-            return self.model.generator(out[:, :length].reshape(-1, out.size(-1))), targets.reshape(-1)
+            return self._generator_fn(out[:, :length].reshape(-1, out.size(-1))), targets.reshape(-1)
         scored = (masks[:, 1:length + 1] > 0).reshape(-1).nonzero().squeeze(1)  # (M,) into (S*(L-1))
         rows = out[:, :length].reshape(-1, out.size(-1)).index_select(0, scored)  # (M, D)
-        return self.model.generator(rows), targets.reshape(-1).index_select(0, scored)
+        return self._generator_fn(rows), targets.reshape(-1).index_select(0, scored)
 
     # ---- decoding primitives -------------------------------------------------------------------------------
     def init_cache(self, memory, memory_mask, beam=1, use_cache=None, max_length=None):
@@ -159,9 +195,15 @@ class SATModel(nn.Module):
         """
         k = tokens.size(1)
         if cache.incremental:
+            # fixed layout: the same shapes at every step, so the compiled step (--compile 1) is built once
             positions, self_mask = cache.positions(k, tokens.device)  # (K,), (1, 1, 1, capacity) or None
-            x = self.model.embed(tokens, positions)  # (S, K, D)
-            out = self.model.decoder.step(x, cache, positions, self_mask)  # (S, K, D)
+            keys, values, memory_keys, memory_values = cache.buffers(tokens.size(0))
+            logprobs, keys, values = self._step_fn(tokens, positions, self_mask, keys, values, memory_keys,
+                                                   memory_values, cache.memory_mask, cache.beam)
+            if not cache.fixed:
+                cache.store(keys, values)
+            cache.length += k
+            return logprobs, cache
         else:
             prefix = cache.extend_prefix(tokens)  # (S, T)
             memory, memory_mask = cache.memory, cache.encoder_mask  # (B, N, D), (B, 1, N) or None
@@ -173,6 +215,23 @@ class SATModel(nn.Module):
             out = self.model.decode(memory, memory_mask, prefix, mask)[:, -k:]  # (S, K, D)
         cache.length += k
         return self.model.generator(out), cache
+
+    def cached_step(self, tokens, positions, self_mask, keys, values, memory_keys, memory_values, memory_mask,
+                    beam):
+        """One cached decoding step on plain tensors (what --compile 1 compiles): tokens (S, K) at positions (K,);
+        per layer the self-attention keys/values and the memory keys/values (B, H, N, dk); memory_mask
+        (B, 1, 1, N) or None. Fixed layout (self_mask (1, 1, 1, capacity) given): keys/values are the
+        (S, H, capacity, dk) buffers, written in place; growing layout (self_mask None): the (S, H, T, dk) keys/values
+        so far. Returns (log-probs (S, K, V), the keys, the values)."""
+        x = self.model.embed(tokens, positions)  # (S, K, D)
+        fixed = self_mask is not None
+        new_keys, new_values = [], []
+        for i, layer in enumerate(self.model.decoder.layers):
+            buffers = StepBuffers(keys[i], values[i], memory_keys[i], memory_values[i], fixed)
+            x = layer.step(x, buffers, positions, self_mask, memory_mask, beam)
+            new_keys.append(buffers.key)
+            new_values.append(buffers.value)
+        return self.model.generator(self.model.decoder.norm(x)), new_keys, new_values
 
     def decode(self, att_feats, att_masks=None, config=None, seq_per_img=1):
         """Caption a batch: (seq (B, max_length) int64, seqLogprobs (B, max_length)), zero padded.

@@ -2,8 +2,9 @@
 
 Class and attribute names (`linears`, `sublayer`, `a_2`, `lut`, `pe`, `proj`, ...) are the checkpoint format of
 the released models, so they stay as they are. On top of the reference's full-sequence `forward` methods, the
-attention, decoder layer and decoder have `step` methods that run only the newest positions against a
-`models.cache.DecoderCache` (fairseq-style incremental decoding, same numbers).
+decoder layer has a `step` method that runs only the newest positions against cached keys/values
+(`models.cache`, fairseq-style incremental decoding, same numbers), and the encoder runs on packed rows (the real
+regions only, `models.masks.Packing`).
 
 Shapes: B images, S decoding rows (B or B*beam), N regions, T tokens, D d_model, H heads, dk = D / H.
 Masks are boolean, True = may attend, broadcastable to (B, H, T_query, T_key).
@@ -362,7 +363,8 @@ class DecoderLayer(nn.Module):
         return sub[2].residual(x, self.feed_forward(sub[2].norm(x)))
 
     def step(self, x, layer_cache, positions, self_mask, memory_mask, beam):
-        """Only the newest positions: x (S, Tn, D) -> (S, Tn, D), their keys/values written into layer_cache.
+        """Only the newest positions: x (S, Tn, D) -> (S, Tn, D), their keys/values added to layer_cache (a
+        models.cache.StepBuffers).
 
         The new positions see every cached position and each other (the block mask has no zero there);
         self_mask (1, 1, 1, capacity) hides the cache's unfilled positions (None: the cache holds exactly the
@@ -400,12 +402,6 @@ class Decoder(nn.Module):
         """x (S, T, D) with each layer's memory keys/values [(B, H, N, dk) x 2] -> (S, T, D); S = B * fold."""
         for layer, (key, value) in zip(self.layers, memory_kv):
             x = layer.forward_memory_kv(x, key, value, memory_mask, tgt_mask, fold)
-        return self.norm(x)
-
-    def step(self, x, cache, positions=None, self_mask=None):
-        """Newest positions only: x (S, Tn, D) -> (S, Tn, D), adding their keys/values to the cache's layers."""
-        for layer, layer_cache in zip(self.layers, cache.layers):
-            x = layer.step(x, layer_cache, positions, self_mask, cache.memory_mask, cache.beam)
         return self.norm(x)
 
 

@@ -218,3 +218,81 @@ def test_sampled_rows_share_their_images_memory():
         repeated = model.decode(att.repeat_interleave(3, 0), masks.repeat_interleave(3, 0))
     assert torch.equal(once[0], repeated[0])
     torch.testing.assert_close(once[1], repeated[1], atol=1e-6, rtol=1e-6)
+
+
+# ---- --quantize int8 through eval.py ----------------------------------------------------------------------------
+@pytest.fixture(scope='module')
+def trained_checkpoint(tiny_dataset, tmp_path_factory):
+    """A tiny SAT (K=2) checkpoint trained for 80 XE steps on the tiny dataset: (model.pth, infos_tiny.pkl)."""
+    import json
+
+    import models
+    from dataloader import DataLoader
+    from misc.checkpoint import save_pickle, save_torch
+    from misc.losses import LanguageModelCriterion
+    folder = tmp_path_factory.mktemp('ckpt_int8')
+    with open(tiny_dataset.input_json) as f:
+        vocab = json.load(f)['ix_to_word']
+    opt = tiny_dataset.opt(caption_model='sat', K=2, num_layers=1, input_encoding_size=16, rnn_size=32, id='tiny')
+    opt.vocab_size = len(vocab)
+    torch.manual_seed(0)
+    model = models.setup(opt).train()
+    crit, optimizer = LanguageModelCriterion(), torch.optim.Adam(model.parameters(), lr=3e-3)
+    with DataLoader(tiny_dataset.opt(batch_size=5)) as loader:
+        for _ in range(80):
+            b = loader.get_batch('train')
+            loss = crit(model(b['fc_feats'], b['att_feats'], b['labels'], b['att_masks']), b['labels'][:, 1:],
+                        b['masks'][:, 1:])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    paths = str(folder / 'model.pth'), str(folder / 'infos_tiny.pkl')
+    save_torch(model.state_dict(), paths[0])
+    save_pickle({'opt': opt, 'vocab': vocab, 'iter': 0, 'epoch': 0, 'best_val_score': None}, paths[1])
+    return paths
+
+
+def test_quantize_int8_eval_end_to_end(tiny_dataset, trained_checkpoint, tmp_path, monkeypatch):
+    import json
+
+    import eval as eval_script
+    monkeypatch.chdir(tmp_path)
+    linear_types = []
+    real_decode = SATModel.decode
+
+    def decode(self, *args, **kwargs):
+        linear_types.append(type(self.model.generator.proj).__module__)
+        return real_decode(self, *args, **kwargs)
+    monkeypatch.setattr(SATModel, 'decode', decode)
+    captions = {}
+    for quantize in ('', 'int8'):
+        argv = ['--model', trained_checkpoint[0], '--infos_path', trained_checkpoint[1], '--language_eval', '0',
+                '--split', 'train', '--batch_size', '4', '--id', f'q{quantize}', '--device', 'cpu']
+        assert eval_script.main(argv + (['--quantize', quantize] if quantize else [])) == 0
+        with open(f'vis/q{quantize}.json') as f:
+            captions[quantize] = [p['caption'] for p in json.load(f)]
+    assert any('quantized' in t for t in linear_types) and any('quantized' not in t for t in linear_types)
+    same = sum(a == b for a, b in zip(captions[''], captions['int8']))
+    assert len(captions['int8']) == len(captions['']) == 10
+    assert same >= 7, (captions[''], captions['int8'])  # int8 rounding may flip a few close argmaxes
+
+
+def test_quantize_refuses_unknown_values(tiny_dataset, trained_checkpoint, tmp_path, monkeypatch, capsys):
+    import eval as eval_script
+    monkeypatch.chdir(tmp_path)
+    argv = ['--model', trained_checkpoint[0], '--infos_path', trained_checkpoint[1], '--language_eval', '0',
+            '--quantize', 'int4']
+    assert eval_script.main(argv) == 2
+    assert '--quantize' in capsys.readouterr().err
+
+
+def test_int8_model_decodes_like_fp32_on_a_tiny_model():
+    from models.speed import quantize_int8
+    model = tiny(K=2).eval()
+    att, masks, _, _ = batch()
+    q = quantize_int8(model)
+    assert type(model.model.generator.proj) is torch.nn.Linear  # the original is untouched
+    with torch.no_grad():
+        want = model(None, att, masks, opt={'beam_size': 1}, mode='sample')[1]
+        got = q(None, att, masks, opt={'beam_size': 1}, mode='sample')[1]
+    assert got.shape == want.shape and torch.isfinite(got).all()
