@@ -6,6 +6,16 @@ from torch import nn
 from misc.losses import build_criterion
 
 
+def scored_logprobs(model, fc, att, labels, att_masks, masks, per_img):
+    """Teacher-forced log-probs (M, V) at the M positions of masks[:, 1:] > 0 and their target words (M,):
+    SATModel.scored_logprobs, or the rows of the reference call's (S, L-1, V) for another model."""
+    if hasattr(model, 'scored_logprobs'):
+        return model.scored_logprobs(att, labels, att_masks, masks, seq_per_img=per_img)
+    full = model(fc, att, labels, att_masks, seq_per_img=per_img)  # (S, L-1, V)
+    rows = masks[:, 1:full.size(1) + 1] > 0  # (S, L-1)
+    return full[rows], labels[:, 1:full.size(1) + 1][rows]
+
+
 class LossWrapper(nn.Module):
     """forward(batch, sc_flag) -> {'loss': scalar, 'reward': mean sample reward (self-critical only),
     'kd_loss': the KL part, before its weight (XE with a teacher only)}."""
@@ -37,14 +47,14 @@ class LossWrapper(nn.Module):
     def kd_loss(self, logprobs, fc, att, labels, att_masks, masks, per_img):
         """KL(teacher || student) over the positions of masks[:, 1:]: nn.KLDivLoss(log_target=True, 'batchmean')
         on the (positions, V) rows, i.e. summed over the vocabulary and averaged over the masked positions.
+        logprobs (positions, V): the student's rows (SATModel.scored_logprobs); the teacher computes the same rows.
 
         reference quirk (--teacher_eval_mode 0): the teacher runs in train mode, dropout on, because the reference
         called teacher.eval() and then .train() on the loss wrapper that contained it."""
         self.teacher.train(self.training and not self.teacher_eval_mode)
         with torch.no_grad():
-            teacher_logprobs = self.teacher(fc, att, labels, att_masks, seq_per_img=per_img)  # (S, L-1, V)
-        rows = masks[:, 1:logprobs.size(1) + 1] > 0  # (S, L-1)
-        return self.kd_crit(logprobs[rows], teacher_logprobs[rows].to(logprobs.dtype))  # (positions, V) each
+            teacher_logprobs, _ = scored_logprobs(self.teacher, fc, att, labels, att_masks, masks, per_img)
+        return self.kd_crit(logprobs, teacher_logprobs.to(logprobs.dtype))  # (positions, V) each
 
     def load_reward(self):
         """The CIDEr-D reward with the --cached_tokens document frequencies (read once, on first use)."""
@@ -63,8 +73,9 @@ class LossWrapper(nn.Module):
         att_masks = None if att_masks is None else att_masks[::per_img]
         if not sc_flag:
             labels, masks = batch['labels'], batch['masks']
-            logprobs = self.model(fc, att, labels, att_masks, seq_per_img=per_img)  # (S, L-1, V)
-            loss = self.crit(logprobs, labels[:, 1:], masks[:, 1:])
+            # The generator and the log-softmax run only at the scored positions (masks[:, 1:] > 0).
+            logprobs, targets = scored_logprobs(self.model, fc, att, labels, att_masks, masks, per_img)  # (M, V)
+            loss = self.crit.scored(logprobs, targets)
             if self.kd_weight > 0 and self.teacher is not None:  # word-level distillation (XE stage only)
                 kd = self.kd_loss(logprobs, fc, att, labels, att_masks, masks, per_img)
                 return {'loss': loss + self.kd_weight * kd, 'kd_loss': kd.detach()}
