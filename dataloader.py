@@ -171,6 +171,7 @@ class DataLoader:
 
         self.fc_loader = FeatureReader(opt.input_fc_dir, '.npy', '--input_fc_dir')
         self._readers.append(self.fc_loader)
+        self.att_dir = opt.input_att_dir
         self.att_loader = FeatureReader(opt.input_att_dir, '.npz', '--input_att_dir')
         self._readers.append(self.att_loader)
 
@@ -215,11 +216,13 @@ class DataLoader:
     def get_vocab(self):
         return self.ix_to_word
 
-    def get_vocab_size(self):
-        return self.vocab_size
-
-    def get_seq_length(self):
-        return self.seq_length
+    def check_att_feat_size(self, expected, what):
+        """The region features must have `expected` dimensions (else one line, not a shape error in the model);
+        what: who expects it, e.g. 'the checkpoint (att_feat_size)' or '--att_feat_size'."""
+        if self.att_feat_size is not None and self.att_feat_size != expected:
+            raise SaticError(f'the region features in {self.att_dir} have {self.att_feat_size} dimensions but '
+                             f'{what} says {expected}: use matching features, or --att_feat_size {self.att_feat_size}'
+                             f' when training from scratch')
 
     def reset_iterator(self, split):
         """Start `split` again from its first image (same order)."""

@@ -1,4 +1,4 @@
-"""Evaluate a trained captioner on a split: captions, COCO metrics and decoding latency (SPEC.md section 5).
+"""Evaluate a trained captioner on a split: captions, COCO metrics and decoding latency (README, "Using it on COCO").
 
   python eval.py --model save/X/model-best.pth --infos_path save/X/infos_X-best.pkl --batch_size 1 --beam_size 1
 
@@ -7,6 +7,7 @@ the working directory, as the reference) vis/<id>.json ([{image_id, caption}]), 
 eval_results/<id>_<split>.json, with --seq_kd 1 every image's beams (vis/<id>_seq_kd.json), with --dump_images 1
 the caption viewer vis/index.html.
 """
+import argparse
 import os
 import sys
 
@@ -15,60 +16,98 @@ import torch
 from misc.errors import SaticError
 
 
+def load_checkpoint(eval_opt):
+    """(model in eval mode on its device, resolved options, infos) of --model and --infos_path, checked to agree."""
+    import models
+    from misc.checkpoint import check_infos_match, load_pickle, recover_folder
+    from misc.utils import resolve_device
+    from opts import resolve_eval_options
+    recover_folder(os.path.dirname(eval_opt.model) or '.')  # finishes a save that a kill cut between its renames
+    infos = load_pickle(eval_opt.infos_path)
+    if not isinstance(infos, dict) or not isinstance(infos.get('opt'), argparse.Namespace) \
+            or not isinstance(infos.get('vocab'), dict):
+        raise SaticError(f'{eval_opt.infos_path} is not an infos file (a dict with opt and vocab): pass the '
+                         'infos_<id>.pkl saved with the checkpoint')
+    opt = resolve_eval_options(eval_opt, infos, eval_opt.infos_path)
+    model = models.load(eval_opt.model, opt)
+    # Our infos record the model they belong to (reference infos do not, and pass).
+    check_infos_match(infos, model.state_dict(), opt=opt, infos_path=eval_opt.infos_path, model_path=eval_opt.model)
+    device = resolve_device(opt.device)
+    model = model.to(device).eval()
+    if opt.quantize or opt.compile:
+        from models.speed import apply_eval_options
+        model = apply_eval_options(model, opt)  # --quantize int8, --compile 1 (both off by default)
+    return model, opt, infos
+
+
 def run_evaluation(eval_opt):
-    """Load the checkpoint, decode the split, score it; returns (opt, predictions, lang_stats, timing).
+    """Load the checkpoint, decode the split, score it; returns (opt, EvalResult, lang_stats, img_to_eval).
 
     Everything that can be checked before decoding is (checkpoint vs infos, Java and references, feature size).
     """
     from dataloader import DataLoader
-    from misc.eval_utils import check_features_fit, check_language_eval_ready, eval_split, load_model_for_eval
+    from misc.coco_eval import check_ready, language_eval
+    from misc.evaluation import evaluate
     from misc.losses import build_criterion
+    from opts import decode_config
 
     torch.manual_seed(eval_opt.seed)
-    model, opt, infos, device = load_model_for_eval(eval_opt)
+    model, opt, infos = load_checkpoint(eval_opt)
     if opt.language_eval:
-        check_language_eval_ready(opt.ref_json)
+        check_ready(opt.ref_json)
     with DataLoader(opt) as loader:
-        check_features_fit(loader, opt)
+        loader.check_att_feat_size(opt.att_feat_size, f'the checkpoint {eval_opt.model} (att_feat_size)')
         loader.ix_to_word = infos['vocab']  # the vocabulary always comes from the checkpoint
-        kwargs = dict(vars(opt), verbose=eval_opt.verbose, verbose_beam=eval_opt.verbose_beam,
-                      seq_kd=eval_opt.seq_kd, seq_kd_path=eval_opt.seq_kd_path, dump_path=eval_opt.dump_path)
-        crit = build_criterion(0) if eval_opt.verbose_loss else None
-        loss, predictions, lang_stats, timing = eval_split(model, loader, kwargs, crit=crit, device=device)
-    if loss is not None:
-        print(f'loss: {loss:.4f}')
-    # language_eval has printed each metric ("CIDEr: 1.234", as the reference) and SPICE's availability.
+        result = evaluate(model, loader, opt.split, decode_config(opt, opt.vocab_size), num_images=opt.num_images,
+                          batch_size=opt.batch_size, remove_bad_endings=bool(opt.remove_bad_endings),
+                          crit=build_criterion(0) if eval_opt.verbose_loss else None, bf16=opt.bf16,
+                          keep_beams=eval_opt.seq_kd, with_paths=bool(eval_opt.dump_path),
+                          verbose=bool(eval_opt.verbose))
+    if result.loss is not None:
+        print(f'loss: {result.loss:.4f}')
+    lang_stats = img_to_eval = None
+    if opt.language_eval:  # prints each metric ("CIDEr: 1.234", as the reference) and SPICE's availability
+        lang_stats, img_to_eval = language_eval(result.predictions, opt.ref_json, split_name=opt.split,
+                                                toolkit_verbose=bool(eval_opt.verbose))
+    timing = result.timing
+    timing['device'] = next(model.parameters()).device.type
     print(f"decoding: {timing['ms_per_image']:.2f} ms per image at batch size {timing['batch_size']}, "
-          f"beam size {timing['beam_size']} ({timing['images']} images, {device.type})")
-    return opt, predictions, lang_stats, dict(timing, device=device.type)
+          f"beam size {timing['beam_size']} ({timing['images']} images, {timing['device']})")
+    return opt, result, lang_stats, img_to_eval
 
 
-def write_outputs(eval_opt, opt, predictions, lang_stats, timing):
-    """vis/<id>.json, the timing json and the caption viewer, as the flags ask."""
-    from misc.eval_utils import write_json_atomic
+def write_outputs(eval_opt, opt, result, lang_stats, img_to_eval):
+    """vis/<id>.json, eval_results/<id>_<split>.json, the seq-KD beams, the timing json and the caption viewer, as
+    the flags ask."""
+    from misc.fileio import write_json
+    if lang_stats is not None:
+        path = os.path.join('eval_results', f'{opt.id}_{opt.split}.json')
+        write_json({'overall': lang_stats, 'imgToEval': img_to_eval}, path)
+    if eval_opt.seq_kd:
+        path = eval_opt.seq_kd_path or os.path.join('vis', f'{opt.id}_seq_kd.json')
+        write_json([{'image_id': p['image_id'], 'caption': beams}
+                    for p, beams in zip(result.predictions, result.beams)], path)
+        print(f'wrote the beam lists of {len(result.predictions)} images to {path}')
     if eval_opt.timing_json:
-        write_json_atomic(timing, eval_opt.timing_json)
+        write_json(result.timing, eval_opt.timing_json)
     if eval_opt.dump_json:
         path = os.path.join('vis', f'{opt.id}.json')
-        write_json_atomic(predictions, path)
-        print(f'wrote {len(predictions)} captions to {path}')
+        write_json(result.predictions, path)
+        print(f'wrote {len(result.predictions)} captions to {path}')
     if eval_opt.dump_images:
         from misc.visualize import write_index_html
         scores = os.path.join('eval_results', f'{opt.id}_{opt.split}.json') if lang_stats else None
-        path = write_index_html(predictions, opt, lang_stats_path=scores, image_root=eval_opt.image_root)
+        path = write_index_html(result.predictions, opt, lang_stats_path=scores, image_root=eval_opt.image_root)
         print(f'wrote the caption viewer to {path}')
 
 
 def main(argv=None):
+    from misc.fileio import run_cli
     from opts import parse_eval_opt
-    eval_opt = parse_eval_opt(argv)
-    try:
-        opt, predictions, lang_stats, timing = run_evaluation(eval_opt)
-        write_outputs(eval_opt, opt, predictions, lang_stats, timing)
-    except SaticError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
-    return 0
+
+    def run(eval_opt):
+        write_outputs(eval_opt, *run_evaluation(eval_opt))
+    return run_cli(parse_eval_opt, run, argv)
 
 
 if __name__ == '__main__':

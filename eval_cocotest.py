@@ -1,4 +1,4 @@
-"""Caption the COCO online test images and write the server's result file (SPEC.md section 5).
+"""Caption the COCO online test images and write the server's result file (README, "Using it on COCO").
 
   python eval_cocotest.py --input_json data/cocotest.json --input_fc_dir data/cocotest/cocotest_bu_fc
       --input_att_dir data/cocotest/cocotest_bu_att --input_label_h5 data/cocotalk_label.h5 --num_images -1
@@ -12,8 +12,6 @@ e.g. the training labels of other images; 'none' works too).
 import os
 import sys
 
-from misc.errors import SaticError
-
 
 def server_results(predictions):
     """The COCO server format: each image once (its first caption), with an integer id."""
@@ -26,24 +24,28 @@ def server_results(predictions):
     return results
 
 
-def main(argv=None):
-    from eval import run_evaluation
-    from misc.eval_utils import write_json_atomic
+def parse_args(argv=None):
     from opts import parse_eval_opt
     eval_opt = parse_eval_opt(argv, beam_size=3, batch_size=2, language_eval=0,
                               description='Caption the COCO test images for the evaluation server.')
     eval_opt.language_eval = 0  # no references exist for the test images
     eval_opt.input_label_h5 = 'none'
-    try:
-        _, predictions, _, _ = run_evaluation(eval_opt)
-        results = server_results(predictions)
-        path = os.path.join('vis', f'{eval_opt.id}.json')
-        write_json_atomic(results, path)
-    except SaticError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+    return eval_opt
+
+
+def run(eval_opt):
+    from eval import run_evaluation
+    from misc.fileio import write_json
+    _, result, _, _ = run_evaluation(eval_opt)
+    results = server_results(result.predictions)
+    path = os.path.join('vis', f'{eval_opt.id}.json')
+    write_json(results, path)
     print(f'wrote {len(results)} captions to {path} (COCO server format)')
-    return 0
+
+
+def main(argv=None):
+    from misc.fileio import run_cli
+    return run_cli(parse_args, run, argv)
 
 
 if __name__ == '__main__':

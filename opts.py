@@ -6,9 +6,11 @@ Every reference option is accepted (see ../shared/conformance/reference_options.
 (`fill_defaults` gives an old `opt` Namespace the options it lacks).
 """
 import argparse
+import os
 
 DEFAULT_INIT_FROM = 'save/nsc-transformer-baseline/model-best.pth'
 DEFAULT_REF_JSON = 'coco-caption/annotations/captions_val2014.json'
+REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def str2bool(value):
@@ -61,11 +63,23 @@ def add_model_options(parser):
 
 
 def add_decoding_options(parser, beam_size=1):
+    """How captions are decoded (README, "Decoding options"): eval.py, and train.py's validation."""
     parser.add_argument('--beam_size', type=int, default=beam_size, help='beam width (1: greedy)')
     parser.add_argument('--max_length', type=int, default=20, help='maximum caption length when decoding')
     parser.add_argument('--length_penalty', type=str, default='', help="e.g. 'wu_0.5' or 'avg_0' ('' = none)")
-    parser.add_argument('--block_trigrams', type=int, default=0, help='not supported by SATIC (must be 0)')
-    parser.add_argument('--remove_bad_endings', type=int, default=0, help='not supported by SATIC (must be 0)')
+    parser.add_argument('--block_trigrams', type=int, default=0,
+                        help='1: soft penalty on repeated trigrams (greedy and sampling; README, decoding options)')
+    parser.add_argument('--remove_bad_endings', type=int, default=0,
+                        help="1: drop trailing 'a', 'the', 'with', ... from the decoded captions")
+    parser.add_argument('--group_size', type=int, default=1,
+                        help='diverse beam search: beam_size is split into this many groups (1: plain beam search)')
+    parser.add_argument('--diversity_lambda', type=float, default=0.5,
+                        help='diverse beam search: penalty per earlier group choosing the same word at a position')
+    parser.add_argument('--decoding_constraint', type=int, default=0,
+                        help='1: a word never repeats the word just before it (greedy, sampling and beams)')
+    parser.add_argument('--sample_max', type=int, default=1,
+                        help='1: argmax; 0: sample (eval.py; training validation is always greedy)')
+    parser.add_argument('--temperature', type=float, default=1.0, help='sampling temperature (with --sample_max 0)')
     parser.add_argument('--device', type=str, default='',
                         help="(ours) 'cuda', 'cpu', 'cuda:1'...; default: cuda when available")
     parser.add_argument('--bf16', type=int, default=0,
@@ -214,8 +228,6 @@ def check_opt(opt):
     need(getattr(opt, 'batch_size', 1) > 0, '--batch_size must be > 0')
     need(getattr(opt, 'beam_size', 1) > 0, '--beam_size must be > 0')
     need(getattr(opt, 'seq_per_img', 1) > 0, '--seq_per_img must be > 0')
-    need(getattr(opt, 'block_trigrams', 0) == 0, '--block_trigrams is not supported by SATIC decoding; use 0')
-    need(getattr(opt, 'remove_bad_endings', 0) == 0, '--remove_bad_endings is not supported by SATIC decoding; use 0')
     check_reference_options(opt)
 
 
@@ -260,17 +272,15 @@ def add_eval_options(parser, beam_size=1, batch_size=32):
     parser.add_argument('--dump_images', type=int, default=0, help='write vis/index.html with captions and scores')
     parser.add_argument('--dump_json', type=int, default=1, help='write vis/<id>.json')
     parser.add_argument('--dump_path', type=int, default=0, help='include file paths in vis/<id>.json')
-    parser.add_argument('--sample_max', type=int, default=1, help='1: argmax; 0: sample')
     add_decoding_options(parser, beam_size=beam_size)
-    parser.add_argument('--group_size', type=int, default=1, help='diverse beam groups (only 1 is supported)')
-    parser.add_argument('--diversity_lambda', type=float, default=0.5, help='unused (group_size 1)')
-    parser.add_argument('--temperature', type=float, default=1.0, help='sampling temperature')
-    parser.add_argument('--decoding_constraint', type=int, default=0, help='not supported by SATIC (must be 0)')
-    parser.add_argument('--image_folder', type=str, default='', help='unused (raw images are not read)')
+    parser.add_argument('--image_folder', type=str, default='',
+                        help="refused: the reference's raw-image mode (a CNN over image files); extract bottom-up "
+                             "features instead (data/README.md)")
     parser.add_argument('--image_root', type=str, default='', help='with --dump_images: copy images from here to vis/imgs/')
     add_data_options(parser, defaults=False)
     parser.add_argument('--split', type=str, default='test', help='train | val | test')
-    parser.add_argument('--coco_json', type=str, default='', help='unused (raw images are not read)')
+    parser.add_argument('--coco_json', type=str, default='',
+                        help="refused: the image list of the reference's raw-image mode (see --image_folder)")
     parser.add_argument('--id', type=str, default='nsc-sat-4-from-nsc-seqkd-cocoval', help='name of the outputs')
     parser.add_argument('--seq_kd', type=str2bool, default=False,
                         help='1: also write every beam of every image (input of scripts/prepro_labels_seqKD.py)')
@@ -299,4 +309,61 @@ def fill_defaults(opt):
     for key, value in vars(defaults).items():
         if not hasattr(opt, key):
             setattr(opt, key, value)
+    return opt
+
+
+def decode_config(opt, vocab_size=None):
+    """The models.decode_config.DecodeConfig of resolved options; a bad value -> SaticError, one line naming it.
+
+    vocab_size: refuse more beams per group than the vocabulary has entries."""
+    from misc.errors import SaticError
+    from models.decode_config import DecodeConfig
+    try:
+        config = DecodeConfig(sample_max=bool(opt.sample_max), beam_size=opt.beam_size, temperature=opt.temperature,
+                              max_length=opt.max_length, use_cache=bool(opt.use_cache),
+                              length_penalty=opt.length_penalty or '', group_size=opt.group_size,
+                              diversity_lambda=opt.diversity_lambda,
+                              decoding_constraint=bool(opt.decoding_constraint),
+                              block_trigrams=bool(opt.block_trigrams))
+    except ValueError as e:
+        raise SaticError(f'decoding options: {e}') from None
+    if vocab_size is not None and config.beam_size > 1 and config.beams_per_group > vocab_size + 1:
+        raise SaticError(f'--beam_size {config.beam_size} (with --group_size {config.group_size}) asks for more beams '
+                         f'than the {vocab_size + 1} entries of the vocabulary: use a smaller --beam_size')
+    return config
+
+
+# Options that eval.py takes from its own command line (reference_eval_options.tsv and our additions); everything
+# else comes from the checkpoint's infos.
+EVAL_OWN = ('id', 'batch_size', 'beam_size', 'language_eval', 'sample_max', 'temperature', 'max_length',
+            'length_penalty', 'block_trigrams', 'remove_bad_endings', 'group_size', 'diversity_lambda',
+            'decoding_constraint', 'device', 'bf16', 'compile', 'quantize', 'num_images', 'split',
+            'ref_json', 'num_workers', 'seed')
+# Data paths: the command line's when given, else the infos' (the reference's `opt.x or infos['opt'].x`).
+EVAL_PATHS = ('input_json', 'input_fc_dir', 'input_att_dir', 'input_box_dir', 'input_label_h5')
+
+
+def resolve_eval_options(eval_opt, infos, infos_path='infos'):
+    """The options one run of eval.py uses: infos['opt'] (defaults filled) overridden by the evaluation's own
+    options and its non-empty data paths; vocab_size from infos['vocab']. Bad values -> SaticError, one line."""
+    from misc.errors import SaticError
+    for flag in ('image_folder', 'coco_json'):
+        if getattr(eval_opt, flag):
+            raise SaticError(f"--{flag}: the reference's raw-image mode (a CNN over image files) is not provided; "
+                             "extract bottom-up features and pass --input_att_dir (data/README.md)")
+    opt = fill_defaults(argparse.Namespace(**vars(infos['opt'])))
+    for key in EVAL_OWN:
+        setattr(opt, key, getattr(eval_opt, key))
+    for key in EVAL_PATHS:
+        if getattr(eval_opt, key):
+            setattr(opt, key, getattr(eval_opt, key))
+    if opt.ref_json == DEFAULT_REF_JSON and not os.path.isfile(opt.ref_json):
+        # The default is relative to the repository (where the reference was always run), not to any cwd.
+        opt.ref_json = os.path.join(REPO_ROOT, DEFAULT_REF_JSON)
+    opt.vocab_size = len(infos['vocab'])
+    try:
+        check_opt(opt)
+    except SystemExit as e:  # check_opt's one line, here about the infos file or this command line
+        raise SaticError(f"{str(e).removeprefix('error: ')} (options of {infos_path} and this command line)") from None
+    decode_config(opt, opt.vocab_size)  # bad decoding options fail now, not after loading the data
     return opt

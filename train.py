@@ -26,7 +26,7 @@ from misc import optim
 from misc.checkpoint import (CheckpointError, check_infos_match, check_writable_dir, load_pickle, load_torch,
                              recover_checkpoint, save_checkpoint)
 from misc.errors import SaticError
-from misc.eval_utils import eval_split
+from misc.evaluation import evaluate
 from misc.loss_wrapper import LossWrapper
 from misc.utils import format_duration, resolve_device, to_device
 from opts import parse_opt
@@ -88,9 +88,7 @@ def check_data(opt, loader):
         raise SaticError("training needs captions: --input_label_h5 none is for evaluating caption-less images")
     if not loader.split_ix['val']:
         raise SaticError(f"{opt.input_json} has no val images: training validates on them at every checkpoint")
-    if loader.att_feat_size is not None and loader.att_feat_size != opt.att_feat_size:
-        raise SaticError(f"--att_feat_size {opt.att_feat_size}, but the region features in {opt.input_att_dir} "
-                         f"have {loader.att_feat_size} dimensions: pass --att_feat_size {loader.att_feat_size}")
+    loader.check_att_feat_size(opt.att_feat_size, '--att_feat_size')
 
 
 def build_model(opt, device):
@@ -98,12 +96,12 @@ def build_model(opt, device):
     model = models.setup(opt)
     if opt.start_from:
         path = os.path.join(opt.start_from, 'model.pth')
-        models.check_state_dict(model, load_torch(path, 'model'), path)
+        models.load_weights(model, load_torch(path, 'model'), path)
     elif opt.K > 1 and opt.init_from and opt.init_from.lower() != 'none':
         if not os.path.isfile(opt.init_from):
             raise SaticError(f"--init_from {opt.init_from}: not found. SAT (K > 1) starts from an autoregressive "
                              f"checkpoint: train the transformer baseline first (README), or pass --init_from none")
-        models.check_state_dict(model, load_torch(opt.init_from, 'model'), opt.init_from)
+        models.load_weights(model, load_torch(opt.init_from, 'model'), opt.init_from)
         print(f'initialised from the autoregressive checkpoint {opt.init_from}')
     model = model.to(device)
     if getattr(opt, 'compile', 0):  # (ours) opt-in: compiled on the first iterations (README, "Speed options")
@@ -185,11 +183,17 @@ def validate(model, loader, crit, opt, device):
     """Greedy decoding of val_images_use val images; returns (val_loss, predictions, lang_stats, score).
 
     score (higher is better) selects model-best: CIDEr with --language_eval 1, else minus the val loss."""
-    kwargs = dict(vars(opt), split='val', num_images=opt.val_images_use, verbose=False, sample_max=1,
-                  seq_kd=False, dump_path=0)
-    val_loss, predictions, lang_stats, _ = eval_split(model, loader, kwargs, crit=crit, device=device)
-    score = lang_stats['CIDEr'] if lang_stats else -val_loss
-    return val_loss, predictions, lang_stats, score
+    import dataclasses
+    from misc.coco_eval import language_eval
+    from opts import decode_config
+    config = dataclasses.replace(decode_config(opt), sample_max=True)
+    result = evaluate(model, loader, 'val', config, num_images=opt.val_images_use, batch_size=opt.batch_size,
+                      remove_bad_endings=bool(opt.remove_bad_endings), crit=crit, bf16=opt.bf16)
+    lang_stats = None
+    if opt.language_eval:
+        lang_stats, _ = language_eval(result.predictions, opt.ref_json, split_name='val')
+    score = lang_stats['CIDEr'] if lang_stats else -result.loss
+    return result.loss, result.predictions, lang_stats, score
 
 
 class ProgressLine:
@@ -310,8 +314,8 @@ def train(opt):
         if infos.get('iterators') is not None and infos.get('split_ix') is not None:
             loader.load_state_dict({'iterators': infos['iterators'], 'split_ix': infos['split_ix']})
         if opt.language_eval and rank == 0:
-            from misc.eval_utils import check_language_eval_ready
-            check_language_eval_ready(opt.ref_json)
+            from misc.coco_eval import check_ready
+            check_ready(opt.ref_json)
         model = build_model(opt, device)
         if opt.start_from:  # (ours) model.pth must be the model its infos was saved with (when the infos says)
             check_infos_match(infos, model.state_dict(), vocab=loader.get_vocab(), opt=opt,

@@ -290,3 +290,11 @@ def _write_json_atomic(path, obj):
     """Through a temp file + rename; an interrupted write leaves neither half a JSON nor the temp file."""
     from misc.checkpoint import atomic_write
     atomic_write(path, lambda f: f.write(json.dumps(obj).encode('utf-8')))
+
+
+def check_ready(ref_json):
+    """Fail before decoding, not after, when the COCO metrics cannot run (no or broken Java, no reference file)."""
+    check_java()
+    if not ref_json or not os.path.isfile(ref_json):
+        raise SaticError(f"--ref_json {ref_json}: reference captions not found; build them with "
+                         f"python scripts/prepro_reference_json.py (or pass --language_eval 0)")

@@ -93,13 +93,18 @@ def progress(iterable, total=None, desc='', unit='it'):
 
 
 def run_cli(parse_args, run, argv=None):
-    """Parse argv, call run(args); a SaticError becomes 'error: <msg>' on stderr and exit status 2."""
+    """Parse argv, call run(args): 0 when it completes; a SaticError becomes one 'error: <msg>' line on stderr and
+    exit status 2; Ctrl-C one 'interrupted' line and 130 (what was already written stays complete: every output
+    is written atomically)."""
     args = parse_args(argv)
     try:
         run(args)
     except SaticError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print('interrupted: outputs not yet written were not written', file=sys.stderr)
+        return 130
     return 0
 
 

@@ -68,7 +68,7 @@ def load_teacher(opt, vocab, device=None):
                          f"student {opt.att_feat_size}-d: the teacher must be trained on the same features")
     t_opt.vocab_size = len(infos['vocab'])
     teacher = models.setup(t_opt)
-    models.check_state_dict(teacher, load_torch(path, 'teacher model'), path)
+    models.load_weights(teacher, load_torch(path, 'teacher model'), path)
     teacher.requires_grad_(False)
     teacher.train(not getattr(opt, 'teacher_eval_mode', 0))
     if device is not None:

@@ -53,7 +53,7 @@ def fixture_model(request):
     infos = load_infos(name)
     model = models.setup(infos['opt'])
     state = torch.load(CONFORMANCE / name / 'model.pth', weights_only=True)
-    models.check_state_dict(model, state, str(CONFORMANCE / name / 'model.pth'))
+    models.load_weights(model, state, str(CONFORMANCE / name / 'model.pth'))
     return name, model.eval(), infos
 
 

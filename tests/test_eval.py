@@ -1,4 +1,4 @@
-"""eval.py, eval_cocotest.py, misc/eval_utils.py, misc/visualize.py on the tiny dataset with a tiny random checkpoint.
+"""eval.py, eval_cocotest.py, misc/evaluation.py, misc/visualize.py on the tiny dataset with a tiny random checkpoint.
 
 Every run is in-process (main(argv)) in a temporary working directory: vis/ and eval_results/ land in tmp_path.
 """
@@ -18,9 +18,8 @@ import eval_cocotest
 import models
 from misc import coco_eval
 from misc.checkpoint import save_pickle, save_torch
-from misc.eval_utils import merge_eval_options
 from models.sat import SATModel
-from opts import parse_eval_opt
+from opts import parse_eval_opt, resolve_eval_options
 from scripts import prepro_cocotest
 
 needs_java = pytest.mark.skipif(not coco_eval.java_available(), reason='java not installed')
@@ -108,13 +107,13 @@ def read_json(path):
 def test_options_come_from_infos_with_the_evaluations_overrides(tiny_dataset, workdir):
     infos_opt = tiny_dataset.opt(beam_size=5, max_length=16, length_penalty='wu_0.5', K=2, num_images=7)
     infos = {'opt': infos_opt, 'vocab': {'1': 'a', '2': 'b'}}
-    opt = merge_eval_options(parse_eval_opt(['--beam_size', '3', '--input_att_dir', '/elsewhere/att']), infos)
+    opt = resolve_eval_options(parse_eval_opt(['--beam_size', '3', '--input_att_dir', '/elsewhere/att']), infos)
     assert (opt.beam_size, opt.max_length, opt.length_penalty, opt.num_images) == (3, 20, '', -1)  # eval's own
     assert opt.input_att_dir == '/elsewhere/att'  # a path given on the command line
     assert (opt.input_json, opt.input_fc_dir) == (infos_opt.input_json, infos_opt.input_fc_dir)  # the infos'
     assert (opt.K, opt.att_feat_size, opt.vocab_size) == (2, infos_opt.att_feat_size, 2)  # the model's, the vocab's
     # The default references are the repository's, whatever the working directory.
-    default = merge_eval_options(parse_eval_opt([]), infos).ref_json
+    default = resolve_eval_options(parse_eval_opt([]), infos).ref_json
     assert default == os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                    'coco-caption', 'annotations', 'captions_val2014.json')
 
@@ -271,7 +270,7 @@ def test_eval_cocotest_writes_the_server_format(tiny_dataset, checkpoint, workdi
 @pytest.mark.parametrize('mismatch, message', [
     ('vocabulary', 'vocabulary of'),
     ('layers', 'encoder layers'),
-    ('features', '8-d region features but the checkpoint expects att_feat_size 12'),
+    ('features', 'have 8 dimensions but the checkpoint'),
 ])
 def test_checkpoint_and_infos_that_disagree_fail_in_one_line(tiny_dataset, workdir, capsys, mismatch, message):
     folder = str(workdir / 'bad')
@@ -311,7 +310,7 @@ def test_missing_features_name_the_file_and_image(tiny_dataset, checkpoint, work
 
 
 @pytest.mark.parametrize('where', ['decoding', 'writing the json'])
-def test_an_interrupted_evaluation_leaves_the_previous_json(checkpoint, workdir, monkeypatch, where):
+def test_an_interrupted_evaluation_leaves_the_previous_json(checkpoint, workdir, monkeypatch, capsys, where):
     assert run_eval(checkpoint, '--language_eval', '0', '--id', 'run') == 0
     before = (workdir / 'vis' / 'run.json').read_bytes()
 
@@ -321,8 +320,10 @@ def test_an_interrupted_evaluation_leaves_the_previous_json(checkpoint, workdir,
         monkeypatch.setattr(SATModel, 'decode', interrupt)
     else:  # the new json is complete in its temp file, not yet renamed
         monkeypatch.setattr(os, 'fsync', interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        run_eval(checkpoint, '--language_eval', '0', '--id', 'run', '--num_images', '1')  # another json
+    capsys.readouterr()
+    assert run_eval(checkpoint, '--language_eval', '0', '--id', 'run', '--num_images', '1') == 130  # another json
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith('interrupted')
     assert (workdir / 'vis' / 'run.json').read_bytes() == before
     assert os.listdir(workdir / 'vis') == ['run.json']  # no temp file left
 

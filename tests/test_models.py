@@ -415,9 +415,9 @@ def test_length_penalty_option():
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------------------
-def test_check_state_dict_loads_strict():
+def test_load_weights_loads_strict():
     model, other = tiny_model(seed=0), tiny_model(seed=1)
-    models.check_state_dict(model, other.state_dict(), 'save/x/model.pth')
+    models.load_weights(model, other.state_dict(), 'save/x/model.pth')
     for key, value in other.state_dict().items():
         assert torch.equal(model.state_dict()[key], value)
 
@@ -430,10 +430,10 @@ def test_check_state_dict_loads_strict():
     ({'rnn_size': 40}, 'rnn_size'),
     ({'use_bn': 1}, 'does not fit this model'),
 ])
-def test_check_state_dict_mismatch_is_one_line(overrides, words):
+def test_load_weights_mismatch_is_one_line(overrides, words):
     state = tiny_model().state_dict()
     with pytest.raises(SaticError) as error:
-        models.check_state_dict(models.setup(tiny_opt(**overrides)), state, 'save/x/model.pth')
+        models.load_weights(models.setup(tiny_opt(**overrides)), state, 'save/x/model.pth')
     message = str(error.value)
     assert '\n' not in message and 'save/x/model.pth' in message and words in message
 

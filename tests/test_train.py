@@ -34,8 +34,9 @@ from dataloader import DataLoader
 from misc.checkpoint import load_pickle, load_torch
 from misc.cider_d import corpus_cider_d
 from misc.coco_eval import java_available
-from misc.eval_utils import eval_split
+from misc.evaluation import evaluate
 from misc.optim import noam_rate
+from models.decode_config import DecodeConfig
 from scripts import make_bu_data, prepro_labels, prepro_labels_seqKD, prepro_ngrams, prepro_reference_json
 from scripts.make_demo_data import ConceptFeatures
 
@@ -150,7 +151,7 @@ def val_cider(scene, opt, model):
     """Val CIDEr-D of greedy captions (misc.cider_d, document frequencies of the val references as in
     pycocoevalcap) -> (score, captions)."""
     with DataLoader(opt) as loader:
-        _, predictions, _, _ = eval_split(model, loader, {'split': 'val', 'num_images': -1, 'language_eval': 0})
+        predictions = evaluate(model, loader, 'val', DecodeConfig()).predictions
     captions = [p['caption'] for p in predictions]
     score, _ = corpus_cider_d(captions, [scene.refs[p['image_id']] for p in predictions])
     return score, captions
@@ -556,7 +557,7 @@ def test_sat_without_its_autoregressive_checkpoint_names_init_from_none(scene, t
 def test_feature_size_mismatch_is_one_line(scene, tmp_path):
     args = scene.args(tmp_path / 'ck', 'run')
     args[args.index('--att_feat_size') + 1] = '2048'
-    assert_one_line_error(run_main(train.main, args), '--att_feat_size 2048', 'pass --att_feat_size 32')
+    assert_one_line_error(run_main(train.main, args), '--att_feat_size says 2048', 'or --att_feat_size 32')
 
 
 # ----------------------------------------------------------------------------------------------- optimiser state
