@@ -1,7 +1,18 @@
-"""Shared fixtures. `tiny_dataset`: one tiny dataset (tests/helpers.py) per test session, read-only."""
+"""Shared fixtures: one torch thread for every test, and `tiny_dataset` (tests/helpers.py), one per test session."""
 import pytest
+import torch
 
 from tests.helpers import make_tiny_dataset
+
+
+@pytest.fixture(autouse=True, scope='session')
+def one_thread():
+    """Tiny matrices gain nothing from threads, and threads stall when the test machine is busy (module- and
+    session-scoped fixtures that train a tiny model included)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope='session')

@@ -29,14 +29,6 @@ def load_cases():
 CASES = load_cases()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def build(case):
     model = models.setup(argparse.Namespace(**case['opt']))
     model.load_state_dict(case['state_dict'], strict=True)

@@ -8,22 +8,12 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 import eval as eval_script
 
 CONFORMANCE = Path(__file__).resolve().parents[1].parent / 'shared' / 'conformance'
 pytestmark = pytest.mark.skipif(not (CONFORMANCE / 'expected.json').is_file(),
                                 reason=f'conformance fixture not found at {CONFORMANCE}')
-
-
-@pytest.fixture(autouse=True, scope='module')
-def one_torch_thread():
-    """Tiny models on shared cores: one thread is much faster than several competing ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope='module')

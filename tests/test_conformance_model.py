@@ -22,15 +22,6 @@ pytestmark = pytest.mark.skipif(not (CONFORMANCE / 'tensors.pt').exists(),
                                 reason=f'conformance fixtures not found at {CONFORMANCE}')
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from threads, and threads stall when the test machine is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope='module')
 def tensors():
     return torch.load(CONFORMANCE / 'tensors.pt')

@@ -13,14 +13,6 @@ from models.sat import SATModel
 VOCAB = 12
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def flat_model(k, seed=0, sharpness=1.0):
     """A tiny SAT model whose captions never end (the end token is suppressed); generator scaled by sharpness."""
     torch.manual_seed(seed)

@@ -26,15 +26,6 @@ needs_java = pytest.mark.skipif(not coco_eval.java_available(), reason='java not
 METRICS = ('Bleu_1', 'Bleu_2', 'Bleu_3', 'Bleu_4', 'METEOR', 'ROUGE_L', 'CIDEr')
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_torch_thread():
-    """Tiny models on shared cores: one thread is much faster than several competing ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def train_briefly(model, ds, steps=60):
     """A few XE steps on the tiny train split, so that captions (and their metrics) are not degenerate."""
     from dataloader import DataLoader

@@ -31,14 +31,6 @@ REPO = Path(__file__).resolve().parents[1]
 REFERENCE_OPTIONS = REPO.parent / 'shared' / 'conformance' / 'reference_options.tsv'
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ----------------------------------------------------------------------------------------------- BLEU reward
 def label_rows(rows):
     out = np.zeros((len(rows), 16), dtype=np.uint32)

@@ -18,15 +18,6 @@ from models.transformer import LayerNorm
 VOCAB = 20  # words; V = 21 outputs
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from threads, and threads stall when the test machine is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_opt(**overrides):
     opt = dict(caption_model='sat', K=2, vocab_size=VOCAB, seq_length=16, input_encoding_size=32, rnn_size=48,
                num_layers=2, att_feat_size=12, drop_prob_lm=0.5, use_bn=0, norm_att_feat=0)

@@ -13,7 +13,6 @@ from collections import defaultdict
 import h5py
 import numpy as np
 import pytest
-import torch
 
 import eval as eval_script
 from dataloader import DataLoader
@@ -31,14 +30,6 @@ from tests.test_eval import save_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_java = pytest.mark.skipif(not coco_eval.java_available(), reason='java not installed')
-
-
-@pytest.fixture(autouse=True, scope='module')
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --- 1. --cached_tokens never executes code -------------------------------------------------------------------

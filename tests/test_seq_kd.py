@@ -6,8 +6,6 @@ import os
 
 import h5py
 import numpy as np
-import pytest
-import torch
 
 import eval as eval_script
 import train
@@ -16,14 +14,6 @@ from scripts import prepro_labels_seqKD
 from tests.test_train import make_scene_dataset, run_main, working_dir
 
 TEACHER_IMAGES = 50  # of the 200 train images: the others keep their ground truth
-
-
-@pytest.fixture(autouse=True, scope='module')
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def label_rows(h5_path):

@@ -17,14 +17,6 @@ from models.sat import SATModel
 from models.transformer import _ReferenceLayerNorm, reference_layer_norm
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(K=2, seed=0, dropout=None, **kw):
     torch.manual_seed(seed)
     model = SATModel(vocab_size=15, K=K, d_model=16, d_ff=24, num_layers=2, att_feat_size=6, **kw)
