@@ -26,7 +26,7 @@ def str2bool(value):
 
 
 def add_data_options(parser, defaults=True):
-    """Input files (SPEC.md section 1). With defaults=False the paths default to '' (eval: take them from infos)."""
+    """Input files (data/README.md). With defaults=False the paths default to '' (eval: take them from infos)."""
     d = (lambda value: value) if defaults else (lambda value: '')
     parser.add_argument('--input_json', type=str, default=d('data/cocotalk.json'),
                         help='cocotalk.json from scripts/prepro_labels.py (vocabulary and image list)')
@@ -46,7 +46,7 @@ def add_data_options(parser, defaults=True):
 
 
 def add_model_options(parser):
-    """Model hyper-parameters (SPEC.md section 3)."""
+    """Model hyper-parameters (README, "Reference quirks kept")."""
     parser.add_argument('--caption_model', type=str, default='sat', help="'sat' (K words per step) or 'transformer' (K=1)")
     parser.add_argument('--rnn_size', type=int, default=1024, help='d_ff: the feed-forward inner size')
     parser.add_argument('--num_layers', type=int, default=1, help='N: encoder and decoder layers')
@@ -90,7 +90,7 @@ def add_decoding_options(parser, beam_size=1):
 
 
 def add_training_options(parser):
-    """Optimisation, self-critical, checkpointing (SPEC.md section 4)."""
+    """Optimisation, self-critical, checkpointing (README, "Using it on COCO")."""
     parser.add_argument('--start_from', type=str, default=None,
                         help='resume from this folder (model.pth, optimizer.pth, infos_<id>.pkl)')
     parser.add_argument('--init_from', type=str, default=DEFAULT_INIT_FROM,

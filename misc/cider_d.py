@@ -199,10 +199,6 @@ class CiderD:
         penalty = np.exp(-(delta ** 2) / (2 * self.sigma ** 2))  # (S, R)
         return 10.0 * ((numer / denom).mean(axis=2) * penalty).sum(axis=1) / len(rv.lengths)  # (S,)
 
-    def score_against(self, hyps, rv):
-        """CIDEr-D of each hypothesis (list of S str) against one reference set -> (S,) float64."""
-        return self._score_vectors(self.sentence_vectors(hyps), rv)
-
     def score_groups(self, hyps, rvs, sizes):
         """Hypotheses in consecutive groups, group g (sizes[g] of them) against rvs[g] -> (len(hyps),) float64."""
         sv = self.sentence_vectors(hyps)  # one pass over all hypotheses, whatever the grouping

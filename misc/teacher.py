@@ -1,4 +1,4 @@
-"""The teacher of word-level distillation (--kd_weight w > 0, SPEC.md section 4).
+"""The teacher of word-level distillation (--kd_weight w > 0, README "Options we added").
 
 The reference loaded a show_tell/topdown teacher from hard-coded paths; those models do not exist here, so the
 teacher is a checkpoint of this project (--teacher_model, 'sat' of any K or 'transformer') with its infos

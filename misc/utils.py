@@ -1,5 +1,4 @@
 """Small pure helpers shared by training and evaluation."""
-import os
 
 import torch
 
@@ -57,9 +56,3 @@ def format_duration(seconds):
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f'{h}:{m:02d}:{s:02d}' if h else f'{m}:{s:02d}'
-
-
-def ensure_dir(path):
-    if path:
-        os.makedirs(path, exist_ok=True)
-    return path

@@ -1,1 +1,1 @@
-"""Data preparation scripts (SPEC.md section 1); each is a `main()` that tests can import."""
+"""Data preparation scripts (data/README.md); each is a `main()` that tests can import."""

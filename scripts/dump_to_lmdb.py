@@ -1,6 +1,6 @@
 """A folder of per-image feature files (<id>.npy / <id>.npz) -> one LMDB (or HDF5) file.
 
-SPEC.md section 1; dataloader.py reads the result when --input_att_dir / --input_fc_dir end in .lmdb (or .h5).
+data/README.md; dataloader.py reads the result when --input_att_dir / --input_fc_dir end in .lmdb (or .h5).
 LMDB: key = image id as ascii bytes, value = the file's bytes unchanged (what the reference stored, so its loader
 and ours read each other's files). HDF5 (--output_file ending in .h5, our addition): one float32 dataset per image id.
 Images: those of --input_json (dataset_coco.json or cocotalk.json), or every file in --folder without it.

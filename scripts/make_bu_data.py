@@ -1,6 +1,6 @@
 """Bottom-up TSV features -> one file per image: <out>_att/<id>.npz, <out>_fc/<id>.npy, <out>_box/<id>.npy.
 
-SPEC.md section 1. Reads every `*.tsv*` file in --downloaded_feats (the reference hard-coded the Karpathy file
+data/README.md. Reads every `*.tsv*` file in --downloaded_feats (the reference hard-coded the Karpathy file
 names). A row is tab separated, no header: image_id, image_w, image_h, num_boxes, boxes, features, where boxes and
 features are base64 float32 reshaped to (num_boxes, -1); any feature dimension and box count. Rows whose base64
 lacks '=' padding (real test2014 files) are padded. Writes att: npz key 'feat' (num_boxes, D) float32;

@@ -1,6 +1,6 @@
 """COCO image_info_test2014.json -> data/cocotest.json, the image list eval_cocotest.py decodes.
 
-SPEC.md section 1. Output: {"images": [{"id", "file_path", "split": "test"}, ..]} in the input's order, plus the
+data/README.md. Output: {"images": [{"id", "file_path", "split": "test"}, ..]} in the input's order, plus the
 vocabulary ("ix_to_word") when --dict_json is given. The test features go through make_bu_data.py as usual.
 
   python scripts/prepro_cocotest.py --input_json annotations/image_info_test2014.json \
@@ -15,6 +15,7 @@ if __package__ in (None, ''):  # run as a file: make the repository root importa
 
 from misc.errors import SaticError
 from misc.fileio import read_json, run_cli, write_json
+from scripts.prepro_labels import read_vocabulary
 
 
 def parse_args(argv=None):
@@ -43,10 +44,7 @@ def run(args):
                            'split': 'test'})
     out = {'images': out_images}
     if args.dict_json:
-        vocab = read_json(args.dict_json, 'vocabulary json')
-        if not isinstance(vocab, dict) or not vocab.get('ix_to_word'):
-            raise SaticError(f'{args.dict_json} has no ix_to_word: pass the cocotalk.json written by prepro_labels.py')
-        out['ix_to_word'] = vocab['ix_to_word']
+        out['ix_to_word'] = read_vocabulary(args.dict_json)[1]
     write_json(out, args.output_json)
     print(f'wrote {args.output_json} ({len(out_images)} test images)')
 

@@ -1,6 +1,6 @@
 """Karpathy dataset_coco.json -> vocabulary + image list (cocotalk.json) and encoded captions (<output_h5>_label.h5).
 
-First step of the data pipeline (SPEC.md section 1); dataloader.py reads both outputs.
+First step of the data pipeline (data/README.md); dataloader.py reads both outputs.
 
 Vocabulary: words counted over the tokens of ALL splits; a word is kept when its count > --word_count_threshold,
 in order of first occurrence; the rest map to 'UNK', appended last only if some word was dropped. Index 0 is
@@ -113,6 +113,15 @@ def image_entry(img, images_root='', path='the dataset json'):
         with Image.open(os.path.join(images_root, img.get('filepath', ''), img['filename'])) as im:
             entry['width'], entry['height'] = im.size
     return entry
+
+
+def read_vocabulary(dict_json):
+    """(the cocotalk.json dict, its ix_to_word) of a --dict_json written by this script; one line when it has none."""
+    vocab_json = read_json(dict_json, 'vocabulary json')
+    ix_to_word = vocab_json.get('ix_to_word') if isinstance(vocab_json, dict) else None
+    if not ix_to_word:
+        raise SaticError(f'{dict_json} has no ix_to_word: pass the cocotalk.json written by prepro_labels.py')
+    return vocab_json, ix_to_word
 
 
 def load_dataset_images(path):

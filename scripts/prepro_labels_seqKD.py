@@ -1,6 +1,6 @@
 """Label h5 for sequence-level knowledge distillation: train images get a teacher's beam captions.
 
-SPEC.md section 1. The teacher json is what `eval.py --seq_kd 1 --split train --beam_size 5` writes:
+data/README.md. The teacher json is what `eval.py --seq_kd 1 --split train --beam_size 5` writes:
 [{"image_id": int, "caption": [5 strings]}, ..]. Every train/restval image present there gets those captions
 instead of its ground truth; val/test images (and train images the teacher skipped) keep their ground truth.
 The vocabulary is the one of --dict_json (cocotalk.json): words outside it become UNK. The h5 has the same format and
@@ -18,7 +18,7 @@ if __package__ in (None, ''):  # run as a file: make the repository root importa
 
 from misc.errors import SaticError
 from misc.fileio import image_id, read_json, run_cli
-from scripts.prepro_labels import encode_captions, load_dataset_images, write_label_h5
+from scripts.prepro_labels import encode_captions, load_dataset_images, read_vocabulary, write_label_h5
 
 
 def load_teacher(path):
@@ -53,10 +53,7 @@ def parse_args(argv=None):
 
 def run(args):
     images = load_dataset_images(args.input_json)
-    vocab_json = read_json(args.dict_json, 'vocabulary json')
-    ix_to_word = vocab_json.get('ix_to_word') if isinstance(vocab_json, dict) else None
-    if not ix_to_word:
-        raise SaticError(f'{args.dict_json} has no ix_to_word: pass the cocotalk.json written by prepro_labels.py')
+    vocab_json, ix_to_word = read_vocabulary(args.dict_json)
     dict_images = vocab_json.get('images', [])
     ids = [image_id(img, args.input_json) for img in images]
     if [d.get('id') for d in dict_images] != ids:

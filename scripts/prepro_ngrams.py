@@ -1,6 +1,6 @@
 """Document frequencies of the training references, for the CIDEr-D reward of self-critical training.
 
-SPEC.md section 1. Each reference of a --split image (train also takes restval) -> all its tokens (not cut at 16)
+data/README.md. Each reference of a --split image (train also takes restval) -> all its tokens (not cut at 16)
 plus an end token, OOV -> UNK. df(ngram) = number of IMAGES whose references contain the n-gram, n = 1..4;
 ref_len = number of images (the reward takes its log, as CIDEr-D does). Written twice, pickle protocol 2:
   <output_pkl>-words.p  n-grams of words, end token '<eos>'
@@ -19,8 +19,8 @@ if __package__ in (None, ''):  # run as a file: make the repository root importa
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from misc.errors import SaticError
-from misc.fileio import image_id, progress, read_json, run_cli
-from scripts.prepro_labels import UNK, load_dataset_images
+from misc.fileio import image_id, progress, run_cli
+from scripts.prepro_labels import UNK, load_dataset_images, read_vocabulary
 
 EOS_WORD = '<eos>'
 MAX_N = 4
@@ -87,10 +87,7 @@ def write_pickle(obj, path):
 
 def run(args):
     images = load_dataset_images(args.input_json)
-    vocab_json = read_json(args.dict_json, 'vocabulary json')
-    ix_to_word = vocab_json.get('ix_to_word') if isinstance(vocab_json, dict) else None
-    if not ix_to_word:
-        raise SaticError(f'{args.dict_json} has no ix_to_word: pass the cocotalk.json written by prepro_labels.py')
+    vocab_json, ix_to_word = read_vocabulary(args.dict_json)
     wtoi = {w: int(i) for i, w in ix_to_word.items()}
     refs_words, refs_idxs = reference_tokens(images, wtoi, args.split, args.input_json)
     if not refs_idxs:

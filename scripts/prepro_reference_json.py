@@ -1,6 +1,6 @@
 """The COCO-format reference captions that offline evaluation scores against.
 
-SPEC.md section 1. Without --input_json: extract the real COCO file (captions_val2014.json, or --coco_file
+data/README.md. Without --input_json: extract the real COCO file (captions_val2014.json, or --coco_file
 captions_train2014.json) from the SPICE jar of the installed pycocoevalcap package. With --input_json (any
 Karpathy-format dataset json): write the same format - images [{id, file_name}], annotations [{image_id, id,
 caption}] from each sentence's raw text - for the images of --splits.
