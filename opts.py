@@ -183,15 +183,20 @@ def add_inert_reference_options(parser):
                        help=f'{inert}: reference quirk, always True (leave-one-out baseline) whatever its value')
 
 
-def parse_opt(argv=None):
-    """train.py options."""
+def _train_parser():
     parser = argparse.ArgumentParser(description='Train a SATIC captioner (XE / seq-KD, then self-critical).')
     add_data_options(parser)
     add_model_options(parser)
     add_decoding_options(parser)
     add_training_options(parser)
     add_inert_reference_options(parser)
-    opt = parser.parse_args(argv)
+    return parser
+
+
+def parse_opt(argv=None):
+    """train.py options, resolved (the K rule applied) and checked: nothing changes them afterwards."""
+    opt = _train_parser().parse_args(argv)
+    opt.K = model_k(opt)
     check_opt(opt)
     check_train_opt(opt)
     check_schedule_opt(opt)
@@ -223,17 +228,15 @@ def check_opt(opt):
             raise SystemExit(f'error: {message}')
     need(opt.K >= 1, f'--K must be >= 1 (got {opt.K})')
     need(opt.caption_model in ('sat', 'transformer'), f"--caption_model must be 'sat' or 'transformer' (got {opt.caption_model!r})")
-    if opt.caption_model == 'transformer':
-        opt.K = 1  # the autoregressive model is SAT with K = 1, whatever --K says
-    need(getattr(opt, 'batch_size', 1) > 0, '--batch_size must be > 0')
-    need(getattr(opt, 'beam_size', 1) > 0, '--beam_size must be > 0')
-    need(getattr(opt, 'seq_per_img', 1) > 0, '--seq_per_img must be > 0')
+    need(opt.batch_size > 0, '--batch_size must be > 0')
+    need(opt.beam_size > 0, '--beam_size must be > 0')
+    need(opt.seq_per_img > 0, '--seq_per_img must be > 0')
     check_reference_options(opt)
 
 
 def check_reference_options(opt):
     """Reference model/data options that SATIC cannot honour (train.py, and eval.py on infos): one-line refusal."""
-    if getattr(opt, 'use_box', 0):
+    if opt.use_box:
         raise SystemExit(f'error: --use_box {opt.use_box} is refused: the reference appended 5 normalised box '
                          'features to every region (needing image sizes in --input_json); SATIC reads region '
                          'features only; use 0')
@@ -244,12 +247,12 @@ def check_train_opt(opt):
     def need(cond, message):
         if not cond:
             raise SystemExit(f'error: {message}')
-    kd = getattr(opt, 'kd_weight', 0)
+    kd = opt.kd_weight
     need(kd >= 0, f'--kd_weight must be >= 0 (got {kd})')
-    need(getattr(opt, 'teacher_eval_mode', 0) in (0, 1),
-         f'--teacher_eval_mode must be 0 (train mode, the reference) or 1 (got {getattr(opt, "teacher_eval_mode", 0)})')
+    need(opt.teacher_eval_mode in (0, 1),
+         f'--teacher_eval_mode must be 0 (train mode, the reference) or 1 (got {opt.teacher_eval_mode})')
     if kd > 0:
-        need(bool(getattr(opt, 'teacher_model', None)),
+        need(bool(opt.teacher_model),
              f"--kd_weight {kd} needs --teacher_model: the reference's {opt.teacher_caption_model} teacher (hard-coded "
              "show_tell/topdown checkpoints) does not exist in this project; pass --teacher_model PATH of a "
              "transformer or sat checkpoint trained here (same vocabulary)")
@@ -258,7 +261,7 @@ def check_train_opt(opt):
              "checkpoints can teach (the teacher's caption model is read from its infos)")
     else:
         for flag, default in (('teacher_model', None), ('teacher_infos', None), ('teacher_eval_mode', 0)):
-            need(getattr(opt, flag, default) in (default, ''),
+            need(vars(opt)[flag] in (default, ''),
                  f'--{flag} is used only with --kd_weight > 0 (word-level distillation); add --kd_weight or drop it')
 
 
@@ -303,12 +306,21 @@ def parse_eval_opt(argv=None, beam_size=1, batch_size=32, language_eval=1, descr
     return parser.parse_args(argv)
 
 
+def model_k(opt):
+    """K of the model the options build: 'transformer' is SAT with K = 1 whatever --K says (the reference's
+    transformer infos carry its default K = 6). The one place this rule lives; parse_opt, resolve_eval_options and
+    fill_defaults apply it, so everything below reads opt.K."""
+    return 1 if opt.caption_model == 'transformer' else opt.K
+
+
 def fill_defaults(opt):
-    """Give an opt from an older infos file every option it lacks, at its default (reference infos lack ours)."""
-    defaults = parse_opt([])
-    for key, value in vars(defaults).items():
+    """Resolve the options of an infos file: every option it lacks at its default (reference infos lack ours),
+    then the K rule (model_k). Returns opt, changed in place (pass a copy to keep the original)."""
+    defaults = vars(_train_parser().parse_args([]))
+    for key, value in defaults.items():
         if not hasattr(opt, key):
             setattr(opt, key, value)
+    opt.K = model_k(opt)
     return opt
 
 

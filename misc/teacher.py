@@ -56,7 +56,7 @@ def load_teacher(opt, vocab, device=None):
     if caption_model not in ('sat', 'transformer'):
         raise SaticError(f"teacher {infos_path}: caption_model {caption_model!r}; only this project's sat/transformer "
                          f"checkpoints can teach (the reference's show_tell/topdown teachers do not exist here)")
-    wanted = getattr(opt, 'teacher_caption_model', 'show_tell')
+    wanted = opt.teacher_caption_model
     if wanted not in ('show_tell', caption_model):
         raise SaticError(f"--teacher_caption_model {wanted}, but the teacher {infos_path} is a {caption_model!r} model")
     if infos['vocab'] != vocab:
@@ -70,7 +70,7 @@ def load_teacher(opt, vocab, device=None):
     teacher = models.setup(t_opt)
     models.load_weights(teacher, load_torch(path, 'teacher model'), path)
     teacher.requires_grad_(False)
-    teacher.train(not getattr(opt, 'teacher_eval_mode', 0))
+    teacher.train(not opt.teacher_eval_mode)
     if device is not None:
         teacher.to(device)
     return teacher

@@ -28,7 +28,7 @@ def write_index_html(predictions, opt, lang_stats_path=None, image_root='', out_
 
     With image_root, each image (image_root/<file_path>) is copied to out_dir/imgs/ and shown.
     """
-    refs = _references(getattr(opt, 'ref_json', ''))
+    refs = _references(opt.ref_json)
     cider = _per_image_cider(lang_stats_path)
     file_paths = {}
     if image_root:
@@ -59,8 +59,8 @@ def write_index_html(predictions, opt, lang_stats_path=None, image_root='', out_
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:6px;vertical-align:top;text-align:left}} th{{background:#eee}}</style></head>
 <body><h1>{html.escape(opt.id)}</h1>
-<p>{len(predictions)} images of split <code>{html.escape(str(getattr(opt, 'split', '')))}</code>,
-beam size {getattr(opt, 'beam_size', 1)}.</p>
+<p>{len(predictions)} images of split <code>{html.escape(str(opt.split))}</code>,
+beam size {opt.beam_size}.</p>
 <table><tr>{head}</tr>
 {chr(10).join(rows)}
 </table></body></html>

@@ -282,10 +282,8 @@ class SATModel(nn.Module):
 
 
 def build_model(opt):
-    """SATModel from the options of a run / checkpoint infos (older infos may lack our additions)."""
-    k = 1 if opt.caption_model == 'transformer' else getattr(opt, 'K', 1)
-    return SATModel(vocab_size=opt.vocab_size, K=k,
+    """SATModel from resolved options (opts.fill_defaults: models.setup does it)."""
+    return SATModel(vocab_size=opt.vocab_size, K=opt.K,
                     d_model=opt.input_encoding_size, d_ff=opt.rnn_size, num_layers=opt.num_layers,
-                    att_feat_size=opt.att_feat_size, drop_prob_lm=getattr(opt, 'drop_prob_lm', 0.5),
-                    use_bn=getattr(opt, 'use_bn', 0), max_length=getattr(opt, 'max_length', 20) or 20,
-                    use_cache=getattr(opt, 'use_cache', 1))
+                    att_feat_size=opt.att_feat_size, drop_prob_lm=opt.drop_prob_lm, use_bn=opt.use_bn,
+                    max_length=opt.max_length or 20, use_cache=opt.use_cache)
