@@ -1,6 +1,10 @@
 """Shared fixtures: one torch thread for every test, and `tiny_dataset` (tests/helpers.py), one per test session."""
+import argparse
+
 import pytest
 import torch
+
+from misc import coco_eval
 
 from tests.helpers import make_tiny_dataset
 
@@ -20,3 +24,23 @@ def tiny_dataset(tmp_path_factory):
     """8 train + 2 restval, 3 val, 3 test images, D=8, dir/lmdb/h5 features. Do not modify its files."""
     return make_tiny_dataset(tmp_path_factory.mktemp('tiny'), n_train=8, n_val=3, n_test=3, n_restval=2,
                              feat_dim=8, backends=('dir', 'lmdb', 'h5'))
+
+
+@pytest.fixture
+def one_meteor_process(monkeypatch):
+    """eval.py and COCOEvalCap share one METEOR java process (its start-up, loading the paraphrase table, can take
+    15 s on busy cores), closed at the end of the test."""
+    from pycocoevalcap import eval as cocoeval
+    from pycocoevalcap.meteor import meteor
+    started, real_meteor, real_close = [], meteor.Meteor, coco_eval._Meteor.close
+
+    def shared_meteor():
+        if not started:
+            started.append(real_meteor())
+        return started[0]
+    monkeypatch.setattr(cocoeval, 'Meteor', shared_meteor)
+    monkeypatch.setattr(meteor, 'Meteor', shared_meteor)
+    monkeypatch.setattr(coco_eval._Meteor, 'close', lambda self: None)
+    yield started
+    if started:
+        real_close(argparse.Namespace(scorer=started[0]))

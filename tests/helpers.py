@@ -8,11 +8,17 @@ coco-train-idxs.p, ref_json = COCO-format references of every image, and fc/att 
 with backends=('dir', 'lmdb', 'h5')). Region features are the demo's "visual concepts" (one region per content word
 of the image's captions), so a tiny captioner can learn from them.
 """
+import argparse
 import dataclasses
 import json
 import os
+import shutil
 
 import numpy as np
+import torch
+
+import models
+from misc.checkpoint import save_pickle, save_torch
 
 from scripts import dump_to_lmdb, make_bu_data, prepro_labels, prepro_ngrams, prepro_reference_json
 from scripts.make_demo_data import ConceptFeatures
@@ -126,3 +132,126 @@ def make_tiny_dataset(tmp_path, n_train=8, n_val=3, n_test=3, feat_dim=8, n_rest
             setattr(ds, f'{kind}_{backend}', out)
     return ds
 
+
+# ---- tiny checkpoints, COCO references and the reference scorer, error checks (shared by test modules) ----
+REFERENCES = {
+    101: ['A man riding a wave on top of a surfboard.', 'A surfer rides a large wave in the ocean!',
+          'Man on a surf board, riding an ocean wave.'],
+    102: ['Two dogs playing with a red frisbee in the grass.', 'A couple of dogs run across a grassy field.'],
+    103: ['A plate of food with broccoli and rice', 'A white plate topped with meat, rice and broccoli.',
+          "Someone's dinner: chicken, rice and vegetables.", 'A close up of a plate of food'],
+    104: ['A red double decker bus driving down a street.', 'A bus on a city street near tall buildings.'],
+    105: ['A cat sleeping on a laptop keyboard.', 'A black cat lies on an open laptop computer.'],
+}
+PREDICTIONS = [
+    {'image_id': 103, 'caption': 'a plate of food with rice and broccoli'},
+    {'image_id': 101, 'caption': 'a man riding a wave on a surfboard'},
+    {'image_id': 999, 'caption': 'an image that is not in the reference file'},
+    {'image_id': 105, 'caption': 'a cat laying on a laptop'},
+    {'image_id': 102, 'caption': 'two dogs playing in the grass'},
+]
+
+
+def write_reference_json(path):
+    images = [{'id': i, 'file_name': 'COCO_val2014_%012d.jpg' % i} for i in REFERENCES]
+    annotations = [{'image_id': i, 'id': 1000 * i + k, 'caption': c}
+                   for i, caps in REFERENCES.items() for k, c in enumerate(caps)]
+    with open(path, 'w') as f:
+        json.dump({'images': images, 'annotations': annotations, 'type': 'captions', 'info': {}, 'licenses': []}, f)
+
+
+def java_children():
+    """Live or zombie java processes whose parent is this test process."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            with open('/proc/%s/stat' % pid) as f:
+                fields = f.read().rsplit(')', 1)[1].split()
+            with open('/proc/%s/cmdline' % pid, 'rb') as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid() and b'java' in cmdline:
+            found.append(pid)
+    return found
+
+
+def pycocoevalcap_scores(ref_json, predictions, tmp_path, monkeypatch):
+    """The reference's language_eval: COCO API + COCOEvalCap (SPICE stubbed out: its jars cannot be installed)."""
+    from pycocoevalcap import eval as cocoeval
+    from pycocotools.coco import COCO
+
+    class NoSpice:
+        def compute_score(self, gts, res):
+            return 0.0, [0.0] * len(gts)
+
+        def method(self):
+            return 'SPICE'
+
+    monkeypatch.setattr(cocoeval, 'Spice', NoSpice)
+    coco = COCO(ref_json)
+    valid = coco.getImgIds()
+    cache = tmp_path / 'preds.json'
+    cache.write_text(json.dumps([p for p in predictions if p['image_id'] in valid]))
+    evaluator = cocoeval.COCOEvalCap(coco, coco.loadRes(str(cache)))
+    evaluator.params['image_id'] = evaluator.cocoRes.getImgIds()
+    evaluator.evaluate()
+    del evaluator.eval['SPICE']
+    return evaluator.eval, evaluator.imgToEval
+
+
+def train_briefly(model, ds, steps=60):
+    """A few XE steps on the tiny train split, so that captions (and their metrics) are not degenerate."""
+    from dataloader import DataLoader
+    from misc.losses import LanguageModelCriterion
+    crit, optimizer = LanguageModelCriterion(), torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    with DataLoader(ds.opt(batch_size=5)) as loader:
+        for _ in range(steps):
+            b = loader.get_batch('train')
+            loss = crit(model(b['fc_feats'], b['att_feats'], b['labels'], b['att_masks']), b['labels'][:, 1:],
+                        b['masks'][:, 1:])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval()
+
+
+def tiny_checkpoint(ds, folder, vocab=None, model_overrides=None, train_steps=0, **opt_overrides):
+    """A tiny SAT (K=2) checkpoint for ds: (model.pth, infos_tiny.pkl) paths.
+
+    Untrained, token 0 (the end) is made to never win, so that every caption is non-empty. model_overrides change
+    the saved weights' architecture only (the infos keep opt_overrides): a checkpoint/infos mismatch.
+    """
+    os.makedirs(folder, exist_ok=True)
+    with open(ds.input_json) as f:
+        ds_vocab = json.load(f)['ix_to_word']
+    opt = ds.opt(caption_model='sat', K=2, num_layers=1, input_encoding_size=16, rnn_size=32, id='tiny',
+                 **opt_overrides)
+    opt.vocab_size = len(ds_vocab)
+    model_opt = argparse.Namespace(**dict(vars(opt), **(model_overrides or {})))
+    torch.manual_seed(0)
+    model = models.setup(model_opt)
+    if train_steps:
+        train_briefly(model, ds, train_steps)
+    else:
+        with torch.no_grad():
+            model.model.generator.proj.bias[0] = -10.0
+    paths = os.path.join(folder, 'model.pth'), os.path.join(folder, 'infos_tiny.pkl')
+    save_torch(model.state_dict(), paths[0])
+    save_pickle({'opt': opt, 'vocab': vocab or ds_vocab, 'iter': 0, 'epoch': 0, 'best_val_score': None}, paths[1])
+    return paths
+
+
+def copy_dataset(ds, tmp_path):
+    root = str(tmp_path / 'copy')
+    shutil.copytree(ds.root, root)
+    return root
+
+
+def one_line_error(excinfo, *needles):
+    msg = str(excinfo.value)
+    print(msg)
+    assert '\n' not in msg
+    for needle in needles:
+        assert str(needle) in msg, (needle, msg)

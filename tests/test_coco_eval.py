@@ -9,75 +9,12 @@ from misc.errors import SaticError
 
 needs_java = pytest.mark.skipif(not coco_eval.java_available(), reason='java not installed')
 
-REFERENCES = {
-    101: ['A man riding a wave on top of a surfboard.', 'A surfer rides a large wave in the ocean!',
-          'Man on a surf board, riding an ocean wave.'],
-    102: ['Two dogs playing with a red frisbee in the grass.', 'A couple of dogs run across a grassy field.'],
-    103: ['A plate of food with broccoli and rice', 'A white plate topped with meat, rice and broccoli.',
-          "Someone's dinner: chicken, rice and vegetables.", 'A close up of a plate of food'],
-    104: ['A red double decker bus driving down a street.', 'A bus on a city street near tall buildings.'],
-    105: ['A cat sleeping on a laptop keyboard.', 'A black cat lies on an open laptop computer.'],
-}
-PREDICTIONS = [
-    {'image_id': 103, 'caption': 'a plate of food with rice and broccoli'},
-    {'image_id': 101, 'caption': 'a man riding a wave on a surfboard'},
-    {'image_id': 999, 'caption': 'an image that is not in the reference file'},
-    {'image_id': 105, 'caption': 'a cat laying on a laptop'},
-    {'image_id': 102, 'caption': 'two dogs playing in the grass'},
-]
-
-
-def write_reference_json(path):
-    images = [{'id': i, 'file_name': 'COCO_val2014_%012d.jpg' % i} for i in REFERENCES]
-    annotations = [{'image_id': i, 'id': 1000 * i + k, 'caption': c}
-                   for i, caps in REFERENCES.items() for k, c in enumerate(caps)]
-    with open(path, 'w') as f:
-        json.dump({'images': images, 'annotations': annotations, 'type': 'captions', 'info': {}, 'licenses': []}, f)
-
-
-def java_children():
-    """Live or zombie java processes whose parent is this test process."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir('/proc')):
-        try:
-            with open('/proc/%s/stat' % pid) as f:
-                fields = f.read().rsplit(')', 1)[1].split()
-            with open('/proc/%s/cmdline' % pid, 'rb') as f:
-                cmdline = f.read()
-        except OSError:
-            continue
-        if int(fields[1]) == os.getpid() and b'java' in cmdline:
-            found.append(pid)
-    return found
-
-
-def pycocoevalcap_scores(ref_json, predictions, tmp_path, monkeypatch):
-    """The reference's language_eval: COCO API + COCOEvalCap (SPICE stubbed out: its jars cannot be installed)."""
-    from pycocoevalcap import eval as cocoeval
-    from pycocotools.coco import COCO
-
-    class NoSpice:
-        def compute_score(self, gts, res):
-            return 0.0, [0.0] * len(gts)
-
-        def method(self):
-            return 'SPICE'
-
-    monkeypatch.setattr(cocoeval, 'Spice', NoSpice)
-    coco = COCO(ref_json)
-    valid = coco.getImgIds()
-    cache = tmp_path / 'preds.json'
-    cache.write_text(json.dumps([p for p in predictions if p['image_id'] in valid]))
-    evaluator = cocoeval.COCOEvalCap(coco, coco.loadRes(str(cache)))
-    evaluator.params['image_id'] = evaluator.cocoRes.getImgIds()
-    evaluator.evaluate()
-    del evaluator.eval['SPICE']
-    return evaluator.eval, evaluator.imgToEval
+from tests.helpers import PREDICTIONS, java_children, pycocoevalcap_scores, write_reference_json
 
 
 @pytest.fixture
 def one_meteor_process(monkeypatch):
-    """Both sides share one METEOR java process (its start-up, loading the paraphrase table, takes seconds)."""
+    """(Unlike conftest's, language_eval closes it here, as in use.) Both sides share one METEOR java process (its start-up, loading the paraphrase table, takes seconds)."""
     from pycocoevalcap import eval as cocoeval
     from pycocoevalcap.meteor import meteor
 

@@ -12,7 +12,7 @@ import torch
 
 from dataloader import DataLoader
 from misc.errors import SaticError
-from tests.helpers import make_tiny_dataset
+from tests.helpers import copy_dataset, make_tiny_dataset, one_line_error
 
 S = 5
 
@@ -179,20 +179,6 @@ def test_label_h5_none(tiny_dataset):
 
 
 # ---- bad input: one line naming the file (and image) ----
-
-def copy_dataset(ds, tmp_path):
-    root = str(tmp_path / 'copy')
-    shutil.copytree(ds.root, root)
-    return root
-
-
-def one_line_error(excinfo, *needles):
-    msg = str(excinfo.value)
-    print(msg)
-    assert '\n' not in msg
-    for needle in needles:
-        assert str(needle) in msg, (needle, msg)
-
 
 def train_image_id(ds, k=3):
     with DataLoader(ds.opt()) as loader:

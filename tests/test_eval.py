@@ -2,7 +2,6 @@
 
 Every run is in-process (main(argv)) in a temporary working directory: vis/ and eval_results/ land in tmp_path.
 """
-import argparse
 import html
 import json
 import os
@@ -11,67 +10,22 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 
 import eval as eval_script
 import eval_cocotest
-import models
 from misc import coco_eval
-from misc.checkpoint import save_pickle, save_torch
 from models.sat import SATModel
 from opts import parse_eval_opt, resolve_eval_options
 from scripts import prepro_cocotest
+from tests.helpers import pycocoevalcap_scores, tiny_checkpoint
 
 needs_java = pytest.mark.skipif(not coco_eval.java_available(), reason='java not installed')
 METRICS = ('Bleu_1', 'Bleu_2', 'Bleu_3', 'Bleu_4', 'METEOR', 'ROUGE_L', 'CIDEr')
 
 
-def train_briefly(model, ds, steps=60):
-    """A few XE steps on the tiny train split, so that captions (and their metrics) are not degenerate."""
-    from dataloader import DataLoader
-    from misc.losses import LanguageModelCriterion
-    crit, optimizer = LanguageModelCriterion(), torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    with DataLoader(ds.opt(batch_size=5)) as loader:
-        for _ in range(steps):
-            b = loader.get_batch('train')
-            loss = crit(model(b['fc_feats'], b['att_feats'], b['labels'], b['att_masks']), b['labels'][:, 1:],
-                        b['masks'][:, 1:])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    model.eval()
-
-
-def save_checkpoint(ds, folder, vocab=None, model_overrides=None, train_steps=0, **opt_overrides):
-    """A tiny SAT (K=2) checkpoint for ds: (model.pth, infos_tiny.pkl) paths.
-
-    Untrained, token 0 (the end) is made to never win, so that every caption is non-empty. model_overrides change
-    the saved weights' architecture only (the infos keep opt_overrides): a checkpoint/infos mismatch.
-    """
-    os.makedirs(folder, exist_ok=True)
-    with open(ds.input_json) as f:
-        ds_vocab = json.load(f)['ix_to_word']
-    opt = ds.opt(caption_model='sat', K=2, num_layers=1, input_encoding_size=16, rnn_size=32, id='tiny',
-                 **opt_overrides)
-    opt.vocab_size = len(ds_vocab)
-    model_opt = argparse.Namespace(**dict(vars(opt), **(model_overrides or {})))
-    torch.manual_seed(0)
-    model = models.setup(model_opt)
-    if train_steps:
-        train_briefly(model, ds, train_steps)
-    else:
-        with torch.no_grad():
-            model.model.generator.proj.bias[0] = -10.0
-    paths = os.path.join(folder, 'model.pth'), os.path.join(folder, 'infos_tiny.pkl')
-    save_torch(model.state_dict(), paths[0])
-    save_pickle({'opt': opt, 'vocab': vocab or ds_vocab, 'iter': 0, 'epoch': 0, 'best_val_score': None}, paths[1])
-    return paths
-
-
 @pytest.fixture(scope='module')
 def checkpoint(tiny_dataset, tmp_path_factory):
-    return save_checkpoint(tiny_dataset, str(tmp_path_factory.mktemp('ckpt')), train_steps=60)
+    return tiny_checkpoint(tiny_dataset, str(tmp_path_factory.mktemp('ckpt')), train_steps=60)
 
 
 @pytest.fixture
@@ -156,48 +110,6 @@ def test_seq_kd_writes_every_images_beams(tiny_dataset, checkpoint, workdir, bea
         assert entry['caption'][0] == prediction['caption']
 
 
-def coco_eval_direct(ref_json, predictions, tmp_path, monkeypatch):
-    """The reference's language_eval: COCO API + COCOEvalCap (SPICE stubbed: its CoreNLP jars are not installed)."""
-    from pycocoevalcap import eval as cocoeval
-    from pycocotools.coco import COCO
-
-    class NoSpice:
-        def compute_score(self, gts, res):
-            return 0.0, [0.0] * len(gts)
-
-        def method(self):
-            return 'SPICE'
-
-    monkeypatch.setattr(cocoeval, 'Spice', NoSpice)
-    coco = COCO(ref_json)
-    results = tmp_path / 'direct_predictions.json'
-    results.write_text(json.dumps(predictions))
-    evaluator = cocoeval.COCOEvalCap(coco, coco.loadRes(str(results)))
-    evaluator.params['image_id'] = evaluator.cocoRes.getImgIds()
-    evaluator.evaluate()
-    return {m: evaluator.eval[m] for m in METRICS}, evaluator.imgToEval
-
-
-@pytest.fixture
-def one_meteor_process(monkeypatch):
-    """eval.py and COCOEvalCap share one METEOR java process (its start-up, loading the paraphrase table, can take
-    15 s on busy cores), closed at the end of the test."""
-    from pycocoevalcap import eval as cocoeval
-    from pycocoevalcap.meteor import meteor
-    started, real_meteor, real_close = [], meteor.Meteor, coco_eval._Meteor.close
-
-    def shared_meteor():
-        if not started:
-            started.append(real_meteor())
-        return started[0]
-    monkeypatch.setattr(cocoeval, 'Meteor', shared_meteor)
-    monkeypatch.setattr(meteor, 'Meteor', shared_meteor)
-    monkeypatch.setattr(coco_eval._Meteor, 'close', lambda self: None)
-    yield started
-    if started:
-        real_close(argparse.Namespace(scorer=started[0]))
-
-
 @needs_java
 def test_language_eval_and_viewer_match_pycocoevalcap(tiny_dataset, checkpoint, workdir, capsys, monkeypatch,
                                                        one_meteor_process):
@@ -212,7 +124,7 @@ def test_language_eval_and_viewer_match_pycocoevalcap(tiny_dataset, checkpoint, 
     predictions = read_json('vis/lang.json')
     saved = read_json('eval_results/lang_test.json')
 
-    overall, img_to_eval = coco_eval_direct(tiny_dataset.ref_json, predictions, workdir, monkeypatch)
+    overall, img_to_eval = pycocoevalcap_scores(tiny_dataset.ref_json, predictions, workdir, monkeypatch)
     assert len(one_meteor_process) == 1
     for metric, value in overall.items():
         assert saved['overall'][metric] == pytest.approx(value, rel=1e-9, abs=1e-12), metric
@@ -267,11 +179,11 @@ def test_checkpoint_and_infos_that_disagree_fail_in_one_line(tiny_dataset, workd
     folder = str(workdir / 'bad')
     if mismatch == 'vocabulary':  # the infos of another dataset
         vocab = read_json(tiny_dataset.input_json)['ix_to_word']
-        paths = save_checkpoint(tiny_dataset, folder, vocab={k: v for k, v in vocab.items() if k != '1'})
+        paths = tiny_checkpoint(tiny_dataset, folder, vocab={k: v for k, v in vocab.items() if k != '1'})
     elif mismatch == 'layers':
-        paths = save_checkpoint(tiny_dataset, folder, model_overrides={'num_layers': 2})
+        paths = tiny_checkpoint(tiny_dataset, folder, model_overrides={'num_layers': 2})
     else:  # checkpoint and infos agree, the features are another kind
-        paths = save_checkpoint(tiny_dataset, folder, att_feat_size=12)
+        paths = tiny_checkpoint(tiny_dataset, folder, att_feat_size=12)
     assert run_eval(paths, '--language_eval', '0') == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and message in err and 'Traceback' not in err

@@ -24,9 +24,7 @@ from models.sat import SATModel
 from misc import fileio
 from scripts import dump_to_lmdb
 from tests.helpers import make_tiny_dataset
-from tests.test_coco_eval import PREDICTIONS, java_children, write_reference_json
-from tests.test_dataloader import copy_dataset, one_line_error
-from tests.test_eval import save_checkpoint
+from tests.helpers import PREDICTIONS, copy_dataset, java_children, one_line_error, tiny_checkpoint, write_reference_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_java = pytest.mark.skipif(not coco_eval.java_available(), reason='java not installed')
@@ -395,7 +393,7 @@ def test_progress_bar_on_a_terminal(monkeypatch):
 @pytest.mark.parametrize('verbose', ['0', '1'])
 def test_eval_verbose_shows_pycocoevalcap_prints(tiny_dataset, tmp_path, monkeypatch, capsys, verbose):
     """eval.py: the metric lines always, pycocoevalcap's {'testlen': ..} / ratio lines only with --verbose 1."""
-    model, infos = save_checkpoint(tiny_dataset, str(tmp_path / 'ckpt'))
+    model, infos = tiny_checkpoint(tiny_dataset, str(tmp_path / 'ckpt'))
     monkeypatch.setattr(coco_eval, '_Meteor', _FakeMeteor)
     monkeypatch.chdir(tmp_path)
     assert eval_script.main(['--model', model, '--infos_path', infos, '--language_eval', '1', '--ref_json',
@@ -407,7 +405,7 @@ def test_eval_verbose_shows_pycocoevalcap_prints(tiny_dataset, tmp_path, monkeyp
 
 def test_broken_java_fails_eval_before_decoding(tiny_dataset, tmp_path, monkeypatch, capsys):
     """A java that is on PATH but does not start stops eval.py (and train.py) before any work, in one line."""
-    model, infos = save_checkpoint(tiny_dataset, str(tmp_path / 'ckpt'))
+    model, infos = tiny_checkpoint(tiny_dataset, str(tmp_path / 'ckpt'))
     java = _fake_java(tmp_path, monkeypatch, 'echo "Error: Could not reserve enough space for object heap" >&2; exit 1')
 
     def must_not_decode(*args, **kwargs):
