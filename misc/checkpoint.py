@@ -1,8 +1,12 @@
-"""The only reader and writer of checkpoints: atomic writes with one commit point per save, safe loads.
+"""The only reader and writer of checkpoints: a run on disk (load_run / CheckpointSaver), atomic writes with one
+commit point per save, safe loads.
 
-A training run writes, in its checkpoint folder (SPEC.md section 4):
+A training run writes, in its checkpoint folder (README, "Interrupts and resume"):
   model.pth (state_dict), optimizer.pth, infos_<id>.pkl, histories_<id>.pkl, and the -best copies,
 all plain files at the paths the reference used, plus (ours) the manifest checkpoint_<id>.json.
+infos = {iter, epoch, iterators, split_ix, vocab, opt, best_val_score, rng_states (ours: every rank's generators),
+model_fingerprint, optimizer_step, K, caption_model, vocab_sha1}; histories = {val_result_history, loss_history,
+lr_history, ss_prob_history}. `load_run` reads and checks all of it for --start_from; `CheckpointSaver` writes it.
 
 Save protocol (save_checkpoint), so that a kill -9 at any instant leaves one consistent set:
   1. every file of the save is written to a hidden temp file beside it (.model.pth.XXXX.tmp), fsync'ed;
@@ -18,11 +22,14 @@ Written files get the permissions 0666 & ~umask, like any file the user creates.
 Loads never execute code: tensors through torch.load(weights_only=True), pickles through an unpickler that
 admits only what infos/histories legitimately hold.
 """
+import argparse
+import dataclasses
 import hashlib
 import json
 import math
 import os
 import pickle
+import random
 import re
 import tempfile
 import time
@@ -30,6 +37,7 @@ import time
 import numpy as np
 import torch
 
+from misc import optim
 from misc.errors import SaticError
 
 
@@ -258,8 +266,10 @@ def optimizer_step(state):
     return int(max(steps)) if steps else None
 
 
-def _effective_k(opt):
-    return 1 if getattr(opt, 'caption_model', 'sat') == 'transformer' else getattr(opt, 'K', None)
+def effective_k(opt, default=None):
+    """K of the model an opt builds: 'transformer' is K = 1 whatever its K says (reference infos may say otherwise);
+    default when an infos' opt does not say."""
+    return 1 if getattr(opt, 'caption_model', 'sat') == 'transformer' else getattr(opt, 'K', default)
 
 
 def describe(infos, state_dict, optimizer_state=None):
@@ -269,7 +279,7 @@ def describe(infos, state_dict, optimizer_state=None):
         fields['optimizer_step'] = optimizer_step(optimizer_state)
     opt = infos.get('opt')
     if opt is not None:
-        fields['K'], fields['caption_model'] = _effective_k(opt), getattr(opt, 'caption_model', None)
+        fields['K'], fields['caption_model'] = effective_k(opt), getattr(opt, 'caption_model', None)
     if isinstance(infos.get('vocab'), dict):
         from misc.fileio import vocab_sha1
         fields['vocab_sha1'] = vocab_sha1(infos['vocab'])
@@ -308,7 +318,7 @@ def check_infos_match(infos, state_dict_or_path=None, optimizer_state=None, voca
             raise SaticError(f'{infos_path} was saved with another vocabulary than this data\'s: use the '
                              'cocotalk.json the checkpoint was trained with')
     if opt is not None:
-        for key, ours in (('caption_model', getattr(opt, 'caption_model', None)), ('K', _effective_k(opt))):
+        for key, ours in (('caption_model', getattr(opt, 'caption_model', None)), ('K', effective_k(opt))):
             if infos.get(key) is not None and ours is not None and infos[key] != ours:
                 raise SaticError(f'{infos_path} belongs to a model with {key}={infos[key]}, not {key}={ours}')
     return infos
@@ -522,3 +532,170 @@ def verify_checkpoint(checkpoint_dir, run_id):
         if os.path.getsize(path) != entry['size'] or sha1.hexdigest() != entry['sha1']:
             differing.append(entry['name'])
     return differing
+
+
+# ----------------------------------------------------------------------------------------------- a run on disk
+# Options that must agree between a run and the checkpoint it resumes (the reference asserted the first three).
+MUST_MATCH = ('caption_model', 'rnn_size', 'num_layers', 'input_encoding_size', 'att_feat_size', 'K')
+HISTORIES = ('val_result_history', 'loss_history', 'lr_history', 'ss_prob_history')
+
+
+def rng_state(device):
+    """This process's random-number generators (torch CPU, CUDA of `device`, numpy, random), picklable with
+    protocol 2 and loadable by the restricted unpickler."""
+    state = {'torch': torch.get_rng_state().numpy().tobytes(), 'numpy': np.random.get_state(),
+             'random': random.getstate()}
+    if device.type == 'cuda':
+        state['cuda'] = torch.cuda.get_rng_state(device).numpy().tobytes()
+    return state
+
+
+def set_rng_state(state, device):
+    """Put back the generators of rng_state(device)."""
+    torch.set_rng_state(torch.frombuffer(bytearray(state['torch']), dtype=torch.uint8))
+    np.random.set_state(state['numpy'])
+    random.setstate(state['random'])
+    if device.type == 'cuda' and state.get('cuda') is not None:
+        torch.cuda.set_rng_state(torch.frombuffer(bytearray(state['cuda']), dtype=torch.uint8), device)
+
+
+@dataclasses.dataclass
+class ResumePoint:
+    """Where training is after a completed iteration: what infos record so that a resumed run continues exactly
+    (iteration, epoch, the loader's position and order, this rank's generators). Taken after each completed
+    iteration only, so that an interrupt in the middle of one saves a state that resumes exactly (not one batch
+    ahead)."""
+    iteration: int
+    epoch: int
+    loader: dict  # DataLoader.state_dict(): {'iterators', 'split_ix'}
+    rng: dict  # rng_state() of this rank
+
+    def infos(self):
+        """The infos fields of this point, as the reference named them."""
+        return {'iter': self.iteration, 'epoch': self.epoch, **self.loader}
+
+
+def histories_of(saved=None):
+    """The four histories (iteration -> value dicts) of a saved histories pickle, empty ones where it has none."""
+    saved = saved or {}
+    return {key: saved.get(key, {}) for key in HISTORIES}
+
+
+@dataclasses.dataclass
+class SavedRun:
+    """A run as its checkpoint folder holds it (--start_from), read and checked by load_run; train.py restores it
+    piece by piece into the model, the optimiser, the loader and the generators it builds."""
+    folder: str
+    run_id: str
+    infos: dict
+    histories: dict
+
+    @property
+    def infos_path(self):
+        return os.path.join(self.folder, f'infos_{self.run_id}.pkl')
+
+    @property
+    def iteration(self):
+        return self.infos.get('iter', 0)
+
+    @property
+    def epoch(self):
+        return self.infos.get('epoch', 0)
+
+    @property
+    def optimizer_step(self):
+        """Updates made so far: < iteration after skipped (non-finite) updates; the reference's infos say iter."""
+        steps = self.infos.get('optimizer_step')
+        return self.iteration if steps is None else steps
+
+    @property
+    def loader_state(self):
+        """DataLoader.load_state_dict's argument, or None when infos lack the position."""
+        if self.infos.get('iterators') is None or self.infos.get('split_ix') is None:
+            return None
+        return {'iterators': self.infos['iterators'], 'split_ix': self.infos['split_ix']}
+
+    @property
+    def seed(self):
+        return getattr(self.infos.get('opt'), 'seed', None)
+
+    def restore_model(self, model):
+        """model.pth's weights into model (sizes checked); refuses a model.pth that is not the one the infos were
+        saved with (when the infos record its fingerprint)."""
+        import models
+        path = os.path.join(self.folder, 'model.pth')
+        models.load_weights(model, load_torch(path, 'model'), path)
+        check_infos_match(self.infos, model.state_dict(), infos_path=self.infos_path, model_path=path)
+        return model
+
+    def restore_optimizer(self, optimizer):
+        """optimizer.pth's state into optimizer, when the file exists (else the optimiser starts afresh); refuses
+        an optimizer.pth of another save. Returns whether a state was loaded."""
+        path = os.path.join(self.folder, 'optimizer.pth')
+        if not os.path.isfile(path):
+            return False
+        # reference quirk: the saved param_groups (betas, eps of a Noam stage 1 included) replace the new ones;
+        # the lr is set again at the start of every epoch.
+        state = load_torch(path, 'optimizer')
+        if 'optimizer_state_dict' in state and not isinstance(optimizer, optim.PlateauOpt):
+            state = state['optimizer_state_dict']  # a --reduce_on_plateau run resumed without it
+        optimizer.load_state_dict(state)
+        check_infos_match(self.infos, optimizer_state=optimizer.state_dict(), infos_path=self.infos_path,
+                          optimizer_path=path)
+        return True
+
+    def restore_rng(self, rank, world_size, device):
+        """This rank's generators as they were after the saved iteration; False when the run saved none for this
+        number of ranks (the draws then restart from the seed)."""
+        saved = self.infos.get('rng_states')
+        if not (saved and len(saved) == world_size and saved[rank]):
+            return False
+        set_rng_state(saved[rank], device)
+        return True
+
+
+def load_run(folder, run_id, opt, vocab):
+    """The run `run_id` saved in folder (--start_from), checked against this run's options and vocabulary.
+
+    Refuses (SaticError, one line) a folder without infos_<run_id>.pkl, options of MUST_MATCH that disagree, and
+    another vocabulary, K or caption model (check_infos_match). A save cut between its renames must have been
+    completed first (recover_checkpoint, by one process). Returns a SavedRun: its infos and histories; the model
+    and optimizer files are read (and checked against the infos) when restored."""
+    saved = SavedRun(folder, run_id, {}, {})
+    if not os.path.isfile(saved.infos_path):
+        raise SaticError(f"--start_from {folder}: no infos_{run_id}.pkl there; --id must name the run "
+                         f"saved in that folder (save/copy_model.sh renames it when you copy a run)")
+    saved.infos = load_pickle(saved.infos_path)
+    theirs_opt = saved.infos['opt']
+    for key in MUST_MATCH:
+        ours, theirs = (effective_k(opt, 1), effective_k(theirs_opt, 1)) if key == 'K' else \
+            (getattr(opt, key), getattr(theirs_opt, key, getattr(opt, key)))
+        if ours != theirs:
+            raise SaticError(f"--{key} {ours} disagrees with the checkpoint in {folder} "
+                             f"(trained with {key}={theirs}): use the same value or another folder")
+    if saved.infos.get('vocab') is not None and saved.infos['vocab'] != vocab:
+        raise SaticError(f"the vocabulary of {saved.infos_path} differs from {opt.input_json}: "
+                         f"resume with the cocotalk.json the checkpoint was trained with")
+    check_infos_match(saved.infos, vocab=vocab, opt=opt, infos_path=saved.infos_path)
+    histories_path = os.path.join(folder, f'histories_{run_id}.pkl')
+    saved.histories = load_pickle(histories_path) if os.path.isfile(histories_path) else {}
+    return saved
+
+
+class CheckpointSaver:
+    """Writes the checkpoints of one run (rank 0): model, optimiser, infos and histories as one commit
+    (save_checkpoint), the -best pair when asked, and model-<iter>.pth with --save_history_ckpt."""
+
+    def __init__(self, folder, run_id, model, optimizer, opt, vocab):
+        """opt: the run's options, recorded in infos (as an argparse.Namespace); vocab: ix_to_word."""
+        self.folder, self.run_id, self.model, self.optimizer = folder, run_id, model, optimizer
+        self.opt, self.vocab = opt, vocab
+
+    def save(self, point, best_val_score, histories, rng_states, best=False):
+        """Save the state at `point` (a ResumePoint); rng_states: every rank's generators, or None when they are
+        not known. Returns the infos written."""
+        infos = {**point.infos(), 'vocab': self.vocab, 'opt': argparse.Namespace(**vars(self.opt)),
+                 'best_val_score': best_val_score, 'rng_states': rng_states}
+        history_iter = point.iteration if self.opt.save_history_ckpt else None
+        return save_checkpoint(self.folder, self.run_id, self.model, self.optimizer, infos, histories, best,
+                               history_iter)

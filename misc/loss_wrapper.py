@@ -1,9 +1,12 @@
 """The training loss as a module around the model: XE (or label smoothing, plus word-level distillation) or
 self-critical, one call."""
+import argparse
+
 import torch
 from torch import nn
 
-from misc.losses import build_criterion
+from misc.losses import build_criterion, self_critical_loss
+from opts import fill_defaults
 
 
 def scored_logprobs(model, fc, att, labels, att_masks, masks, per_img):
@@ -21,18 +24,21 @@ class LossWrapper(nn.Module):
     'kd_loss': the KL part, before its weight (XE with a teacher only)}."""
 
     def __init__(self, model, opt, teacher=None):
-        """teacher: the frozen model of --kd_weight (misc.teacher.load_teacher) or None."""
+        """opt: train.py's options (label_smoothing, seq_per_img, encode_per_image, cached_tokens, the reward and
+        distillation weights; a partial Namespace, e.g. a test's, gets opts.py's defaults for the others);
+        teacher: the frozen model of --kd_weight (misc.teacher.load_teacher) or None."""
         super().__init__()
+        opt = fill_defaults(argparse.Namespace(**vars(opt)))
         self.model = model
         self.crit = build_criterion(opt.label_smoothing)
         self.seq_per_img = opt.seq_per_img
-        self.encode_per_image = getattr(opt, 'encode_per_image', 0)
+        self.encode_per_image = opt.encode_per_image
         self.cached_tokens = opt.cached_tokens
-        self.cider_reward_weight = getattr(opt, 'cider_reward_weight', 1.0)
-        self.bleu_reward_weight = getattr(opt, 'bleu_reward_weight', 0.0)
+        self.cider_reward_weight = opt.cider_reward_weight
+        self.bleu_reward_weight = opt.bleu_reward_weight
         self._reward = None  # built on first self-critical use: XE runs need no document frequencies
-        self.kd_weight = getattr(opt, 'kd_weight', 0) or 0
-        self.teacher_eval_mode = bool(getattr(opt, 'teacher_eval_mode', 0))
+        self.kd_weight = opt.kd_weight or 0
+        self.teacher_eval_mode = bool(opt.teacher_eval_mode)
         # Not registered as a submodule (object.__setattr__): the teacher stays out of state_dict(), parameters()
         # (optimiser, gradient clamp, DDP) and checkpoints; _apply below still moves it with .to()/.cuda().
         object.__setattr__(self, 'teacher', teacher)
@@ -80,7 +86,6 @@ class LossWrapper(nn.Module):
                 kd = self.kd_loss(logprobs, fc, att, labels, att_masks, masks, per_img)
                 return {'loss': loss + self.kd_weight * kd, 'kd_loss': kd.detach()}
             return {'loss': loss}
-        from misc.rewards import self_critical_loss
         # One multinomial sample per row, in train mode (dropout on), as the reference.
         seq, logprobs = self.model(fc, att, att_masks, opt={'sample_max': 0, 'seq_per_img': per_img},
                                    mode='sample')  # (S, T) each

@@ -1,7 +1,8 @@
-"""Cross-entropy losses over teacher-forced log-probabilities (SPEC.md section 4).
+"""The training losses: cross-entropy (or label smoothing) over teacher-forced log-probabilities, and the
+self-critical policy-gradient loss (README, "Using it on COCO").
 
-forward(logprobs (S, T, V), target, mask) is the reference's form; scored(logprobs (M, V), target (M,)) takes
-only the M scored positions (SATModel.scored_logprobs) and gives the same value.
+The criteria's forward(logprobs (S, T, V), target, mask) is the reference's form; scored(logprobs (M, V),
+target (M,)) takes only the M scored positions (SATModel.scored_logprobs) and gives the same value.
 """
 import math
 
@@ -58,3 +59,14 @@ class LabelSmoothing(nn.Module):
 
 def build_criterion(label_smoothing):
     return LabelSmoothing(label_smoothing) if label_smoothing > 0 else LanguageModelCriterion()
+
+
+def self_critical_loss(sample_logprobs, sample_seqs, advantage):
+    """-sum(logp * advantage * mask) / sum(mask), mask = [1, (seq > 0)[:, :-1]] (the first end token counts).
+
+    sample_logprobs: (B*S, T) log-probabilities of the sampled tokens; sample_seqs: (B*S, T);
+    advantage: (B*S,) numpy array or tensor (misc.rewards.SelfCriticalReward). Returns a scalar tensor."""
+    advantage = torch.as_tensor(advantage, dtype=sample_logprobs.dtype, device=sample_logprobs.device)
+    mask = (sample_seqs > 0).to(sample_logprobs.dtype)  # (B*S, T)
+    mask = torch.cat([mask.new_ones(mask.size(0), 1), mask[:, :-1]], dim=1)  # (B*S, T)
+    return -(sample_logprobs * advantage[:, None] * mask).sum() / mask.sum()

@@ -1,4 +1,4 @@
-"""Optimisers and learning-rate schedules of the reference (SPEC.md section 4).
+"""Optimisers and learning-rate schedules of the reference (README, "Using it on COCO").
 
 - plain: Adam(optim_alpha, optim_beta, optim_epsilon) at --learning_rate, with optional step decay per epoch;
 - --noamopt: Adam(0.9, 0.98, 1e-9) whose lr follows the Noam schedule, set before every step;
@@ -49,10 +49,12 @@ class NoamOpt:
     state_dict() is the inner optimiser's plus '_step', as the reference writes optimizer.pth.
     """
 
-    def __init__(self, params, d_model, factor=1.0, warmup=2000):
+    def __init__(self, params, d_model, factor=1.0, warmup=2000, step=0):
+        """step: the updates already made (a resumed run: its iteration, as the reference; a saved state's
+        '_step' overrides it)."""
         self.optimizer = torch.optim.Adam(params, lr=0, betas=(0.9, 0.98), eps=1e-9)
         self.d_model, self.factor, self.warmup = d_model, factor, warmup
-        self._step = 0
+        self._step = step
 
     @property
     def param_groups(self):
@@ -116,11 +118,12 @@ class PlateauOpt:
         set_lr(self.optimizer, state['current_lr'])
 
 
-def build(model, opt):
-    """The optimiser train.py uses, by the reference's rules (noamopt, then reduce_on_plateau, then --optim)."""
+def build(model, opt, step=0):
+    """The optimiser train.py uses, by the reference's rules (noamopt, then reduce_on_plateau, then --optim);
+    step: Noam's updates so far (a resumed run's)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if opt.noamopt:
-        return NoamOpt(params, opt.input_encoding_size, opt.noamopt_factor, opt.noamopt_warmup)
+        return NoamOpt(params, opt.input_encoding_size, opt.noamopt_factor, opt.noamopt_warmup, step)
     optimizer = build_optimizer(params, opt)
     if opt.reduce_on_plateau:
         return PlateauOpt(optimizer)

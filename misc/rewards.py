@@ -1,4 +1,5 @@
-"""The self-critical reward (Rennie et al. 2017, "new self-critical" leave-one-out baseline) and its loss.
+"""The self-critical reward (Rennie et al. 2017, "new self-critical" leave-one-out baseline); its loss is
+misc.losses.self_critical_loss.
 
 Training with --self_critical_after samples S = seq_per_img captions per image; each one's reward is its CIDEr-D
 against ALL of the image's references, with the train document frequencies cached by scripts/prepro_ngrams.py;
@@ -107,13 +108,3 @@ def bleu_scores(gts, res):
     with contextlib.redirect_stdout(io.StringIO()):  # versions that always print {'testlen': ..} and the ratio
         return scorer.compute_score(gts, res)[1]
 
-
-def self_critical_loss(sample_logprobs, sample_seqs, advantage):
-    """-sum(logp * advantage * mask) / sum(mask), mask = [1, (seq > 0)[:, :-1]] (the first end token counts).
-
-    sample_logprobs: (B*S, T) log-probabilities of the sampled tokens; sample_seqs: (B*S, T);
-    advantage: (B*S,) numpy array or tensor. Returns a scalar tensor."""
-    advantage = torch.as_tensor(advantage, dtype=sample_logprobs.dtype, device=sample_logprobs.device)
-    mask = (sample_seqs > 0).to(sample_logprobs.dtype)  # (B*S, T)
-    mask = torch.cat([mask.new_ones(mask.size(0), 1), mask[:, :-1]], dim=1)  # (B*S, T)
-    return -(sample_logprobs * advantage[:, None] * mask).sum() / mask.sum()

@@ -23,11 +23,13 @@ import torch.distributed as dist
 import opts
 import train
 from dataloader import DataLoader
+from misc import checkpoint
 from misc.loss_wrapper import LossWrapper
 
 out, argv = sys.argv[1], sys.argv[2:]
 opt = opts.parse_opt(argv)
-rank, world_size, device = train.setup_distributed(opt)
+world = train.setup_distributed(opt)
+rank, world_size, device = world.rank, world.size, world.device
 with DataLoader(opt, rank=rank, world_size=world_size) as loader:
     opt.vocab_size = loader.vocab_size
     batch = loader.get_batch('train')
@@ -54,8 +56,8 @@ result = {{'rank': rank, 'images': [info['id'] for info in batch['infos']],
            'synced_minus_mean': float((synced - torch.stack(every).mean(0)).abs().max())}}
 
 saves, trained = [], []
-save_checkpoint, build_model = train.save_checkpoint, train.build_model
-train.save_checkpoint = lambda *a, **k: (saves.append(a[3]), save_checkpoint(*a, **k))[1]
+save_checkpoint, build_model = checkpoint.save_checkpoint, train.build_model
+checkpoint.save_checkpoint = lambda *a, **k: (saves.append(a[3]), save_checkpoint(*a, **k))[1]
 train.build_model = lambda *a: trained.append(build_model(*a)) or trained[-1]
 result['rc'] = train.main(argv)  # the process group made above is reused, then destroyed
 result['saves'] = len(saves)

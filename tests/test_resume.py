@@ -33,14 +33,6 @@ ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
 NEW_FIELDS = ('model_fingerprint', 'optimizer_step', 'K', 'caption_model', 'vocab_sha1', 'rng_states')
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def targs(ds, folder, *extra, run_id='run'):
     """train.py arguments: the tiny dataset, a tiny transformer (dropout on), CPU, no Java."""
     return ['--input_json', ds.input_json, '--input_label_h5', ds.label_h5, '--input_fc_dir', ds.fc_dir,
@@ -138,9 +130,9 @@ def test_rng_states_are_saved_per_rank_and_restored(tiny_dataset, tmp_path):
     assert {'torch', 'numpy', 'random'} <= set(state)
     torch.manual_seed(0)
     before = torch.rand(3)
-    train.set_rng_state(state, torch.device('cpu'))
+    checkpoint.set_rng_state(state, torch.device('cpu'))
     first = (torch.rand(3), __import__('numpy').random.rand(), __import__('random').random())
-    train.set_rng_state(state, torch.device('cpu'))
+    checkpoint.set_rng_state(state, torch.device('cpu'))
     again = (torch.rand(3), __import__('numpy').random.rand(), __import__('random').random())
     assert torch.equal(first[0], again[0]) and first[1:] == again[1:] and not torch.equal(before, first[0])
 
@@ -241,14 +233,14 @@ def test_a_kill_at_any_point_of_a_save_leaves_one_consistent_checkpoint(tiny_dat
 
     for module, name in ((os, 'replace'), (os, 'remove'), (os, 'fsync'), (tempfile, 'mkstemp')):
         monkeypatch.setattr(module, name, hooked(name, getattr(module, name)))
-    real_save = train.save_checkpoint
+    real_save = checkpoint.save_checkpoint
 
     def counting_save(*args, **kwargs):
         state['save'] += 1
         result = real_save(*args, **kwargs)
         snap('done')
         return result
-    monkeypatch.setattr(train, 'save_checkpoint', counting_save)
+    monkeypatch.setattr(checkpoint, 'save_checkpoint', counting_save)
     rc, _, err = run_main(targs(tiny_dataset, folder, '--max_iters', '10', '--save_checkpoint_every', '5',
                                 '--save_history_ckpt', '1'), tmp_path)
     assert rc == 0, err
@@ -313,9 +305,10 @@ DRIVER = '''
 import os, sys, time
 sys.path.insert(0, {repo!r})
 import train
+from misc import checkpoint
 
 mode = os.environ.get('DRIVER_MODE', '')
-real_validate, real_save = train.validate, train.save_checkpoint
+real_validate, real_save = train.validate, checkpoint.save_checkpoint
 
 
 def slow_validate(*args, **kwargs):
@@ -333,7 +326,7 @@ def slow_save(*args, **kwargs):
 if mode == 'slow_validate':
     train.validate = slow_validate
 if mode == 'slow_save':
-    train.save_checkpoint = slow_save
+    checkpoint.save_checkpoint = slow_save
 sys.exit(train.main(sys.argv[1:]))
 '''
 

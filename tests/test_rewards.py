@@ -7,7 +7,8 @@ import torch
 
 from misc.cider_d import CiderD, ngram_counts
 from misc.errors import SaticError
-from misc.rewards import SelfCriticalReward, ids_to_str, self_critical_loss
+from misc.losses import self_critical_loss
+from misc.rewards import SelfCriticalReward, ids_to_str
 
 
 def label_rows(rows):

@@ -50,15 +50,6 @@ PLACES = ('grass', 'street', 'beach', 'table', 'field', 'road')
 MODEL = ['--caption_model', 'transformer', '--num_layers', '1', '--input_encoding_size', '32', '--rnn_size', '64']
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_torch_thread():
-    """Tiny models on shared cores: one thread is much faster than several competing ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ----------------------------------------------------------------------------------------------- the scene data
 @dataclasses.dataclass
 class Scene:
