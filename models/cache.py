@@ -46,19 +46,22 @@ class StepBuffers:
     """One layer's state during one decoding step, as plain tensors (what a compiled step takes).
 
     fixed=True: self-attention buffers (S, H, capacity, dk) written in place at the step's positions and returned
-    whole; fixed=False: the keys/values so far (S, H, T, dk), concatenated with the new ones (kept in .key/.value
-    for the caller). memory keys/values (B, H, N, dk) either way."""
+    whole (the caller masks the unfilled positions), or only their first `filled` positions; fixed=False: the
+    keys/values so far (S, H, T, dk), concatenated with the new ones (kept in .key/.value for the caller).
+    memory keys/values (B, H, N, dk) either way."""
 
-    def __init__(self, key, value, memory_key, memory_value, fixed):
+    def __init__(self, key, value, memory_key, memory_value, fixed, filled=None):
         self.key, self.value = key, value
         self.memory_key, self.memory_value = memory_key, memory_value
-        self.fixed = fixed
+        self.fixed, self.filled = fixed, filled
 
     def append(self, key, value, positions):
         """The newest positions' keys/values (S, H, Tn, dk) -> the keys/values to attend over."""
         if self.fixed:
             self.key.index_copy_(2, positions, key)
             self.value.index_copy_(2, positions, value)
+            if self.filled is not None:
+                return self.key[:, :, :self.filled], self.value[:, :, :self.filled]
         else:
             self.key = torch.cat([self.key, key], dim=2)
             self.value = torch.cat([self.value, value], dim=2)
@@ -93,14 +96,17 @@ class DecoderCache:
         """True when the self-attention keys/values live in fixed-size buffers (see the module docstring)."""
         return self.layers is not None and self.capacity is not None
 
-    def positions(self, count, device):
+    def positions(self, count, device, masked=True):
         """The next `count` absolute positions as a tensor (count,), and the (1, 1, 1, capacity) mask of the
-        buffer positions filled once they are written (None for the growing layout)."""
+        buffer positions filled once they are written (None for the growing layout, or when not `masked`: eager
+        steps attend over the filled slice of the buffers instead, which is a little faster)."""
         positions = torch.arange(self.length, self.length + count, device=device)
         if not self.fixed:
             return positions, None
         if self.length + count > self.capacity:
             self.grow(self.length + count)
+        if not masked:
+            return positions, None
         filled = torch.arange(self.capacity, device=device) < self.length + count
         return positions, filled.view(1, 1, 1, -1)
 

@@ -9,16 +9,16 @@ import torch
 
 
 @functools.lru_cache(maxsize=64)
-def _group_mask_cpu(size, k):
-    i = torch.arange(size).unsqueeze(1)  # (T, 1) query positions
-    j = torch.arange(size).unsqueeze(0)  # (1, T) key positions
+def _group_mask(size, k, device):
+    """Built once per (size, K, device): no host-to-device copy at each training step or decoding step."""
+    i = torch.arange(size, device=device).unsqueeze(1)  # (T, 1) query positions
+    j = torch.arange(size, device=device).unsqueeze(0)  # (1, T) key positions
     return (j < (i // k + 1) * k).unsqueeze(0)  # (1, T, T)
 
 
 def group_mask(size, k, device=None):
     """(1, T, T) with m[i, j] = (j < (i // K + 1) * K): each group sees itself and all earlier groups."""
-    mask = _group_mask_cpu(size, k)
-    return mask if device is None else mask.to(device)
+    return _group_mask(size, k, torch.device('cpu' if device is None else device))
 
 
 def subsequent_mask(size, device=None):
@@ -61,8 +61,8 @@ class Packing:
         """(M, C) -> (B, N, C), zeros at padding."""
         if self.index is None:
             return x.view(self.batch, self.length, x.size(-1))
-        out = x.new_zeros(self.batch * self.length, x.size(-1))
-        return out.index_copy(0, self.index, x).view(self.batch, self.length, x.size(-1))
+        out = x.new_zeros(self.batch * self.length, x.size(-1))  # in place into fresh zeros: no second copy
+        return out.index_copy_(0, self.index, x).view(self.batch, self.length, x.size(-1))
 
     def unpad(self, x):
         """(B, N, ...) -> (M, prod(...)): the real positions' rows."""

@@ -19,7 +19,7 @@ from models.cache import DecoderCache, LayerCache, StepBuffers
 from models.decode_config import DecodeConfig
 from models.decoding import greedy_or_sample
 from models.masks import Packing, group_mask, target_mask
-from models.transformer import make_model
+from models.transformer import Dropout, make_model
 
 HEADS = 8
 DROPOUT = 0.1
@@ -37,7 +37,7 @@ class SATModel(nn.Module):
         self.use_cache = bool(use_cache)
         self.d_model = d_model
         self.done_beams = None  # filled by beam search: per image, the finished beams, best first
-        embed = [nn.Linear(att_feat_size, d_model), nn.ReLU(), nn.Dropout(drop_prob_lm)]
+        embed = [nn.Linear(att_feat_size, d_model), nn.ReLU(), Dropout(drop_prob_lm)]
         if use_bn:
             embed.insert(0, nn.BatchNorm1d(att_feat_size))
         if use_bn == 2:
@@ -195,11 +195,14 @@ class SATModel(nn.Module):
         """
         k = tokens.size(1)
         if cache.incremental:
-            # fixed layout: the same shapes at every step, so the compiled step (--compile 1) is built once
-            positions, self_mask = cache.positions(k, tokens.device)  # (K,), (1, 1, 1, capacity) or None
+            # fixed layout: the same shapes at every step, so the compiled step (--compile 1) is built once; eager
+            # steps attend over the filled part of the buffers instead of masking the rest
+            compiled = 'step' in self.__dict__.get('_compiled', {})
+            positions, self_mask = cache.positions(k, tokens.device, masked=compiled)  # (K,), (1,1,1,cap) or None
+            filled = cache.length + k if cache.fixed and not compiled else None
             keys, values, memory_keys, memory_values = cache.buffers(tokens.size(0))
             logprobs, keys, values = self._step_fn(tokens, positions, self_mask, keys, values, memory_keys,
-                                                   memory_values, cache.memory_mask, cache.beam)
+                                                   memory_values, cache.memory_mask, cache.beam, filled)
             if not cache.fixed:
                 cache.store(keys, values)
             cache.length += k
@@ -217,17 +220,18 @@ class SATModel(nn.Module):
         return self.model.generator(out), cache
 
     def cached_step(self, tokens, positions, self_mask, keys, values, memory_keys, memory_values, memory_mask,
-                    beam):
+                    beam, filled=None):
         """One cached decoding step on plain tensors (what --compile 1 compiles): tokens (S, K) at positions (K,);
         per layer the self-attention keys/values and the memory keys/values (B, H, N, dk); memory_mask
-        (B, 1, 1, N) or None. Fixed layout (self_mask (1, 1, 1, capacity) given): keys/values are the
-        (S, H, capacity, dk) buffers, written in place; growing layout (self_mask None): the (S, H, T, dk) keys/values
-        so far. Returns (log-probs (S, K, V), the keys, the values)."""
+        (B, 1, 1, N) or None. Fixed layout (self_mask (1, 1, 1, capacity) given, or the int `filled`): keys/values
+        are the (S, H, capacity, dk) buffers, written in place, attended over under the mask or up to `filled`;
+        growing layout (neither): the (S, H, T, dk) keys/values so far. Returns (log-probs (S, K, V), the keys, the
+        values)."""
         x = self.model.embed(tokens, positions)  # (S, K, D)
-        fixed = self_mask is not None
+        fixed = self_mask is not None or filled is not None
         new_keys, new_values = [], []
         for i, layer in enumerate(self.model.decoder.layers):
-            buffers = StepBuffers(keys[i], values[i], memory_keys[i], memory_values[i], fixed)
+            buffers = StepBuffers(keys[i], values[i], memory_keys[i], memory_values[i], fixed, filled)
             x = layer.step(x, buffers, positions, self_mask, memory_mask, beam)
             new_keys.append(buffers.key)
             new_values.append(buffers.value)

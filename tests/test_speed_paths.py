@@ -172,19 +172,22 @@ def test_fixed_shape_cache_equals_growing_cache_and_uncached(K):
     att, masks, _, _ = batch()
     tokens = torch.randint(1, 16, (4, 6 * K))
     outs = {}
-    for name in ('fixed', 'growing', 'uncached'):
+    for name in ('fixed', 'masked', 'growing', 'uncached'):
+        # 'masked': the fixed layout as the compiled step runs it, attending over the whole buffer under a mask
+        model.__dict__['_compiled'] = {'step': model.cached_step} if name == 'masked' else {}
         with torch.set_grad_enabled(name == 'growing'):  # the growing layout is the one used with gradients
             memory, memory_mask = model.encode(att, masks)
             cache = model.init_cache(memory, memory_mask, use_cache=name != 'uncached', max_length=5 * K + 1)
-            assert cache.fixed == (name == 'fixed')
+            assert cache.fixed == (name in ('fixed', 'masked'))
             steps = []
             for t in range(0, 6 * K, K):
                 steps.append(model.step(tokens[:, t:t + K], cache)[0].detach())
-                if name == 'fixed':
+                if cache.fixed:
                     assert cache.layers[0].key.shape[2] == 6 * K  # max_length rounded up to whole groups
             outs[name] = torch.cat(steps, 1)
-    torch.testing.assert_close(outs['fixed'], outs['uncached'], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(outs['growing'], outs['uncached'], atol=1e-5, rtol=1e-5)
+    model.__dict__['_compiled'] = {}
+    for name in ('fixed', 'masked', 'growing'):
+        torch.testing.assert_close(outs[name], outs['uncached'], atol=1e-5, rtol=1e-5, msg=name)
 
 
 def test_fixed_cache_grows_past_its_capacity():
@@ -219,7 +222,7 @@ def trained_checkpoint(tiny_dataset, tmp_path_factory):
     import json
 
     import models
-    from dataloader import DataLoader
+    from dataloader import DataLoader, repeat_per_caption
     from misc.checkpoint import save_pickle, save_torch
     from misc.losses import LanguageModelCriterion
     folder = tmp_path_factory.mktemp('ckpt_int8')
@@ -232,7 +235,7 @@ def trained_checkpoint(tiny_dataset, tmp_path_factory):
     crit, optimizer = LanguageModelCriterion(), torch.optim.Adam(model.parameters(), lr=3e-3)
     with DataLoader(tiny_dataset.opt(batch_size=5)) as loader:
         for _ in range(80):
-            b = loader.get_batch('train')
+            b = repeat_per_caption(loader.get_batch('train'))
             loss = crit(model(b['fc_feats'], b['att_feats'], b['labels'], b['att_masks']), b['labels'][:, 1:],
                         b['masks'][:, 1:])
             optimizer.zero_grad()
@@ -305,3 +308,18 @@ def test_loss_wrapper_xe_scores_only_the_masked_positions(smoothing):
         want = float(build_criterion(smoothing)(model(None, data['att_feats'], labels, data['att_masks']),
                                                 labels[:, 1:], label_masks[:, 1:]))
     assert abs(got - want) < 1e-6
+
+
+def test_fast_dropout_has_the_distribution_and_gradient_of_dropout():
+    from models.transformer import Dropout, dropout
+    torch.manual_seed(0)
+    x = torch.randn(400, 500, requires_grad=True)
+    y = dropout(x, 0.1)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.003  # 200,000 draws: 0.003 is > 4 standard deviations
+    torch.testing.assert_close(y[kept], x[kept] / 0.9)
+    (grad,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    torch.testing.assert_close(grad, kept.float() / 0.9)
+    layer = Dropout(0.5)
+    assert torch.equal(layer.eval()(x), x) and not torch.equal(layer.train()(x), x)
+    assert torch.equal(dropout(x, 0.0), x) and not dropout(x, 1.0).any()
