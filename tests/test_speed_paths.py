@@ -323,3 +323,35 @@ def test_fast_dropout_has_the_distribution_and_gradient_of_dropout():
     layer = Dropout(0.5)
     assert torch.equal(layer.eval()(x), x) and not torch.equal(layer.train()(x), x)
     assert torch.equal(dropout(x, 0.0), x) and not dropout(x, 1.0).any()
+
+
+# ---- --compile 1 (opt-in: SATIC_TEST_COMPILE=1) ------------------------------------------------------------------
+@pytest.mark.skipif(os.environ.get('SATIC_TEST_COMPILE') != '1',
+                    reason='compiles for 1-4 minutes on 2 CPU cores: set SATIC_TEST_COMPILE=1 to run it')
+def test_compiled_model_equals_eager():
+    from models.speed import compile_available, compile_model
+    ok, why = compile_available()
+    if not ok:
+        pytest.skip(f'torch.compile cannot run here: {why}')
+    att, masks, labels, label_masks = batch(seq_per_img=2)
+    eager = tiny(dropout=0.0)
+    compiled = compile_model(tiny(dropout=0.0))
+    assert compiled._step_fn is not compiled.cached_step  # the compiled functions are in use
+    for model in (eager, compiled):
+        model.eval()
+    with torch.no_grad():
+        for seed in (1, 2):  # a second batch shape: no wrong reuse of the first compilation
+            a, m, l, lm = batch(seed=seed, seq_per_img=2, counts=(4, 2, 6, 1) if seed == 1 else (3, 7, 5, 2))
+            want = eager.scored_logprobs(a, l, m, lm, seq_per_img=2)[0]
+            torch.testing.assert_close(compiled.scored_logprobs(a, l, m, lm, seq_per_img=2)[0], want,
+                                       atol=1e-5, rtol=1e-5)
+            assert torch.equal(compiled.decode(a, m)[0], eager.decode(a, m)[0])
+    grads = []
+    for model in (eager, compiled):  # train mode, dropout 0: the compiled backward's gradients
+        model.train()
+        logprobs, targets = model.scored_logprobs(att, labels, masks, label_masks, seq_per_img=2)
+        (-logprobs.gather(1, targets[:, None]).mean()).backward()
+        grads.append({k: p.grad for k, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for key in grads[0]:
+        torch.testing.assert_close(grads[1][key], grads[0][key], atol=1e-5, rtol=1e-4, msg=key)
