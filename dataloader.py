@@ -5,14 +5,18 @@ per-image features through one `FeatureReader` per kind, chosen by path: a direc
 an .lmdb file (or folder), or an .h5 file with one dataset per image id.
 
 `DataLoader.get_batch(split)` returns, for B images and S = seq_per_img:
-  fc_feats  (B*S, D) float32        att_feats (B*S, N, D) float32, zero padded to the batch's largest N
-  att_masks (B*S, N) float32 1/0, or None when every image of the batch has the same number of boxes
+  fc_feats  (B, D) float32          att_feats (B, N, D) float32, zero padded to the batch's largest N
+  att_masks (B, N) float32 1/0, or None when every image of the batch has the same number of boxes
   labels    (B*S, L+2) int64 = [0, w1..wL, 0] (L = seq_length, 16)   masks (B*S, L+2) float32: words + 2 ones
   gts       B int64 arrays (n_captions_i, L): every caption of the image (CIDEr-D reward references)
-  infos     [{ix, id, file_path}]   bounds {it_pos_now, it_max, wrapped}
-labels/masks/gts are None with `--input_label_h5 none`. Attributes: vocab_size, seq_length, ix_to_word, iterators,
-split_ix (dict split -> image indices), batch_size, seq_per_img, fc_feat_size / att_feat_size (D of the data).
-With world_size > 1 the train split is sharded (same shuffled order on every rank, rank r takes slice r).
+  infos     [{ix, id, file_path}]   bounds {it_pos_now, it_max, wrapped}   seq_per_img S
+Features come once per image (caption rows b*S .. b*S+S-1 belong to image b); the reference repeated them S times
+on the host. `repeat_per_caption(batch)` gives that layout, on whatever device the batch is (train.py repeats on
+the GPU, after the copy). labels/masks/gts are None with `--input_label_h5 none`. Attributes: vocab_size,
+seq_length, ix_to_word, iterators, split_ix (dict split -> image indices), batch_size, seq_per_img, fc_feat_size /
+att_feat_size (D of the data). With world_size > 1 the train split is sharded (same shuffled order on every rank,
+rank r takes slice r). With pin_memory (for a CUDA device) the feature tensors are in page-locked memory, so that
+their copies to the GPU (non_blocking) overlap with the work queued there.
 
 Determinism (our design, so that resuming is exact): which captions an image gets and the next epoch's train order
 are pure functions of (seed, split, current order, image), never of thread timing or of how many batches ran
@@ -141,13 +145,16 @@ class FeatureReader:
 class DataLoader:
     """Splits, caption sampling, batching and prefetching over one dataset (cocotalk.json + label h5 + features)."""
 
-    def __init__(self, opt, rank=0, world_size=1):
+    def __init__(self, opt, rank=0, world_size=1, pin_memory=False):
+        """opt: resolved options (train.py's, or eval.py's through opts.fill_defaults); pin_memory: features in
+        page-locked memory (only when a CUDA device will receive them)."""
         self.opt = opt
         self.batch_size = opt.batch_size
         self.seq_per_img = opt.seq_per_img
-        self.norm_att_feat = getattr(opt, 'norm_att_feat', 0)
+        self.norm_att_feat = opt.norm_att_feat
         self.rank, self.world_size = rank, world_size
-        self.seed = getattr(opt, 'seed', 123)
+        self.seed = opt.seed
+        self.pin_memory = pin_memory
         if not 0 <= rank < world_size:
             raise SaticError(f'rank {rank} is outside world size {world_size}')
 
@@ -183,9 +190,9 @@ class DataLoader:
                     self.split_ix[s].append(ix)
             elif split in SPLITS:
                 self.split_ix[split].append(ix)
-            elif not getattr(opt, 'train_only', 0):  # restval (and any other split) trains
+            elif not opt.train_only:  # restval (and any other split) trains
                 self.split_ix['train'].append(ix)
-        num_images = getattr(opt, 'num_images', -1)
+        num_images = opt.num_images
         if num_images is not None and num_images > 0:
             self.split_ix = {s: ix[:num_images] for s, ix in self.split_ix.items()}
         # Train order: shuffled from the start, the same on every rank (seeded by the data alone).
@@ -206,7 +213,7 @@ class DataLoader:
             if self.split_ix[s]:
                 fc, att, _, _ = self._load_item(s, self.split_ix[s][0], '')
                 self.fc_feat_size, self.att_feat_size = fc.shape[0], att.shape[1]
-        self.num_workers = max(0, getattr(opt, 'num_workers', 2))
+        self.num_workers = max(0, opt.num_workers)
         self._pending = {s: collections.OrderedDict() for s in SPLITS}
         if self.num_workers > 0:
             self._pool = concurrent.futures.ThreadPoolExecutor(self.num_workers, thread_name_prefix='satic-loader')
@@ -254,8 +261,9 @@ class DataLoader:
                 self.iterators[s] = 0
             self._drop_pending(s)
 
-    def get_batch(self, split, batch_size=None):
-        """The next batch of `split` (dict described in the module docstring)."""
+    def get_batch(self, split, batch_size=None, load=True):
+        """The next batch of `split` (dict described in the module docstring). load=False moves past it reading
+        nothing: {'infos', 'seq_per_img', 'bounds'} only (a sharded evaluation skipping the other ranks' batches)."""
         batch_size = batch_size or self.batch_size
         if not self._views[split][0]:
             raise SaticError(f'split {split!r} of {self.opt.input_json} has no images: check the json and --num_images')
@@ -264,10 +272,12 @@ class DataLoader:
             key, w = self._advance(split)
             keys.append(key)
             wrapped = wrapped or w
-        # Queue the batch's images and the next batch's before waiting on any of them.
-        self._schedule(split, keys + self._peek(split, 2 * batch_size))
-        items = [self._collect(split, key) for key in keys]
-        batch = self._collate(items)
+        if load:
+            # Queue the batch's images and the next batch's before waiting on any of them.
+            self._schedule(split, keys + self._peek(split, 2 * batch_size))
+            batch = self._collate([self._collect(split, key) for key in keys])
+        else:
+            batch = {'infos': self._infos([ix for ix, _ in keys]), 'seq_per_img': self.seq_per_img}
         batch['bounds'] = {'it_pos_now': self.iterators[split], 'it_max': len(self._views[split][0]),
                            'wrapped': wrapped}
         return batch
@@ -440,25 +450,31 @@ class DataLoader:
             future.cancel()
         self._pending[split].clear()
 
+    def _infos(self, ixs):
+        return [{'ix': ix, 'id': self.images[ix]['id'], 'file_path': self.images[ix].get('file_path', '')}
+                for ix in ixs]
+
+    def _zeros(self, *shape):
+        """A float32 zero tensor, page-locked with pin_memory."""
+        return torch.zeros(shape, dtype=torch.float32, device='cpu', pin_memory=self.pin_memory)
+
     def _collate(self, items):
         S = self.seq_per_img
         B = len(items)
-        fc = np.stack([it[0] for it in items])  # (B, Dfc)
         counts = [it[1].shape[0] for it in items]
         max_n, dim = max(counts), items[0][1].shape[1]
-        att = np.zeros((B, max_n, dim), dtype=np.float32)  # (B, N, D)
-        masks = np.zeros((B, max_n), dtype=np.float32)  # (B, N)
-        for b, it in enumerate(items):
-            att[b, :counts[b]] = it[1]
-            masks[b, :counts[b]] = 1
+        fc = self._zeros(B, items[0][0].shape[0])  # (B, Dfc)
+        att = self._zeros(B, max_n, dim)  # (B, N, D)
+        masks = self._zeros(B, max_n)  # (B, N)
+        for b, it in enumerate(items):  # one copy per image, straight into the (pinned) batch tensors
+            fc.numpy()[b] = it[0]
+            att.numpy()[b, :counts[b]] = it[1]
+            masks.numpy()[b, :counts[b]] = 1
         batch = {
-            'fc_feats': torch.from_numpy(np.repeat(fc, S, axis=0)),  # (B*S, Dfc)
-            'att_feats': torch.from_numpy(np.repeat(att, S, axis=0)),  # (B*S, N, D)
+            'fc_feats': fc, 'att_feats': att,
             # reference quirk: no mask when all box counts are equal (the released checkpoints were evaluated so)
-            'att_masks': None if min(counts) == max_n else torch.from_numpy(np.repeat(masks, S, axis=0)),
-            'labels': None, 'masks': None, 'gts': None,
-            'infos': [{'ix': it[3], 'id': self.images[it[3]]['id'],
-                       'file_path': self.images[it[3]].get('file_path', '')} for it in items],
+            'att_masks': None if min(counts) == max_n else masks,
+            'labels': None, 'masks': None, 'gts': None, 'seq_per_img': S, 'infos': self._infos([it[3] for it in items]),
         }
         if self.labels is not None:
             L = self.seq_length
@@ -472,3 +488,11 @@ class DataLoader:
                             for ix in (it[3] for it in items)]
         return batch
 
+
+def repeat_per_caption(batch):
+    """The reference's layout of a get_batch batch: fc_feats, att_feats and att_masks repeated seq_per_img times
+    (row b*S + s is image b), on the batch's device. Returns a new dict."""
+    S = batch['seq_per_img']
+    repeat = lambda t: None if t is None else t.repeat_interleave(S, dim=0)  # noqa: E731
+    return {**batch, 'fc_feats': repeat(batch['fc_feats']), 'att_feats': repeat(batch['att_feats']),
+            'att_masks': repeat(batch['att_masks'])}

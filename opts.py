@@ -157,6 +157,18 @@ def add_training_options(parser):
                         help="(ours) 1: run the encoder once per image, not once per caption: 2-3x faster "
                              "iterations, but the image's seq_per_img rows share one encoder dropout draw, which "
                              "learned measurably slower per iteration on the demo; 0 (default): the reference")
+    parser.add_argument('--val_batch_size', type=int, default=0,
+                        help='(ours) images per validation batch (0: --batch_size); validation keeps no gradients, '
+                             'so a GPU takes larger batches there')
+    parser.add_argument('--fp16', type=int, default=0,
+                        help='(ours) float16 autocast with a gradient scaler (torch.amp.GradScaler) for training and '
+                             'validation; off: fp32 (README, "Several GPUs")')
+    parser.add_argument('--tf32', type=int, default=0,
+                        help='(ours) 1: TensorFloat-32 matrix products and convolutions on CUDA (Ampere and later); '
+                             '0: full fp32 (README, "Several GPUs")')
+    parser.add_argument('--dist_timeout_minutes', type=float, default=60,
+                        help='(ours) with torchrun: a collective that waits longer than this for a rank fails the run '
+                             '(README, "Several GPUs")')
 
 
 def add_inert_reference_options(parser):
@@ -219,6 +231,12 @@ def check_schedule_opt(opt):
     need(opt.learning_rate >= 0, f'--learning_rate must be >= 0 (got {opt.learning_rate})')
     need(opt.noamopt_warmup > 0, f'--noamopt_warmup must be > 0 (got {opt.noamopt_warmup})')
     need(0 <= opt.seed < 2 ** 31, f'--seed must be in [0, 2^31) (got {opt.seed})')
+    need(opt.val_batch_size >= 0, f'--val_batch_size must be >= 0 (0: --batch_size; got {opt.val_batch_size})')
+    need(opt.dist_timeout_minutes > 0, f'--dist_timeout_minutes must be > 0 (got {opt.dist_timeout_minutes})')
+    need(not (opt.bf16 and opt.fp16), '--bf16 and --fp16 exclude each other: choose one autocast type')
+    need(not (opt.noamopt and opt.reduce_on_plateau),
+         '--reduce_on_plateau cannot be combined with --noamopt: Noam sets the lr at every step (the reference '
+         'crashed at the first validation); choose one')
 
 
 def check_opt(opt):

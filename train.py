@@ -6,8 +6,9 @@ Stage 1:  python train.py --noamopt --noamopt_warmup 20000 ... --input_label_h5 
 Stage 2:  (cd save && ./copy_model.sh sat-2-from-nsc-seqkd nsc-sat-2-from-nsc-seqkd), then
           python train.py ... --self_critical_after 10 --start_from save/nsc-sat-2-from-nsc-seqkd ... --K 2
 
-Multi-GPU / multi-node: torchrun --nproc_per_node N train.py ... (each rank trains on its shard of the training
-split, DistributedDataParallel averages the gradients; rank 0 validates, logs and writes checkpoints).
+Several GPUs or nodes: torchrun --nproc_per_node N train.py ... (README, "Several GPUs"): each rank trains on its
+shard of the training split (--batch_size images per rank), DistributedDataParallel averages the gradients, every
+rank decodes its share of the validation images; rank 0 computes the COCO metrics, logs and writes checkpoints.
 
 Top to bottom: building a run (`build_run`: data, model, loss, optimiser, and what --start_from restores), one
 optimisation step (`train_step`), one validation (`validate`), then the loop (`train_loop`) over a `TrainState`.
@@ -31,12 +32,12 @@ import models
 from misc import optim
 from misc.checkpoint import (CheckpointError, CheckpointSaver, ResumePoint, check_writable_dir, histories_of,
                              load_run, load_torch, recover_checkpoint, rng_state)
-from misc.distributed import World, all_gather_objects, barrier, setup_distributed, shutdown
+from misc.distributed import World, all_gather_objects, run_everywhere, run_on_main, setup_distributed, shutdown
 from misc.errors import SaticError
 from misc.evaluation import evaluate
 from misc.interrupts import Aborted, Interrupted, Signals
 from misc.loss_wrapper import LossWrapper
-from misc.utils import format_duration, to_device
+from misc.utils import autocast, format_duration, to_device
 from opts import decode_config, parse_opt
 
 # (ours) Consecutive iterations with a non-finite loss or gradient (each skipped) after which training stops.
@@ -102,14 +103,26 @@ def build_optimizer(model, opt, saved=None):
     return optimizer
 
 
-def data_parallel(loss_wrapper, world):
+def data_parallel(loss_wrapper, opt, world):
     """The module a training step calls: the LossWrapper, or with several ranks the DistributedDataParallel around
-    it (which averages the gradients over ranks during backward)."""
+    it (which averages the gradients over ranks during backward). Buffers are broadcast from rank 0 at the start,
+    then before each forward only with BatchNorm (--use_bn: its running statistics); the model's other buffer, the
+    positional encodings, never changes (forward_sync_buffers is torch 2.13's name for broadcast_buffers)."""
     if not world.distributed:
         return loss_wrapper
     device = world.device
     return torch.nn.parallel.DistributedDataParallel(
-        loss_wrapper, device_ids=[device.index] if device.type == 'cuda' else None)
+        loss_wrapper, device_ids=[device.index] if device.type == 'cuda' else None,
+        forward_sync_buffers=bool(opt.use_bn))
+
+
+def precision(opt, world):
+    """--tf32 (CUDA matrix products and convolutions) and, with --fp16, the gradient scaler (README, "Several
+    GPUs"); returns the torch.amp.GradScaler or None."""
+    if world.device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = bool(opt.tf32)
+        torch.backends.cudnn.allow_tf32 = bool(opt.tf32)
+    return torch.amp.GradScaler(world.device.type) if opt.fp16 else None
 
 
 def seed_everything(seed):
@@ -123,10 +136,20 @@ def self_critical_ahead(opt, epoch):
     return opt.self_critical_after != -1 and (opt.max_epochs == -1 or max(epoch, opt.self_critical_after) < opt.max_epochs)
 
 
+def iterations_per_epoch(opt, loader, world):
+    """An epoch is one pass of the global batch (--batch_size images on each of the world.size ranks)."""
+    return math.ceil(len(loader.split_ix['train']) / (opt.batch_size * world.size))
+
+
+def global_batch_line(opt, loader, world):
+    return (f'global batch: {opt.batch_size} images x {world.size} rank(s) x {opt.seq_per_img} captions = '
+            f'{opt.batch_size * world.size * opt.seq_per_img} captions per iteration, '
+            f'{iterations_per_epoch(opt, loader, world)} iterations per epoch')
+
+
 def total_iterations(opt, loader, world):
     """Iterations of the whole run (0: unknown), for the ETA."""
-    iters_per_epoch = math.ceil(len(loader.split_ix['train']) / (opt.batch_size * world.size))
-    total = opt.max_epochs * iters_per_epoch if opt.max_epochs > 0 else 0
+    total = opt.max_epochs * iterations_per_epoch(opt, loader, world) if opt.max_epochs > 0 else 0
     if opt.max_iters > 0:
         total = min(total, opt.max_iters) if total else opt.max_iters
     return total
@@ -157,6 +180,7 @@ class Run:
     trainer: torch.nn.Module  # loss_wrapper, or the DistributedDataParallel around it
     optimizer: object
     signals: Signals
+    scaler: object = None  # --fp16: torch.amp.GradScaler
     saver: CheckpointSaver = None  # rank 0 only, as the writer and the progress line
     writer: object = None
     progress: ProgressLine = None
@@ -191,6 +215,8 @@ def start_state(run, saved):
     opt, world = run.opt, run.world
     iteration, epoch = (saved.iteration, saved.epoch) if saved else (0, 0)
     best_val_score = saved.infos.get('best_val_score') if saved and opt.load_best_score else None
+    if saved and run.scaler is not None:
+        saved.restore_scaler(run.scaler)
     if saved and not saved.restore_rng(world.rank, world.size, world.device) and world.is_main:
         print(f'note: {opt.start_from} holds no random-number state for {world.size} rank(s): the random draws '
               f'(dropout, sampling) restart from --seed {opt.seed}', flush=True)
@@ -206,38 +232,44 @@ def start_state(run, saved):
                       last_saved=iteration, start_iteration=iteration)
 
 
+def prepare_folders(opt):
+    """Rank 0, before anything reads them: --checkpoint_path must be writable (now, not at the first save hours
+    later), and a save of --start_from that a kill cut between its renames is completed."""
+    check_writable_dir(opt.checkpoint_path)
+    if opt.start_from:
+        recover_checkpoint(opt.start_from, opt.id)
+
+
 def build_run(opt, world, signals, cleanup):
     """Data, model, loss, optimiser and checkpoint writer of a run, with what --start_from restores (README,
     "Interrupts and resume") -> (Run, TrainState). cleanup: the contextlib.ExitStack that closes them."""
     from dataloader import DataLoader
     seed_everything(opt.seed + world.rank)
-    if world.is_main:
-        check_writable_dir(opt.checkpoint_path)  # now, not at the first save hours later
-        if opt.start_from:
-            recover_checkpoint(opt.start_from, opt.id)  # completes a save that a kill cut between its renames
-    if opt.start_from:
-        barrier(world)
-    loader = cleanup.enter_context(DataLoader(opt, rank=world.rank, world_size=world.size))
+    run_on_main(lambda: prepare_folders(opt), world, 'the set-up')  # (the other ranks read them afterwards)
+    loader = cleanup.enter_context(DataLoader(opt, rank=world.rank, world_size=world.size,
+                                             pin_memory=world.device.type == 'cuda'))
     check_data(opt, loader)
     run_opt, vocab = run_options(opt, loader), loader.get_vocab()
     saved = load_run(opt.start_from, opt.id, run_opt, vocab) if opt.start_from else None
     if saved is not None and saved.loader_state is not None:
         loader.load_state_dict(saved.loader_state)
-    if opt.language_eval and world.is_main:
+    if opt.language_eval:
         from misc.coco_eval import check_ready
-        check_ready(opt.ref_json)
+        run_on_main(lambda: check_ready(opt.ref_json), world, 'the set-up')  # Java and references: rank 0's job
     model = build_model(run_opt, world.device, saved)
     loss_wrapper = LossWrapper(model, run_opt, teacher=build_teacher(run_opt, vocab, world.device))
     if self_critical_ahead(opt, saved.epoch if saved else 0):
         loss_wrapper.load_reward()  # a missing --cached_tokens fails now, not epochs into the run
-    run = Run(run_opt, world, loader, model, loss_wrapper, data_parallel(loss_wrapper, world), None, signals)
+    run = Run(run_opt, world, loader, model, loss_wrapper, data_parallel(loss_wrapper, run_opt, world), None,
+              signals, precision(run_opt, world))
     run.optimizer = build_optimizer(model, run_opt, saved)
     if world.is_main:
         from torch.utils.tensorboard import SummaryWriter
         os.makedirs(opt.checkpoint_path, exist_ok=True)
         run.writer = SummaryWriter(opt.checkpoint_path)
         cleanup.callback(run.writer.close)
-        run.saver = CheckpointSaver(opt.checkpoint_path, opt.id, model, run.optimizer, run_opt, vocab)
+        run.saver = CheckpointSaver(opt.checkpoint_path, opt.id, model, run.optimizer, run_opt, vocab, run.scaler)
+        print(global_batch_line(opt, loader, world), flush=True)
     state = start_state(run, saved)
     run.progress = ProgressLine(state.iteration, total_iterations(opt, loader, world))
     return run, state
@@ -250,55 +282,99 @@ def set_epoch_lr(optimizer, opt, epoch):
         optim.set_lr(optimizer, optim.step_decay_rate(epoch, opt))
 
 
-def train_step(trainer, optimizer, batch, sc_flag, opt, stop=False, world_size=1):
-    """One optimisation step; returns {'loss': float, 'reward': float (self-critical only), 'skipped': bool,
-    'stop': bool}.
+def train_step(trainer, optimizer, batch, sc_flag, opt, stop=False, world_size=1, scaler=None):
+    """One optimisation step -> {'loss': float, 'reward': float (self-critical only), 'rank_loss': float,
+    'skipped': bool, 'stop': bool, 'overflow': the loss scale (--fp16 gradient overflows only)}.
 
-    trainer: the LossWrapper, or the DistributedDataParallel around it (which averages the gradients over ranks
-    during backward, before the element-wise clamp).
+    trainer: the LossWrapper (or a module like it: batch, sc_flag -> {'loss'[, 'reward']}), or the
+    DistributedDataParallel around it (which averages the gradients over ranks during backward, before the
+    element-wise clamp); batch: a DataLoader batch on the trainer's device (train.py's or bench's); opt: bf16, fp16,
+    grad_clip; scaler: --fp16's torch.amp.GradScaler.
     Non-finite guard (ours): the loss and the largest |gradient| (one fused reduction over every gradient, NaN
-    propagating, before the clamp hides an inf) decide whether the update runs; 'skipped' when it did not.
-    With DDP that flag and `stop` (a signal asked this rank to stop) are all-reduced (MAX), so that every rank
-    skips and stops at the same iteration. One host synchronisation per step, as before (the loss value)."""
+    propagating, before the clamp hides an inf) decide whether the update runs; 'skipped' when it did not. With
+    --fp16 the gradients are unscaled first, and after a skip the scaler backs off as GradScaler.step would have;
+    a skip with a finite loss is a gradient overflow ('overflow'). With several ranks the loss and reward are
+    averaged over them (rank_loss: this rank's) and the flags combined in one all-reduce: every rank skips and
+    stops (`stop`: a signal asked this rank to stop) at the same iteration. One host synchronisation per step."""
     optimizer.zero_grad()
-    with torch.autocast(batch['att_feats'].device.type, dtype=torch.bfloat16, enabled=bool(opt.bf16)):
+    with autocast(batch['att_feats'].device.type, opt.bf16, opt.fp16):
         out = trainer(batch, sc_flag)
     loss = out['loss']
-    loss.backward()
+    (loss if scaler is None else scaler.scale(loss)).backward()
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # the true gradients, for the guard and the clamp
     params = [p for p in trainer.parameters() if p.grad is not None]
+    numbers = step_numbers(loss, params, out.get('reward', 0.0), stop, world_size)
+    if not numbers['nonfinite']:
+        optim.clamp_gradients(params, opt.grad_clip)
+        optimizer.step()  # (not scaler.step: the guard has decided, without GradScaler's own host read)
+    result = {'loss': numbers['loss'], 'rank_loss': numbers['rank_loss'], 'skipped': numbers['nonfinite'],
+              'stop': numbers['stop']}
+    if 'reward' in out:
+        result['reward'] = numbers['reward']
+    if scaler is not None:
+        if numbers['nonfinite'] and not numbers['loss_nonfinite']:
+            result['overflow'] = scaler.get_scale()  # (a host read, on overflows only)
+        scaler.update()
+    return result
+
+
+def step_numbers(loss, params, reward, stop, world_size):
+    """What a step reads on the host, in one transfer: {'loss', 'reward': means over the ranks; 'rank_loss': this
+    rank's loss; 'nonfinite': the loss or a gradient is not finite on some rank; 'loss_nonfinite': the loss is not,
+    on some rank; 'stop': some rank was asked to stop}."""
     worst = loss.detach().float().abs().reshape(1)
     if params:
         norms = torch._foreach_norm([p.grad for p in params], math.inf)
         worst = torch.cat([worst, torch.stack([n.float() for n in norms])])
-    flags = (~torch.isfinite(worst.max())).float().reshape(1)  # 1: non-finite somewhere
+    scalar = lambda value: torch.full((), float(value), dtype=torch.float64, device=loss.device)  # noqa: E731
+    numbers = torch.stack([loss.detach().double(), scalar(reward), (~torch.isfinite(worst.max())).double(),
+                           (~torch.isfinite(loss.detach())).double(), scalar(stop)])  # (5,)
+    local_loss = numbers[0].clone()
     if world_size > 1:
-        flags = torch.cat([flags, torch.full((1,), float(stop), device=flags.device)])
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    values = torch.cat([loss.detach().float().reshape(1), flags]).tolist()
-    skipped = values[1] > 0
-    if not skipped:
-        optim.clamp_gradients(params, opt.grad_clip)
-        optimizer.step()
-    result = {'loss': values[0], 'skipped': skipped, 'stop': values[2] > 0 if world_size > 1 else bool(stop)}
-    if 'reward' in out:
-        result['reward'] = float(out['reward'])
-    return result
+        dist.all_reduce(numbers)  # sum: loss and reward / world_size are the means; a flag > 0: some rank raised it
+        numbers[:2] /= world_size
+    values = torch.cat([numbers, local_loss.reshape(1)]).tolist()  # the one host synchronisation of a step
+    return {'loss': values[0], 'reward': values[1], 'nonfinite': values[2] > 0, 'loss_nonfinite': values[3] > 0,
+            'stop': values[4] > 0, 'rank_loss': values[5]}
 
 
 # ----------------------------------------------------------------------------------------------- one validation
-def validate(model, loader, crit, opt):
-    """Greedy decoding of val_images_use val images -> {'loss', 'predictions', 'lang_stats', 'score'}.
+def validate(model, loader, crit, opt, world=World()):
+    """Greedy decoding of val_images_use val images -> {'loss', 'predictions', 'lang_stats', 'score'}, the same on
+    every rank.
 
-    score (higher is better) selects model-best: CIDEr with --language_eval 1, else minus the val loss."""
+    Each rank reads and decodes every world.size-th batch of --val_batch_size images (and scores its loss); rank 0
+    merges the shards in split order, computes the COCO metrics (--language_eval 1) and broadcasts the result: the
+    numbers of one process. A failure on any rank raises on every rank (misc.distributed). score (higher is better) selects model-best: CIDEr with
+    --language_eval 1, else minus the val loss."""
     config = dataclasses.replace(decode_config(opt), sample_max=True)
-    result = evaluate(model, loader, 'val', config, num_images=opt.val_images_use, batch_size=opt.batch_size,
-                      remove_bad_endings=bool(opt.remove_bad_endings), crit=crit, bf16=opt.bf16)
+    shard = run_everywhere(lambda: evaluate(
+        model, loader, 'val', config, num_images=opt.val_images_use, batch_size=opt.val_batch_size or opt.batch_size,
+        remove_bad_endings=bool(opt.remove_bad_endings), crit=crit, bf16=opt.bf16, fp16=opt.fp16,
+        shard=(world.rank, world.size)), world, 'validation')
+    shards = all_gather_objects((shard.predictions, shard.positions, shard.loss, shard.loss_parts), world)
+    return run_on_main(lambda: score_validation(shards, opt), world, 'validation')
+
+
+def score_validation(shards, opt):
+    """The validation result of the shards of every rank (rank 0): see validate."""
+    predictions, loss = merge_shards(shards)
     lang_stats = None
     if opt.language_eval:
         from misc.coco_eval import language_eval
-        lang_stats, _ = language_eval(result.predictions, opt.ref_json, split_name='val')
-    return {'loss': result.loss, 'predictions': result.predictions, 'lang_stats': lang_stats,
-            'score': lang_stats['CIDEr'] if lang_stats else -result.loss}
+        lang_stats, _ = language_eval(predictions, opt.ref_json, split_name='val')
+    return {'loss': loss, 'predictions': predictions, 'lang_stats': lang_stats,
+            'score': lang_stats['CIDEr'] if lang_stats else -loss}
+
+
+def merge_shards(shards):
+    """[(predictions, positions, loss, loss_parts)] of every rank -> (predictions in split order, val loss): the
+    mean of the per-batch losses in batch order, the numbers of one process (each batch is one rank's)."""
+    entries = sorted((position, prediction) for predictions, positions, _, _ in shards
+                     for position, prediction in zip(positions, predictions))
+    losses = [value for _, value in sorted(part for _, _, _, parts in shards for part in parts)]
+    return [prediction for _, prediction in entries], sum(losses) / len(losses) if losses else None
 
 
 # ----------------------------------------------------------------------------------------------- the loop
@@ -319,7 +395,8 @@ def train_loop(run, state):
                     (opt.max_iters > 0 and state.iteration >= opt.max_iters):
                 break
             batch = to_device(run.loader.get_batch('train'), world.device)
-            stats = train_step(run.trainer, run.optimizer, batch, state.sc_flag, opt, signals.requested, world.size)
+            stats = train_step(run.trainer, run.optimizer, batch, state.sc_flag, opt, signals.requested, world.size,
+                               run.scaler)
             record_step(run, state, batch, stats)
             if state.iteration % opt.save_checkpoint_every == 0:
                 validate_and_save(run, state)
@@ -351,15 +428,22 @@ def record_step(run, state, batch, stats):
 
 
 def note_skipped(run, state, batch, stats):
-    """A skipped (non-finite) update: a warning naming the batch's images; NONFINITE_STOP in a row stop the run."""
+    """A skipped (non-finite) update: a warning naming the batch's images; NONFINITE_STOP in a row stop the run.
+    An --fp16 gradient overflow while the loss scale is >= 1 is GradScaler's business: the scale halves and the
+    next steps retry; it does not count (with a scale < 1 the gradient itself is not finite: it counts)."""
+    where = ' on every rank' if run.world.distributed else ''
+    if stats.get('overflow', 0) >= 1:
+        print(f"warning: iteration {state.iteration}: fp16 gradient overflow at loss scale {stats['overflow']:g}; "
+              f"update skipped{where}, the scale halves", file=sys.stderr, flush=True)
+        return
     state.skipped.append(state.iteration)
     images = ', '.join(str(info['id']) for info in batch['infos'])
     if run.world.distributed:
         print(f"warning: rank {run.world.rank}: iteration {state.iteration}: non-finite loss or gradient on some rank "
-              f"(loss here {stats['loss']:.4g}); update skipped on every rank; images here {images}",
+              f"(loss here {stats['rank_loss']:.4g}); update skipped on every rank; images here {images}",
               file=sys.stderr, flush=True)
     else:
-        print(f"warning: iteration {state.iteration}: non-finite loss or gradient (loss {stats['loss']:.4g}); "
+        print(f"warning: iteration {state.iteration}: non-finite loss or gradient (loss {stats['rank_loss']:.4g}); "
               f"update skipped; images {images}", file=sys.stderr, flush=True)
     if len(state.skipped) >= NONFINITE_STOP:
         raise NonFiniteTraining(
@@ -389,36 +473,39 @@ def gather_rng_states(world):
 
 
 def validate_and_save(run, state):
-    """Every --save_checkpoint_every iterations and at the end: rank 0 validates and saves; every rank waits."""
-    rng_states = gather_rng_states(run.world)  # every rank, as after this iteration
-    if run.world.is_main:
-        validate_and_save_main(run, state, rng_states)
-    barrier(run.world)
-    state.last_saved = state.iteration
-
-
-def validate_and_save_main(run, state, rng_states):
-    opt, iteration, writer = run.opt, state.iteration, run.writer
+    """Every --save_checkpoint_every iterations and at the end: every rank validates its share, rank 0 saves. The
+    --reduce_on_plateau schedule steps on every rank, from the same broadcast score."""
+    opt, world = run.opt, run.world
+    rng_states = gather_rng_states(world)  # every rank, as after this iteration
     with run.signals.during('validate'):  # a signal now cuts the validation short (stop_on saves state.point)
-        result = validate(run.model, run.loader, run.loss_wrapper.crit, opt)
+        result = validate(run.model, run.loader, run.loss_wrapper.crit, opt, world)
     with run.signals.during('save'):
-        rng_states[0] = rng_state(run.world.device)  # (validation draws nothing; if it did, resuming continues after)
+        if world.is_main:
+            rng_states[0] = rng_state(world.device)  # (validation draws nothing; if it did, resuming continues after)
         if opt.reduce_on_plateau:
             run.optimizer.scheduler_step(-result['lang_stats']['CIDEr'] if result['lang_stats'] else result['loss'])
-        writer.add_scalar('validation loss', result['loss'], iteration)
-        for metric, value in (result['lang_stats'] or {}).items():
-            if isinstance(value, (int, float)):
-                writer.add_scalar(metric, value, iteration)
-        state.histories['val_result_history'][iteration] = {
-            'loss': result['loss'], 'lang_stats': result['lang_stats'], 'predictions': result['predictions']}
         best = state.best_val_score is None or result['score'] > state.best_val_score
         if best:
             state.best_val_score = result['score']
-        run.saver.save(state.point, state.best_val_score, state.histories, rng_states, best)
-    lang_stats = result['lang_stats']
-    shown = f"CIDEr {lang_stats['CIDEr']:.4f}" if lang_stats else f"val loss {result['loss']:.4f}"
-    print(f"validation at iter {iteration}: {shown}{' (best so far)' if best else ''}; "
-          f"checkpoint written to {opt.checkpoint_path}", flush=True)
+        run_on_main(lambda: record_and_save(run, state, result, rng_states, best), world, 'the checkpoint save')
+    state.last_saved = state.iteration
+    if world.is_main:
+        lang_stats = result['lang_stats']
+        shown = f"CIDEr {lang_stats['CIDEr']:.4f}" if lang_stats else f"val loss {result['loss']:.4f}"
+        print(f"validation at iter {state.iteration}: {shown}{' (best so far)' if best else ''}; "
+              f"checkpoint written to {opt.checkpoint_path}", flush=True)
+
+
+def record_and_save(run, state, result, rng_states, best):
+    """Rank 0: the validation's TensorBoard scalars and history entry, then the checkpoint."""
+    iteration, writer = state.iteration, run.writer
+    writer.add_scalar('validation loss', result['loss'], iteration)
+    for metric, value in (result['lang_stats'] or {}).items():
+        if isinstance(value, (int, float)):
+            writer.add_scalar(metric, value, iteration)
+    state.histories['val_result_history'][iteration] = {
+        'loss': result['loss'], 'lang_stats': result['lang_stats'], 'predictions': result['predictions']}
+    run.saver.save(state.point, state.best_val_score, state.histories, rng_states, best)
 
 
 def save_point(run, state, point, rng_states):
@@ -434,9 +521,7 @@ def finish(run, state):
     if state.stop:
         if state.iteration != state.last_saved:
             rng_states = gather_rng_states(world)
-            if world.is_main:
-                save_point(run, state, state.point, rng_states)
-            barrier(world)
+            run_on_main(lambda: save_point(run, state, state.point, rng_states), world, 'the checkpoint save')
             state.last_saved = state.iteration
         raise Interrupted(signals.signum or signal.SIGINT, saved_line(opt, state.iteration) if world.is_main else
                           f'rank {world.rank} stopped after iteration {state.iteration}')

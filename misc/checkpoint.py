@@ -644,6 +644,12 @@ class SavedRun:
                           optimizer_path=path)
         return True
 
+    def restore_scaler(self, scaler):
+        """--fp16: the gradient scaler's scale and growth count as saved (a run saved without --fp16 has none: the
+        scaler then starts afresh)."""
+        if self.infos.get('grad_scaler'):
+            scaler.load_state_dict(self.infos['grad_scaler'])
+
     def restore_rng(self, rank, world_size, device):
         """This rank's generators as they were after the saved iteration; False when the run saved none for this
         number of ranks (the draws then restart from the seed)."""
@@ -686,16 +692,19 @@ class CheckpointSaver:
     """Writes the checkpoints of one run (rank 0): model, optimiser, infos and histories as one commit
     (save_checkpoint), the -best pair when asked, and model-<iter>.pth with --save_history_ckpt."""
 
-    def __init__(self, folder, run_id, model, optimizer, opt, vocab):
-        """opt: the run's options, recorded in infos (as an argparse.Namespace); vocab: ix_to_word."""
+    def __init__(self, folder, run_id, model, optimizer, opt, vocab, scaler=None):
+        """opt: the run's options, recorded in infos (as an argparse.Namespace); vocab: ix_to_word; scaler:
+        --fp16's torch.amp.GradScaler, whose scale infos record too (ours: 'grad_scaler')."""
         self.folder, self.run_id, self.model, self.optimizer = folder, run_id, model, optimizer
-        self.opt, self.vocab = opt, vocab
+        self.opt, self.vocab, self.scaler = opt, vocab, scaler
 
     def save(self, point, best_val_score, histories, rng_states, best=False):
         """Save the state at `point` (a ResumePoint); rng_states: every rank's generators, or None when they are
         not known. Returns the infos written."""
         infos = {**point.infos(), 'vocab': self.vocab, 'opt': argparse.Namespace(**vars(self.opt)),
                  'best_val_score': best_val_score, 'rng_states': rng_states}
+        if self.scaler is not None:
+            infos['grad_scaler'] = dict(self.scaler.state_dict())
         history_iter = point.iteration if self.opt.save_history_ckpt else None
         return save_checkpoint(self.folder, self.run_id, self.model, self.optimizer, infos, histories, best,
                                history_iter)

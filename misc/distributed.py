@@ -1,25 +1,36 @@
 """torch.distributed for train.py: the process group torchrun asks for, and the few collectives a run uses
 (README, "Several GPUs"). With one process every function here is a plain local call.
+
+A failure on one rank must not leave the others waiting in a collective until the process-group timeout: the
+steps that can fail on some ranks only (the validation, rank 0's metrics and saves) run through `run_everywhere` /
+`run_on_main`, which tell every rank about a failure so that every rank raises.
 """
 import dataclasses
+import datetime
 import os
 
 import torch
 import torch.distributed as dist
 
+from misc.errors import SaticError
+from misc.interrupts import Interrupted
 from misc.utils import resolve_device
+
+
+class PeerFailed(SaticError):
+    """Another rank failed in a step every rank takes part in; its own error is printed by that rank."""
 
 
 @dataclasses.dataclass(frozen=True)
 class World:
-    """This process's place in the run: its rank among `size` world, and its device."""
+    """This process's place in the run: its rank among `size` processes, and its device."""
     rank: int = 0
     size: int = 1
     device: torch.device = torch.device('cpu')
 
     @property
     def is_main(self):
-        """Rank 0: it validates the metrics, logs and writes checkpoints."""
+        """Rank 0: it computes the COCO metrics, logs and writes checkpoints."""
         return self.rank == 0
 
     @property
@@ -28,7 +39,8 @@ class World:
 
 
 def setup_distributed(opt):
-    """This process's World; initialises torch.distributed when launched by torchrun (WORLD_SIZE > 1)."""
+    """This process's World; initialises torch.distributed when launched by torchrun (WORLD_SIZE > 1), with
+    --dist_timeout_minutes as the timeout of every collective (a rank that never arrives fails the others then)."""
     world_size = int(os.environ.get('WORLD_SIZE', '1'))
     if world_size == 1:
         return World(0, 1, resolve_device(opt.device))
@@ -38,7 +50,8 @@ def setup_distributed(opt):
         device = torch.device('cuda', local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():  # (a caller may have initialised it already)
-        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo',
+                                timeout=datetime.timedelta(minutes=opt.dist_timeout_minutes))
     return World(rank, world_size, device)
 
 
@@ -59,3 +72,63 @@ def all_gather_objects(obj, world):
     every = [None] * world.size
     dist.all_gather_object(every, obj)
     return every
+
+
+def broadcast_object(obj, world, src=0):
+    """rank src's obj, on every rank (a collective)."""
+    if not world.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def _failure(error):
+    """What the other ranks learn about an error: ('interrupt', signum) or ('error', one line)."""
+    if isinstance(error, KeyboardInterrupt):
+        return 'interrupt', getattr(error, 'signum', 2)
+    return 'error', f'{type(error).__name__}: {error}' if not isinstance(error, SaticError) else str(error)
+
+
+def _raise_peer(world, rank, failure, what):
+    kind, detail = failure
+    if kind == 'interrupt':
+        raise Interrupted(detail)
+    raise PeerFailed(f'rank {rank} failed in {what}: {detail}' if rank != world.rank else detail)
+
+
+def run_everywhere(fn, world, what):
+    """fn() on every rank; when it raises on some rank, every rank raises: that rank its own error, the others
+    PeerFailed naming it (Interrupted when it was a Ctrl-C). One collective after fn."""
+    try:
+        value, failure = fn(), None
+    except BaseException as error:  # (KeyboardInterrupt included: the others must not wait for this rank)
+        if not world.distributed:
+            raise
+        value, failure, own = None, _failure(error), error
+    failures = all_gather_objects(failure, world) if world.distributed else [None]
+    if failure is not None:
+        raise own
+    for rank, peer in enumerate(failures):
+        if peer is not None:
+            _raise_peer(world, rank, peer, what)
+    return value
+
+
+def run_on_main(fn, world, what):
+    """fn() on rank 0, its value broadcast to every rank; when it raises, rank 0 re-raises and the others raise
+    PeerFailed with its message (Interrupted for a Ctrl-C). One collective after fn."""
+    if not world.distributed:
+        return fn()
+    value = failure = own = None
+    if world.is_main:
+        try:
+            value = fn()
+        except BaseException as error:
+            failure, own = _failure(error), error
+    failure, value = broadcast_object((failure, value), world)
+    if own is not None:
+        raise own
+    if failure is not None:
+        _raise_peer(world, 0, failure, what)
+    return value

@@ -70,13 +70,27 @@ class LossWrapper(nn.Module):
                                               bleu_weight=self.bleu_reward_weight)
         return self._reward
 
-    def forward(self, batch, sc_flag=False):
+    def features(self, batch, sc_flag):
+        """(fc, att, att_masks, per_img) for the model: with --encode_per_image 1 (ours) one row per image, encoded
+        once, the model repeating its memory per caption (per_img = seq_per_img); with 0 (default, the reference)
+        one row per caption, each encoded with its own dropout (per_img = 1).
+
+        The batch holds the features once per image (DataLoader; repeated here, on the batch's device) or once per
+        caption (the reference's layout, e.g. dataloader.repeat_per_caption): att_feats (B or B*S, N, F)."""
         fc, att, att_masks = batch['fc_feats'], batch['att_feats'], batch['att_masks']
-        # The batch holds each image seq_per_img times in a row: encode it once with --encode_per_image 1 (ours)
-        # and let the model repeat the encoder output; 0 (default) encodes every copy, as the reference.
-        per_img = self.seq_per_img if self.encode_per_image and att.size(0) % self.seq_per_img == 0 else 1
-        att = att[::per_img]  # (S / per_img, N, F)
-        att_masks = None if att_masks is None else att_masks[::per_img]
+        S = self.seq_per_img
+        captions = batch['labels'].size(0) if not sc_flag else len(batch['gts']) * S
+        if att.size(0) == captions:  # once per caption
+            if not (self.encode_per_image and captions % S == 0):
+                return fc, att, att_masks, 1
+            return fc, att[::S], None if att_masks is None else att_masks[::S], S  # (B, N, F)
+        if self.encode_per_image:
+            return fc, att, att_masks, S
+        repeat = lambda t: None if t is None else t.repeat_interleave(S, dim=0)  # noqa: E731
+        return repeat(fc), repeat(att), repeat(att_masks), 1  # (B*S, ...): repeated on the device, after the copy
+
+    def forward(self, batch, sc_flag=False):
+        fc, att, att_masks, per_img = self.features(batch, sc_flag)
         if not sc_flag:
             labels, masks = batch['labels'], batch['masks']
             # The generator and the log-softmax run only at the scored positions (masks[:, 1:] > 0).

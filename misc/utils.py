@@ -47,8 +47,14 @@ def synchronize(device):
 
 
 def to_device(batch, device):
-    """Move the tensors of a loader batch to device; other entries are returned as they are."""
+    """Move the tensors of a loader batch to device; other entries are returned as they are. The copies are
+    asynchronous (non_blocking) when the loader pinned the tensors (DataLoader(pin_memory=True), for CUDA)."""
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def autocast(device_type, bf16=False, fp16=False):
+    """torch.autocast for --bf16 / --fp16 (a no-op context without either)."""
+    return torch.autocast(device_type, dtype=torch.float16 if fp16 else torch.bfloat16, enabled=bool(bf16 or fp16))
 
 
 def format_duration(seconds):

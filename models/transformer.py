@@ -72,6 +72,9 @@ def reference_layer_norm(x, a, b, eps):
     Under torch.compile the plain formula (inductor fuses it into one kernel); with gradients the hand-written
     backward above; without, centre + norm + scale + affine (see _center_and_std).
     """
+    # Under autocast (--bf16/--fp16) x arrives in half precision: normalise in the parameters' dtype (float32), as
+    # autocast runs torch's layer_norm; in float16 a zero row's 1 / (0 + eps) = 1e6 would overflow to inf.
+    x = x.to(a.dtype)
     if torch.compiler.is_compiling():
         std, mean = torch.std_mean(x, dim=-1, keepdim=True)
         return a * (x - mean) / (std + eps) + b

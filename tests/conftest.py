@@ -9,6 +9,16 @@ from misc import coco_eval
 from tests.helpers import make_tiny_dataset
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked cuda (pytest.ini) are skipped on machines without a GPU."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason='needs a CUDA GPU')
+    for item in items:
+        if 'cuda' in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True, scope='session')
 def one_thread():
     """Tiny matrices gain nothing from threads, and threads stall when the test machine is busy (module- and

@@ -202,13 +202,13 @@ def pycocoevalcap_scores(ref_json, predictions, tmp_path, monkeypatch):
 
 def train_briefly(model, ds, steps=60):
     """A few XE steps on the tiny train split, so that captions (and their metrics) are not degenerate."""
-    from dataloader import DataLoader
+    from dataloader import DataLoader, repeat_per_caption
     from misc.losses import LanguageModelCriterion
     crit, optimizer = LanguageModelCriterion(), torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
     with DataLoader(ds.opt(batch_size=5)) as loader:
         for _ in range(steps):
-            b = loader.get_batch('train')
+            b = repeat_per_caption(loader.get_batch('train'))
             loss = crit(model(b['fc_feats'], b['att_feats'], b['labels'], b['att_masks']), b['labels'][:, 1:],
                         b['masks'][:, 1:])
             optimizer.zero_grad()

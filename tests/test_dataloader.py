@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from dataloader import DataLoader
+from dataloader import DataLoader, repeat_per_caption
 from misc.errors import SaticError
 from tests.helpers import copy_dataset, make_tiny_dataset, one_line_error
 
@@ -45,8 +45,10 @@ def test_batch_dict(tiny_dataset):
         with open(ds.input_json) as f:
             assert loader.get_vocab() == json.load(f)['ix_to_word']
         for split in ('train', 'val', 'test'):
-            batch = loader.get_batch(split)
-            B, N, D = 3, batch['att_feats'].shape[1], ds.feat_dim
+            raw = loader.get_batch(split)  # features once per image
+            B, N, D = 3, raw['att_feats'].shape[1], ds.feat_dim
+            assert raw['att_feats'].shape == (B, N, D) and raw['fc_feats'].shape == (B, D) and raw['seq_per_img'] == S
+            batch = repeat_per_caption(raw)  # the reference's layout: once per caption
             assert batch['fc_feats'].shape == (B * S, D) and batch['fc_feats'].dtype == torch.float32
             assert batch['att_feats'].shape == (B * S, N, D) and batch['att_feats'].dtype == torch.float32
             assert batch['labels'].shape == (B * S, 18) and batch['labels'].dtype == torch.int64
@@ -175,7 +177,7 @@ def test_label_h5_none(tiny_dataset):
         batch = loader.get_batch('test')
         assert loader.seq_length == 16
     assert batch['labels'] is None and batch['masks'] is None and batch['gts'] is None
-    assert batch['att_feats'].shape[0] == 2 * S
+    assert batch['att_feats'].shape[0] == 2 and repeat_per_caption(batch)['att_feats'].shape[0] == 2 * S
 
 
 # ---- bad input: one line naming the file (and image) ----

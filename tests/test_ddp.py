@@ -1,5 +1,6 @@
 """torchrun --nproc_per_node 2 (gloo, CPU): DistributedDataParallel averages gradients over ranks, train.py trains
-with it, every rank keeps the same weights, and only rank 0 validates and writes checkpoints."""
+with it, every rank keeps the same weights, and only rank 0 writes checkpoints (sharded validation:
+tests/test_ddp_validation.py)."""
 import json
 import os
 import subprocess

@@ -463,6 +463,9 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tiny_dataset, tmp
     (['--save_checkpoint_every', '0'], '--save_checkpoint_every must be > 0'),
     (['--losses_log_every', '-1'], '--losses_log_every must be > 0'),
     (['--K', '0'], '--K must be >= 1'),
+    (['--noamopt', '--reduce_on_plateau'], '--reduce_on_plateau cannot be combined with --noamopt'),
+    (['--val_batch_size', '-1'], '--val_batch_size must be >= 0'),
+    (['--dist_timeout_minutes', '0'], '--dist_timeout_minutes must be > 0'),
 ])
 def test_nonsense_options_exit_2_with_one_line(argv, fragment, tmp_path):
     assert_one_line_error(run_main(argv, tmp_path), fragment)

@@ -1,0 +1,177 @@
+"""Device discipline on a CPU-only CI: a tensor created on the wrong device fails here, not first on a GPU.
+
+Two checks (README, "Several GPUs"):
+1. The meta device (shapes and devices, no data), for what needs no data: the losses (XE, label smoothing, their
+   scored forms, self-critical, the distillation KL), teacher forcing and the encoder without region masks, and a
+   backward through them. What cannot run on meta, because it reads data: the packing of masked regions and of the
+   scored positions (nonzero: data-dependent shapes), the decoding loops' early stop and beam bookkeeping (host
+   reads), the CIDEr-D reward (host numpy), the non-finite guard's .tolist.
+2. Those too, on real data on the CPU with meta as the DEFAULT device: every tensor created without device= lands
+   on meta and fails where it meets the data (as one created on the CPU would meet CUDA data). Covered: a whole
+   training step (XE and self-critical, through train.train_step), decoding (greedy, sampling, beam, diverse beam,
+   the constraints; cached and not) and evaluation. The model's dropout is set to 0 there: its fast CPU mask
+   (models.transformer.dropout, used only for CPU tensors) is created on the default device by design.
+And: one host synchronisation per training step, counted.
+"""
+import argparse
+import traceback
+
+import pytest
+import torch
+
+import models
+import opts
+import train
+from dataloader import DataLoader
+from misc import optim
+from misc.evaluation import evaluate
+from misc.loss_wrapper import LossWrapper
+from misc.losses import LabelSmoothing, LanguageModelCriterion, self_critical_loss
+from models.decode_config import DecodeConfig
+from models.sat import SATModel
+
+META = torch.device('meta')
+
+
+def run_opt(ds, **overrides):
+    opt = ds.opt(caption_model='sat', K=2, init_from='none', num_layers=1, input_encoding_size=16, rnn_size=32,
+                 batch_size=3, **overrides)
+    opt.K = opts.model_k(opt)
+    with DataLoader(opt) as loader:
+        return argparse.Namespace(**{**vars(opt), 'vocab_size': loader.vocab_size, 'seq_length': loader.seq_length})
+
+
+def without_dropout(model):
+    for module in model.modules():
+        if isinstance(getattr(module, 'p', None), float):
+            module.p = 0.0
+    return model
+
+
+# ----------------------------------------------------------------------------------------------- 1. meta tensors
+def test_losses_on_meta():
+    logprobs = torch.randn(4, 7, 11, device=META, requires_grad=True)  # (S, T, V)
+    target = torch.zeros(4, 9, dtype=torch.long, device=META)
+    mask = torch.ones(4, 9, device=META)
+    for crit in (LanguageModelCriterion(), LabelSmoothing(0.1)):
+        loss = crit(logprobs, target, mask)
+        assert loss.device == META and loss.shape == ()
+        loss.backward()
+        scored = crit.scored(logprobs.reshape(-1, 11), target[:, :7].reshape(-1))
+        assert scored.device == META and scored.shape == ()
+    seq = torch.zeros(4, 7, dtype=torch.long, device=META)
+    sc = self_critical_loss(logprobs[..., 0], seq, torch.zeros(4, device=META))
+    assert sc.device == META and sc.shape == ()
+    kl = torch.nn.KLDivLoss(reduction='batchmean', log_target=True)(logprobs[0], logprobs[1].detach())
+    assert kl.device == META
+
+
+def test_teacher_forcing_and_encoder_on_meta():
+    model = SATModel(vocab_size=12, K=2, d_model=16, d_ff=32, num_layers=1, att_feat_size=8).to(META)
+    att = torch.randn(3, 4, 8, device=META)
+    memory, mask = model.encode(att)
+    assert memory.device == META and memory.shape == (3, 4, 16) and mask is None
+    labels = torch.zeros(6, 18, dtype=torch.long, device=META)
+    for per_img, rows in ((1, att.repeat_interleave(2, 0)), (2, att)):
+        logprobs = model(None, rows, labels, None, seq_per_img=per_img)
+        assert logprobs.device == META and logprobs.shape == (6, 17, 13)
+    LanguageModelCriterion()(logprobs, labels[:, 1:], torch.ones(6, 17, device=META)).backward()
+    assert all(p.grad is None or p.grad.device == META for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------- 2. meta as default
+def on_default_meta(fn):
+    """fn() with meta as the default device; a failure names the line of ours that created the stray tensor."""
+    try:
+        with torch.device('meta'):
+            return fn()
+    except (RuntimeError, NotImplementedError) as e:
+        ours = [f'{f.filename}:{f.lineno}' for f in traceback.extract_tb(e.__traceback__)
+                if '/site-packages/' not in f.filename and 'test_devices' not in f.filename]
+        pytest.fail(f'a tensor on the wrong device ({str(e).splitlines()[0]}), from {ours[-3:]}')
+
+
+@pytest.fixture
+def trained_pieces(tiny_dataset):
+    """(options, loader batch, LossWrapper, optimiser with its state created) for the tiny dataset, dropout 0."""
+    opt = run_opt(tiny_dataset)
+    with DataLoader(opt) as loader:
+        batch = loader.get_batch('train')
+    torch.manual_seed(0)
+    model = without_dropout(models.setup(opt))
+    wrapper = LossWrapper(model, opt)
+    optimizer = optim.build(model, opt)
+    train.train_step(wrapper, optimizer, batch, False, opt)  # torch's Adam makes its step counters on the default
+    return opt, batch, wrapper, optimizer                    # device by design: created here, outside
+
+
+@pytest.mark.parametrize('sc_flag', [False, True], ids=['xe', 'self-critical'])
+def test_train_step_creates_nothing_on_the_default_device(trained_pieces, sc_flag):
+    opt, batch, wrapper, optimizer = trained_pieces
+    before = [p.detach().clone() for p in wrapper.parameters()]
+    stats = on_default_meta(lambda: train.train_step(wrapper, optimizer, batch, sc_flag, opt))
+    assert not stats['skipped'] and ('reward' in stats) == sc_flag
+    assert any(not torch.equal(a, p) for a, p in zip(before, wrapper.parameters()))
+    assert all(p.device.type == 'cpu' for p in wrapper.parameters())
+
+
+@pytest.mark.parametrize('config', [
+    DecodeConfig(), DecodeConfig(sample_max=False), DecodeConfig(beam_size=3), DecodeConfig(beam_size=4, group_size=2),
+    DecodeConfig(decoding_constraint=True, block_trigrams=True), DecodeConfig(use_cache=False),
+    DecodeConfig(beam_size=3, use_cache=False), DecodeConfig(sample_max=False, use_cache=False)],
+    ids=['greedy', 'sampling', 'beam', 'diverse-beam', 'constraints', 'greedy-uncached', 'beam-uncached',
+         'sampling-uncached'])
+def test_decoding_creates_nothing_on_the_default_device(trained_pieces, config):
+    _, batch, wrapper, _ = trained_pieces
+    model = wrapper.model.eval()
+    assert batch['att_masks'] is not None  # the packed (masked) path too
+    seq, logprobs = on_default_meta(lambda: model.decode(batch['att_feats'], batch['att_masks'], config))
+    assert seq.device.type == logprobs.device.type == 'cpu' and seq.shape[0] == batch['att_feats'].shape[0]
+
+
+def test_evaluation_creates_nothing_on_the_default_device(tiny_dataset, trained_pieces):
+    opt, _, wrapper, _ = trained_pieces
+    with DataLoader(opt) as loader:
+        result = on_default_meta(lambda: evaluate(wrapper.model, loader, 'val', DecodeConfig(), crit=wrapper.crit,
+                                                  batch_size=1, shard=(1, 2)))
+    assert result.positions == [1] and [start for start, _ in result.loss_parts] == [1]
+
+
+# ----------------------------------------------------------------------------------------------- host reads
+def test_a_training_step_reads_the_host_once(trained_pieces, monkeypatch):
+    """train_step's own host synchronisations: one .tolist (loss, reward, flags), whatever is logged."""
+    opt, batch, wrapper, optimizer = trained_pieces
+    calls = []
+    for name in ('item', 'tolist', '__bool__', '__int__', '__float__'):
+        real = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _real=real, _name=name, **kwargs):
+            caller = traceback.extract_stack(limit=2)[0]
+            if caller.filename.endswith(('train.py', 'loss_wrapper.py', 'losses.py')):
+                calls.append(f'{_name} {caller.filename}:{caller.lineno}')
+            return _real(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    for sc_flag in (False, True):
+        calls.clear()
+        train.train_step(wrapper, optimizer, batch, sc_flag, opt)
+        assert len(calls) == 1 and calls[0].startswith('tolist'), calls
+
+
+# ----------------------------------------------------------------------------------------------- CUDA
+@pytest.mark.cuda
+def test_pinned_batches_train_on_cuda(tiny_dataset):
+    """On a GPU: pinned loader memory, asynchronous copies, a step in each precision (fp32, bf16, fp16 + scaler)."""
+    opt = run_opt(tiny_dataset)
+    device = torch.device('cuda')
+    with DataLoader(opt, pin_memory=True) as loader:
+        batch = loader.get_batch('train')
+    assert batch['att_feats'].is_pinned() and batch['fc_feats'].is_pinned()
+    batch = train.to_device(batch, device)
+    for precision in ({}, {'bf16': 1}, {'fp16': 1}):
+        run = argparse.Namespace(**{**vars(opt), **precision})
+        torch.manual_seed(0)
+        model = models.setup(run).to(device)
+        wrapper = LossWrapper(model, run)
+        scaler = torch.amp.GradScaler('cuda') if run.fp16 else None
+        stats = train.train_step(wrapper, optim.build(model, run), batch, False, run, scaler=scaler)
+        assert stats['loss'] > 0 and (not stats['skipped'] or 'overflow' in stats)
