@@ -9,7 +9,9 @@ with backends=('dir', 'lmdb', 'h5')). Region features are the demo's "visual con
 of the image's captions), so a tiny captioner can learn from them.
 """
 import argparse
+import contextlib
 import dataclasses
+import io
 import json
 import os
 import shutil
@@ -255,3 +257,45 @@ def one_line_error(excinfo, *needles):
     assert '\n' not in msg
     for needle in needles:
         assert str(needle) in msg, (needle, msg)
+
+
+# ----------------------------------------------------------------------------------------------- train.py runs
+def targs(ds, folder, *extra, run_id='run'):
+    """train.py arguments for ds (a TinyDataset): a tiny transformer (dropout on), CPU, no Java; extra overrides."""
+    return ['--input_json', ds.input_json, '--input_label_h5', ds.label_h5, '--input_fc_dir', ds.fc_dir,
+            '--input_att_dir', ds.att_dir, '--cached_tokens', ds.cached_tokens, '--ref_json', ds.ref_json,
+            '--att_feat_size', str(ds.feat_dim), '--caption_model', 'transformer', '--num_layers', '1',
+            '--input_encoding_size', '16', '--rnn_size', '32', '--batch_size', '2', '--seq_per_img', '5',
+            '--num_workers', '0', '--device', 'cpu', '--language_eval', '0', '--max_epochs', '-1',
+            '--losses_log_every', '1', '--checkpoint_path', str(folder), '--id', run_id, *extra]
+
+
+@contextlib.contextmanager
+def working_dir(path):
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+def run_main(argv, cwd):
+    """train.main(argv) in cwd -> (return code, stdout, stderr)."""
+    import train
+    out, err = io.StringIO(), io.StringIO()
+    with working_dir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = train.main([str(a) for a in argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def assert_one_line_error(result, *fragments):
+    """result of run_main: exit 2, one 'error: ...' line holding every fragment (returned), no traceback."""
+    rc, _, err = result
+    assert rc == 2, err
+    assert 'Traceback' not in err
+    lines = [line for line in err.splitlines() if line.startswith('error: ')]
+    assert len(lines) == 1, err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]

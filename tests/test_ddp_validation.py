@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from misc.checkpoint import load_pickle
 from misc.cider_d import corpus_cider_d
-from tests.test_resume import targs
+from tests.helpers import targs
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),

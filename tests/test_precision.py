@@ -13,7 +13,7 @@ import train
 from misc.checkpoint import load_pickle, load_torch
 from misc.distributed import World
 from models.sat import SATModel
-from tests.test_resume import assert_one_line_error, run_main, targs
+from tests.helpers import assert_one_line_error, run_main, targs
 
 
 # ----------------------------------------------------------------------------------------------- bf16

@@ -6,10 +6,8 @@ disk and nonsense options give one line and exit 2.
 Data: the session's tiny dataset (tests/conftest.py): 10 training images, batches of 2 (5 iterations per epoch),
 a 1-layer transformer with dropout on, CPU, one torch thread.
 """
-import contextlib
 import errno
 import glob
-import io
 import os
 import queue
 import shutil
@@ -27,49 +25,11 @@ import torch
 import train
 from misc import checkpoint
 from misc.checkpoint import check_infos_match, load_pickle, load_torch, recover_checkpoint, verify_checkpoint
+from tests.helpers import assert_one_line_error, run_main, targs
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
 NEW_FIELDS = ('model_fingerprint', 'optimizer_step', 'K', 'caption_model', 'vocab_sha1', 'rng_states')
-
-
-def targs(ds, folder, *extra, run_id='run'):
-    """train.py arguments: the tiny dataset, a tiny transformer (dropout on), CPU, no Java."""
-    return ['--input_json', ds.input_json, '--input_label_h5', ds.label_h5, '--input_fc_dir', ds.fc_dir,
-            '--input_att_dir', ds.att_dir, '--cached_tokens', ds.cached_tokens, '--ref_json', ds.ref_json,
-            '--att_feat_size', str(ds.feat_dim), '--caption_model', 'transformer', '--num_layers', '1',
-            '--input_encoding_size', '16', '--rnn_size', '32', '--batch_size', '2', '--seq_per_img', '5',
-            '--num_workers', '0', '--device', 'cpu', '--language_eval', '0', '--max_epochs', '-1',
-            '--losses_log_every', '1', '--checkpoint_path', str(folder), '--id', run_id, *extra]
-
-
-@contextlib.contextmanager
-def working_dir(path):
-    old = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(old)
-
-
-def run_main(argv, cwd):
-    """train.main(argv) in cwd -> (return code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with working_dir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = train.main([str(a) for a in argv])
-    return rc, out.getvalue(), err.getvalue()
-
-
-def assert_one_line_error(result, *fragments):
-    rc, _, err = result
-    assert rc == 2, err
-    assert 'Traceback' not in err
-    lines = [line for line in err.splitlines() if line.startswith('error: ')]
-    assert len(lines) == 1, err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def assert_consistent(folder, run_id='run'):

@@ -237,7 +237,6 @@ def scalar_tags(folder):
 
 def test_noam_lr_logs_histories_infos(stage1):
     folder, run_id, out = stage1
-    opt = load_pickle(os.path.join(folder, f'infos_{run_id}.pkl'))['opt']
     histories = load_pickle(os.path.join(folder, f'histories_{run_id}.pkl'))
     assert set(histories) == {'val_result_history', 'loss_history', 'lr_history', 'ss_prob_history'}
     assert sorted(histories['lr_history']) == list(range(25, STAGE1_ITERS + 1, 25))
