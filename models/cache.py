@@ -22,11 +22,11 @@ import torch
 
 
 class LayerCache:
-    """One decoder layer's keys/values: self-attention (S, H, T or capacity, dk), memory (B, H, N, dk)."""
+    """One decoder layer's keys/values: self-attention (S, H, T or capacity, dk); memory: the list of
+    MultiHeadedAttention.memory_key_value ((B_g, H, N_g, dk) keys and values, mask, group), per group of images."""
 
-    def __init__(self, memory_key, memory_value, capacity=None):
-        self.memory_key = memory_key
-        self.memory_value = memory_value
+    def __init__(self, memory, capacity=None):
+        self.memory = memory
         self.capacity = capacity  # None: growing layout
         self.key = None  # allocated by DecoderCache.buffers on the first step
         self.value = None
@@ -48,11 +48,11 @@ class StepBuffers:
     fixed=True: self-attention buffers (S, H, capacity, dk) written in place at the step's positions and returned
     whole (the caller masks the unfilled positions), or only their first `filled` positions; fixed=False: the
     keys/values so far (S, H, T, dk), concatenated with the new ones (kept in .key/.value for the caller).
-    memory keys/values (B, H, N, dk) either way."""
+    memory: the layer's memory keys/values (LayerCache.memory) either way."""
 
-    def __init__(self, key, value, memory_key, memory_value, fixed, filled=None):
+    def __init__(self, key, value, memory, fixed, filled=None):
         self.key, self.value = key, value
-        self.memory_key, self.memory_value = memory_key, memory_value
+        self.memory = memory
         self.fixed, self.filled = fixed, filled
 
     def append(self, key, value, positions):
@@ -111,17 +111,18 @@ class DecoderCache:
         return positions, filled.view(1, 1, 1, -1)
 
     def buffers(self, rows):
-        """Per layer [self keys], [self values], [memory keys], [memory values] (lists of tensors) for a step.
+        """Per layer [self keys], [self values] (lists of tensors) and [memory] (LayerCache.memory) for a step.
 
         Allocated on the first step: fixed layout (rows, H, capacity, dk) zero buffers, growing layout empty
         (rows, H, 0, dk) tensors."""
         for layer in self.layers:
             if layer.key is None:
-                heads, dk = layer.memory_key.size(1), layer.memory_key.size(3)
-                layer.key = layer.memory_key.new_zeros(rows, heads, self.capacity or 0, dk)
-                layer.value = layer.memory_value.new_zeros(rows, heads, self.capacity or 0, dk)
+                memory_key = layer.memory[0][0]  # (B_g, H, N_g, dk)
+                heads, dk = memory_key.size(1), memory_key.size(3)
+                layer.key = memory_key.new_zeros(rows, heads, self.capacity or 0, dk)
+                layer.value = memory_key.new_zeros(rows, heads, self.capacity or 0, dk)
         return ([layer.key for layer in self.layers], [layer.value for layer in self.layers],
-                [layer.memory_key for layer in self.layers], [layer.memory_value for layer in self.layers])
+                [layer.memory for layer in self.layers])
 
     def store(self, keys, values):
         """Growing layout: keep the step's concatenated keys/values (lists, one per layer)."""

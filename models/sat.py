@@ -35,9 +35,10 @@ class SATModel(nn.Module):
         self.K = K
         self.max_length = max_length
         self.use_cache = bool(use_cache)
+        self.group_regions = True  # attention per group of images of similar region counts (models.masks)
         self.d_model = d_model
         self.done_beams = None  # filled by beam search: per image, the finished beams, best first
-        embed = [nn.Linear(att_feat_size, d_model), nn.ReLU(), Dropout(drop_prob_lm)]
+        embed = [nn.Linear(att_feat_size, d_model), nn.ReLU(inplace=True), Dropout(drop_prob_lm)]
         if use_bn:
             embed.insert(0, nn.BatchNorm1d(att_feat_size))
         if use_bn == 2:
@@ -55,33 +56,44 @@ class SATModel(nn.Module):
         The numbers are those of the padded computation (padding never reached a real region).
         """
         rows, packing = self.real_regions(att_feats, att_masks)
-        return self._encode_fn(rows, packing.index, packing.attn_mask, packing.batch, packing.length), packing
+        return self._encode_fn(rows, packing.index, packing.attn_mask, packing.batch, packing.length,
+                               packing.groups), packing
 
-    @staticmethod
-    def real_regions(att_feats, att_masks=None):
+    def _grouped(self, packing):
+        """packing with attention groups of similar region counts (Packing.grouped), unless turned off
+        (group_regions False, e.g. compiled: fixed group structures recompile less)."""
+        return packing.grouped() if self.group_regions else packing
+
+    def real_regions(self, att_feats, att_masks=None):
         """att_feats (B, N, F) -> the real regions' features (M, F) and their models.masks.Packing."""
         batch, n_full, feat = att_feats.shape
         if att_masks is None:  # every region valid: no mask at all
             return att_feats.reshape(batch * n_full, feat), Packing(batch=batch, length=n_full)
         n = int(att_masks.sum(1).max())
-        packing = Packing(att_masks[:, :n] > 0)  # (B, N')
+        packing = self._grouped(Packing(att_masks[:, :n] > 0))  # (B, N')
         # Gathered straight from att_feats, whatever its strides; BatchNorm statistics see real regions only,
         # as the reference's packing did.
         return att_feats[packing.index // n, packing.index % n], packing  # (M, F)
 
-    def encode_rows(self, rows, index, attn_mask, batch, length):
-        """att_embed + encoder on the real regions' features rows (M, F) of a (batch, length) padded batch
-        (models.masks.Packing parts, plain tensors and ints: what --compile 1 compiles) -> memory rows (M, D)."""
+    @staticmethod
+    def _packing(index, attn_mask, batch, length, groups):
         packing = Packing(batch=batch, length=length, index=index, attn_mask=attn_mask)
+        packing.groups = groups
+        return packing
+
+    def encode_rows(self, rows, index, attn_mask, batch, length, groups=None):
+        """att_embed + encoder on the real regions' features rows (M, F) of a (batch, length) padded batch
+        (models.masks.Packing parts: plain tensors and ints, what --compile 1 compiles) -> memory rows (M, D)."""
+        packing = self._packing(index, attn_mask, batch, length, groups)
         return self.model.encoder.forward_packed(self.att_embed(rows), packing)
 
-    def teacher_forcing(self, rows, index, attn_mask, batch, length, tokens, tgt_mask, fold):
+    def teacher_forcing(self, rows, index, attn_mask, batch, length, groups, tokens, tgt_mask, fold):
         """encode_rows, then the decoder over the shifted tokens (S, T) with tgt_mask (S, T, T) -> (S, T, D)
         (plain tensors and ints: what --compile 1 compiles for training)."""
-        packing = Packing(batch=batch, length=length, index=index, attn_mask=attn_mask)
-        memory = self.encode_rows(rows, index, attn_mask, batch, length)  # (M, D)
+        packing = self._packing(index, attn_mask, batch, length, groups)
+        memory = self.encode_rows(rows, index, attn_mask, batch, length, groups)  # (M, D)
         memory_kv = [layer.src_attn.memory_key_value(memory, packing) for layer in self.model.decoder.layers]
-        return self.model.decoder.forward_memory_kv(self.model.embed(tokens), memory_kv, attn_mask, tgt_mask, fold)
+        return self.model.decoder.forward_memory_kv(self.model.embed(tokens), memory_kv, tgt_mask, fold)
 
     def _maybe_compiled(self, name, fallback):
         compiled = self.__dict__.get('_compiled', {}).get(name)
@@ -141,7 +153,7 @@ class SATModel(nn.Module):
         rows, packing = self.real_regions(att_feats, att_masks)  # (M, F)
         tokens = self.shift_labels(labels)  # (S, T)
         return self._teacher_forcing_fn(rows, packing.index, packing.attn_mask, packing.batch, packing.length,
-                                        tokens, target_mask(tokens, self.K), seq_per_img)
+                                        packing.groups, tokens, target_mask(tokens, self.K), seq_per_img)
 
     def forward_xe(self, att_feats, labels, att_masks=None, seq_per_img=1):
         """Teacher forcing: log-probs (S, L-1, V); position i predicts labels[:, i+1]."""
@@ -177,14 +189,13 @@ class SATModel(nn.Module):
             if memory_mask is None:
                 packing = Packing(batch=memory.size(0), length=memory.size(1))
             else:
-                packing = Packing(memory_mask.squeeze(1))
+                packing = self._grouped(Packing(memory_mask.squeeze(1)))
             rows = packing.unpad(memory)  # (M, D)
             if not torch.is_grad_enabled():
                 capacity = math.ceil((max_length or self.max_length) / self.K) * self.K
-            layers = []
-            for layer in self.model.decoder.layers:
-                key, value = layer.src_attn.memory_key_value(rows, packing)  # (B, H, N, dk) each
-                layers.append(LayerCache(key.contiguous(), value.contiguous(), capacity))
+            layers = [LayerCache([(key.contiguous(), value.contiguous(), mask, group) for key, value, mask, group
+                                  in layer.src_attn.memory_key_value(rows, packing)], capacity)
+                      for layer in self.model.decoder.layers]
         return DecoderCache(memory, memory_mask, layers, beam, capacity)
 
     def step(self, tokens, cache):
@@ -200,9 +211,9 @@ class SATModel(nn.Module):
             compiled = 'step' in self.__dict__.get('_compiled', {})
             positions, self_mask = cache.positions(k, tokens.device, masked=compiled)  # (K,), (1,1,1,cap) or None
             filled = cache.length + k if cache.fixed and not compiled else None
-            keys, values, memory_keys, memory_values = cache.buffers(tokens.size(0))
-            logprobs, keys, values = self._step_fn(tokens, positions, self_mask, keys, values, memory_keys,
-                                                   memory_values, cache.memory_mask, cache.beam, filled)
+            keys, values, memory = cache.buffers(tokens.size(0))
+            logprobs, keys, values = self._step_fn(tokens, positions, self_mask, keys, values, memory, cache.beam,
+                                                   filled)
             if not cache.fixed:
                 cache.store(keys, values)
             cache.length += k
@@ -219,11 +230,10 @@ class SATModel(nn.Module):
         cache.length += k
         return self.model.generator(out), cache
 
-    def cached_step(self, tokens, positions, self_mask, keys, values, memory_keys, memory_values, memory_mask,
-                    beam, filled=None):
+    def cached_step(self, tokens, positions, self_mask, keys, values, memory, beam, filled=None):
         """One cached decoding step on plain tensors (what --compile 1 compiles): tokens (S, K) at positions (K,);
-        per layer the self-attention keys/values and the memory keys/values (B, H, N, dk); memory_mask
-        (B, 1, 1, N) or None. Fixed layout (self_mask (1, 1, 1, capacity) given, or the int `filled`): keys/values
+        per layer the self-attention keys/values and the memory keys/values (models.cache.LayerCache.memory).
+        Fixed layout (self_mask (1, 1, 1, capacity) given, or the int `filled`): keys/values
         are the (S, H, capacity, dk) buffers, written in place, attended over under the mask or up to `filled`;
         growing layout (neither): the (S, H, T, dk) keys/values so far. Returns (log-probs (S, K, V), the keys, the
         values)."""
@@ -231,8 +241,8 @@ class SATModel(nn.Module):
         fixed = self_mask is not None or filled is not None
         new_keys, new_values = [], []
         for i, layer in enumerate(self.model.decoder.layers):
-            buffers = StepBuffers(keys[i], values[i], memory_keys[i], memory_values[i], fixed, filled)
-            x = layer.step(x, buffers, positions, self_mask, memory_mask, beam)
+            buffers = StepBuffers(keys[i], values[i], memory[i], fixed, filled)
+            x = layer.step(x, buffers, positions, self_mask, beam)
             new_keys.append(buffers.key)
             new_values.append(buffers.value)
         return self.model.generator(self.model.decoder.norm(x)), new_keys, new_values

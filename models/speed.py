@@ -31,6 +31,7 @@ def compile_model(model, training=True, decoding=True):
     """Compile model's hot paths in place (see the module docstring); returns model. Compilation itself happens on
     the first call of each path (and again for new shapes the guards reject), not here."""
     compiled = model.__dict__.setdefault('_compiled', {})
+    model.group_regions = False  # one attention per layer: the same graph whatever the batch's region counts
     if training:
         compiled['teacher_forcing'] = torch.compile(model.teacher_forcing, dynamic=True)
         compiled['generator'] = torch.compile(model.model.generator, dynamic=True)
@@ -45,6 +46,7 @@ def compile_model(model, training=True, decoding=True):
 def uncompile(model):
     """Back to eager (e.g. before deep-copying or saving a model object)."""
     model.__dict__.pop('_compiled', None)
+    model.group_regions = True
     return model
 
 

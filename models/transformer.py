@@ -238,33 +238,63 @@ class MultiHeadedAttention(nn.Module):
         """Self-attention of packed rows x (M, D) (the real positions of packing's (B, N) batch) -> (M, D).
 
         Projections run on the M real rows only; queries, keys and values are scattered into the padded
-        (B, H, N, dk) layout for the attention itself, masked by packing.attn_mask, and gathered back."""
-        qkv = packing.pad(self.project_concat(x, (0, 1, 2)))  # (B, N, 3D)
+        (B, H, N, dk) layout for the attention itself, masked by packing.attn_mask, and gathered back; with
+        packing.groups, per group of images padded to the group's own length."""
+        qkv = self.project_concat(x, (0, 1, 2))  # (M, 3D)
+        if not packing.groups:
+            return self.linears[3](self._padded_self_attention(qkv, packing))
+        out = qkv.new_empty(qkv.size(0), self.h * self.d_k)  # (M, D): every row is written by one group
+        for group in packing.groups:
+            out.index_copy_(0, group.rows, self._padded_self_attention(qkv.index_select(0, group.rows), group))
+        return self.linears[3](out)
+
+    def _padded_self_attention(self, qkv, packing):
+        """Packed q|k|v rows (M, 3D) -> attention outputs (M, D) before the output projection."""
+        qkv = packing.pad(qkv)  # (B, N, 3D)
         b, n = qkv.shape[:2]
         q, k, v = qkv.view(b, n, 3, self.h, self.d_k).permute(2, 0, 3, 1, 4)  # (B, H, N, dk) each
         y = attention(q, k, v, packing.attn_mask, self.dropout_p)  # (B, H, N, dk)
-        return self.linears[3](packing.unpad(y.transpose(1, 2)))  # (M, D)
+        return packing.unpad(y.transpose(1, 2))  # (M, D)
 
     def memory_key_value(self, memory, packing):
-        """Cross-attention keys/values of packed memory rows (M, D) -> (B, H, N, dk) each, zero at padding."""
-        kv = packing.pad(self.project_concat(memory, (1, 2)))  # (B, N, 2D)
+        """Cross-attention keys/values of packed memory rows (M, D): a list of (key, value, mask, group) per group
+        of images (one, group None, without packing.groups): keys/values (B_g, H, N_g, dk), zero at padding,
+        mask (B_g, 1, 1, N_g) or None; group the models.masks.Packing of the group (its .images)."""
+        kv = self.project_concat(memory, (1, 2))  # (M, 2D)
+        if not packing.groups:
+            return [self._padded_key_value(kv, packing) + (packing.attn_mask, None)]
+        return [self._padded_key_value(kv.index_select(0, group.rows), group) + (group.attn_mask, group)
+                for group in packing.groups]
+
+    def _padded_key_value(self, kv, packing):
+        kv = packing.pad(kv)  # (B, N, 2D)
         b, n = kv.shape[:2]
-        k, v = kv.view(b, n, 2, self.h, self.d_k).permute(2, 0, 3, 1, 4)
+        k, v = kv.view(b, n, 2, self.h, self.d_k).permute(2, 0, 3, 1, 4)  # (B, H, N, dk) each
         return k, v
 
-    def attend_memory(self, q, memory_key, memory_value, memory_mask, fold=1):
-        """Queries q (S, H, Tq, dk) over per-image memory keys/values (B, H, N, dk), S = B * fold rows (the
-        fold rows of an image follow each other: beams, or an image's captions) -> (S, Tq, D).
+    def attend_memory(self, q, memory, fold=1):
+        """Queries q (S, H, Tq, dk) over per-image memory keys/values (memory_key_value's list), S = B * fold rows
+        (the fold rows of an image follow each other: beams, or an image's captions) -> (S, Tq, D).
 
         The rows of an image are folded into the query axis instead of copying the memory per row."""
+        if len(memory) == 1 and memory[0][3] is None:
+            key, value, mask, _ = memory[0]
+            return self.linears[3](self._attend_folded(q, key, value, mask, fold))
+        rows, _, tq, _ = q.shape
+        out = q.new_empty(rows, tq, self.h * self.d_k)  # (S, Tq, D): every row is written by one group
+        for key, value, mask, group in memory:
+            index = group.query_rows(fold)  # (S_g,)
+            out.index_copy_(0, index, self._attend_folded(q.index_select(0, index), key, value, mask, fold))
+        return self.linears[3](out)
+
+    def _attend_folded(self, q, memory_key, memory_value, memory_mask, fold):
         rows, heads, tq, dk = q.shape
         if fold > 1:
             q = q.view(-1, fold, heads, tq, dk).transpose(1, 2).reshape(-1, heads, fold * tq, dk)  # (B, H, f*Tq, dk)
         y = attention(q, memory_key, memory_value, memory_mask, self.dropout_p)  # (B, H, f*Tq, dk)
         if fold > 1:
             y = y.view(-1, heads, fold, tq, dk).transpose(1, 2)  # (B, f, H, Tq, dk)
-        y = y.reshape(rows, heads, tq, dk).transpose(1, 2).reshape(rows, tq, heads * dk)  # (S, Tq, D)
-        return self.linears[3](y)
+        return y.reshape(rows, heads, tq, dk).transpose(1, 2).reshape(rows, tq, heads * dk)  # (S, Tq, D)
 
 
 class PositionwiseFeedForward(nn.Module):
@@ -277,7 +307,7 @@ class PositionwiseFeedForward(nn.Module):
         self.dropout = Dropout(dropout)
 
     def forward(self, x):
-        h = F.relu(self.w_1(x))
+        h = F.relu(self.w_1(x), inplace=True)  # in place on the linear's fresh output (autograd needs only it)
         return self.w_2(self.dropout(h) if self.training else h)
 
 
@@ -383,23 +413,22 @@ class DecoderLayer(nn.Module):
         x = self.sublayer[1](x, lambda y: self.src_attn(y, memory, memory, src_mask))
         return self.sublayer[2](x, self.feed_forward)
 
-    def forward_memory_kv(self, x, memory_key, memory_value, memory_mask, tgt_mask, fold=1):
-        """Full sequence x (S, T, D) with the memory's keys/values already projected (B, H, N, dk), memory_mask
-        (B, 1, 1, N) or None, S = B * fold (the rows of an image follow each other), tgt_mask (S or 1, T, T)."""
+    def forward_memory_kv(self, x, memory, tgt_mask, fold=1):
+        """Full sequence x (S, T, D) with the memory's keys/values already projected (MultiHeadedAttention.
+        memory_key_value), S = B * fold (the rows of an image follow each other), tgt_mask (S or 1, T, T)."""
         sub = self.sublayer
         x = sub[0](x, lambda y: self.self_attn(y, y, y, tgt_mask))
         h = sub[1].norm(x)
-        x = sub[1].residual(x, self.src_attn.attend_memory(self.src_attn.project_query(h), memory_key,
-                                                           memory_value, memory_mask, fold))
+        x = sub[1].residual(x, self.src_attn.attend_memory(self.src_attn.project_query(h), memory, fold))
         return sub[2].residual(x, self.feed_forward(sub[2].norm(x)))
 
-    def step(self, x, layer_cache, positions, self_mask, memory_mask, beam):
+    def step(self, x, layer_cache, positions, self_mask, beam):
         """Only the newest positions: x (S, Tn, D) -> (S, Tn, D), their keys/values added to layer_cache (a
-        models.cache.StepBuffers).
+        models.cache.StepBuffers, which also holds the memory keys/values).
 
         The new positions see every cached position and each other (the block mask has no zero there);
         self_mask (1, 1, 1, capacity) hides the cache's unfilled positions (None: the cache holds exactly the
-        positions so far). memory_mask (B, 1, 1, N); S = B * beam rows share each image's memory.
+        positions so far). S = B * beam rows share each image's memory.
         """
         attn, sub = self.self_attn, self.sublayer[0]
         h = sub.norm(x)
@@ -409,8 +438,7 @@ class DecoderLayer(nn.Module):
 
         attn, sub = self.src_attn, self.sublayer[1]
         q = attn.project_query(sub.norm(x))  # (S, H, Tn, dk)
-        x = sub.residual(x, attn.attend_memory(q, layer_cache.memory_key, layer_cache.memory_value, memory_mask,
-                                               beam))
+        x = sub.residual(x, attn.attend_memory(q, layer_cache.memory, beam))
         sub = self.sublayer[2]
         return sub.residual(x, self.feed_forward(sub.norm(x)))
 
@@ -429,10 +457,11 @@ class Decoder(nn.Module):
             x = layer(x, memory, src_mask, tgt_mask)
         return self.norm(x)
 
-    def forward_memory_kv(self, x, memory_kv, memory_mask, tgt_mask, fold=1):
-        """x (S, T, D) with each layer's memory keys/values [(B, H, N, dk) x 2] -> (S, T, D); S = B * fold."""
-        for layer, (key, value) in zip(self.layers, memory_kv):
-            x = layer.forward_memory_kv(x, key, value, memory_mask, tgt_mask, fold)
+    def forward_memory_kv(self, x, memory_kv, tgt_mask, fold=1):
+        """x (S, T, D) with each layer's memory keys/values (MultiHeadedAttention.memory_key_value) -> (S, T, D);
+        S = B * fold."""
+        for layer, memory in zip(self.layers, memory_kv):
+            x = layer.forward_memory_kv(x, memory, tgt_mask, fold)
         return self.norm(x)
 
 

@@ -12,6 +12,7 @@ import os
 import pytest
 import torch
 
+from models.decode_config import DecodeConfig
 from models.masks import target_mask
 from models.sat import SATModel
 from models.transformer import _ReferenceLayerNorm, reference_layer_norm
@@ -355,3 +356,52 @@ def test_compiled_model_equals_eager():
     assert grads[0].keys() == grads[1].keys()
     for key in grads[0]:
         torch.testing.assert_close(grads[1][key], grads[0][key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+# ---- attention per group of images of similar region counts ----------------------------------------------------
+GROUPED = dict(counts=(14, 1, 3, 16, 2, 15, 5, 1, 13, 4, 2, 16), n_max=16)
+
+
+def test_images_are_grouped_by_region_count():
+    from models.masks import Packing
+    att, masks, _, _ = batch(**GROUPED)
+    packing = Packing(masks > 0).grouped()
+    assert packing.groups and 2 <= len(packing.groups) <= 4
+    images = torch.cat([g.images for g in packing.groups])
+    assert sorted(images.tolist()) == list(range(12))  # every image in one group
+    rows = torch.cat([g.rows for g in packing.groups])
+    assert sorted(rows.tolist()) == list(range(int(masks.sum())))  # every real region once
+    area = sum(g.batch * g.length for g in packing.groups)
+    assert area <= 0.75 * 12 * 16
+    for g in packing.groups:  # each group padded to its own longest image
+        assert g.length == int(masks[g.images].sum(1).max())
+    assert Packing(masks[:4] > 0).grouped().groups is None  # small batches: one attention
+
+
+def test_grouped_attention_equals_one_padded_attention():
+    att, masks, labels, label_masks = batch(seq_per_img=2, **GROUPED)
+    model = tiny().eval()
+    with torch.no_grad():
+        grouped = model(None, att, labels, masks, seq_per_img=2)
+        memory, memory_mask = model.encode(att, masks)
+        seq = model.decode(att, masks)
+        beams = model.decode(att, masks, config=DecodeConfig(beam_size=3))
+        model.group_regions = False
+        torch.testing.assert_close(grouped, model(None, att, labels, masks, seq_per_img=2), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(memory, model.encode(att, masks)[0], atol=1e-5, rtol=1e-5)
+        plain = model.decode(att, masks)
+        assert torch.equal(seq[0], plain[0])
+        torch.testing.assert_close(seq[1], plain[1], atol=1e-5, rtol=1e-5)
+        plain_beams = model.decode(att, masks, config=DecodeConfig(beam_size=3))
+        assert torch.equal(beams[0], plain_beams[0])
+    reference, _ = padded_reference(model, att, masks, labels, seq_per_img=2)
+    torch.testing.assert_close(grouped, reference, atol=1e-5, rtol=1e-5)
+    grads = []  # train mode, dropout 0: the same gradients grouped or not
+    for group_regions in (True, False):
+        model = tiny(dropout=0.0).train()
+        model.group_regions = group_regions
+        logprobs, targets = model.scored_logprobs(att, labels, masks, label_masks, seq_per_img=2)
+        (-logprobs.gather(1, targets[:, None]).mean()).backward()
+        grads.append({k: p.grad for k, p in model.named_parameters() if p.grad is not None})
+    for key in grads[0]:
+        torch.testing.assert_close(grads[0][key], grads[1][key], atol=1e-5, rtol=1e-4, msg=key)
