@@ -195,6 +195,12 @@ def add_inert_reference_options(parser):
                        help=f'{inert}: reference quirk, always True (leave-one-out baseline) whatever its value')
 
 
+def _need(cond, message):
+    """A refused option value: one 'error: ...' line (train.py and eval.py exit 2 on it)."""
+    if not cond:
+        raise SystemExit(f'error: {message}')
+
+
 def _train_parser():
     parser = argparse.ArgumentParser(description='Train a SATIC captioner (XE / seq-KD, then self-critical).')
     add_data_options(parser)
@@ -217,38 +223,32 @@ def parse_opt(argv=None):
 
 def check_schedule_opt(opt):
     """train.py: lengths, periods and sizes of the run that make no sense (a one-line refusal, exit 2)."""
-    def need(cond, message):
-        if not cond:
-            raise SystemExit(f'error: {message}')
-    need(opt.max_epochs >= -1, f'--max_epochs must be -1 (no limit) or >= 0 (got {opt.max_epochs})')
-    need(opt.max_iters == -1 or opt.max_iters > 0, f'--max_iters must be -1 (no limit) or > 0 (got {opt.max_iters})')
-    need(opt.save_checkpoint_every > 0, f'--save_checkpoint_every must be > 0 (got {opt.save_checkpoint_every})')
-    need(opt.losses_log_every > 0, f'--losses_log_every must be > 0 (got {opt.losses_log_every})')
-    need(opt.val_images_use == -1 or opt.val_images_use > 0,
+    _need(opt.max_epochs >= -1, f'--max_epochs must be -1 (no limit) or >= 0 (got {opt.max_epochs})')
+    _need(opt.max_iters == -1 or opt.max_iters > 0, f'--max_iters must be -1 (no limit) or > 0 (got {opt.max_iters})')
+    _need(opt.save_checkpoint_every > 0, f'--save_checkpoint_every must be > 0 (got {opt.save_checkpoint_every})')
+    _need(opt.losses_log_every > 0, f'--losses_log_every must be > 0 (got {opt.losses_log_every})')
+    _need(opt.val_images_use == -1 or opt.val_images_use > 0,
          f'--val_images_use must be -1 (all) or > 0 (got {opt.val_images_use})')
-    need(opt.self_critical_after >= -1, f'--self_critical_after must be -1 (never) or >= 0 (got {opt.self_critical_after})')
-    need(opt.grad_clip > 0, f'--grad_clip must be > 0 (got {opt.grad_clip})')
-    need(opt.learning_rate >= 0, f'--learning_rate must be >= 0 (got {opt.learning_rate})')
-    need(opt.noamopt_warmup > 0, f'--noamopt_warmup must be > 0 (got {opt.noamopt_warmup})')
-    need(0 <= opt.seed < 2 ** 31, f'--seed must be in [0, 2^31) (got {opt.seed})')
-    need(opt.val_batch_size >= 0, f'--val_batch_size must be >= 0 (0: --batch_size; got {opt.val_batch_size})')
-    need(opt.dist_timeout_minutes > 0, f'--dist_timeout_minutes must be > 0 (got {opt.dist_timeout_minutes})')
-    need(not (opt.bf16 and opt.fp16), '--bf16 and --fp16 exclude each other: choose one autocast type')
-    need(not (opt.noamopt and opt.reduce_on_plateau),
+    _need(opt.self_critical_after >= -1, f'--self_critical_after must be -1 (never) or >= 0 (got {opt.self_critical_after})')
+    _need(opt.grad_clip > 0, f'--grad_clip must be > 0 (got {opt.grad_clip})')
+    _need(opt.learning_rate >= 0, f'--learning_rate must be >= 0 (got {opt.learning_rate})')
+    _need(opt.noamopt_warmup > 0, f'--noamopt_warmup must be > 0 (got {opt.noamopt_warmup})')
+    _need(0 <= opt.seed < 2 ** 31, f'--seed must be in [0, 2^31) (got {opt.seed})')
+    _need(opt.val_batch_size >= 0, f'--val_batch_size must be >= 0 (0: --batch_size; got {opt.val_batch_size})')
+    _need(opt.dist_timeout_minutes > 0, f'--dist_timeout_minutes must be > 0 (got {opt.dist_timeout_minutes})')
+    _need(not (opt.bf16 and opt.fp16), '--bf16 and --fp16 exclude each other: choose one autocast type')
+    _need(not (opt.noamopt and opt.reduce_on_plateau),
          '--reduce_on_plateau cannot be combined with --noamopt: Noam sets the lr at every step (the reference '
          'crashed at the first validation); choose one')
 
 
 def check_opt(opt):
     """Reject values the code cannot honour, with a one-line message naming the flag."""
-    def need(cond, message):
-        if not cond:
-            raise SystemExit(f'error: {message}')
-    need(opt.K >= 1, f'--K must be >= 1 (got {opt.K})')
-    need(opt.caption_model in ('sat', 'transformer'), f"--caption_model must be 'sat' or 'transformer' (got {opt.caption_model!r})")
-    need(opt.batch_size > 0, '--batch_size must be > 0')
-    need(opt.beam_size > 0, '--beam_size must be > 0')
-    need(opt.seq_per_img > 0, '--seq_per_img must be > 0')
+    _need(opt.K >= 1, f'--K must be >= 1 (got {opt.K})')
+    _need(opt.caption_model in ('sat', 'transformer'), f"--caption_model must be 'sat' or 'transformer' (got {opt.caption_model!r})")
+    _need(opt.batch_size > 0, '--batch_size must be > 0')
+    _need(opt.beam_size > 0, '--beam_size must be > 0')
+    _need(opt.seq_per_img > 0, '--seq_per_img must be > 0')
     check_reference_options(opt)
 
 
@@ -262,24 +262,21 @@ def check_reference_options(opt):
 
 def check_train_opt(opt):
     """train.py's own refusals (not applied to the options of a checkpoint's infos): distillation options."""
-    def need(cond, message):
-        if not cond:
-            raise SystemExit(f'error: {message}')
     kd = opt.kd_weight
-    need(kd >= 0, f'--kd_weight must be >= 0 (got {kd})')
-    need(opt.teacher_eval_mode in (0, 1),
+    _need(kd >= 0, f'--kd_weight must be >= 0 (got {kd})')
+    _need(opt.teacher_eval_mode in (0, 1),
          f'--teacher_eval_mode must be 0 (train mode, the reference) or 1 (got {opt.teacher_eval_mode})')
     if kd > 0:
-        need(bool(opt.teacher_model),
+        _need(bool(opt.teacher_model),
              f"--kd_weight {kd} needs --teacher_model: the reference's {opt.teacher_caption_model} teacher (hard-coded "
              "show_tell/topdown checkpoints) does not exist in this project; pass --teacher_model PATH of a "
              "transformer or sat checkpoint trained here (same vocabulary)")
-        need(opt.teacher_caption_model in ('show_tell', 'sat', 'transformer'),
+        _need(opt.teacher_caption_model in ('show_tell', 'sat', 'transformer'),
              f"--teacher_caption_model {opt.teacher_caption_model!r}: only this project's sat/transformer "
              "checkpoints can teach (the teacher's caption model is read from its infos)")
     else:
         for flag, default in (('teacher_model', None), ('teacher_infos', None), ('teacher_eval_mode', 0)):
-            need(vars(opt)[flag] in (default, ''),
+            _need(vars(opt)[flag] in (default, ''),
                  f'--{flag} is used only with --kd_weight > 0 (word-level distillation); add --kd_weight or drop it')
 
 

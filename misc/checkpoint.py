@@ -161,6 +161,16 @@ class _HashingWriter:
         self.f.flush()
 
 
+def _remove_quietly(paths):
+    """Remove the temp files of a failed save (those that exist; None entries skipped)."""
+    for path in paths:
+        try:
+            if path and os.path.exists(path):
+                os.remove(path)
+        except OSError:
+            pass
+
+
 def _write_temps(items, failure_note=''):
     """items: [(path, write(f))] -> [(path, temp path, size, sha1)], each temp written and fsync'ed.
 
@@ -179,11 +189,7 @@ def _write_temps(items, failure_note=''):
             written[-1] = (path, tmp, writer.size, writer.sha1.hexdigest())
         return written
     except BaseException as e:
-        for _, tmp, _, _ in written:
-            try:
-                os.remove(tmp)
-            except OSError:
-                pass
+        _remove_quietly(tmp for _, tmp, _, _ in written)
         if isinstance(e, OSError):
             raise CheckpointError(f'{e.strerror or e} writing {path}{failure_note}') from None
         raise
@@ -498,12 +504,7 @@ def save_checkpoint(checkpoint_dir, run_id, model, optimizer, infos, histories, 
         (_, manifest_tmp, _, _), = _write_temps([(manifest_file, lambda f: f.write(body))], kept)
         os.replace(manifest_tmp, manifest_file)  # 2. THE commit point
     except BaseException as e:
-        for tmp in [tmp for _, tmp, _, _ in written] + [manifest_tmp]:
-            try:
-                if tmp and os.path.exists(tmp):
-                    os.remove(tmp)
-            except OSError:
-                pass
+        _remove_quietly([tmp for _, tmp, _, _ in written] + [manifest_tmp])
         if isinstance(e, OSError):
             raise CheckpointError(f'{e.strerror or e} writing {manifest_file}{kept}') from None
         raise
