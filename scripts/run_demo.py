@@ -88,6 +88,8 @@ def main(argv=None):
 
     kd_json = f'vis/{nsc_base}_seq_kd.json'
     kd_h5 = f'{d}/cocotalk_seq-kd-from-nsc-transformer-baseline-b5'
+    if args.options_only:
+        return decoding_options_table(py, nsc_sat, data, d)
     if not args.eval_only:  # steps 1-4: training
         print('== 1. autoregressive baseline: XE, then self-critical')
         run([py, 'train.py', *common, *xe(args.xe_epochs), '--caption_model', 'transformer', '--K', '1',
@@ -117,9 +119,6 @@ def main(argv=None):
         run([py, 'train.py', *common, *sc(args.sat_xe_epochs), '--caption_model', 'sat', '--K', str(args.K),
              '--input_label_h5', f'{d}/cocotalk_label.h5', '--start_from', f'save/{nsc_sat}',
              '--checkpoint_path', f'save/{nsc_sat}', '--id', nsc_sat], log=f'save/logs/{nsc_sat}.log')
-
-    if args.options_only:
-        return decoding_options_table(py, nsc_sat, data, d)
 
     print('== 5. evaluation on the demo test split (batch size 1)')
     rows = []
