@@ -75,15 +75,15 @@ def prepare_inputs(folder, quick):
 
 
 class Runner:
-    def __init__(self, inputs, timeout=900):
-        self.inputs, self.timeout, self.count = inputs, timeout, 0
+    def __init__(self, inputs, timeout=900, threads=0):
+        self.inputs, self.timeout, self.count, self.threads = inputs, timeout, 0, threads
 
     def __call__(self, root, job, **kw):
         """One worker run -> its JSON result (plus 'seq' for decode jobs)."""
         self.count += 1
         out = os.path.join(self.inputs, f'out{self.count}.json')
         argv = [sys.executable, WORKER, '--root', root, '--job', job, '--inputs', self.inputs, '--out', out]
-        for key, value in kw.items():
+        for key, value in dict(kw, threads=self.threads).items():
             argv += [f'--{key}', str(value)]
         proc = subprocess.run(argv, cwd=self.inputs, capture_output=True, text=True, timeout=self.timeout)
         if proc.returncode != 0:
@@ -110,6 +110,10 @@ def main(argv=None):
     parser.add_argument('--iters', type=int, default=3, help='timed training iterations per run (median)')
     parser.add_argument('--decode_iters', type=int, default=3, help='timed batch-50 decodes per run (median)')
     parser.add_argument('--quick', action='store_true', help='fewer iterations (a smoke test of the script)')
+    parser.add_argument('--threads', type=int, default=0,
+                        help="torch threads in every worker (default: torch's, the cores); 1 is steadier when other "
+                             'jobs share the cores (a 2-thread GEMM waits for its slower thread)')
+    parser.add_argument('--key', default='compare', help='the key of bench/results.json to write')
     args = parser.parse_args(argv)
     only = [x for x in (args.only.split(',') if args.only else ALL) if x]
     if args.quick:
@@ -119,11 +123,12 @@ def main(argv=None):
     print(f"compare {BASE} vs this tree on {info['cpu']}, {info['cores']} cores, torch {info['torch']}")
     if busy:
         print(f'WARNING: other CPU-heavy processes are running, timings are disturbed: {busy}')
-    results = {'machine': info, 'base': BASE, 'busy_at_start': busy, 'quick': args.quick}
+    results = {'machine': info, 'base': BASE, 'busy_at_start': busy, 'quick': args.quick,
+               'threads': args.threads or info['threads']}
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix='satic-compare-') as inputs, base_worktree() as old:
         prepare_inputs(inputs, args.quick)
-        run = Runner(inputs)
+        run = Runner(inputs, threads=args.threads)
         new = ROOT
         it, warm = args.iters, 1
         if 'xe' in only or 'sc' in only:
@@ -212,8 +217,8 @@ def main(argv=None):
     print('\ntargets:')
     for name, t in results['targets'].items():
         print(f"  {'MET ' if t['met'] else 'NOT MET'} {name}: {t['text']}")
-    merge_results('compare', results)
-    print(f"wrote \"compare\" into bench/results.json ({results['seconds']:.0f} s)")
+    merge_results(args.key, results)
+    print(f"wrote \"{args.key}\" into bench/results.json ({results['seconds']:.0f} s)")
     return 0
 
 
