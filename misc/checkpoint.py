@@ -272,10 +272,16 @@ def optimizer_step(state):
     return int(max(steps)) if steps else None
 
 
-def effective_k(opt, default=None):
-    """K of the model an opt builds: 'transformer' is K = 1 whatever its K says (reference infos may say otherwise);
-    default when an infos' opt does not say."""
-    return 1 if getattr(opt, 'caption_model', 'sat') == 'transformer' else getattr(opt, 'K', default)
+def resolved(opt):
+    """A resolved copy of an options Namespace (a run's, or an infos file's, perhaps the reference's): the options
+    it lacks at their defaults and the K rule applied (opts.fill_defaults)."""
+    from opts import fill_defaults
+    return fill_defaults(argparse.Namespace(**vars(opt)))
+
+
+def effective_k(opt):
+    """K of the model an opt builds ('transformer' is K = 1 whatever its K says: opts.model_k)."""
+    return resolved(opt).K
 
 
 def describe(infos, state_dict, optimizer_state=None):
@@ -285,7 +291,7 @@ def describe(infos, state_dict, optimizer_state=None):
         fields['optimizer_step'] = optimizer_step(optimizer_state)
     opt = infos.get('opt')
     if opt is not None:
-        fields['K'], fields['caption_model'] = effective_k(opt), getattr(opt, 'caption_model', None)
+        fields['K'], fields['caption_model'] = effective_k(opt), resolved(opt).caption_model
     if isinstance(infos.get('vocab'), dict):
         from misc.fileio import vocab_sha1
         fields['vocab_sha1'] = vocab_sha1(infos['vocab'])
@@ -324,7 +330,7 @@ def check_infos_match(infos, state_dict_or_path=None, optimizer_state=None, voca
             raise SaticError(f'{infos_path} was saved with another vocabulary than this data\'s: use the '
                              'cocotalk.json the checkpoint was trained with')
     if opt is not None:
-        for key, ours in (('caption_model', getattr(opt, 'caption_model', None)), ('K', effective_k(opt))):
+        for key, ours in (('caption_model', resolved(opt).caption_model), ('K', effective_k(opt))):
             if infos.get(key) is not None and ours is not None and infos[key] != ours:
                 raise SaticError(f'{infos_path} belongs to a model with {key}={infos[key]}, not {key}={ours}')
     return infos
@@ -673,10 +679,9 @@ def load_run(folder, run_id, opt, vocab):
         raise SaticError(f"--start_from {folder}: no infos_{run_id}.pkl there; --id must name the run "
                          f"saved in that folder (save/copy_model.sh renames it when you copy a run)")
     saved.infos = load_pickle(saved.infos_path)
-    theirs_opt = saved.infos['opt']
+    theirs_opt = resolved(saved.infos['opt'])
     for key in MUST_MATCH:
-        ours, theirs = (effective_k(opt, 1), effective_k(theirs_opt, 1)) if key == 'K' else \
-            (getattr(opt, key), getattr(theirs_opt, key, getattr(opt, key)))
+        ours, theirs = vars(resolved(opt))[key], vars(theirs_opt)[key]
         if ours != theirs:
             raise SaticError(f"--{key} {ours} disagrees with the checkpoint in {folder} "
                              f"(trained with {key}={theirs}): use the same value or another folder")
