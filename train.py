@@ -64,9 +64,26 @@ def run_options(opt, loader):
     return argparse.Namespace(**{**vars(opt), 'vocab_size': loader.vocab_size, 'seq_length': loader.seq_length})
 
 
-def build_model(opt, device, saved=None):
+def check_init_from(path, state, vocab):
+    """--init_from's infos file (found beside it as for a teacher; none or several: nothing to check) must be
+    for this model file and, when it records one, for this data's vocabulary (a same-size vocabulary in another
+    order would load silently)."""
+    from misc.checkpoint import check_infos_match, load_pickle
+    from misc.teacher import default_infos_path
+    try:
+        infos_path = default_infos_path(path)
+    except SaticError:
+        return
+    infos = load_pickle(infos_path)
+    check_infos_match(infos, state, vocab=vocab, infos_path=infos_path, model_path=path)
+    if vocab is not None and isinstance(infos.get('vocab'), dict) and infos['vocab'] != vocab:
+        raise SaticError(f'--init_from {path}: its infos {infos_path} has another vocabulary than this data: '
+                         'initialise from a checkpoint trained on the same cocotalk.json')
+
+
+def build_model(opt, device, saved=None, vocab=None):
     """The model, its weights from --start_from (saved: a misc.checkpoint.SavedRun), or (SAT, K > 1) from the
-    autoregressive --init_from."""
+    autoregressive --init_from (checked against the infos beside it, when there is one, and this data's vocab)."""
     model = models.setup(opt)
     if saved is not None:
         saved.restore_model(model)
@@ -74,7 +91,9 @@ def build_model(opt, device, saved=None):
         if not os.path.isfile(opt.init_from):
             raise SaticError(f"--init_from {opt.init_from}: not found. SAT (K > 1) starts from an autoregressive "
                              f"checkpoint: train the transformer baseline first (README), or pass --init_from none")
-        models.load_weights(model, load_torch(opt.init_from, 'model'), opt.init_from)
+        state = load_torch(opt.init_from, 'model')
+        check_init_from(opt.init_from, state, vocab)
+        models.load_weights(model, state, opt.init_from)
         print(f'initialised from the autoregressive checkpoint {opt.init_from}')
     model = model.to(device)
     if opt.compile:  # (ours) opt-in: compiled on the first iterations (README, "Speed options")
@@ -256,7 +275,7 @@ def build_run(opt, world, signals, cleanup):
     if opt.language_eval:
         from misc.coco_eval import check_ready
         run_on_main(lambda: check_ready(opt.ref_json), world, 'the set-up')  # Java and references: rank 0's job
-    model = build_model(run_opt, world.device, saved)
+    model = build_model(run_opt, world.device, saved, vocab)
     loss_wrapper = LossWrapper(model, run_opt, teacher=build_teacher(run_opt, vocab, world.device))
     if self_critical_ahead(opt, saved.epoch if saved else 0):
         loss_wrapper.load_reward()  # a missing --cached_tokens fails now, not epochs into the run

@@ -434,3 +434,21 @@ def test_nonsense_options_exit_2_with_one_line(argv, fragment, tmp_path):
 def test_argparse_errors_exit_2(tmp_path):
     rc, _, err = run_main(['--max_epochs', 'five'], tmp_path)
     assert rc == 2 and 'invalid int value' in err
+
+
+def test_init_from_a_checkpoint_of_another_vocabulary_is_refused(tiny_dataset, tmp_path):
+    """A same-size vocabulary in another order would load silently: the infos beside --init_from is checked."""
+    import json
+    from tests.helpers import assert_one_line_error, run_main, targs, tiny_checkpoint
+    with open(tiny_dataset.input_json) as f:
+        vocab = json.load(f)['ix_to_word']
+    words = list(vocab.values())
+    permuted = dict(zip(vocab, words[1:] + words[:1]))
+    args = ['--caption_model', 'sat', '--K', '2', '--max_iters', '1']
+    for name, saved_vocab, fits in (('same', vocab, True), ('permuted', permuted, False)):
+        model_path, _ = tiny_checkpoint(tiny_dataset, str(tmp_path / name), vocab=saved_vocab)
+        result = run_main(targs(tiny_dataset, tmp_path / f'run-{name}', *args, '--init_from', model_path), tmp_path)
+        if fits:
+            assert result[0] == 0, result[2]
+        else:
+            assert_one_line_error(result, f'--init_from {model_path}', 'another vocabulary')
