@@ -19,7 +19,8 @@ from misc.errors import SaticError
 def load_checkpoint(eval_opt):
     """(model in eval mode on its device, resolved options, infos) of --model and --infos_path, checked to agree."""
     import models
-    from misc.checkpoint import check_infos_match, load_pickle, recover_folder
+    from misc.checkpoint import check_infos_match, recover_folder
+    from misc.fileio import load_pickle
     from misc.utils import resolve_device
     from opts import resolve_eval_options
     recover_folder(os.path.dirname(eval_opt.model) or '.')  # finishes a save that a kill cut between its renames

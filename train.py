@@ -30,8 +30,8 @@ import torch.distributed as dist
 
 import models
 from misc import optim
-from misc.checkpoint import (CheckpointError, CheckpointSaver, ResumePoint, check_writable_dir, histories_of,
-                             load_run, load_torch, recover_checkpoint, rng_state)
+from misc.checkpoint import CheckpointError, CheckpointSaver, ResumePoint, check_writable_dir, histories_of, load_run, recover_checkpoint, rng_state
+from misc.fileio import load_torch
 from misc.distributed import World, all_gather_objects, run_everywhere, run_on_main, setup_distributed, shutdown
 from misc.errors import SaticError
 from misc.evaluation import evaluate
@@ -68,7 +68,8 @@ def check_init_from(path, state, vocab):
     """--init_from's infos file (found beside it as for a teacher; none or several: nothing to check) must be
     for this model file and, when it records one, for this data's vocabulary (a same-size vocabulary in another
     order would load silently)."""
-    from misc.checkpoint import check_infos_match, load_pickle
+    from misc.checkpoint import check_infos_match
+    from misc.fileio import load_pickle
     from misc.teacher import default_infos_path
     try:
         infos_path = default_infos_path(path)

@@ -51,7 +51,7 @@ def load_cached_tokens(path):
     found = next((p for p in candidates if os.path.isfile(p)), None)
     if found is None:
         raise SaticError('cached tokens file %s not found: build it with %s' % (candidates[0], PREPRO_NGRAMS_COMMAND))
-    from misc.checkpoint import load_pickle  # (imports torch: not at module level)
+    from misc.fileio import load_pickle  # (imports torch: not at module level)
     try:  # never plain pickle.load: a crafted file would run code; this admits only containers and numbers
         data = load_pickle(found)
     except SaticError as e:

@@ -288,7 +288,7 @@ def language_eval(predictions, ref_json, split_name=None, out_path=None, spice='
 
 def _write_json_atomic(path, obj):
     """Through a temp file + rename; an interrupted write leaves neither half a JSON nor the temp file."""
-    from misc.checkpoint import atomic_write
+    from misc.fileio import atomic_write
     atomic_write(path, lambda f: f.write(json.dumps(obj).encode('utf-8')))
 
 

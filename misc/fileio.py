@@ -3,12 +3,15 @@ feature-array readers, the vocabulary fingerprint, progress output for long jobs
 turns a SaticError into one line and exit status 2."""
 import hashlib
 import json
+import os
+import pickle
 import sys
+import tempfile
 import time
 
 import numpy as np
 
-from misc.errors import SaticError
+from misc.errors import CheckpointError, SaticError
 
 
 # Seconds between progress lines when stderr is not a terminal (log files, cluster jobs); a terminal gets a tqdm bar.
@@ -120,9 +123,8 @@ def read_json(path, what='json file'):
 
 
 def write_json(obj, path):
-    """Write json atomically (misc.checkpoint.atomic_write: temp file + fsync + rename, umask permissions), creating
+    """Write json atomically (atomic_write: temp file + fsync + rename, umask permissions), creating
     the folder."""
-    from misc.checkpoint import atomic_write
     text = json.dumps(obj)  # json.dumps runs the C encoder; json.dump the (slow) Python one
     atomic_write(path, lambda f: f.write(text.encode('utf-8')))
 
@@ -148,3 +150,199 @@ def read_array(source):
         with data:
             return data['feat'] if 'feat' in data.files else data['z']
     return data
+
+
+# ---- safe loading and atomic writing (checkpoints, infos, json, everything the project writes) ----
+_SAFE_GLOBALS = {
+    ('argparse', 'Namespace'),
+    ('collections', 'OrderedDict'),
+    ('collections', 'defaultdict'),
+    ('builtins', 'dict'), ('builtins', 'list'), ('builtins', 'tuple'), ('builtins', 'set'),
+    ('builtins', 'frozenset'), ('builtins', 'int'), ('builtins', 'float'), ('builtins', 'complex'),
+    ('builtins', 'str'), ('builtins', 'bytes'), ('builtins', 'bool'), ('builtins', 'bytearray'),
+    ('__builtin__', 'dict'), ('__builtin__', 'list'), ('__builtin__', 'set'), ('__builtin__', 'frozenset'),
+    ('__builtin__', 'int'), ('__builtin__', 'long'), ('__builtin__', 'float'), ('__builtin__', 'unicode'),
+    ('__builtin__', 'str'), ('__builtin__', 'bool'),
+    ('copy_reg', '_reconstructor'), ('copyreg', '_reconstructor'),  # plain objects of the classes above
+    ('_codecs', 'encode'),  # how protocol 2 stores bytes (numpy array buffers)
+    ('__builtin__', 'object'), ('builtins', 'object'),
+    # numpy arrays and scalars, under the module names numpy 1.x and 2.x pickle them with
+    ('numpy', 'ndarray'), ('numpy', 'dtype'),
+    ('numpy.core.multiarray', '_reconstruct'), ('numpy.core.multiarray', 'scalar'),
+    ('numpy._core.multiarray', '_reconstruct'), ('numpy._core.multiarray', 'scalar'),
+}
+_NUMPY2 = int(np.__version__.split('.')[0]) >= 2
+_PY2_NAMES = {('__builtin__', 'long'): ('builtins', 'int'), ('__builtin__', 'unicode'): ('builtins', 'str')}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, file, path, **kwargs):
+        super().__init__(file, **kwargs)
+        self.path = path
+
+    def find_class(self, module, name):
+        if (module, name) in _SAFE_GLOBALS:
+            module, name = _PY2_NAMES.get((module, name), (module, name))
+            module = {'__builtin__': 'builtins', 'copy_reg': 'copyreg'}.get(module, module)
+            if module.startswith('numpy.core.') and _NUMPY2:
+                module = 'numpy._core.' + module[len('numpy.core.'):]
+            return super().find_class(module, name)
+        raise SaticError(f"{self.path}: refusing to unpickle {module}.{name} (infos/histories files hold only "
+                         f"options, vocabulary, numbers and arrays); if you trust this file, inspect it by hand")
+
+
+def load_pickle(path):
+    """Load an infos/histories pickle safely, with the latin-1 fallback for files written by Python 2."""
+    if not os.path.isfile(path):
+        raise SaticError(f"{path}: file not found")
+    for encoding in ('ASCII', 'latin1'):
+        try:
+            with open(path, 'rb') as f:
+                return _RestrictedUnpickler(f, path, encoding=encoding).load()
+        except UnicodeDecodeError:
+            continue
+        except SaticError:
+            raise
+        except Exception as e:  # truncated or not a pickle
+            raise SaticError(f"{path}: not a readable pickle ({type(e).__name__}: {e}); the file is damaged")
+    raise SaticError(f"{path}: cannot decode this pickle's strings")
+
+
+# ----------------------------------------------------------------------------------------------- file permissions
+def _read_umask():
+    """The process umask, without changing it when /proc tells it (os.umask(0) + restore briefly affects threads)."""
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('Umask:'):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
+
+
+def file_mode():
+    """Permissions of a new file: 0666 & ~umask (0644 under umask 022), as open() gives; mkstemp gives 0600."""
+    return 0o666 & ~_read_umask()
+
+
+def temp_file(path):
+    """(fd, temp path) of a new hidden temp file next to path (same file system: os.replace is atomic)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
+    try:
+        os.chmod(tmp, file_mode())
+    except OSError:
+        pass
+    return fd, tmp
+
+
+def fsync_dir(folder):
+    """Make renames in folder durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class _HashingWriter:
+    """A write-only file object that also counts and hashes what goes through it."""
+
+    def __init__(self, f):
+        self.f, self.sha1, self.size = f, hashlib.sha1(), 0
+
+    def write(self, data):
+        self.sha1.update(data)
+        self.size += memoryview(data).nbytes
+        return self.f.write(data)
+
+    def flush(self):
+        self.f.flush()
+
+
+def remove_quietly(paths):
+    """Remove the temp files of a failed save (those that exist; None entries skipped)."""
+    for path in paths:
+        try:
+            if path and os.path.exists(path):
+                os.remove(path)
+        except OSError:
+            pass
+
+
+def write_temp_files(items, failure_note=''):
+    """items: [(path, write(f))] -> [(path, temp path, size, sha1)], each temp written and fsync'ed.
+
+    Any failure removes the temps written so far; an OSError (disk full, permission...) becomes a one-line
+    CheckpointError naming the file being written."""
+    written, path = [], None
+    try:
+        for path, write in items:
+            fd, tmp = temp_file(path)
+            written.append((path, tmp, 0, ''))
+            with os.fdopen(fd, 'wb') as f:
+                writer = _HashingWriter(f)
+                write(writer)
+                f.flush()
+                os.fsync(f.fileno())
+            written[-1] = (path, tmp, writer.size, writer.sha1.hexdigest())
+        return written
+    except BaseException as e:
+        remove_quietly(tmp for _, tmp, _, _ in written)
+        if isinstance(e, OSError):
+            raise CheckpointError(f'{e.strerror or e} writing {path}{failure_note}') from None
+        raise
+
+
+def atomic_write_many(items):
+    """items: [(path, write(f))]. Every file is written to a temp file first, then all are renamed into place:
+    a crash while writing (the slow part) leaves every previous file intact. (Checkpoints use save_checkpoint,
+    whose manifest also makes the renames one commit.)"""
+    written = write_temp_files(items)
+    try:
+        for path, tmp, _, _ in written:
+            os.replace(tmp, path)
+    except BaseException:
+        for _, tmp, _, _ in written:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        raise
+    for folder in {os.path.dirname(os.path.abspath(path)) for path, _ in items}:
+        fsync_dir(folder)
+
+
+def atomic_write(path, write):
+    """write(f) into path through a temp file + rename: a crash leaves the previous file intact."""
+    atomic_write_many([(path, write)])
+
+
+def save_pickle(obj, path):
+    """Pickle protocol 2 (as the reference), written atomically."""
+    atomic_write(path, lambda f: pickle.dump(obj, f, protocol=2))
+
+
+def save_torch(obj, path):
+    import torch
+    """torch.save, written atomically."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def load_torch(path, what='checkpoint'):
+    import torch
+    """torch.load(weights_only=True) onto the CPU, with a one-line error for a missing or damaged file."""
+    if not os.path.isfile(path):
+        raise SaticError(f"{what} {path}: file not found")
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise SaticError(f"{what} {path}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                         f"the file is damaged or not a PyTorch checkpoint")

@@ -40,7 +40,7 @@ def load_teacher(opt, vocab, device=None):
     """The frozen teacher model for opt (--teacher_model, --teacher_infos, --teacher_caption_model,
     --teacher_eval_mode), checked against the student's vocabulary and region feature size."""
     import models
-    from misc.checkpoint import load_pickle, load_torch
+    from misc.fileio import load_pickle, load_torch
     from opts import fill_defaults
     path = opt.teacher_model
     if not os.path.isfile(path):

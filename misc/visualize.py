@@ -67,6 +67,6 @@ beam size {opt.beam_size}.</p>
 """
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, 'index.html')
-    from misc.checkpoint import atomic_write
+    from misc.fileio import atomic_write
     atomic_write(path, lambda f: f.write(page.encode('utf-8')))
     return path

@@ -79,5 +79,5 @@ def load_weights(model, state_dict, source):
 
 def load(model_path, opt, what='model'):
     """setup(opt) with the weights of the model.pth at model_path (safe loading, sizes checked), on the CPU."""
-    from misc.checkpoint import load_torch
+    from misc.fileio import load_torch
     return load_weights(setup(opt), load_torch(model_path, what), model_path)

@@ -89,8 +89,8 @@ def encode_captions(captions_per_image, wtoi, max_length, where):
 
 def write_label_h5(path, labels, start_ix, end_ix, lengths, ix_to_word):
     """Write the label h5 (uint32 datasets) with the vocabulary attrs; atomically (built in memory: about 40 MB on
-    COCO, then misc.checkpoint.atomic_write)."""
-    from misc.checkpoint import atomic_write
+    COCO, then misc.fileio.atomic_write)."""
+    from misc.fileio import atomic_write
     buffer = io.BytesIO()
     with h5py.File(buffer, 'w') as f:
         f.create_dataset('labels', dtype='uint32', data=labels)

@@ -80,8 +80,8 @@ def parse_args(argv=None):
 
 
 def write_pickle(obj, path):
-    """Pickle protocol 2 (as the reference), written atomically (misc.checkpoint.save_pickle)."""
-    from misc.checkpoint import save_pickle
+    """Pickle protocol 2 (as the reference), written atomically (misc.fileio.save_pickle)."""
+    from misc.fileio import save_pickle
     save_pickle(obj, path)
 
 

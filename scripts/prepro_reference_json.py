@@ -49,7 +49,7 @@ def open_coco_captions(name='captions_val2014.json'):
 
 
 def extract(name, output_json):
-    from misc.checkpoint import atomic_write
+    from misc.fileio import atomic_write
     with open_coco_captions(name) as src:
         atomic_write(output_json, lambda dst: shutil.copyfileobj(src, dst, 1 << 20))
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 import models
-from misc.checkpoint import save_pickle, save_torch
+from misc.fileio import save_pickle, save_torch
 
 from scripts import dump_to_lmdb, make_bu_data, prepro_labels, prepro_ngrams, prepro_reference_json
 from scripts.make_demo_data import ConceptFeatures

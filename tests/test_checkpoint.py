@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from misc.checkpoint import load_pickle, load_torch, save_checkpoint, save_pickle, save_torch
+from misc.checkpoint import save_checkpoint
+from misc.fileio import load_pickle, load_torch, save_pickle, save_torch
 from misc.errors import SaticError
 
 CONFORMANCE = Path(__file__).resolve().parents[1].parent / 'shared' / 'conformance'
@@ -103,7 +104,7 @@ def _tiny_run(tmp_path, iteration=3, best=True):
 
 @pytest.mark.parametrize('umask, mode', [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_written_files_honour_the_umask(tmp_path, umask, mode):
-    from misc.checkpoint import atomic_write
+    from misc.fileio import atomic_write
     old = os.umask(umask)
     try:
         _tiny_run(tmp_path)

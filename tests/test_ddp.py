@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from misc.checkpoint import load_pickle
+from misc.fileio import load_pickle
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from misc.checkpoint import load_pickle, load_torch
+from misc.fileio import load_pickle, load_torch
 
 REPO = Path(__file__).resolve().parents[1]
 

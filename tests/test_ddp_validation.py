@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from misc.checkpoint import load_pickle
+from misc.fileio import load_pickle
 from misc.cider_d import corpus_cider_d
 from tests.helpers import targs
 

@@ -19,7 +19,7 @@ import torch
 import models
 import opts
 import train
-from misc.checkpoint import load_pickle, load_torch, save_pickle
+from misc.fileio import load_pickle, load_torch, save_pickle
 from misc.cider_d import CiderD, ngram_counts
 from misc.errors import SaticError
 from misc.loss_wrapper import LossWrapper

@@ -10,7 +10,7 @@ import torch
 
 import models.transformer as transformer
 import train
-from misc.checkpoint import load_pickle, load_torch
+from misc.fileio import load_pickle, load_torch
 from misc.distributed import World
 from models.sat import SATModel
 from tests.helpers import assert_one_line_error, run_main, targs

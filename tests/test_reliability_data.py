@@ -17,7 +17,7 @@ import pytest
 import eval as eval_script
 from dataloader import DataLoader
 from misc import coco_eval
-from misc.checkpoint import atomic_write
+from misc.fileio import atomic_write
 from misc.cider_d import CiderD, load_cached_tokens
 from misc.errors import SaticError
 from models.sat import SATModel
@@ -330,7 +330,7 @@ def _atomic_write_honours_umask(tmp_path):
 @pytest.mark.parametrize('umask', [0o022, 0o027])
 def test_script_outputs_honour_the_umask(tmp_path, monkeypatch, umask):
     if not _atomic_write_honours_umask(tmp_path):
-        pytest.skip('misc.checkpoint.atomic_write does not honour the umask yet')
+        pytest.skip('misc.fileio.atomic_write does not honour the umask yet')
     old = os.umask(umask)
     try:
         ds = make_tiny_dataset(tmp_path / 'data', n_train=3, n_val=1, n_test=1, feat_dim=4,

@@ -9,7 +9,7 @@ import numpy as np
 
 import eval as eval_script
 import train
-from misc.checkpoint import load_pickle
+from misc.fileio import load_pickle
 from scripts import prepro_labels_seqKD
 from tests.test_train import make_scene_dataset, run_main, working_dir
 

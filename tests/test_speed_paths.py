@@ -224,7 +224,7 @@ def trained_checkpoint(tiny_dataset, tmp_path_factory):
 
     import models
     from dataloader import DataLoader, repeat_per_caption
-    from misc.checkpoint import save_pickle, save_torch
+    from misc.fileio import save_pickle, save_torch
     from misc.losses import LanguageModelCriterion
     folder = tmp_path_factory.mktemp('ckpt_int8')
     with open(tiny_dataset.input_json) as f:

@@ -31,7 +31,7 @@ import eval as eval_script
 import models
 import train
 from dataloader import DataLoader
-from misc.checkpoint import load_pickle, load_torch
+from misc.fileio import load_pickle, load_torch
 from misc.cider_d import corpus_cider_d
 from misc.coco_eval import java_available
 from misc.evaluation import evaluate
@@ -324,11 +324,11 @@ def test_kill_9_then_start_from_continues_exactly(scene, tmp_path):
 KILL_DURING_SECOND_SAVE = '''
 import os, signal, sys
 sys.path.insert(0, {repo!r})
-import misc.checkpoint as checkpoint
+import misc.fileio as fileio
 import train
 
 mode = os.environ['KILL_MODE']
-original_write, original_replace, state = checkpoint._write_temps, os.replace, dict(saves=0, committed=0, renames=0)
+original_write, original_replace, state = fileio.write_temp_files, os.replace, dict(saves=0, committed=0, renames=0)
 
 
 def write_temps(items, note=''):
@@ -358,7 +358,7 @@ def replace(src, dst, *args, **kwargs):
     return original_replace(src, dst, *args, **kwargs)
 
 
-checkpoint._write_temps, os.replace = write_temps, replace
+fileio.write_temp_files, os.replace = write_temps, replace
 sys.exit(train.main(sys.argv[1:]))
 '''
 
@@ -593,7 +593,7 @@ def test_cider_reward_weight_scales_the_reward(scene):
 
 def test_transformer_infos_with_any_k_resume_as_k1(scene, stage1, tmp_path):
     """A reference transformer's infos may carry the default --K: it is still the K=1 model."""
-    from misc.checkpoint import save_pickle
+    from misc.fileio import save_pickle
     folder, run_id, _ = stage1
     copy = str(tmp_path / 'copy')
     shutil.copytree(folder, copy)
