@@ -1,5 +1,6 @@
 """Shared fixtures: one torch thread for every test, and `tiny_dataset` (tests/helpers.py), one per test session."""
 import argparse
+import signal
 
 import pytest
 import torch
@@ -27,6 +28,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers_restored():
+    """A test that runs train.py in-process must not leave SIGINT/SIGTERM changed for the next ones (a subprocess
+    inherits an ignored SIGINT)."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for signum, handler in saved.items():
+        if signal.getsignal(signum) is not handler:
+            signal.signal(signum, handler)
 
 
 @pytest.fixture(scope='session')

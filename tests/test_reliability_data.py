@@ -106,7 +106,9 @@ def test_prepro_ngrams_output_loads(tiny_dataset):
 
 
 METEOR_SCRIPT = r'''
-import json, random, sys
+import json, random, signal, sys
+# Ctrl-C as in a terminal: a job started in the background (CI, nohup) inherits SIGINT ignored.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path.insert(0, %(repo)r)
 from misc import coco_eval
 n = 3000  # METEOR busy for several seconds
