@@ -26,6 +26,7 @@ from common import PAPER, machine, median_ms, merge_results, other_load, paper_m
 from reward import label_rows, write_cached_tokens  # noqa: E402
 from misc import optim  # noqa: E402
 from misc.loss_wrapper import LossWrapper  # noqa: E402
+import train  # noqa: E402
 from models.decode_config import DecodeConfig  # noqa: E402
 
 REFERENCE_S_PER_ITER = {'xe': 2.5, 'sc': 11.5}  # reference code, this machine class (from the issue)
@@ -97,12 +98,8 @@ def main(argv=None):
             optimizer = optim.build(model, opt)
             sc = mode == 'sc'
 
-            def iteration():
-                optimizer.zero_grad()
-                out = wrapper(batch, sc)
-                out['loss'].backward()
-                optim.clamp_gradients(model.parameters(), opt.grad_clip)
-                optimizer.step()
+            def iteration():  # train.py's own step: forward, backward, guard, clamp, update
+                train.train_step(wrapper, optimizer, batch, sc, opt)
             ms = median_ms(iteration, iters, warmup=1)
             ref = REFERENCE_S_PER_ITER[mode]
             results[mode] = {'s_per_iter': round(ms / 1000, 3), 'iters_per_s': round(1000 / ms, 3),
