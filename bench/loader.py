@@ -7,8 +7,8 @@ Prints batches/s and merges {"loader": {...}} into bench/results.json.
     python bench/loader.py [--batches 300] [--num_workers 2] [--backends dir,lmdb]
 """
 import argparse
-import json
 import os
+import subprocess
 import sys
 import time
 
@@ -18,7 +18,14 @@ from common import merge_results  # noqa: E402
 
 import opts  # noqa: E402
 from dataloader import DataLoader  # noqa: E402
-from scripts import dump_to_lmdb, make_demo_data  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_STAMP = '.demo_stamp.json'  # written by scripts/make_demo_data.py when the demo data is complete
+
+
+def run_script(name, *args):
+    """python scripts/<name> args (the scripts are a leaf: run, never imported) -> exit status."""
+    return subprocess.run([sys.executable, os.path.join(REPO, 'scripts', name), *args]).returncode
 
 
 def ensure_copies(demo_dir, backend):
@@ -30,10 +37,11 @@ def ensure_copies(demo_dir, backend):
             paths[kind] = folder
             continue
         out = os.path.join(demo_dir, f'cocobu_{kind}.{backend}')
-        stamp = os.path.join(demo_dir, make_demo_data.STAMP)
+        stamp = os.path.join(demo_dir, DEMO_STAMP)
         if not os.path.exists(out) or os.path.getmtime(out) < os.path.getmtime(stamp):
-            dump_to_lmdb.run(dump_to_lmdb.parse_args(['--input_json', os.path.join(demo_dir, 'cocotalk.json'),
-                                                      '--folder', folder, '--output_file', out]))
+            if run_script('dump_to_lmdb.py', '--input_json', os.path.join(demo_dir, 'cocotalk.json'),
+                          '--folder', folder, '--output_file', out) != 0:
+                raise SystemExit(f'bench/loader.py: dumping {folder} to {out} failed')
         paths[kind] = out
     return paths
 
@@ -66,7 +74,7 @@ def main(argv=None):
     parser.add_argument('--backends', default='dir,lmdb', help='comma-separated: dir, lmdb, h5')
     parser.add_argument('--results', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results.json'))
     args = parser.parse_args(argv)
-    if make_demo_data.main(['--output_dir', args.demo_dir]) != 0:
+    if run_script('make_demo_data.py', '--output_dir', args.demo_dir) != 0:
         return 2
     numbers = {'batch_size': args.batch_size, 'seq_per_img': args.seq_per_img, 'num_workers': args.num_workers,
                'batches': args.batches, 'cpu_count': os.cpu_count()}
