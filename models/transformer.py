@@ -70,7 +70,7 @@ def reference_layer_norm(x, a, b, eps):
     """The reference layer norm, a * (x - mean) / (std + eps) + b with the UNBIASED std, in few passes.
 
     Under torch.compile the plain formula (inductor fuses it into one kernel); with gradients the hand-written
-    backward above; without, centre + norm + scale + affine (see _center_and_std).
+    backward above; without, centre + norm (see _center_and_std), then a * centred / (std + eps) + b.
     """
     # Under autocast (--bf16/--fp16) x arrives in half precision: normalise in the parameters' dtype (float32), as
     # autocast runs torch's layer_norm; in float16 a zero row's 1 / (0 + eps) = 1e6 would overflow to inf.
@@ -81,7 +81,9 @@ def reference_layer_norm(x, a, b, eps):
     if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad):
         return _ReferenceLayerNorm.apply(x, a, b, eps)
     centred, std = _center_and_std(x)
-    return torch.addcmul(b, a, centred.mul_((std + eps).reciprocal_()))
+    # the reference's order of operations, a * (x - mean) then / (std + eps), then + b; the in-place scalar add
+    # avoids the scalar-to-tensor copy an out-of-place `std + eps` makes (this runs 19 times per decoding step)
+    return torch.addcdiv(b, centred.mul_(a), std.add_(eps))
 
 
 class LayerNorm(nn.Module):
@@ -320,7 +322,7 @@ class Embeddings(nn.Module):
         self.d_model = d_model
 
     def forward(self, x):
-        return self.lut(x) * math.sqrt(self.d_model)
+        return self.lut(x).mul_(math.sqrt(self.d_model))  # in place on the lookup's fresh output
 
 
 class PositionalEncoding(nn.Module):
