@@ -62,6 +62,7 @@ class Packing:
             self.attn_mask = valid[:, None, None, :]  # (B, 1, 1, N)
         self.groups = None
         self.rows = self.images = None  # set on the groups of a grouped Packing
+        self._query_rows = {}
 
     def grouped(self, max_groups=4, min_saving=0.15, min_batch=8):
         """Split the images into up to max_groups groups of similar extent (last real position + 1), contiguous
@@ -99,10 +100,15 @@ class Packing:
         return self
 
     def query_rows(self, fold):
-        """A group's rows among S = B * fold decoding rows (fold rows per image, one after the other)."""
+        """A group's rows among S = B * fold decoding rows (fold rows per image, one after the other); built once
+        per fold (decoding asks at every step and layer)."""
         if fold == 1:
             return self.images
-        return (self.images.unsqueeze(1) * fold + torch.arange(fold, device=self.images.device)).reshape(-1)
+        rows = self._query_rows.get(fold)
+        if rows is None:
+            rows = (self.images.unsqueeze(1) * fold + torch.arange(fold, device=self.images.device)).reshape(-1)
+            self._query_rows[fold] = rows
+        return rows
 
     def pad(self, x):
         """(M, C) -> (B, N, C), zeros at padding."""
