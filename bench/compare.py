@@ -95,10 +95,13 @@ class Runner:
         return result
 
 
+ROUNDS = 1
+
+
 def abba(run, old, new, job, key, **kw):
-    """old, new, new, old: each side's runs and its best median (seconds or ms, as `key`)."""
+    """old, new, new, old (ROUNDS times): each side's runs and its best median (seconds or ms, as `key`)."""
     runs = {'old': [], 'new': []}
-    for side in ('old', 'new', 'new', 'old'):
+    for side in ('old', 'new', 'new', 'old') * ROUNDS:
         runs[side].append(run(old if side == 'old' else new, job, **kw))
         print(f"    {job} {kw} {side}: {runs[side][-1][key]:.3f}", flush=True)
     return {side: min(r[key] for r in rs) for side, rs in runs.items()}, runs
@@ -114,7 +117,10 @@ def main(argv=None):
                         help="torch threads in every worker (default: torch's, the cores); 1 is steadier when other "
                              'jobs share the cores (a 2-thread GEMM waits for its slower thread)')
     parser.add_argument('--key', default='compare', help='the key of bench/results.json to write')
+    parser.add_argument('--rounds', type=int, default=1, help='old/new/new/old repeated this many times')
     args = parser.parse_args(argv)
+    global ROUNDS
+    ROUNDS = args.rounds
     only = [x for x in (args.only.split(',') if args.only else ALL) if x]
     if args.quick:
         args.iters = args.decode_iters = 1
@@ -176,30 +182,45 @@ def main(argv=None):
                       f"identical tokens {same}", flush=True)
         if 'b1' in only:
             print('\nb1: greedy decoding, batch 1 (fp32 old/new, int8 new), floors', flush=True)
-            from decode import floor_ms
             model = paper_model(1)
-            floors = {r: floor_ms(model, r, 20) for r in (1, 2)}
+            floors = {r: floor_min_ms(model, r) for r in (1, 2)}
             del model
             results['floor_ms'] = floors
             for k in (1, 2):
                 row = {}
-                for side, root in (('old', old), ('new', new), ('new', new), ('old', old)):
+                for side, root in (('old', old), ('new', new), ('new', new), ('old', old)) * args.rounds:
                     r = run(root, 'decode', K=k, batch=1, iters=7, warmup=2)
-                    row[side] = min(row.get(side, 1e9), r['ms'])
+                    if r['ms'] < row.get(side, 1e9):
+                        row[side], row[f'{side}_encode'] = r['ms'], r['encode_ms']
                     row[f'{side}_seq'] = r['seq']
-                q = [run(new, 'decode', K=k, batch=1, iters=7, warmup=2, quantize='int8') for _ in range(2)]
-                int8 = min(x['ms'] for x in q)
+                q = [run(new, 'decode', K=k, batch=1, iters=7, warmup=2, quantize='int8') for _ in range(2 * args.rounds)]
+                best = min(q, key=lambda x: x['ms'])
+                int8, int8_encode = best['ms'], best['encode_ms']
                 agree = float((q[0]['seq'] == row['new_seq']).float().mean())
-                results[f'b1_K{k}'] = {'old_ms': row['old'], 'new_ms': row['new'], 'int8_ms': int8,
-                                       'int8_speedup': row['new'] / int8, 'int8_token_agreement': agree,
-                                       'same_tokens_old_new': bool(torch.equal(row['old_seq'], row['new_seq']))}
-                print(f"  K={k}: old {row['old']:.1f} ms, new {row['new']:.1f} ms, int8 {int8:.1f} ms "
-                      f"({row['new'] / int8:.2f}x fp32), int8 token agreement {100 * agree:.0f}%", flush=True)
-            k1, k2 = results['b1_K1']['new_ms'], results['b1_K2']['new_ms']
+                steps = 20 // k
+                results[f'b1_K{k}'] = {
+                    'old_ms': row['old'], 'new_ms': row['new'], 'int8_ms': int8, 'int8_speedup': row['new'] / int8,
+                    'int8_token_agreement': agree, 'same_tokens_old_new': bool(torch.equal(row['old_seq'], row['new_seq'])),
+                    'old_encode_ms': row['old_encode'], 'new_encode_ms': row['new_encode'], 'int8_encode_ms': int8_encode,
+                    'new_ms_per_step': (row['new'] - row['new_encode']) / steps,
+                    'int8_ms_per_step': (int8 - int8_encode) / steps,
+                    'old_ms_per_step': (row['old'] - row['old_encode']) / steps}
+                x = results[f'b1_K{k}']
+                print(f"  K={k}: old {row['old']:.1f} ms, new {row['new']:.1f} ms (encoder {row['new_encode']:.1f}, "
+                      f"{x['new_ms_per_step']:.2f} ms/step), int8 {int8:.1f} ms (encoder {int8_encode:.1f}, "
+                      f"{x['int8_ms_per_step']:.2f} ms/step; {row['new'] / int8:.2f}x fp32), int8 token agreement "
+                      f"{100 * agree:.0f}%", flush=True)
+            k1, k2 = results['b1_K1'], results['b1_K2']
             allowed = (20 * floors[1]) / (10 * floors[2])
-            results['sat_gain'] = {'gain': k1 / k2, 'floor_ratio': allowed, 'share': (k1 / k2) / allowed}
-            print(f"  SAT K=2 vs K=1: gain {k1 / k2:.2f}x, the floor allows {allowed:.2f}x "
-                  f"({100 * (k1 / k2) / allowed:.0f}%)")
+            gain = k1['new_ms'] / k2['new_ms']
+            step_gain = (20 * k1['new_ms_per_step']) / (10 * k2['new_ms_per_step'])
+            results['sat_gain'] = {'gain': gain, 'floor_ratio': allowed, 'share': gain / allowed,
+                                   'step_gain': step_gain, 'step_share': step_gain / allowed,
+                                   'step_x_floor': {1: k1['new_ms_per_step'] / floors[1],
+                                                    2: k2['new_ms_per_step'] / floors[2]}}
+            print(f"  SAT K=2 vs K=1: decoding steps {step_gain:.2f}x faster, the floor allows {allowed:.2f}x "
+                  f"({100 * step_gain / allowed:.0f}%); whole decode (encoder included) {gain:.2f}x "
+                  f"({100 * gain / allowed:.0f}%)")
         if 'bf16' in only:
             print('\nbf16: autocast bfloat16 vs fp32 (this tree), greedy K=1', flush=True)
             for b in (1, 50):
@@ -220,6 +241,14 @@ def main(argv=None):
     merge_results(args.key, results)
     print(f"wrote \"{args.key}\" into bench/results.json ({results['seconds']:.0f} s)")
     return 0
+
+
+def floor_min_ms(model, rows, repeats=40):
+    """bench/decode.py's per-step floor (the weights a cached step must read, as a chain of F.linear on `rows`
+    rows), the best of `repeats` runs rather than the median: the floor is a lower bound, and other jobs on
+    the cores only ever add time."""
+    from decode import floor_ms
+    return min(floor_ms(model, rows, 1) for _ in range(repeats))
 
 
 def targets(r):
@@ -245,9 +274,11 @@ def targets(r):
                         f"(token agreement {100 * x['int8_token_agreement']:.0f}%)"}
     if 'sat_gain' in r:
         x = r['sat_gain']
-        out['SAT K=2 vs K=1 at batch 1 within 5% of the floor ratio'] = {
-            'met': x['share'] >= 0.95, 'text': f"gain {x['gain']:.2f}x vs floor ratio {x['floor_ratio']:.2f}x "
-                                               f"({100 * x['share']:.0f}%)"}
+        out['SAT K=2 vs K=1 at batch 1 (decoding steps) within 5% of the floor ratio'] = {
+            'met': x['step_share'] >= 0.95,
+            'text': f"steps {x['step_gain']:.2f}x vs floor ratio {x['floor_ratio']:.2f}x ({100 * x['step_share']:.0f}%); "
+                    f"whole decode {x['gain']:.2f}x ({100 * x['share']:.0f}%: the encoder, the same for both, "
+                    f"is not in the floor)"}
     return out
 
 
