@@ -11,7 +11,8 @@ import eval as eval_script
 import train
 from misc.fileio import load_pickle
 from scripts import prepro_labels_seqKD
-from tests.test_train import make_scene_dataset, run_main, working_dir
+from tests.helpers import working_dir
+from tests.test_train import make_scene_dataset, run_main
 
 TEACHER_IMAGES = 50  # of the 200 train images: the others keep their ground truth
 

@@ -39,6 +39,7 @@ from misc.optim import noam_rate
 from models.decode_config import DecodeConfig
 from scripts import make_bu_data, prepro_labels, prepro_labels_seqKD, prepro_ngrams, prepro_reference_json
 from scripts.make_demo_data import ConceptFeatures
+from tests.helpers import assert_one_line_error, working_dir
 
 REPO = Path(__file__).resolve().parents[1]
 CONFORMANCE = REPO.parent / 'shared' / 'conformance'
@@ -117,17 +118,6 @@ def make_scene_dataset(root, n_train=200, n_val=40, n_test=10, feat_dim=32, seed
 @pytest.fixture(scope='module')
 def scene(tmp_path_factory):
     return make_scene_dataset(str(tmp_path_factory.mktemp('scene')))
-
-
-@contextlib.contextmanager
-def working_dir(path):
-    """train.py/eval.py write eval_results/ and vis/ under the current directory: keep them in tmp."""
-    old = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(old)
 
 
 def run_main(main, argv):
@@ -478,16 +468,6 @@ def test_reference_checkpoint_resumes_xe_and_self_critical(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- bad input
-def assert_one_line_error(result, *fragments):
-    rc, _, err = result
-    assert rc == 2, err
-    assert 'Traceback' not in err
-    lines = [line for line in err.splitlines() if line.startswith('error: ')]
-    assert len(lines) == 1, err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-
-
 def test_missing_cached_tokens_says_which_command_builds_them(scene, tmp_path):
     result = run_main(train.main, scene.args(tmp_path / 'ck', 'run', '--self_critical_after', '0',
                                              '--cached_tokens', str(tmp_path / 'nowhere' / 'coco-train-idxs')))
