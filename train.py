@@ -595,7 +595,10 @@ def train(opt):
         signals = Signals().install()
         cleanup.callback(signals.restore)
         run, state = build_run(opt, world, signals, cleanup)
-        return train_loop(run, state)
+        try:
+            return train_loop(run, state)
+        finally:
+            del run  # DDP's reducer goes before shutdown() destroys the process group (else: terminate at exit)
 
 
 def main(argv=None):

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Run on each rank: (1) one batch through the bare LossWrapper and through DDP, (2) train.main on the same launch,
 # counting checkpoint saves and summing the final weights. Results go to <out>/rank<r>.json.
 RANK_SCRIPT = '''
-import json, os, sys
+import gc, json, os, sys
 sys.path.insert(0, {repo!r})
 import torch
 import torch.distributed as dist
@@ -50,6 +50,8 @@ local = gradient()
 ddp = torch.nn.parallel.DistributedDataParallel(wrapper)  # (keep a reference: its reducer lives as long)
 ddp(batch)['loss'].backward()
 synced = gradient()
+del ddp  # its reducer must go before train.main destroys the process group (else: terminate at exit)
+gc.collect()
 every = [torch.zeros_like(local) for _ in range(world_size)]
 dist.all_gather(every, local)
 result = {{'rank': rank, 'images': [info['id'] for info in batch['infos']],
