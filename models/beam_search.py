@@ -57,7 +57,8 @@ def beam_search(model, memory, memory_mask, config, max_length):
             if 0 <= step - d < len(starts) and not group.stopped:
                 # Only the last group may stop early: the earlier ones' beams feed the diversity penalty.
                 group.advance(starts[step - d], groups[:d], may_stop=d == len(groups) - 1)
-    return [sum((group.results(b) for group in groups), []) for b in range(memory.size(0))]
+    per_group = [group.results() for group in groups]  # G lists of B lists
+    return [sum((done[b] for done in per_group), []) for b in range(memory.size(0))]
 
 
 class _BeamGroup:
@@ -75,7 +76,10 @@ class _BeamGroup:
         self.seq = torch.zeros(b, w, max_length, dtype=torch.long, device=device)  # (B, W, T)
         self.logps = torch.zeros(b, w, max_length, device=device)  # (B, W, T)
         self.sum = torch.zeros(b, w, device=device)  # (B, W) running summed (penalised) log-probs
-        self.done = [[] for _ in range(b)]
+        # Finished beams stay on the device until results(): one record per token position (t, seq, logps, sum,
+        # finished mask), read back to the host once. good: per image, finished beams scoring above `worst`.
+        self.finished = []
+        self.good = torch.zeros(b, dtype=torch.long, device=device)  # (B,)
         self.tokens = torch.zeros(b * w, model.K, dtype=torch.long, device=device)  # (S, K): the start group
         # The best score a finished beam restarted from -1000 could ever reach.
         self.worst = max(self.penalty(length, FINISHED) for length in range(1, max_length + 1))
@@ -98,8 +102,8 @@ class _BeamGroup:
         # reference quirk: the reference goes on extending finished beams (from -1000) to max_length. Once every
         # beam is finished and each image holds its beams above anything such a beam could score, the returned
         # lists can no longer change: stop there.
-        if may_stop and bool((self.sum <= FINISHED).all()) and all(
-                sum(beam['p'] > self.worst for beam in beams) >= w for beams in self.done):
+        # One host read per decoding step, for this question only.
+        if may_stop and bool(((self.sum <= FINISHED).all() & (self.good >= w).all())):
             self.stopped = True
             return
         self.cache.reorder((self.rows + parents).view(-1))
@@ -135,26 +139,28 @@ class _BeamGroup:
         group_logprobs = group_logprobs.gather(1, parent.view(b, w, 1, 1).expand_as(group_logprobs))
 
         finished = (words == 0) if t < self.max_length - 1 else torch.ones_like(words, dtype=torch.bool)
-        if finished.any():
-            self._collect(finished, t)
-            self.sum = self.sum.masked_fill(finished, FINISHED)
+        # self.seq and self.logps are new tensors at every position (gather above), so the record needs no copy.
+        self.finished.append((t, self.seq, self.logps, self.sum, finished))
+        score = self.penalty(t + 1, self.sum.double())  # float64, as the host's Python floats in results()
+        self.good += (finished & (score > self.worst)).sum(1)
+        self.sum = self.sum.masked_fill(finished, FINISHED)
         return group_logprobs, parent
 
-    def _collect(self, finished, t):
-        """Append the finished beams (B, W) mask to each image's done list, in beam order."""
-        images, beams = finished.nonzero(as_tuple=True)
-        seqs, logps = self.seq[images, beams], self.logps[images, beams]  # (F, T) each
-        scores = self.sum[images, beams].tolist()
-        for n, (b, score) in enumerate(zip(images.tolist(), scores)):
-            self.done[b].append({'seq': seqs[n], 'logps': logps[n], 'p': self.penalty(t + 1, score)})
-
-    def results(self, b):
-        """Image b's finished beams, best first, cut to the group's width."""
-        beams = self.done[b]
-        if not beams:  # nothing was decoded (max_length 0): one empty caption
-            beams = [{'seq': self.seq.new_zeros(self.max_length), 'logps': self.logps.new_zeros(self.max_length),
-                      'p': 0.0}]
-        return sorted(beams, key=lambda beam: -beam['p'])[:self.width]
+    def results(self):
+        """Per image, its finished beams, best first, cut to the group's width (one copy to the host)."""
+        if not self.finished:  # nothing was decoded (max_length 0): one empty caption each
+            empty = {'seq': self.seq.new_zeros(self.max_length), 'logps': self.logps.new_zeros(self.max_length),
+                     'p': 0.0}
+            return [[dict(empty)] for _ in range(self.batch)]
+        positions, seqs, logps, sums, finished = zip(*self.finished)
+        # (2, B, P, W) for P recorded positions: the finished mask and the summed log-probs, read back at once.
+        host = torch.stack([torch.stack(finished, 1).double(), torch.stack(sums, 1).double()]).cpu().numpy()
+        done = [[] for _ in range(self.batch)]
+        # nonzero's order is image, then position, then beam: the order in which the reference collects them.
+        for b, i, w in zip(*(index.tolist() for index in host[0].nonzero())):
+            score = self.penalty(positions[i] + 1, float(host[1, b, i, w]))
+            done[b].append({'seq': seqs[i][b, w], 'logps': logps[i][b, w], 'p': score})
+        return [sorted(beams, key=lambda beam: -beam['p'])[:self.width] for beams in done]
 
 
 def _diversity_penalty(word_logprobs, earlier_words, diversity_lambda):
@@ -164,6 +170,8 @@ def _diversity_penalty(word_logprobs, earlier_words, diversity_lambda):
     for words in earlier_words:
         counts.scatter_add_(1, words, torch.ones_like(words, dtype=counts.dtype))
     penalised = word_logprobs
-    for n in range(1, int(counts.max()) + 1):
+    # Up to one occurrence per earlier beam; a count below n subtracts 0.0, which leaves the value unchanged (no
+    # host read of counts.max()).
+    for n in range(1, sum(words.size(1) for words in earlier_words) + 1):
         penalised = penalised - diversity_lambda * (counts >= n).unsqueeze(1).to(penalised.dtype)
     return penalised

@@ -14,6 +14,7 @@ Two checks (README, "Several GPUs"):
 And: one host synchronisation per training step, counted.
 """
 import argparse
+import dataclasses
 import traceback
 
 import pytest
@@ -138,23 +139,55 @@ def test_evaluation_creates_nothing_on_the_default_device(tiny_dataset, trained_
 
 
 # ----------------------------------------------------------------------------------------------- host reads
-def test_a_training_step_reads_the_host_once(trained_pieces, monkeypatch):
-    """train_step's own host synchronisations: one .tolist (loss, reward, flags), whatever is logged."""
-    opt, batch, wrapper, optimizer = trained_pieces
+HOST_READS = ('item', 'tolist', 'cpu', 'nonzero', '__bool__', '__int__', '__float__')
+
+
+def count_host_reads(monkeypatch, files):
+    """A list that collects 'name file:line' for every Tensor host read (HOST_READS) called from `files`."""
     calls = []
-    for name in ('item', 'tolist', '__bool__', '__int__', '__float__'):
+    for name in HOST_READS:
         real = getattr(torch.Tensor, name)
 
         def counting(self, *args, _real=real, _name=name, **kwargs):
             caller = traceback.extract_stack(limit=2)[0]
-            if caller.filename.endswith(('train.py', 'loss_wrapper.py', 'losses.py')):
+            if caller.filename.endswith(files):
                 calls.append(f'{_name} {caller.filename}:{caller.lineno}')
             return _real(self, *args, **kwargs)
         monkeypatch.setattr(torch.Tensor, name, counting)
+    return calls
+
+
+def test_a_training_step_reads_the_host_once(trained_pieces, monkeypatch):
+    """train_step's own host synchronisations: one .tolist (loss, reward, flags), whatever is logged."""
+    opt, batch, wrapper, optimizer = trained_pieces
+    calls = count_host_reads(monkeypatch, ('train.py', 'loss_wrapper.py', 'losses.py'))
     for sc_flag in (False, True):
         calls.clear()
         train.train_step(wrapper, optimizer, batch, sc_flag, opt)
         assert len(calls) == 1 and calls[0].startswith('tolist'), calls
+
+
+@pytest.mark.parametrize('config', [DecodeConfig(beam_size=3), DecodeConfig(beam_size=4, group_size=2),
+                                    DecodeConfig(beam_size=3, decoding_constraint=True)],
+                         ids=['beam', 'diverse-beam', 'beam-constraint'])
+def test_beam_search_reads_the_host_once_per_step(trained_pieces, monkeypatch, config):
+    """Finished beams stay on the device: one read per decoding step (may the search stop?) and one copy at the
+    end, not one or more per word; the decoded beams are those of the model's own search."""
+    _, batch, wrapper, _ = trained_pieces
+    model = wrapper.model.eval()
+    max_length = 9
+    config = dataclasses.replace(config, max_length=max_length)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        expected = model.decode(batch['att_feats'], batch['att_masks'], config)[0]
+    calls = count_host_reads(monkeypatch, ('beam_search.py', 'sat.py', 'decoding.py', 'cache.py'))
+    with torch.no_grad():
+        seq = model.decode(batch['att_feats'], batch['att_masks'], config)[0]
+    steps = -(-max_length // model.K)
+    reads = [c for c in calls if 'sat.py' not in c]  # sat.py: the encoder's one region count
+    assert torch.equal(seq, expected)
+    assert len(reads) <= (steps - 1) + config.group_size, reads  # the last group's stop question, the copies
+    assert sum('.cpu' in c or c.startswith('cpu') for c in reads) == config.group_size, reads
 
 
 # ----------------------------------------------------------------------------------------------- CUDA
