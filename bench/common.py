@@ -31,7 +31,7 @@ def paper_opt(K, **overrides):
     return argparse.Namespace(**opt)
 
 
-def paper_model(K, seed=0, full_length=True, **overrides):
+def paper_model(K, seed=0, full_length=True, device='cpu', **overrides):
     """A randomly initialised paper-size SATModel in eval mode.
 
     full_length: generator bias[0] = -1e4, so token 0 (end of caption) is never the argmax and never among a
@@ -43,23 +43,36 @@ def paper_model(K, seed=0, full_length=True, **overrides):
     if full_length:
         with torch.no_grad():
             model.model.generator.proj.bias[0] = -1e4
-    return model.eval()
+    return model.to(device).eval()
 
 
-def median_ms(fn, repeats, warmup=1):
-    """Median wall time of fn() in milliseconds after `warmup` untimed calls."""
+def median_ms(fn, repeats, warmup=1, device=None):
+    """Median wall time of fn() in milliseconds after `warmup` untimed calls. On a CUDA device the clock is read
+    after torch.cuda.synchronize(), so the time is the device's work, not just its launch."""
+    sync = torch.cuda.synchronize if device is not None and torch.device(device).type == 'cuda' else (lambda: None)
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(max(repeats, 1)):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return 1000.0 * statistics.median(times)
 
 
-def machine():
-    """CPU model, core count, torch version/threads and the CPU's bf16 support, for the README and results."""
+def bench_device(name):
+    """--device: 'cpu' or 'cuda' (refused in one line when no GPU is visible)."""
+    device = torch.device(name)
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise SystemExit('--device cuda: no CUDA GPU is visible to torch here; use --device cpu')
+    return device
+
+
+def machine(device=None):
+    """CPU model, core count, torch version/threads and the CPU's bf16 support (and the GPU's name, CUDA version
+    and driver-visible memory when device is CUDA), for the README and results."""
     model_name, flags = platform.processor() or '?', ''
     try:
         out = subprocess.run(['lscpu'], capture_output=True, text=True, check=False).stdout
@@ -71,15 +84,30 @@ def machine():
     except OSError:
         pass
     bf16 = [f for f in ('avx512_bf16', 'amx_bf16', 'avx512f') if f in flags.split()]
-    return {'cpu': model_name, 'cores': os.cpu_count(), 'torch': torch.__version__,
+    info = {'cpu': model_name, 'cores': os.cpu_count(), 'torch': torch.__version__,
             'threads': torch.get_num_threads(), 'cpu_capability': torch.backends.cpu.get_cpu_capability(),
             'bf16_flags': bf16 or 'none (no avx512_bf16/amx_bf16 in lscpu flags)'}
+    if device is not None and torch.device(device).type == 'cuda':
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                    gpu_multiprocessors=props.multi_processor_count, cuda=torch.version.cuda)
+    return info
+
+
+def describe(info):
+    """One line naming the machine: the GPU when there is one, else the CPU."""
+    if 'gpu' in info:
+        return f"{info['gpu']} (CUDA {info['cuda']}), torch {info['torch']}, host {info['cores']} cores"
+    return f"{info['cpu']}, {info['cores']} cores, torch {info['torch']}, {info['threads']} threads"
 
 
 def other_load():
     """Command lines of other CPU-heavy project processes running now (train/eval/demo/pytest), if any."""
-    out = subprocess.run(['pgrep', '-af', 'run_demo.py|train.py|eval.py|pytest'], capture_output=True, text=True,
-                         check=False).stdout
+    try:
+        out = subprocess.run(['pgrep', '-af', 'run_demo.py|train.py|eval.py|pytest'], capture_output=True, text=True,
+                             check=False).stdout
+    except OSError:  # no pgrep on this machine
+        return []
     own = str(os.getpid())
     return [line for line in out.splitlines() if line and not line.startswith(own + ' ') and 'pgrep' not in line]
 

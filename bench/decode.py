@@ -11,7 +11,10 @@ rows one decoding step feeds the decoder: batch * beam * K), the matrix work a s
 speed and token agreement with fp32 on the same inputs) and --profile (torch.profiler over batch-1 cached K=1
 greedy decoding: matrix work vs everything else). Prints tables and merges {"decode": {...}} into results.json.
 
-    python bench/decode.py [--quick] [--bf16] [--profile] [--Ks 1,2,4] [--repeats 5]
+    python bench/decode.py [--quick] [--bf16] [--profile] [--Ks 1,2,4] [--repeats 5] [--device cuda]
+
+--device cuda times on the GPU (torch.cuda.synchronize around every timed call, after the warm-up calls) and merges
+{"decode_cuda": {...}} instead; its bf16 rows are torch.autocast('cuda', bfloat16).
 """
 import argparse
 import os
@@ -23,7 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import machine, median_ms, merge_results, other_load, paper_model  # noqa: E402
+from common import bench_device, describe, machine, median_ms, merge_results, other_load, paper_model  # noqa: E402
 from models.decode_config import DecodeConfig  # noqa: E402
 
 MATRIX_OPS = ('aten::addmm', 'aten::mm', 'aten::bmm', 'aten::baddbmm', 'aten::matmul', 'aten::linear')
@@ -53,7 +56,8 @@ def floor_ms(model, rows, repeats):
         weights += [layer.src_attn.linears[0], layer.src_attn.linears[3]]
         weights += [layer.feed_forward.w_1, layer.feed_forward.w_2]
     weights.append(model.model.generator.proj)
-    x = torch.randn(rows, model.d_model)  # (R, D)
+    device = model.model.generator.proj.weight.device
+    x = torch.randn(rows, model.d_model, device=device)  # (R, D)
 
     def chain_explicit():
         # each output feeds the next weight when the sizes chain (w_1 -> w_2), else the next takes (R, D)
@@ -64,7 +68,7 @@ def floor_ms(model, rows, repeats):
         return h
 
     with torch.inference_mode():
-        return median_ms(chain_explicit, repeats, warmup=3)
+        return median_ms(chain_explicit, repeats, warmup=3, device=device)
 
 
 def decode_ms(model, att, masks, beam, use_cache, repeats, warmup):
@@ -74,7 +78,7 @@ def decode_ms(model, att, masks, beam, use_cache, repeats, warmup):
     def run():
         with torch.inference_mode():
             out['seq'] = model.decode(att, masks, DecodeConfig(beam_size=beam, use_cache=bool(use_cache)))[0]
-    ms = median_ms(run, repeats, warmup)
+    ms = median_ms(run, repeats, warmup, device=att.device)
     return ms, out['seq']
 
 
@@ -83,7 +87,7 @@ def encode_ms(model, att, masks, repeats):
         with torch.inference_mode():
             memory, mask = model.encode(att, masks)
             model.init_cache(memory, mask, use_cache=0)
-    return median_ms(run, repeats, warmup=1)
+    return median_ms(run, repeats, warmup=1, device=att.device)
 
 
 def profile_decode(model, att, repeats):
@@ -130,7 +134,9 @@ def main(argv=None):
     parser.add_argument('--profile', action='store_true', help='profile batch-1 cached K=1 greedy decoding')
     parser.add_argument('--quick', action='store_true', help='smoke test: tiny model, batch 4, 1 repeat, 1 thread')
     parser.add_argument('--threads', type=int, default=0, help='torch threads (default: torch\'s, i.e. the cores)')
+    parser.add_argument('--device', default='cpu', help="'cpu' or 'cuda'")
     args = parser.parse_args(argv)
+    device = bench_device(args.device)
     if args.threads or args.quick:
         torch.set_num_threads(args.threads or 1)
     Ks = [int(k) for k in args.Ks.split(',')]
@@ -142,19 +148,18 @@ def main(argv=None):
         batches = [1 if b == 1 else 4 for b in batches]
         args.repeats = args.repeats_b50 = args.repeats_slow = 1
     busy = other_load()
-    info = machine()
-    print(f"decode benchmark on {info['cpu']}, {info['cores']} cores, torch {info['torch']}, "
-          f"{info['threads']} threads{' (QUICK: tiny model)' if args.quick else ''}")
+    info = machine(device)
+    print(f"decode benchmark on {describe(info)}{' (QUICK: tiny model)' if args.quick else ''}")
     if busy:
         print(f'WARNING: other CPU-heavy processes are running, timings are disturbed: {busy}')
 
     rows, floors, bf16_rows, encode = [], {}, [], {}
     for K in Ks:
-        model = paper_model(K, **sizes)
+        model = paper_model(K, device=device, **sizes)
         feat = model.att_embed[0].in_features
         steps = model.max_length // K
         for batch in batches:
-            att, masks = make_inputs(batch, args.quick, feat)
+            att, masks = (None if t is None else t.to(device) for t in make_inputs(batch, args.quick, feat))
             encode[(K, batch)] = encode_ms(model, att, masks, args.repeats)
             for beam in beams:
                 R = batch * beam * K
@@ -180,7 +185,7 @@ def main(argv=None):
                 if not same:
                     print(f'  !! K={K} batch={batch} beam={beam}: cached and uncached tokens differ')
                 if args.bf16 and beam == 1:
-                    with torch.autocast('cpu', dtype=torch.bfloat16):
+                    with torch.autocast(device.type, dtype=torch.bfloat16):
                         ms16, seq16 = decode_ms(model, att, masks, 1, 1, args.repeats_b50 if batch > 1
                                                 else args.repeats, 1)
                     agree = float((seq16 == seqs[1]).float().mean())
@@ -191,14 +196,14 @@ def main(argv=None):
         del model
 
     if bf16_rows:
-        print('\nbf16 (torch.autocast cpu bfloat16), cached greedy, vs fp32 on the same inputs')
+        print(f'\nbf16 (torch.autocast {device.type} bfloat16), cached greedy, vs fp32 on the same inputs')
         print(f"{'K':>2} {'batch':>5} {'bf16 ms':>10} {'fp32 ms':>10} {'speedup':>8} {'token agreement':>16}")
         for r in bf16_rows:
             print(f"{r['K']:>2} {r['batch']:>5} {r['ms']:>10.1f} {r['fp32_ms']:>10.1f} {r['speedup']:>7.2f}x "
                   f"{100 * r['token_agreement']:>15.1f}%")
 
     profile = None
-    if args.profile and 1 in Ks:
+    if args.profile and 1 in Ks and device.type == 'cpu':
         model = paper_model(1, **sizes)
         att, _ = make_inputs(1, args.quick, model.att_embed[0].in_features)
         profile = profile_decode(model, att, args.repeats)
@@ -213,10 +218,11 @@ def main(argv=None):
     print('\ntargets:')
     for name, t in targets.items():
         print(f"  {'MET ' if t['met'] else 'NOT MET'} {name}: {t['text']}")
-    merge_results('decode', {'machine': info, 'quick': args.quick, 'disturbed_by': busy, 'rows': rows,
+    key = 'decode' if device.type == 'cpu' else f'decode_{device.type}'
+    merge_results(key, {'machine': info, 'quick': args.quick, 'disturbed_by': busy, 'rows': rows,
                              'floors_ms': {str(k): round(v, 3) for k, v in sorted(floors.items())},
                              'bf16': bf16_rows, 'profile': profile, 'targets': targets})
-    print('wrote "decode" into bench/results.json')
+    print(f'wrote "{key}" into bench/results.json')
     return 0
 
 

@@ -8,7 +8,11 @@ Zipf labels and a synthetic cached-tokens pickle (bench/reward.py's). Also times
 rows vs the 10 distinct images (the share of an iteration spent re-encoding copies).
 Prints a table and merges {"train_speed": {...}} into bench/results.json.
 
-    python bench/train_speed.py [--quick] [--iters 5] [--sc_iters 3]
+    python bench/train_speed.py [--quick] [--iters 5] [--sc_iters 3] [--device cuda] [--precisions fp32,tf32,bf16,fp16]
+
+--device cuda times on the GPU (torch.cuda.synchronize around every timed iteration, one warm-up iteration first)
+and merges {"train_speed_cuda": {...}}. --precisions times XE and self-critical once per precision: fp32 (the
+default), tf32 (train.py --tf32 1, CUDA only), bf16 (--bf16 1), fp16 (--fp16 1 with its GradScaler).
 """
 import argparse
 import os
@@ -22,9 +26,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import opts  # noqa: E402
-from common import PAPER, machine, median_ms, merge_results, other_load, paper_model  # noqa: E402
+from common import PAPER, bench_device, describe, machine, median_ms, merge_results, other_load, paper_model  # noqa: E402,E501
 from reward import label_rows, write_cached_tokens  # noqa: E402
 from misc import optim  # noqa: E402
+from misc.distributed import World  # noqa: E402
+from misc.utils import to_device  # noqa: E402
 from misc.loss_wrapper import LossWrapper  # noqa: E402
 import train  # noqa: E402
 from models.decode_config import DecodeConfig  # noqa: E402
@@ -55,6 +61,47 @@ def make_batch(images, seq_per_img, att_feat_size, vocab, seed=0):
             'distinct': (att, masks)}
 
 
+PRECISION_FLAGS = {'fp32': {}, 'tf32': {'tf32': 1}, 'bf16': {'bf16': 1}, 'fp16': {'fp16': 1}}
+
+
+def time_iterations(model, batch, args, size, cached, precision, device):
+    """{'xe': {...}, 'sc': {...}}: train.py's own step timed at one precision (PRECISION_FLAGS)."""
+    results = {}
+    for mode, iters in (('xe', args.iters), ('sc', args.sc_iters)):
+        flags = ['--caption_model', 'sat', '--K', str(args.K), '--cached_tokens', cached,
+                 '--seq_per_img', str(args.seq_per_img), '--input_encoding_size', str(size['input_encoding_size'])]
+        flags += ['--noamopt'] if mode == 'xe' else ['--learning_rate', '2e-5']
+        flags += ['--encode_per_image', str(args.encode_per_image)]
+        for name, value in PRECISION_FLAGS[precision].items():
+            flags += [f'--{name}', str(value)]
+        opt = opts.parse_opt(flags)
+        wrapper = LossWrapper(model, opt)
+        optimizer = optim.build(model, opt)
+        scaler = train.precision(opt, World(device=device))  # --tf32 switches; --fp16's GradScaler
+        sc = mode == 'sc'
+
+        def iteration():  # train.py's own step: forward, backward, guard, clamp, update
+            train.train_step(wrapper, optimizer, batch, sc, opt, scaler=scaler)
+        try:
+            ms = median_ms(iteration, iters, warmup=1, device=device)
+        finally:
+            train.precision(argparse.Namespace(tf32=0, fp16=0), World(device=device))
+        ref = REFERENCE_S_PER_ITER[mode]
+        results[mode] = {'s_per_iter': round(ms / 1000, 4), 'iters_per_s': round(1000 / ms, 3),
+                         'iters_timed': iters, 'reference_s_per_iter': ref,
+                         'speedup_vs_reference': round(ref * 1000 / ms, 2)}
+        if sc:
+            reward = wrapper.load_reward()
+            model.eval()
+            with torch.no_grad():
+                seq = model.decode(batch['att_feats'], batch['att_masks'], DecodeConfig(sample_max=False))[0]
+            model.train()
+            results['sc']['reward_ms'] = round(median_ms(
+                lambda: reward(seq, batch['gts'], args.seq_per_img, list(range(args.images))), 5), 2)
+            results['sc']['sample_words_mean'] = round(float((seq > 0).sum(1).float().mean()), 1)
+    return results
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--K', type=int, default=2)
@@ -66,7 +113,14 @@ def main(argv=None):
     parser.add_argument('--encode_per_image', type=int, default=0, help='1: encoder once per image (train.py flag)')
     parser.add_argument('--quick', action='store_true', help='smoke test: tiny model, 1 iteration, 1 thread')
     parser.add_argument('--threads', type=int, default=0)
+    parser.add_argument('--device', default='cpu', help="'cpu' or 'cuda'")
+    parser.add_argument('--precisions', default='fp32', help='comma-separated: fp32, tf32 (CUDA), bf16, fp16')
     args = parser.parse_args(argv)
+    device = bench_device(args.device)
+    precisions = args.precisions.split(',')
+    unknown = set(precisions) - set(PRECISION_FLAGS)
+    if unknown:
+        raise SystemExit(f"--precisions: unknown {sorted(unknown)}; use {', '.join(PRECISION_FLAGS)}")
     sizes = {}
     if args.quick:
         sizes = dict(input_encoding_size=64, rnn_size=128, num_layers=2, att_feat_size=32, vocab_size=500)
@@ -76,48 +130,30 @@ def main(argv=None):
         torch.set_num_threads(args.threads or 1)
     size = {**PAPER, **sizes}
     busy = other_load()
-    info = machine()
+    info = machine(device)
+    print(f"train_speed on {describe(info)}{' (QUICK: tiny model)' if args.quick else ''}")
     if busy:
         print(f'WARNING: other CPU-heavy processes are running, timings are disturbed: {busy}')
 
-    model = paper_model(args.K, **sizes).train()
+    model = paper_model(args.K, device=device, **sizes).train()
     batch = make_batch(args.images, args.seq_per_img, size['att_feat_size'], size['vocab_size'])
-    att, masks = batch.pop('distinct')
+    att, masks = (t.to(device) for t in batch.pop('distinct'))
+    batch = to_device(batch, device)
     results = {'K': args.K, 'images': args.images, 'seq_per_img': args.seq_per_img, 'machine': info,
-               'quick': args.quick, 'disturbed_by': busy}
+               'quick': args.quick, 'disturbed_by': busy, 'precisions': {}}
     with tempfile.TemporaryDirectory() as tmp:
         cached = os.path.join(tmp, 'train-idxs.p')
         write_cached_tokens(cached, np.random.default_rng(1), args.train_images, 1.3)
-        for mode, iters in (('xe', args.iters), ('sc', args.sc_iters)):
-            flags = ['--caption_model', 'sat', '--K', str(args.K), '--cached_tokens', cached,
-                     '--seq_per_img', str(args.seq_per_img), '--input_encoding_size', str(size['input_encoding_size'])]
-            flags += ['--noamopt'] if mode == 'xe' else ['--learning_rate', '2e-5']
-            flags += ['--encode_per_image', str(args.encode_per_image)]
-            opt = opts.parse_opt(flags)
-            wrapper = LossWrapper(model, opt)
-            optimizer = optim.build(model, opt)
-            sc = mode == 'sc'
-
-            def iteration():  # train.py's own step: forward, backward, guard, clamp, update
-                train.train_step(wrapper, optimizer, batch, sc, opt)
-            ms = median_ms(iteration, iters, warmup=1)
-            ref = REFERENCE_S_PER_ITER[mode]
-            results[mode] = {'s_per_iter': round(ms / 1000, 3), 'iters_per_s': round(1000 / ms, 3),
-                             'iters_timed': iters, 'reference_s_per_iter': ref,
-                             'speedup_vs_reference': round(ref * 1000 / ms, 2)}
-            if sc:
-                reward = wrapper.load_reward()
-                model.eval()
-                with torch.no_grad():
-                    seq = model.decode(batch['att_feats'], batch['att_masks'], DecodeConfig(sample_max=False))[0]
-                model.train()
-                results['sc']['reward_ms'] = round(median_ms(
-                    lambda: reward(seq, batch['gts'], args.seq_per_img, list(range(args.images))), 5), 2)
-                results['sc']['sample_words_mean'] = round(float((seq > 0).sum(1).float().mean()), 1)
+        for precision in precisions:
+            timings = time_iterations(model, batch, args, size, cached, precision, device)
+            results['precisions'][precision] = timings
+            if precision == precisions[0]:
+                results.update(timings)
         with torch.no_grad():
             results['encode_50_rows_ms'] = round(median_ms(lambda: model.encode(batch['att_feats'],
-                                                                                batch['att_masks']), 3), 1)
-            results['encode_10_images_ms'] = round(median_ms(lambda: model.encode(att, masks), 3), 1)
+                                                                                batch['att_masks']), 3,
+                                                           device=device), 1)
+            results['encode_10_images_ms'] = round(median_ms(lambda: model.encode(att, masks), 3, device=device), 1)
 
     print(f"\ntraining iterations, K={args.K}, batch {args.images} x {args.seq_per_img}"
           f"{' (QUICK: tiny model)' if args.quick else ''}")
@@ -133,10 +169,20 @@ def main(argv=None):
         'XE no slower than the reference (2.5 s/iter)': results['xe']['s_per_iter'] <= 2.5,
         'self-critical >= 2x faster than the reference (11.5 s/iter)': results['sc']['speedup_vs_reference'] >= 2,
     }
-    for name, met in results['targets'].items():
-        print(f"  {'MET ' if met else 'NOT MET'} {name}")
-    merge_results('train_speed', results)
-    print('wrote "train_speed" into bench/results.json')
+    if device.type == 'cpu':
+        for name, met in results['targets'].items():
+            print(f"  {'MET ' if met else 'NOT MET'} {name}")
+    if len(precisions) > 1:
+        print(f"\nby precision ({describe(info)}):")
+        print(f"{'precision':>10} {'XE s/iter':>10} {'SC s/iter':>10} {'XE vs ' + precisions[0]:>12}")
+        for precision, r in results['precisions'].items():
+            print(f"{precision:>10} {r['xe']['s_per_iter']:>10.4f} {r['sc']['s_per_iter']:>10.4f} "
+                  f"{results['xe']['s_per_iter'] / r['xe']['s_per_iter']:>11.2f}x")
+    key = 'train_speed' if device.type == 'cpu' else f'train_speed_{device.type}'
+    if (args.images, args.seq_per_img) != (10, 5):
+        key += f'_{args.images}x{args.seq_per_img}'
+    merge_results(key, results)
+    print(f'wrote "{key}" into bench/results.json')
     return 0
 
 

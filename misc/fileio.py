@@ -337,8 +337,8 @@ def save_torch(obj, path):
 
 
 def load_torch(path, what='checkpoint'):
-    import torch
     """torch.load(weights_only=True) onto the CPU, with a one-line error for a missing or damaged file."""
+    import torch
     if not os.path.isfile(path):
         raise SaticError(f"{what} {path}: file not found")
     try:

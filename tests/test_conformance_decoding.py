@@ -71,6 +71,26 @@ def test_decoding_reproduces_the_reference(case, decode, use_cache):
                 assert abs(a['p'] - float(b['p'])) < 1e-3
 
 
+CUDA_DECODES = [(case, d) for case, d in DECODES if 'seed' not in d['opt']]  # CUDA draws other random numbers
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize('case,decode', CUDA_DECODES,
+                         ids=[f"{c['name']}-{'-'.join(f'{k}{v}' for k, v in d['opt'].items()) or 'greedy'}"
+                              for c, d in CUDA_DECODES])
+def test_decoding_on_cuda_reproduces_the_reference(case, decode):
+    """Greedy and beam searches on a GPU (fp32): the reference's tokens exactly, seqLogprobs within 1e-4."""
+    model = build(case).cuda()
+    x = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in case['inputs'].items()}
+    with torch.no_grad():
+        seq, logprobs = model(x['fc_feats'], x['att_feats'], x['att_masks'], opt=dict(decode['opt']), mode='sample')
+    assert seq.is_cuda and torch.equal(seq.cpu(), decode['seq'])
+    torch.testing.assert_close(logprobs.cpu(), decode['seqLogprobs'], atol=1e-4, rtol=0)
+    if 'done_beams' in decode:
+        for ours, theirs in zip(model.done_beams, decode['done_beams']):
+            assert [a['seq'].cpu().tolist() for a in ours] == [b['seq'].tolist() for b in theirs]
+
+
 def test_remove_bad_endings_strings():
     with open(BAD_ENDINGS) as f:
         fixture = json.load(f)

@@ -5,7 +5,6 @@ log-probs; batched greedy and beam-3 decoding match its token ids (with and with
 one image at a time reproduces expected.json's captions.
 """
 import json
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ import pytest
 import torch
 
 import models
+from misc.fileio import load_pickle
 from models.sat import SATModel
 
 CONFORMANCE = Path(__file__).resolve().parents[1].parent / 'shared' / 'conformance'
@@ -33,9 +33,7 @@ def expected():
 
 
 def load_infos(name):
-    # TODO: misc.checkpoint's safe loader once it exists; the fixtures are trusted data.
-    with open(CONFORMANCE / name / f'infos_{name}.pkl', 'rb') as f:
-        return pickle.load(f, encoding='latin1')
+    return load_pickle(str(CONFORMANCE / name / f'infos_{name}.pkl'))  # the restricted unpickler
 
 
 @pytest.fixture(scope='module', params=NAMES)
@@ -110,3 +108,20 @@ def test_one_image_at_a_time(fixture_model, expected):
         for beam, key in ((1, 'greedy'), (3, 'beam3')):
             seq, _ = model(None, feats, None, opt={'beam_size': beam}, mode='sample')
             assert caption(infos['vocab'], seq[0]) == want[key], (name, image['id'], key)
+
+
+@pytest.mark.cuda
+def test_batched_greedy_and_beam_on_cuda(fixture_model, tensors):
+    """The same token ids on a GPU (fp32; TF32 is off unless --tf32 1), log-probs within 1e-4."""
+    name, model, _ = fixture_model
+    t = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in tensors.items() if k in ('fc', 'att', 'att_masks')}
+    model = model.cuda()
+    try:
+        with torch.no_grad():
+            seq, logprobs = model(t['fc'], t['att'], t['att_masks'], opt={'beam_size': 1}, mode='sample')
+            assert seq.is_cuda and torch.equal(seq.cpu(), tensors[name]['greedy_seq'])
+            torch.testing.assert_close(logprobs.cpu(), tensors[name]['greedy_logprobs'], atol=1e-4, rtol=0)
+            seq, _ = model(t['fc'], t['att'], t['att_masks'], opt={'beam_size': 3}, mode='sample')
+            assert torch.equal(seq.cpu(), tensors[name]['beam3_seq'])
+    finally:
+        model.cpu()

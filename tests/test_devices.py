@@ -15,6 +15,7 @@ And: one host synchronisation per training step, counted.
 """
 import argparse
 import dataclasses
+import json
 import traceback
 
 import pytest
@@ -208,3 +209,32 @@ def test_pinned_batches_train_on_cuda(tiny_dataset):
         scaler = torch.amp.GradScaler('cuda') if run.fp16 else None
         stats = train.train_step(wrapper, optim.build(model, run), batch, False, run, scaler=scaler)
         assert stats['loss'] > 0 and (not stats['skipped'] or 'overflow' in stats)
+
+
+@pytest.mark.parametrize('device', ['cpu', pytest.param('cuda', marks=pytest.mark.cuda)])
+def test_train_then_resume_self_critical_and_evaluate_on_cpu(tiny_dataset, tmp_path, device):
+    """The README's two stages on `device` (stage 1 in --fp16, stage 2 self-critical in --bf16, resumed with
+    --start_from), then eval.py on the CPU from the checkpoint that device wrote."""
+    import eval as eval_script
+    from misc.fileio import load_pickle, load_torch
+    from tests.helpers import run_main, targs
+    folder = tmp_path / 'run'
+    flags = ['--device', device, '--save_checkpoint_every', '4', '--val_images_use', '3']
+    rc, out, err = run_main(targs(tiny_dataset, folder, *flags, '--fp16', '1', '--max_iters', '8'), tmp_path)
+    assert rc == 0, err
+    first = load_torch(str(folder / 'model.pth'))
+    rc, out, err = run_main(targs(tiny_dataset, folder, *flags, '--bf16', '1', '--max_iters', '12',
+                                  '--self_critical_after', '0', '--start_from', str(folder)), tmp_path)
+    assert rc == 0, err
+    infos = load_pickle(str(folder / 'infos_run.pkl'))
+    assert infos['iter'] == 12
+    last = load_torch(str(folder / 'model.pth'))
+    assert all(t.device.type == 'cpu' for t in last.values())
+    assert any(not torch.equal(first[k], last[k]) for k in first)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path)
+        rc = eval_script.main(['--model', str(folder / 'model.pth'), '--infos_path', str(folder / 'infos_run.pkl'),
+                               '--device', 'cpu', '--language_eval', '0', '--split', 'test', '--batch_size', '2',
+                               '--id', 'gpu-trained'])
+    assert rc == 0
+    assert len(json.loads((tmp_path / 'vis' / 'gpu-trained.json').read_text())) == 3
