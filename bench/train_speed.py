@@ -10,7 +10,7 @@ Prints a table and merges {"train_speed": {...}} into bench/results.json.
 
     python bench/train_speed.py [--quick] [--iters 5] [--sc_iters 3] [--device cuda] [--precisions fp32,tf32,bf16,fp16]
 
---device cuda times on the GPU (torch.cuda.synchronize around every timed iteration, one warm-up iteration first)
+--compile 1 compiles the model as train.py --compile 1 does. --device cuda times on the GPU (torch.cuda.synchronize around every timed iteration, one warm-up iteration first)
 and merges {"train_speed_cuda": {...}}. --precisions times XE and self-critical once per precision: fp32 (the
 default), tf32 (train.py --tf32 1, CUDA only), bf16 (--bf16 1), fp16 (--fp16 1 with its GradScaler).
 """
@@ -83,7 +83,7 @@ def time_iterations(model, batch, args, size, cached, precision, device):
         def iteration():  # train.py's own step: forward, backward, guard, clamp, update
             train.train_step(wrapper, optimizer, batch, sc, opt, scaler=scaler)
         try:
-            ms = median_ms(iteration, iters, warmup=1, device=device)
+            ms = median_ms(iteration, iters, warmup=3 if args.compile else 1, device=device)
         finally:
             train.precision(argparse.Namespace(tf32=0, fp16=0), World(device=device))
         ref = REFERENCE_S_PER_ITER[mode]
@@ -115,6 +115,7 @@ def main(argv=None):
     parser.add_argument('--threads', type=int, default=0)
     parser.add_argument('--device', default='cpu', help="'cpu' or 'cuda'")
     parser.add_argument('--precisions', default='fp32', help='comma-separated: fp32, tf32 (CUDA), bf16, fp16')
+    parser.add_argument('--compile', type=int, default=0, help='1: train.py --compile 1 (3 warm-up iterations)')
     args = parser.parse_args(argv)
     device = bench_device(args.device)
     precisions = args.precisions.split(',')
@@ -136,11 +137,14 @@ def main(argv=None):
         print(f'WARNING: other CPU-heavy processes are running, timings are disturbed: {busy}')
 
     model = paper_model(args.K, device=device, **sizes).train()
+    if args.compile:
+        from models.speed import compile_model
+        compile_model(model)
     batch = make_batch(args.images, args.seq_per_img, size['att_feat_size'], size['vocab_size'])
     att, masks = (t.to(device) for t in batch.pop('distinct'))
     batch = to_device(batch, device)
     results = {'K': args.K, 'images': args.images, 'seq_per_img': args.seq_per_img, 'machine': info,
-               'quick': args.quick, 'disturbed_by': busy, 'precisions': {}}
+               'quick': args.quick, 'disturbed_by': busy, 'precisions': {}, 'compile': args.compile}
     with tempfile.TemporaryDirectory() as tmp:
         cached = os.path.join(tmp, 'train-idxs.p')
         write_cached_tokens(cached, np.random.default_rng(1), args.train_images, 1.3)
@@ -179,6 +183,8 @@ def main(argv=None):
             print(f"{precision:>10} {r['xe']['s_per_iter']:>10.4f} {r['sc']['s_per_iter']:>10.4f} "
                   f"{results['xe']['s_per_iter'] / r['xe']['s_per_iter']:>11.2f}x")
     key = 'train_speed' if device.type == 'cpu' else f'train_speed_{device.type}'
+    if args.compile:
+        key += '_compiled'
     if (args.images, args.seq_per_img) != (10, 5):
         key += f'_{args.images}x{args.seq_per_img}'
     merge_results(key, results)
