@@ -60,9 +60,12 @@ class SATModel(nn.Module):
                                packing.groups), packing
 
     def _grouped(self, packing):
-        """packing with attention groups of similar region counts (Packing.grouped), unless turned off
-        (group_regions False, e.g. compiled: fixed group structures recompile less)."""
-        return packing.grouped() if self.group_regions else packing
+        """packing with attention groups of similar region counts (Packing.grouped), on the CPU only, unless
+        turned off (group_regions False, e.g. compiled: fixed group structures recompile less). On a GPU the
+        padded attention costs little and every group adds kernel launches and host reads to each decoding step
+        (bench/README.md, "On a GPU"); the numbers are the same either way, to rounding."""
+        on_cpu = packing.attn_mask is None or packing.attn_mask.device.type == 'cpu'
+        return packing.grouped() if self.group_regions and on_cpu else packing
 
     def real_regions(self, att_feats, att_masks=None):
         """att_feats (B, N, F) -> the real regions' features (M, F) and their models.masks.Packing."""

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from models.decode_config import DecodeConfig
-from models.masks import target_mask
+from models.masks import Packing, target_mask
 from models.sat import SATModel
 from models.transformer import _ReferenceLayerNorm, reference_layer_norm
 
@@ -376,6 +376,17 @@ def test_images_are_grouped_by_region_count():
     for g in packing.groups:  # each group padded to its own longest image
         assert g.length == int(masks[g.images].sum(1).max())
     assert Packing(masks[:4] > 0).grouped().groups is None  # small batches: one attention
+
+
+def test_attention_groups_are_formed_on_the_cpu_only():
+    """On a GPU each group adds kernel launches and host reads to every decoding step: padded there."""
+    att, masks, _, _ = batch(seq_per_img=1, **GROUPED)
+    model = tiny().eval()
+    assert model.real_regions(att, masks)[1].groups  # the batch does gain from groups on the CPU
+    valid = masks > 0
+    on_meta = Packing(batch=valid.size(0), length=valid.size(1), index=torch.empty(0, device='meta'),
+                      attn_mask=valid[:, None, None, :].to('meta'))
+    assert model._grouped(on_meta) is on_meta and on_meta.groups is None
 
 
 def test_grouped_attention_equals_one_padded_attention():
