@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On a machine with an NVIDIA GPU: the tests marked cuda, then the GPU bench (decode and train_speed with
-# --device cuda), in one go of about 5 minutes. Logs and a copy of bench/results.json (refreshed after each step)
+# --device cuda), in one go of about 5 minutes (plus up to 5 for the --compile 1 step). Logs and a copy of bench/results.json (refreshed after each step)
 # are written to $OUT (default bench/cuda_out).
 #
 #     bash bench/cuda.sh [python]        # python: the interpreter that has torch with CUDA (default python3)
@@ -31,6 +31,6 @@ step tests_cuda.log 120 -m pytest -q -rs -m cuda tests/test_devices.py tests/tes
 step decode_cuda.log 120 bench/decode.py --device cuda --Ks 1,2,4 --bf16 --repeats 10 --repeats_b50 10 --repeats_slow 3
 step train_cuda.log 90 bench/train_speed.py --device cuda --precisions fp32,tf32,bf16,fp16 --iters 20 --sc_iters 10
 step train_cuda_b50.log 60 bench/train_speed.py --device cuda --precisions fp32,bf16 --images 50 --iters 10 --sc_iters 5
-step train_cuda_compiled.log 120 bench/train_speed.py --device cuda --precisions fp32,bf16 --compile 1 --iters 10 \
+step train_cuda_compiled.log 300 bench/train_speed.py --device cuda --precisions fp32,bf16 --compile 1 --iters 10 \
     --sc_iters 5
 exit $status
