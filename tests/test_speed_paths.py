@@ -100,7 +100,7 @@ def test_packed_training_gradients_equal_padded_gradients():
         sel = label_masks[:, 1:] > 0
         loss = -logprobs.gather(2, labels[:, 1:, None]).squeeze(2)[sel].mean()
         loss.backward()
-        grads.append((float(loss), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}))
+        grads.append((float(loss.detach()), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}))
     assert abs(grads[0][0] - grads[1][0]) < 1e-6
     assert grads[0][1].keys() == grads[1][1].keys()
     for key, grad in grads[0][1].items():
