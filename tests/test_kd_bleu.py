@@ -187,7 +187,7 @@ def test_kd_loss_is_xe_plus_weighted_kl_teacher_eval_mode(teacher_path):
     torch.manual_seed(123)
     assert float(wrapper(batch)['loss'].detach()) == pytest.approx(float(out['loss'].detach()), rel=1e-6)  # no dropout: the same
     # without a teacher (kd_weight 0) it is the XE alone
-    assert float(LossWrapper(wrapper.model, kd_opt(kd_weight=0))(batch)['loss']) == pytest.approx(xe, rel=1e-6)
+    assert float(LossWrapper(wrapper.model, kd_opt(kd_weight=0))(batch)['loss'].detach()) == pytest.approx(xe, rel=1e-6)
 
 
 def test_teacher_runs_in_train_mode_by_default(teacher_path):
