@@ -50,15 +50,18 @@ class Packing:
     each group is a Packing of its images with `rows` (its images' rows among the M) and `images` (their indices).
     """
 
-    def __init__(self, valid=None, batch=None, length=None, index=None, attn_mask=None):
-        """valid (B, N) boolean; or batch and length, with every position real or the given index and attn_mask
-        (the parts of another Packing, e.g. inside a compiled function)."""
+    def __init__(self, valid=None, batch=None, length=None, index=None, attn_mask=None, count=None):
+        """valid (B, N) boolean, with count its number of True when the caller knows it (then finding them needs
+        no host read); or batch and length, with every position real or the given index and attn_mask (the parts
+        of another Packing, e.g. inside a compiled function)."""
         if valid is None:
             self.batch, self.length = batch, length
             self.index, self.attn_mask = index, attn_mask
         else:
             self.batch, self.length = valid.shape
-            self.index = valid.reshape(-1).nonzero().squeeze(1)  # (M,) into the flattened (B*N)
+            flat = valid.reshape(-1)
+            index = flat.nonzero() if count is None else flat.nonzero_static(size=count)
+            self.index = index.squeeze(1)  # (M,) into the flattened (B*N)
             self.attn_mask = valid[:, None, None, :]  # (B, 1, 1, N)
         self.groups = None
         self.rows = self.images = None  # set on the groups of a grouped Packing

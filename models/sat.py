@@ -72,8 +72,11 @@ class SATModel(nn.Module):
         batch, n_full, feat = att_feats.shape
         if att_masks is None:  # every region valid: no mask at all
             return att_feats.reshape(batch * n_full, feat), Packing(batch=batch, length=n_full)
-        n = int(att_masks.sum(1).max())
-        packing = self._grouped(Packing(att_masks[:, :n] > 0))  # (B, N')
+        valid = att_masks > 0  # (B, N)
+        longest = att_masks.sum(1).max().long()  # the longest valid count: regions are cut there (clip_att)
+        kept = valid.cumsum(1).gather(1, (longest - 1).clamp(min=0).expand(batch, 1))  # (B, 1) valid ones kept
+        n, m = torch.stack([longest, kept.sum()]).tolist()  # the one host read: the padded and packed sizes
+        packing = self._grouped(Packing(valid[:, :n], count=m))  # (B, N')
         # Gathered straight from att_feats, whatever its strides; BatchNorm statistics see real regions only,
         # as the reference's packing did.
         return att_feats[packing.index // n, packing.index % n], packing  # (M, F)
