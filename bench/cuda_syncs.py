@@ -34,22 +34,20 @@ def our_frame():
 
 
 def count_syncs(fn):
+    """Counter of 'file:line code' -> host syncs while fn() runs."""
     sites = collections.Counter()
-    real = warnings.showwarning
 
-    def record(message, category, filename, lineno, file=None, line=None):
+    def record(message, category, filename, lineno, file=None, line=None):  # called at the sync, stack intact
         if 'synchroniz' in str(message):
             sites[our_frame()] += 1
-    warnings.showwarning = record
     torch.cuda.set_sync_debug_mode('warn')
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # restores showwarning and the filters afterwards
             warnings.simplefilter('always')
             warnings.showwarning = record
             fn()
     finally:
         torch.cuda.set_sync_debug_mode('default')
-        warnings.showwarning = real
     return sites
 
 

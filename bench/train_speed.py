@@ -8,11 +8,13 @@ Zipf labels and a synthetic cached-tokens pickle (bench/reward.py's). Also times
 rows vs the 10 distinct images (the share of an iteration spent re-encoding copies).
 Prints a table and merges {"train_speed": {...}} into bench/results.json.
 
-    python bench/train_speed.py [--quick] [--iters 5] [--sc_iters 3] [--device cuda] [--precisions fp32,tf32,bf16,fp16]
+    python bench/train_speed.py [--quick] [--iters 5] [--sc_iters 3] [--device cuda] [--precisions fp32,bf16]
+                                [--compile 1] [--images N]
 
---compile 1 compiles the model as train.py --compile 1 does. --device cuda times on the GPU (torch.cuda.synchronize around every timed iteration, one warm-up iteration first)
+--device cuda times on the GPU (torch.cuda.synchronize around every timed iteration, one warm-up iteration first)
 and merges {"train_speed_cuda": {...}}. --precisions times XE and self-critical once per precision: fp32 (the
-default), tf32 (train.py --tf32 1, CUDA only), bf16 (--bf16 1), fp16 (--fp16 1 with its GradScaler).
+default), tf32 (train.py --tf32 1, CUDA only), bf16 (--bf16 1), fp16 (--fp16 1 with its GradScaler). --compile 1
+compiles the model as train.py --compile 1 does (3 warm-up iterations).
 """
 import argparse
 import os
@@ -26,7 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import opts  # noqa: E402
-from common import PAPER, bench_device, describe, machine, median_ms, merge_results, other_load, paper_model  # noqa: E402,E501
+from common import (PAPER, bench_device, describe, machine, median_ms, merge_results, other_load,  # noqa: E402
+                    paper_model)
 from reward import label_rows, write_cached_tokens  # noqa: E402
 from misc import optim  # noqa: E402
 from misc.distributed import World  # noqa: E402

@@ -76,7 +76,7 @@ class _BeamGroup:
         self.seq = torch.zeros(b, w, max_length, dtype=torch.long, device=device)  # (B, W, T)
         self.logps = torch.zeros(b, w, max_length, device=device)  # (B, W, T)
         self.sum = torch.zeros(b, w, device=device)  # (B, W) running summed (penalised) log-probs
-        # Finished beams stay on the device until results(): one record per token position (t, seq, logps, sum,
+        # Finished beams stay on the device until results(): one record per token position (seq, logps, score,
         # finished mask), read back to the host once. good: per image, finished beams scoring above `worst`.
         self.finished = []
         self.good = torch.zeros(b, dtype=torch.long, device=device)  # (B,)
@@ -139,9 +139,10 @@ class _BeamGroup:
         group_logprobs = group_logprobs.gather(1, parent.view(b, w, 1, 1).expand_as(group_logprobs))
 
         finished = (words == 0) if t < self.max_length - 1 else torch.ones_like(words, dtype=torch.bool)
+        # The score in float64, as the reference's Python floats (length penalty included).
+        score = self.penalty(t + 1, self.sum.double())  # (B, W)
         # self.seq and self.logps are new tensors at every position (gather above), so the record needs no copy.
-        self.finished.append((t, self.seq, self.logps, self.sum, finished))
-        score = self.penalty(t + 1, self.sum.double())  # float64, as the host's Python floats in results()
+        self.finished.append((self.seq, self.logps, score, finished))
         self.good += (finished & (score > self.worst)).sum(1)
         self.sum = self.sum.masked_fill(finished, FINISHED)
         return group_logprobs, parent
@@ -152,14 +153,13 @@ class _BeamGroup:
             empty = {'seq': self.seq.new_zeros(self.max_length), 'logps': self.logps.new_zeros(self.max_length),
                      'p': 0.0}
             return [[dict(empty)] for _ in range(self.batch)]
-        positions, seqs, logps, sums, finished = zip(*self.finished)
-        # (2, B, P, W) for P recorded positions: the finished mask and the summed log-probs, read back at once.
-        host = torch.stack([torch.stack(finished, 1).double(), torch.stack(sums, 1).double()]).cpu().numpy()
+        seqs, logps, scores, finished = zip(*self.finished)
+        # (2, B, P, W) for P recorded positions: the finished mask and the scores, read back at once.
+        host = torch.stack([torch.stack(finished, 1).double(), torch.stack(scores, 1)]).cpu().numpy()
         done = [[] for _ in range(self.batch)]
         # nonzero's order is image, then position, then beam: the order in which the reference collects them.
         for b, i, w in zip(*(index.tolist() for index in host[0].nonzero())):
-            score = self.penalty(positions[i] + 1, float(host[1, b, i, w]))
-            done[b].append({'seq': seqs[i][b, w], 'logps': logps[i][b, w], 'p': score})
+            done[b].append({'seq': seqs[i][b, w], 'logps': logps[i][b, w], 'p': float(host[1, b, i, w])})
         return [sorted(beams, key=lambda beam: -beam['p'])[:self.width] for beams in done]
 
 
