@@ -47,48 +47,46 @@ def test_forward_logprobs(case):
 DECODES = [(case, d) for case in CASES for d in case['decodes']]
 
 
-@pytest.mark.parametrize('use_cache', [1, 0])
-@pytest.mark.parametrize('case,decode', DECODES,
-                         ids=[f"{c['name']}-{'-'.join(f'{k}{v}' for k, v in d['opt'].items()) or 'greedy'}"
-                              for c, d in DECODES])
-def test_decoding_reproduces_the_reference(case, decode, use_cache):
-    model = build(case)
-    x = case['inputs']
+def reproduce(case, decode, use_cache, device='cpu'):
+    """Decode the case on device and compare with the reference: tokens, seqLogprobs, every done_beams entry."""
+    model = build(case).to(device)
+    x = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in case['inputs'].items()}
     opt = dict(decode['opt'], use_cache=use_cache)
     seed = opt.pop('seed', None)
     if seed is not None:
         torch.manual_seed(seed)
     with torch.no_grad():
         seq, logprobs = model(x['fc_feats'], x['att_feats'], x['att_masks'], opt=opt, mode='sample')
-    assert torch.equal(seq, decode['seq'])
-    torch.testing.assert_close(logprobs, decode['seqLogprobs'], atol=1e-4, rtol=0)
+    assert seq.device.type == torch.device(device).type
+    assert torch.equal(seq.cpu(), decode['seq'])
+    torch.testing.assert_close(logprobs.cpu(), decode['seqLogprobs'], atol=1e-4, rtol=0)
     if 'done_beams' in decode:
         assert len(model.done_beams) == len(decode['done_beams'])
         for ours, theirs in zip(model.done_beams, decode['done_beams']):
             assert len(ours) == len(theirs)
             for a, b in zip(ours, theirs):
-                assert torch.equal(a['seq'], b['seq'])
+                assert torch.equal(a['seq'].cpu(), b['seq'])
                 assert abs(a['p'] - float(b['p'])) < 1e-3
+
+
+def decode_id(case, decode):
+    return f"{case['name']}-{'-'.join(f'{k}{v}' for k, v in decode['opt'].items()) or 'greedy'}"
+
+
+@pytest.mark.parametrize('use_cache', [1, 0])
+@pytest.mark.parametrize('case,decode', DECODES, ids=[decode_id(c, d) for c, d in DECODES])
+def test_decoding_reproduces_the_reference(case, decode, use_cache):
+    reproduce(case, decode, use_cache)
 
 
 CUDA_DECODES = [(case, d) for case, d in DECODES if 'seed' not in d['opt']]  # CUDA draws other random numbers
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize('case,decode', CUDA_DECODES,
-                         ids=[f"{c['name']}-{'-'.join(f'{k}{v}' for k, v in d['opt'].items()) or 'greedy'}"
-                              for c, d in CUDA_DECODES])
+@pytest.mark.parametrize('case,decode', CUDA_DECODES, ids=[decode_id(c, d) for c, d in CUDA_DECODES])
 def test_decoding_on_cuda_reproduces_the_reference(case, decode):
-    """Greedy and beam searches on a GPU (fp32): the reference's tokens exactly, seqLogprobs within 1e-4."""
-    model = build(case).cuda()
-    x = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in case['inputs'].items()}
-    with torch.no_grad():
-        seq, logprobs = model(x['fc_feats'], x['att_feats'], x['att_masks'], opt=dict(decode['opt']), mode='sample')
-    assert seq.is_cuda and torch.equal(seq.cpu(), decode['seq'])
-    torch.testing.assert_close(logprobs.cpu(), decode['seqLogprobs'], atol=1e-4, rtol=0)
-    if 'done_beams' in decode:
-        for ours, theirs in zip(model.done_beams, decode['done_beams']):
-            assert [a['seq'].cpu().tolist() for a in ours] == [b['seq'].tolist() for b in theirs]
+    """Greedy and beam searches on a GPU (fp32, cached): the same checks as on the CPU."""
+    reproduce(case, decode, use_cache=1, device='cuda')
 
 
 def test_remove_bad_endings_strings():
