@@ -7,7 +7,7 @@ import torch
 
 from misc import coco_eval
 
-from tests.helpers import make_tiny_dataset
+from tests.helpers import make_tiny_dataset, share_one_meteor
 
 
 def pytest_collection_modifyitems(config, items):
@@ -52,16 +52,8 @@ def tiny_dataset(tmp_path_factory):
 def one_meteor_process(monkeypatch):
     """eval.py and COCOEvalCap share one METEOR java process (its start-up, loading the paraphrase table, can take
     15 s on busy cores), closed at the end of the test."""
-    from pycocoevalcap import eval as cocoeval
-    from pycocoevalcap.meteor import meteor
-    started, real_meteor, real_close = [], meteor.Meteor, coco_eval._Meteor.close
-
-    def shared_meteor():
-        if not started:
-            started.append(real_meteor())
-        return started[0]
-    monkeypatch.setattr(cocoeval, 'Meteor', shared_meteor)
-    monkeypatch.setattr(meteor, 'Meteor', shared_meteor)
+    real_close = coco_eval._Meteor.close
+    started = share_one_meteor(monkeypatch)
     monkeypatch.setattr(coco_eval._Meteor, 'close', lambda self: None)
     yield started
     if started:

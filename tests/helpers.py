@@ -154,12 +154,55 @@ PREDICTIONS = [
 ]
 
 
+def masked_batch(counts=(5, 3, 7, 1), n_max=8, feat=12, seed=1, generator=None):
+    """Features (B, n_max, feat) zero padded after each image's count of regions, float 1/0 masks (B, n_max).
+
+    generator: draw from this torch.Generator (e.g. to draw labels after the features), else a fresh one seeded
+    with seed."""
+    g = generator or torch.Generator().manual_seed(seed)
+    att = torch.randn(len(counts), n_max, feat, generator=g)
+    masks = torch.zeros(len(counts), n_max)
+    for i, n in enumerate(counts):
+        masks[i, :n] = 1
+        att[i, n:] = 0
+    return att, masks
+
+
+def label_rows(rows):
+    """Reference captions as the loader gives them: word-id lists -> (len(rows), 16) uint32, zero padded."""
+    out = np.zeros((len(rows), 16), dtype=np.uint32)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out
+
+
+# Two images' reference captions (word ids) for the reward tests.
+REWARD_GTS = [label_rows([[1, 2, 3, 4], [1, 2, 5], [6, 2, 3, 4, 7]]),
+              label_rows([[8, 9, 10], [8, 11, 10, 12], [9, 10], [13, 8, 9]])]
+
+
 def write_reference_json(path):
     images = [{'id': i, 'file_name': 'COCO_val2014_%012d.jpg' % i} for i in REFERENCES]
     annotations = [{'image_id': i, 'id': 1000 * i + k, 'caption': c}
                    for i, caps in REFERENCES.items() for k, c in enumerate(caps)]
     with open(path, 'w') as f:
         json.dump({'images': images, 'annotations': annotations, 'type': 'captions', 'info': {}, 'licenses': []}, f)
+
+
+def share_one_meteor(monkeypatch):
+    """Make pycocoevalcap's Meteor() return one METEOR java process for the whole test (its start-up, loading the
+    paraphrase table, takes seconds, 15 on busy cores); returns the list that holds it once started."""
+    from pycocoevalcap import eval as cocoeval
+    from pycocoevalcap.meteor import meteor
+    started, real_meteor = [], meteor.Meteor
+
+    def shared_meteor():
+        if not started:
+            started.append(real_meteor())
+        return started[0]
+    monkeypatch.setattr(cocoeval, 'Meteor', shared_meteor)
+    monkeypatch.setattr(meteor, 'Meteor', shared_meteor)
+    return started
 
 
 def java_children():

@@ -9,25 +9,14 @@ from misc.errors import SaticError
 
 needs_java = pytest.mark.skipif(not coco_eval.java_available(), reason='java not installed')
 
-from tests.helpers import PREDICTIONS, java_children, pycocoevalcap_scores, write_reference_json
+from tests.helpers import (PREDICTIONS, java_children, pycocoevalcap_scores, share_one_meteor,
+                           write_reference_json)
 
 
 @pytest.fixture
 def one_meteor_process(monkeypatch):
-    """(Unlike conftest's, language_eval closes it here, as in use.) Both sides share one METEOR java process (its start-up, loading the paraphrase table, takes seconds)."""
-    from pycocoevalcap import eval as cocoeval
-    from pycocoevalcap.meteor import meteor
-
-    started, real_meteor = [], meteor.Meteor
-
-    def shared_meteor():
-        if not started:
-            started.append(real_meteor())
-        return started[0]
-
-    monkeypatch.setattr(cocoeval, 'Meteor', shared_meteor)
-    monkeypatch.setattr(meteor, 'Meteor', shared_meteor)
-    return started
+    """Both sides share one METEOR java process; unlike conftest's fixture, language_eval closes it, as in use."""
+    return share_one_meteor(monkeypatch)
 
 
 @needs_java

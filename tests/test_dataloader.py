@@ -121,7 +121,7 @@ def test_restval_in_train_unless_train_only(tiny_dataset):
 
 def test_epochs_wrap_and_shuffle(tiny_dataset):
     with DataLoader(tiny_dataset.opt(batch_size=4)) as loader:
-        seen, orders = [], []
+        seen = []
         for _ in range(5):  # 20 images = 2 epochs of 10
             b = loader.get_batch('train')
             seen += [i['ix'] for i in b['infos']]

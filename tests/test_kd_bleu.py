@@ -26,21 +26,13 @@ from misc.loss_wrapper import LossWrapper
 from misc.losses import LanguageModelCriterion
 from misc.rewards import SelfCriticalReward, ids_to_str
 from misc.teacher import default_infos_path, load_teacher
+from tests.helpers import REWARD_GTS as GTS, label_rows
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE_OPTIONS = REPO.parent / 'shared' / 'conformance' / 'reference_options.tsv'
 
 
 # ----------------------------------------------------------------------------------------------- BLEU reward
-def label_rows(rows):
-    out = np.zeros((len(rows), 16), dtype=np.uint32)
-    for i, r in enumerate(rows):
-        out[i, :len(r)] = r
-    return out
-
-
-GTS = [label_rows([[1, 2, 3, 4], [1, 2, 5], [6, 2, 3, 4, 7]]),
-       label_rows([[8, 9, 10], [8, 11, 10, 12], [9, 10], [13, 8, 9]])]
 SEQS = torch.tensor([[1, 2, 3, 4, 0, 0], [1, 2, 5, 0, 0, 0], [6, 2, 3, 4, 9, 0],
                      [8, 9, 10, 0, 0, 0], [8, 11, 10, 12, 0, 0], [13, 0, 0, 0, 0, 0]])
 

@@ -14,6 +14,7 @@ from models.beam_search import beam_search
 from models.decode_config import DecodeConfig
 from models.masks import group_mask, subsequent_mask, target_mask
 from models.transformer import LayerNorm
+from tests.helpers import masked_batch
 
 VOCAB = 20  # words; V = 21 outputs
 
@@ -46,17 +47,6 @@ def tiny_model(seed=0, **overrides):
             return len({int((row + bias > 0).nonzero()[0]) if (row + bias > 0).any() else 20 for row in margin})
         proj.bias[0] = max((-m + 1e-3 for m in margin.flatten().tolist()), key=distinct_ends)
     return model
-
-
-def masked_batch(counts=(5, 3, 7, 1), n_max=8, feat=12, seed=1):
-    """Features zero padded to n_max regions, float 1/0 masks with the given box counts."""
-    g = torch.Generator().manual_seed(seed)
-    att = torch.randn(len(counts), n_max, feat, generator=g)
-    masks = torch.zeros(len(counts), n_max)
-    for i, n in enumerate(counts):
-        masks[i, :n] = 1
-        att[i, n:] = 0
-    return att, masks
 
 
 def labels_batch(batch=4, seed=2):

@@ -9,17 +9,9 @@ from misc.cider_d import CiderD, ngram_counts
 from misc.errors import SaticError
 from misc.losses import self_critical_loss
 from misc.rewards import SelfCriticalReward, ids_to_str
+from tests.helpers import REWARD_GTS as GTS, label_rows
 
 
-def label_rows(rows):
-    out = np.zeros((len(rows), 16), dtype=np.uint32)
-    for i, r in enumerate(rows):
-        out[i, :len(r)] = r
-    return out
-
-
-GTS = [label_rows([[1, 2, 3, 4], [1, 2, 5], [6, 2, 3, 4, 7]]),
-       label_rows([[8, 9, 10], [8, 11, 10, 12], [9, 10], [13, 8, 9]])]
 
 
 @pytest.fixture

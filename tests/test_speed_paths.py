@@ -16,6 +16,7 @@ from models.decode_config import DecodeConfig
 from models.masks import Packing, target_mask
 from models.sat import SATModel
 from models.transformer import _ReferenceLayerNorm, reference_layer_norm
+from tests.helpers import masked_batch, tiny_checkpoint
 
 
 def tiny(K=2, seed=0, dropout=None, **kw):
@@ -30,11 +31,7 @@ def tiny(K=2, seed=0, dropout=None, **kw):
 
 def batch(counts=(4, 2, 6, 1), n_max=8, feat=6, seed=1, seq_per_img=1):
     g = torch.Generator().manual_seed(seed)
-    att = torch.randn(len(counts), n_max, feat, generator=g)
-    masks = torch.zeros(len(counts), n_max)
-    for i, n in enumerate(counts):
-        masks[i, :n] = 1
-        att[i, n:] = 0
+    att, masks = masked_batch(counts, n_max, feat, generator=g)
     rows = len(counts) * seq_per_img
     labels = torch.zeros(rows, 18, dtype=torch.long)
     label_masks = torch.zeros(rows, 18)
@@ -220,32 +217,7 @@ def test_sampled_rows_share_their_images_memory():
 @pytest.fixture(scope='module')
 def trained_checkpoint(tiny_dataset, tmp_path_factory):
     """A tiny SAT (K=2) checkpoint trained for 80 XE steps on the tiny dataset: (model.pth, infos_tiny.pkl)."""
-    import json
-
-    import models
-    from dataloader import DataLoader, repeat_per_caption
-    from misc.fileio import save_pickle, save_torch
-    from misc.losses import LanguageModelCriterion
-    folder = tmp_path_factory.mktemp('ckpt_int8')
-    with open(tiny_dataset.input_json) as f:
-        vocab = json.load(f)['ix_to_word']
-    opt = tiny_dataset.opt(caption_model='sat', K=2, num_layers=1, input_encoding_size=16, rnn_size=32, id='tiny')
-    opt.vocab_size = len(vocab)
-    torch.manual_seed(0)
-    model = models.setup(opt).train()
-    crit, optimizer = LanguageModelCriterion(), torch.optim.Adam(model.parameters(), lr=3e-3)
-    with DataLoader(tiny_dataset.opt(batch_size=5)) as loader:
-        for _ in range(80):
-            b = repeat_per_caption(loader.get_batch('train'))
-            loss = crit(model(b['fc_feats'], b['att_feats'], b['labels'], b['att_masks']), b['labels'][:, 1:],
-                        b['masks'][:, 1:])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    paths = str(folder / 'model.pth'), str(folder / 'infos_tiny.pkl')
-    save_torch(model.state_dict(), paths[0])
-    save_pickle({'opt': opt, 'vocab': vocab, 'iter': 0, 'epoch': 0, 'best_val_score': None}, paths[1])
-    return paths
+    return tiny_checkpoint(tiny_dataset, tmp_path_factory.mktemp('ckpt_int8'), train_steps=80)
 
 
 def test_quantize_int8_eval_end_to_end(tiny_dataset, trained_checkpoint, tmp_path, monkeypatch):
