@@ -8,7 +8,6 @@ Prints a table and merges {"reward": {...}} into bench/results.json.
     python bench/reward.py [--repeats 50] [--train_images 5000]
 """
 import argparse
-import json
 import os
 import pickle
 import sys
@@ -21,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common import merge_results  # noqa: E402
 
-from misc.cider_d import CiderD, ngram_counts  # noqa: E402
+from misc.cider_d import ngram_counts  # noqa: E402
 from misc.rewards import SelfCriticalReward, ids_to_str  # noqa: E402
 
 VOCAB = 9487  # COCO Karpathy vocabulary size with word_count_threshold 5

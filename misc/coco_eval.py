@@ -24,6 +24,7 @@ import threading
 
 from misc.cider_d import corpus_cider_d
 from misc.errors import SaticError
+from misc.fileio import write_json
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 USER_SPICE_LIB = os.path.join(REPO_ROOT, 'coco-caption', 'spice-lib')
@@ -282,14 +283,8 @@ def language_eval(predictions, ref_json, split_name=None, out_path=None, spice='
         for metric, score in overall.items():
             print('%s: %0.3f' % (metric, score))
     if out_path:
-        _write_json_atomic(out_path, {'overall': overall, 'imgToEval': img_to_eval})
+        write_json({'overall': overall, 'imgToEval': img_to_eval}, out_path)
     return overall, img_to_eval
-
-
-def _write_json_atomic(path, obj):
-    """Through a temp file + rename; an interrupted write leaves neither half a JSON nor the temp file."""
-    from misc.fileio import atomic_write
-    atomic_write(path, lambda f: f.write(json.dumps(obj).encode('utf-8')))
 
 
 def check_ready(ref_json):

@@ -1,6 +1,7 @@
 """File input/output shared by the loader, the scripts, evaluation, training and bench: atomic writes, json and
 feature-array readers, the vocabulary fingerprint, progress output for long jobs, and the command-line wrapper that
 turns a SaticError into one line and exit status 2."""
+import contextlib
 import hashlib
 import json
 import os
@@ -320,6 +321,27 @@ def atomic_write_many(items):
         fsync_dir(folder)
 
 
+@contextlib.contextmanager
+def atomic_output(path):
+    """For writers that need a file name (LMDB, HDF5): yields a temp path next to path; renamed onto path (umask
+    permissions, fsync'ed) when the block ends without error, removed otherwise (with an LMDB lock file beside it),
+    so that an interrupted write never leaves a partial file under the final name."""
+    fd, tmp = temp_file(path)
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, file_mode())  # the writer may have re-created it (LMDB: mode 0755 less the umask)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    finally:
+        remove_quietly([tmp, tmp + '-lock'])
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
 def atomic_write(path, write):
     """write(f) into path through a temp file + rename: a crash leaves the previous file intact."""
     atomic_write_many([(path, write)])
@@ -331,8 +353,8 @@ def save_pickle(obj, path):
 
 
 def save_torch(obj, path):
-    import torch
     """torch.save, written atomically."""
+    import torch
     atomic_write(path, lambda f: torch.save(obj, f))
 
 

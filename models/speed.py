@@ -62,7 +62,7 @@ def quantize_int8(model):
 def apply_eval_options(model, opt):
     """eval.py / eval_cocotest.py after loading the checkpoint: --quantize int8, then --compile 1 (decoding step
     and encoder). Returns the model to evaluate (a quantized copy, or model itself)."""
-    quantize = getattr(opt, 'quantize', '') or ''
+    quantize = opt.quantize or ''
     if quantize not in ('', 'none', 'int8'):
         from misc.errors import SaticError
         raise SaticError(f"--quantize {quantize!r}: use int8 (dynamic int8 linear layers, CPU) or leave it out")
@@ -71,6 +71,6 @@ def apply_eval_options(model, opt):
             from misc.errors import SaticError
             raise SaticError('--quantize int8 runs on the CPU only: add --device cpu')
         model = quantize_int8(model)
-    if getattr(opt, 'compile', 0):
+    if opt.compile:
         compile_model(model, training=False)
     return model

@@ -17,7 +17,7 @@ if __package__ in (None, ''):  # run as a file: make the repository root importa
 import numpy as np
 
 from misc.errors import SaticError
-from misc.fileio import Progress, image_id, progress, read_array, read_json, run_cli
+from misc.fileio import Progress, atomic_output, image_id, progress, read_array, read_json, run_cli
 
 EXTENSIONS = ('.npz', '.npy')
 
@@ -54,35 +54,43 @@ def load_array(path, key):
         raise SaticError(f'{path} (image {key}) is unreadable ({type(e).__name__}: {e}): re-create it') from None
 
 
+def load_bytes(path, key):
+    """The feature file's bytes, unchanged (what the LMDB stores)."""
+    try:
+        with open(path, 'rb') as f:
+            return f.read()
+    except OSError as e:
+        raise SaticError(f'{path} (image {key}) is unreadable ({e.strerror or e}): re-create it') from None
+
+
 def write_lmdb(items, output_file):
     import lmdb
     page = 4096
     pages = sum(os.path.getsize(p) // page + 3 for _, p in items)
     map_size = int(pages * page * 1.5) + (64 << 20)
-    for stale in (output_file, output_file + '-lock'):
-        if os.path.isfile(stale):
-            os.remove(stale)
-    env = lmdb.open(output_file, subdir=False, map_size=map_size, readonly=False, meminit=False, map_async=True)
-    try:
-        with Progress(len(items), f'dump_to_lmdb: {output_file}', 'images') as bar:
-            for start in range(0, len(items), 1000):
-                with env.begin(write=True) as txn:
-                    for key, path in items[start:start + 1000]:
-                        with open(path, 'rb') as f:
-                            txn.put(key.encode('ascii'), f.read())
-                        bar.update()
-        env.sync()
-    finally:
-        env.close()
+    with atomic_output(output_file) as tmp:
+        os.remove(tmp)  # lmdb creates its file itself
+        env = lmdb.open(tmp, subdir=False, map_size=map_size, readonly=False, meminit=False, map_async=True)
+        try:
+            with Progress(len(items), f'dump_to_lmdb: {output_file}', 'images') as bar:
+                for start in range(0, len(items), 1000):
+                    with env.begin(write=True) as txn:
+                        for key, path in items[start:start + 1000]:
+                            txn.put(key.encode('ascii'), load_bytes(path, key))
+                            bar.update()
+            env.sync()
+        finally:
+            env.close()
+    stale_lock = output_file + '-lock'  # a lock file an older run left beside the output
+    if os.path.isfile(stale_lock):
+        os.remove(stale_lock)
 
 
 def write_h5(items, output_file):
     import h5py
-    tmp = output_file + '.tmp'
-    with h5py.File(tmp, 'w') as f:
+    with atomic_output(output_file) as tmp, h5py.File(tmp, 'w') as f:
         for key, path in progress(items, desc=f'dump_to_lmdb: {output_file}', unit='images'):
             f.create_dataset(key, data=np.asarray(load_array(path, key), dtype=np.float32))
-    os.replace(tmp, output_file)
 
 
 def parse_args(argv=None):

@@ -3,6 +3,7 @@ prepro_reference_json and make_demo_data, checked field by field on hand-made in
 import json
 import os
 import pickle
+import shutil
 
 import h5py
 import numpy as np
@@ -197,6 +198,34 @@ def test_dump_to_lmdb_stores_file_bytes(tmp_path, tiny_dataset):
     env.close()
     assert sorted(keys) == sorted(n[:-4] for n in os.listdir(tiny_dataset.att_dir))
     assert value == open(os.path.join(tiny_dataset.att_dir, keys[0] + '.npz'), 'rb').read()
+
+
+@pytest.mark.parametrize('ext', ['.lmdb', '.h5'])
+def test_dump_to_lmdb_never_leaves_a_partial_file(tmp_path, tiny_dataset, ext, capsys):
+    """A feature file that fails half-way through the dump: one-line error, the previous output untouched, no temp
+    or lock files left."""
+    folder = tmp_path / 'att'
+    shutil.copytree(tiny_dataset.att_dir, folder)
+    names = sorted(os.listdir(folder))
+    bad = names[len(names) // 2]
+    os.remove(folder / bad)
+    os.mkdir(folder / bad)  # unreadable for both writers (the LMDB stores raw bytes, HDF5 parses the arrays)
+    out = tmp_path / f'att{ext}'
+    out.write_bytes(b'the previous dump')
+    assert dump_to_lmdb.main(['--folder', str(folder), '--output_file', str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert '\n' not in err and bad in err
+    assert out.read_bytes() == b'the previous dump'
+    assert sorted(os.listdir(tmp_path)) == ['att', f'att{ext}']
+
+    os.rmdir(folder / bad)  # the dump again, complete this time: umask permissions, not LMDB's executable 0755
+    old = os.umask(0o027)
+    try:
+        assert dump_to_lmdb.main(['--folder', str(folder), '--output_file', str(out)]) == 0
+    finally:
+        os.umask(old)
+    assert oct(os.stat(out).st_mode & 0o777) == oct(0o640)
+    assert sorted(os.listdir(tmp_path)) == ['att', f'att{ext}']
 
 
 def test_prepro_cocotest(tmp_path, tiny_dataset):
