@@ -18,11 +18,12 @@ from torch import nn
 
 
 def linear(module, x):
-    """module(x) for an nn.Linear without the module-call machinery (a few microseconds per call, ~40 calls per
-    decoding step); other modules (e.g. torch.ao's dynamically quantized Linear) are called as usual."""
+    """module(x) for a linear layer without the module-call machinery (a few microseconds per call, ~40 calls per
+    decoding step): F.linear for an nn.Linear, its forward for another (e.g. models.speed.Int8Linear); module
+    hooks are not called."""
     if type(module) is nn.Linear:
         return F.linear(x, module.weight, module.bias)
-    return module(x)
+    return module.forward(x)
 
 
 def clones(module, n):
@@ -89,9 +90,22 @@ def reference_layer_norm(x, a, b, eps):
     if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad):
         return _ReferenceLayerNorm.apply(x, a, b, eps)
     centred, std = _center_and_std(x)
-    # the reference's order of operations, a * (x - mean) then / (std + eps), then + b; the in-place scalar add
-    # avoids the scalar-to-tensor copy an out-of-place `std + eps` makes (this runs 19 times per decoding step)
-    return torch.addcdiv(b, centred.mul_(a), std.add_(eps))
+    # the reference's order of operations, a * (x - mean) then / (std + eps), then + b. This runs 19 times per
+    # decoding step: eps as a 0-dim tensor of x's dtype (the same float32 value) spares the scalar's wrapping and
+    # type promotion (~6 us per call), the in-place add the new tensor of an out-of-place `std + eps`.
+    return torch.addcdiv(b, centred.mul_(a), std.add_(_scalar_tensor(eps, std.dtype)))
+
+
+_SCALARS = {}
+
+
+def _scalar_tensor(value, dtype):
+    """A cached 0-dim CPU tensor holding value (adds and multiplies by it round exactly as by the Python float)."""
+    key = (value, dtype)
+    if key not in _SCALARS:
+        with torch.inference_mode(False):  # a plain tensor, usable inside and outside inference mode
+            _SCALARS[key] = torch.tensor(value, dtype=dtype)
+    return _SCALARS[key]
 
 
 class LayerNorm(nn.Module):
@@ -173,6 +187,9 @@ class MultiHeadedAttention(nn.Module):
         self.linears = clones(nn.Linear(d_model, d_model), 4)
         self.dropout = Dropout(p=dropout)
         self._fused = {}  # inference only: concatenated projection weights, keyed by the weights' versions
+        # optional modules computing several projections at once, keyed like `which` below (e.g. (0, 1, 2) ->
+        # an int8 layer over the concatenated q|k|v weights, set by models.speed.quantize_int8)
+        self.fused_projections = {}
 
     @property
     def dropout_p(self):
@@ -194,10 +211,12 @@ class MultiHeadedAttention(nn.Module):
         """x (..., D) through the linears `which` -> their outputs side by side (..., len(which) * D).
 
         One matrix product with the weights concatenated when the linears are plain nn.Linear (one larger GEMM,
-        fewer calls); per-module calls otherwise (e.g. after torch.ao dynamic quantization, or compiled)."""
+        fewer calls), or fused_projections[which] where set; per-module calls otherwise (e.g. compiled)."""
         linears = [self.linears[i] for i in which]
         if len(linears) == 1:
             return linear(linears[0], x)
+        if which in self.fused_projections:
+            return self.fused_projections[which](x)
         if torch.compiler.is_compiling() or not all(type(m) is nn.Linear for m in linears):
             return torch.cat([m(x) for m in linears], dim=-1)  # compiled: no weight concatenation in the graph
         weight, bias = self._fused_weights(which, linears)
