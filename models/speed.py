@@ -71,6 +71,21 @@ def _no_deprecation_notes():
         yield
 
 
+@torch.library.custom_op('satic::int8_linear', mutates_args=())
+def int8_linear(x: torch.Tensor, qweight: torch.Tensor, packed: torch.Tensor, col_offsets: torch.Tensor,
+                scale: float, zero_point: int, bias: torch.Tensor) -> torch.Tensor:
+    """fbgemm's int8 linear as an operator torch.compile can place in a graph (torch has no shape function for
+    the fbgemm call itself); eager calls go to fbgemm directly."""
+    with _no_deprecation_notes():
+        return torch.fbgemm_linear_int8_weight_fp32_activation(x, qweight, packed, col_offsets, scale, zero_point,
+                                                                bias)
+
+
+@int8_linear.register_fake
+def _int8_linear_shape(x, qweight, packed, col_offsets, scale, zero_point, bias):
+    return x.new_empty(*x.shape[:-1], qweight.size(0))
+
+
 class Int8Linear(nn.Module):
     """An nn.Linear for CPU inference with int8 weights: y = x W^T + b computed by fbgemm's int8 kernel
     (torch.fbgemm_linear_int8_weight_fp32_activation): W quantized once, symmetric per tensor; x quantized per
@@ -101,6 +116,8 @@ class Int8Linear(nn.Module):
             self.forward(self.bias.new_zeros(1, self.in_features))  # torch's one-time note is given here
 
     def forward(self, x):
+        if torch.compiler.is_compiling():  # --compile 1: an opaque call in the graph (see int8_linear)
+            return int8_linear(x, self.qweight, self.packed, self.col_offsets, self.scale, self.zero_point, self.bias)
         return torch.fbgemm_linear_int8_weight_fp32_activation(
             x, self.qweight, self.packed, self.col_offsets, self.scale, self.zero_point, self.bias)
 

@@ -368,6 +368,15 @@ def test_compiled_model_equals_eager():
     for key in grads[0]:
         torch.testing.assert_close(grads[1][key], grads[0][key], atol=1e-5, rtol=1e-4, msg=key)
 
+    if fbgemm_int8_available():  # --quantize int8 --compile 1: the int8 layers are opaque calls in the graph
+        int8 = quantize_int8(eager.eval())
+        with torch.no_grad():
+            want = int8.decode(att, masks)
+            got = compile_model(int8, training=False).decode(att, masks)
+        assert int8._step_fn is not int8.cached_step
+        assert torch.equal(got[0], want[0])
+        torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+
 
 # ---- attention per group of images of similar region counts ----------------------------------------------------
 GROUPED = dict(counts=(14, 1, 3, 16, 2, 15, 5, 1, 13, 4, 2, 16), n_max=16)
