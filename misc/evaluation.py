@@ -65,12 +65,8 @@ def evaluate(model, loader, split, config, *, num_images=-1, batch_size=None, re
             att_masks = data['att_masks']
             masks = None if att_masks is None else att_masks.to(device, non_blocking=True)[:n]  # (B, N)
             if crit is not None and data['labels'] is not None:
-                labels, label_masks = data['labels'][:n * seq_per_img], data['masks'][:n * seq_per_img]  # (B*S, L+2)
-                repeat = lambda t: None if t is None else t.repeat_interleave(seq_per_img, dim=0)  # noqa: E731
                 with precision:
-                    logprobs = model(None, repeat(att), labels.to(device, non_blocking=True), repeat(masks))
-                losses.append(crit(logprobs.float(), labels[:, 1:].to(device, non_blocking=True),
-                                   label_masks[:, 1:].to(device, non_blocking=True)).detach().float())
+                    losses.append(_teacher_forcing_loss(model, crit, att, masks, data, n, seq_per_img))
                 loss_parts.append(seen)
             synchronize(device)
             start = time.perf_counter()
@@ -82,17 +78,9 @@ def evaluate(model, loader, split, config, *, num_images=-1, batch_size=None, re
             image_beams = _beam_captions(vocab, model, captions, config.beam_size, remove_bad_endings) \
                 if keep_beams or verbose else [None] * len(captions)
             for i, caption, caption_beams in zip(range(n), captions, image_beams):
-                info = data['infos'][i]
-                entry = {'image_id': info['id'], 'caption': caption}
-                if with_paths:
-                    entry['file_path'] = info.get('file_path')
-                predictions.append(entry)
+                predictions.append(_prediction(data['infos'][i], caption, caption_beams, with_paths, verbose))
                 positions.append(seen + i)
                 beams.append(caption_beams if keep_beams else None)
-                if verbose:
-                    print(f"image {info['id']}: {caption}")
-                    if config.beam_size > 1:
-                        print('\n'.join(f'  beam: {b}' for b in caption_beams))
         seen += n
         if seen >= limit:
             break
@@ -103,6 +91,29 @@ def evaluate(model, loader, split, config, *, num_images=-1, batch_size=None, re
     loss_values = torch.stack(losses).tolist() if losses else []  # one host synchronisation for every batch
     loss = sum(loss_values) / len(loss_values) if loss_values else None
     return EvalResult(predictions, positions, beams, loss, timing, list(zip(loss_parts, loss_values)))
+
+
+def _teacher_forcing_loss(model, crit, att, masks, data, n, seq_per_img):
+    """The validation loss of the batch's first n images (att (n, N, F), masks (n, N) or None), their seq_per_img
+    captions each, as a device scalar (read once, at the end of the split)."""
+    device = att.device
+    labels, label_masks = data['labels'][:n * seq_per_img], data['masks'][:n * seq_per_img]  # (n*S, L+2)
+    repeat = lambda t: None if t is None else t.repeat_interleave(seq_per_img, dim=0)  # noqa: E731
+    logprobs = model(None, repeat(att), labels.to(device, non_blocking=True), repeat(masks))
+    return crit(logprobs.float(), labels[:, 1:].to(device, non_blocking=True),
+                label_masks[:, 1:].to(device, non_blocking=True)).detach().float()
+
+
+def _prediction(info, caption, caption_beams, with_paths, verbose):
+    """One image's entry of the predictions ({'image_id', 'caption'[, 'file_path']}); printed when verbose."""
+    entry = {'image_id': info['id'], 'caption': caption}
+    if with_paths:
+        entry['file_path'] = info.get('file_path')
+    if verbose:
+        print(f"image {info['id']}: {caption}")
+        if caption_beams is not None and len(caption_beams) > 1:
+            print('\n'.join(f'  beam: {b}' for b in caption_beams))
+    return entry
 
 
 def _beam_captions(vocab, model, captions, beam_size, remove_bad_endings=False):
