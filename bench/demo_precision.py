@@ -5,7 +5,7 @@ checkpoint, in a scratch working directory, and compares vis/<id>.json captions 
 Needs the demo data and Java (METEOR). Merges {"demo_precision": {...}} into bench/results.json.
 
     python bench/demo_precision.py --save_dir save --data_dir data/demo \
-        --runs demo-nsc-transformer-baseline,demo-nsc-sat-2-from-nsc-seqkd
+        --runs demo-nsc-transformer-baseline,demo-nsc-sat-2-from-nsc-seqkd [--modes int8,bf16]
 """
 import argparse
 import json
@@ -29,13 +29,15 @@ def main(argv=None):
     parser.add_argument('--save_dir', default='save', help='folder of the demo runs (save/<run>/model-best.pth)')
     parser.add_argument('--data_dir', default='data/demo')
     parser.add_argument('--runs', default='demo-nsc-transformer-baseline,demo-nsc-sat-2-from-nsc-seqkd')
+    parser.add_argument('--modes', default='int8,bf16', help='compared with fp32: int8 and/or bf16')
     args = parser.parse_args(argv)
+    modes = {mode: MODES[mode] for mode in ['fp32'] + [m for m in args.modes.split(',') if m and m != 'fp32']}
     save_dir, data = os.path.abspath(args.save_dir), os.path.abspath(args.data_dir)
     results = {'machine': machine(), 'busy_at_start': other_load(), 'runs': {}}
     with tempfile.TemporaryDirectory(prefix='satic-precision-') as work:
         for run in filter(None, args.runs.split(',')):
             captions, scores, timing = {}, {}, {}
-            for mode, flags in MODES.items():
+            for mode, flags in modes.items():
                 eval_id = f'{run}-{mode}'
                 argv_ = [sys.executable, os.path.join(ROOT, 'eval.py'),
                          '--model', f'{save_dir}/{run}/model-best.pth',
@@ -54,7 +56,7 @@ def main(argv=None):
                 with open(os.path.join(work, f'{eval_id}_timing.json')) as f:
                     timing[mode] = json.load(f)['ms_per_image']
             row = {'scores': scores, 'ms_per_image': timing, 'images': len(captions['fp32'])}
-            for mode in ('int8', 'bf16'):
+            for mode in list(modes)[1:]:
                 same = sum(a == b for a, b in zip(captions['fp32'], captions[mode]))
                 row[f'{mode}_identical'] = same
                 print(f"{run} {mode}: identical captions {same}/{len(captions[mode])}; " + ', '.join(
