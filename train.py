@@ -383,7 +383,9 @@ def score_validation(shards, opt):
     lang_stats = None
     if opt.language_eval:
         from misc.coco_eval import language_eval
-        lang_stats, _ = language_eval(predictions, opt.ref_json, split_name='val')
+        # as the reference, every validation also writes eval_results/<id>_val.json (the latest one's scores)
+        lang_stats, _ = language_eval(predictions, opt.ref_json, split_name='val',
+                                      out_path=os.path.join('eval_results', f'{opt.id}_val.json'))
     return {'loss': loss, 'predictions': predictions, 'lang_stats': lang_stats,
             'score': lang_stats['CIDEr'] if lang_stats else -loss}
 

@@ -209,6 +209,9 @@ def test_stage1_learns_then_self_critical_raises_val_cider(scene, stage1, tmp_pa
         assert final['lang_stats']['CIDEr'] == pytest.approx(stage2_cider, rel=1e-3)
         infos = load_pickle(os.path.join(nsc, 'infos_nsc-scene.pkl'))
         assert infos['best_val_score'] == final['lang_stats']['CIDEr']
+        with open(tmp_path / 'eval_results' / 'nsc-scene_val.json') as f:  # as the reference: the last validation
+            written = json.load(f)
+        assert written['overall'] == final['lang_stats'] and len(written['imgToEval']) == len(final['predictions'])
     assert os.path.isfile(os.path.join(nsc, 'infos_nsc-scene-best.pkl'))
     tags = scalar_tags(nsc)
     assert {'train_loss', 'learning_rate', 'avg_reward', 'validation loss'} <= tags
