@@ -75,10 +75,9 @@ def _no_deprecation_notes():
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, packed: torch.Tensor, col_offsets: torch.Tensor,
                 scale: float, zero_point: int, bias: torch.Tensor) -> torch.Tensor:
     """fbgemm's int8 linear as an operator torch.compile can place in a graph (torch has no shape function for
-    the fbgemm call itself); eager calls go to fbgemm directly."""
-    with _no_deprecation_notes():
-        return torch.fbgemm_linear_int8_weight_fp32_activation(x, qweight, packed, col_offsets, scale, zero_point,
-                                                                bias)
+    the fbgemm call itself); eager calls go to fbgemm directly. (torch's one-time deprecation note was given, and
+    silenced, when the layer was packed: no warning filter per call.)"""
+    return torch.fbgemm_linear_int8_weight_fp32_activation(x, qweight, packed, col_offsets, scale, zero_point, bias)
 
 
 @int8_linear.register_fake
