@@ -593,14 +593,10 @@ def train(opt):
     """Both stages (README, "Using it on COCO"); returns {'iter', 'epoch', 'best_val_score'} of the end of the run."""
     world = setup_distributed(opt)
     with contextlib.ExitStack() as cleanup:
-        cleanup.callback(shutdown, world)
         signals = Signals().install()
         cleanup.callback(signals.restore)
         run, state = build_run(opt, world, signals, cleanup)
-        try:
-            return train_loop(run, state)
-        finally:
-            del run  # DDP's reducer goes before shutdown() destroys the process group (else: terminate at exit)
+        return train_loop(run, state)
 
 
 def main(argv=None):
@@ -624,6 +620,8 @@ def main(argv=None):
     except KeyboardInterrupt:
         print('interrupted by SIGINT: nothing saved', file=sys.stderr)
         return 130
+    finally:  # here a handled error's frames, which hold the DistributedDataParallel wrapper, are gone
+        shutdown()
     return 0
 
 

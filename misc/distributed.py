@@ -7,6 +7,8 @@ steps that can fail on some ranks only (the validation, rank 0's metrics and sav
 """
 import dataclasses
 import datetime
+import gc
+import importlib
 import os
 
 import torch
@@ -50,13 +52,23 @@ def setup_distributed(opt):
         device = torch.device('cuda', local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():  # (a caller may have initialised it already)
+        importlib.import_module('torch.distributed.nn.functional')  # torch quirk: before init (see shutdown)
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo',
                                 timeout=datetime.timedelta(minutes=opt.dist_timeout_minutes))
     return World(rank, world_size, device)
 
 
-def shutdown(world):
-    if world.distributed and dist.is_initialized():
+def shutdown():
+    """Destroy the process group, joining gloo's worker threads; the caller drops the DistributedDataParallel
+    wrapper first (its reducer holds the group too). A group still alive when the interpreter exits can abort the
+    process ('terminate called without an active exception', SIGABRT) after a successful run: a worker thread that
+    frees a finished collective's tensors needs the GIL, which finalisation no longer grants.
+
+    torch quirk: torch.distributed.nn.functional binds group.WORLD as a default argument when first imported, and
+    DistributedDataParallel imports it; imported after init_process_group, it holds the group for ever. So
+    setup_distributed imports it first, while group.WORLD is still None."""
+    if dist.is_available() and dist.is_initialized():
+        gc.collect()  # (a reference cycle through the wrapper would keep its reducer)
         dist.destroy_process_group()
 
 
