@@ -241,18 +241,21 @@ def temp_file(path):
     return fd, tmp
 
 
-def fsync_dir(folder):
-    """Make renames in folder durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
+def fsync_path(path):
+    """fsync a file or folder given by name."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-    except OSError:
-        pass
     finally:
         os.close(fd)
+
+
+def fsync_dir(folder):
+    """Make renames in folder durable (a no-op where directories cannot be opened or synced)."""
+    try:
+        fsync_path(folder)
+    except OSError:
+        pass
 
 
 class _HashingWriter:
@@ -331,11 +334,7 @@ def atomic_output(path):
     try:
         yield tmp
         os.chmod(tmp, file_mode())  # the writer may have re-created it (LMDB: mode 0755 less the umask)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(tmp)
         os.replace(tmp, path)
     finally:
         remove_quietly([tmp, tmp + '-lock'])
