@@ -36,8 +36,10 @@ def load_checkpoint(eval_opt):
     device = resolve_device(opt.device)
     model = model.to(device).eval()
     if opt.quantize or opt.compile:
-        from models.speed import apply_eval_options
+        from models.speed import apply_eval_options, int8_kernel
         model = apply_eval_options(model, opt)  # --quantize int8, --compile 1 (both off by default)
+        if opt.quantize == 'int8':
+            print(int8_kernel(), flush=True)  # which int8 path this CPU gets (README, "Speed options")
     return model, opt, infos
 
 

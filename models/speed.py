@@ -11,9 +11,20 @@ distribution, other values than eager). The numbers are otherwise those of the e
 quantize_int8: every nn.Linear becomes an Int8Linear (weights int8 per tensor, activations quantized to uint8 per
 call, int32 accumulation: fbgemm's kernel, the one PyTorch's own dynamic quantization builds on); the layer norms,
 embeddings and attention stay fp32. Inference only.
+
+Which int8 kernel a CPU gets (int8_kernel()): fbgemm picks its kernel from the CPU. With VNNI (avx512_vnni) it
+multiplies uint8 by int8 into int32 (vpdpbusd): nothing saturates, and the weights keep 8 bits. Without VNNI (AVX2
+and plain AVX-512 CPUs: many AMD Zen 2/3 servers, most laptops, Skylake-X) it multiplies in pairs whose sums
+saturate at int16 (vpmaddubsw): 255 * 128 * 2 > 32767, and a 512 -> 2048 layer is 17% off. There the weights keep
+7 bits ([-64, 63]: 255 * 64 * 2 <= 32767), so no pair can saturate (1.1% off on N(0, 3) inputs, against torch.ao's
+1.7% with 7-bit activations). The choice is made by running the kernel once on a case that saturates (not by the
+torch build's capability, which says nothing about VNNI, nor by CPU flags alone, which FBGEMM_ENABLE_INSTRUCTIONS
+can override).
 """
 import contextlib
 import copy
+import functools
+import os
 import warnings
 
 import torch
@@ -85,22 +96,85 @@ def _int8_linear_shape(x, qweight, packed, col_offsets, scale, zero_point, bias)
     return x.new_empty(*x.shape[:-1], qweight.size(0))
 
 
+def quantize_weight(weight, bits):
+    """fbgemm's int8 weight format with `bits` bits: (qweight (out, in) int8 in [-2^(bits-1), 2^(bits-1)-1],
+    col_offsets (out,) int32 = sum over inputs of (qweight - zero_point), scale, zero_point), per tensor, over the
+    weights' range with 0 included (as fbgemm_linear_quantize_weight, which is the 8-bit case)."""
+    if bits == 8:
+        with _no_deprecation_notes():
+            return torch.fbgemm_linear_quantize_weight(weight)
+    qmin, qmax = -2 ** (bits - 1), 2 ** (bits - 1) - 1
+    low, high = min(weight.min().item(), 0.0), max(weight.max().item(), 0.0)
+    scale = (high - low) / (qmax - qmin) or 1.0
+    zero_point = int(min(qmax, max(qmin, round(qmin - low / scale))))
+    qweight = torch.clamp(torch.round(weight / scale) + zero_point, qmin, qmax).to(torch.int8)
+    col_offsets = (qweight.to(torch.int32) - zero_point).sum(1, dtype=torch.int32)
+    return qweight, col_offsets, scale, zero_point
+
+
+def cpu_flags():
+    """The CPU's instruction-set flags from /proc/cpuinfo (an empty set where it cannot be read)."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('flags'):
+                    return set(line.split(':', 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@functools.lru_cache(maxsize=None)
+def int8_kernel_saturates():
+    """True when fbgemm's int8 kernel on this CPU adds uint8 x int8 products in int16 pairs that saturate (no
+    VNNI). Runs the kernel once on a row of 255s against weights of 127: exact 64 * 1.0, or about half when the
+    pairs saturate."""
+    weight, x = torch.ones(8, 64), torch.ones(1, 64)
+    qweight, col_offsets, scale, zero_point = quantize_weight(weight, 8)
+    with _no_deprecation_notes():
+        y = torch.fbgemm_linear_int8_weight_fp32_activation(
+            x, qweight, torch.fbgemm_pack_quantized_matrix(qweight), col_offsets, scale, zero_point,
+            torch.zeros(8))
+    return bool((y - 64).abs().max() > 1)
+
+
+def int8_weight_bits():
+    """The weight width the int8 path uses on this CPU: 8 where the kernel cannot saturate, else 7."""
+    return 7 if int8_kernel_saturates() else 8
+
+
+def int8_kernel():
+    """One line for eval.py's output: which int8 path this CPU gets, and why."""
+    if not fbgemm_int8_available():
+        return "int8: torch.ao's dynamic quantization (no fbgemm in this torch build)"
+    flags = cpu_flags()
+    vnni = sorted(flags & {'avx512_vnni', 'avx_vnni'}) or ['no VNNI']
+    isa = 'avx512f' if 'avx512f' in flags else 'avx2' if 'avx2' in flags else 'no avx2'
+    forced = os.environ.get('FBGEMM_ENABLE_INSTRUCTIONS')
+    isa += f', FBGEMM_ENABLE_INSTRUCTIONS={forced}' if forced else ''
+    if int8_kernel_saturates():
+        return (f'int8: fbgemm with 7-bit weights (this CPU\'s int8 kernel adds products in int16 pairs that '
+                f'saturate; {isa}, {", ".join(vnni)})')
+    return f'int8: fbgemm with 8-bit weights (int32 products; {isa}, {", ".join(vnni)})'
+
+
 class Int8Linear(nn.Module):
     """An nn.Linear for CPU inference with int8 weights: y = x W^T + b computed by fbgemm's int8 kernel
     (torch.fbgemm_linear_int8_weight_fp32_activation): W quantized once, symmetric per tensor; x quantized per
-    call (uint8, its own min/max); int32 accumulation; y in fp32.
+    call (uint8, its own min/max); int32 accumulation; y in fp32. weight_bits: 8, or 7 where the CPU's kernel
+    saturates (None: int8_weight_bits(), see the module docstring).
 
     The same kernel as torch.ao's dynamically quantized Linear without its per-call Python and quantized-tensor
     wrapping: at batch 1 a decoding step's 49 calls take about 1/3 of the time (bench/README.md, "--quantize
     int8"). Its activations use the full 8 bits (torch.ao's x86 default reduces them to 7).
     """
 
-    def __init__(self, linear):
+    def __init__(self, linear, weight_bits=None):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight_bits = weight_bits or int8_weight_bits()
         weight = linear.weight.detach().float().contiguous()
-        with _no_deprecation_notes():
-            qweight, col_offsets, self.scale, self.zero_point = torch.fbgemm_linear_quantize_weight(weight)
+        qweight, col_offsets, self.scale, self.zero_point = quantize_weight(weight, self.weight_bits)
         self.register_buffer('qweight', qweight)  # (out, in) int8
         self.register_buffer('col_offsets', col_offsets)  # (out,) int32
         bias = linear.bias if linear.bias is not None else weight.new_zeros(self.out_features)
@@ -127,7 +201,8 @@ class Int8Linear(nn.Module):
         return new
 
     def extra_repr(self):
-        return f'in_features={self.in_features}, out_features={self.out_features}, scale={self.scale:.3g}'
+        return (f'in_features={self.in_features}, out_features={self.out_features}, bits={self.weight_bits}, '
+                f'scale={self.scale:.3g}')
 
 
 def concatenated(linears):

@@ -25,6 +25,8 @@ from misc.fileio import save_pickle, save_torch
 from scripts import dump_to_lmdb, make_bu_data, prepro_labels, prepro_ngrams, prepro_reference_json
 from scripts.make_demo_data import ConceptFeatures
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 WORDS = ('a', 'man', 'woman', 'dog', 'cat', 'red', 'blue', 'ball', 'on', 'the', 'grass', 'table', 'with', 'big',
          'small', 'riding', 'horse', 'street', 'car', 'near')
 

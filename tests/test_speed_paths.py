@@ -1,7 +1,7 @@
 """The speed paths of issue 11 compute what the reference computed: packed encoder (real regions only) == the
 padded encoder, the hand-written layer-norm backward == autograd of the formula, the scored-positions loss == the
 full log-probs loss, the fixed-shape decoding cache == the growing cache == uncached decoding, and the opt-in
-paths (--compile 1, --quantize int8).
+paths (--compile 1; --quantize int8 in tests/test_int8.py).
 
 Tiny random models on CPU, one thread. The --compile test runs only with SATIC_TEST_COMPILE=1 (it compiles for
 about a minute on 2 cores); it is skipped when torch.compile cannot run here.
@@ -16,9 +16,9 @@ import torch
 from models.decode_config import DecodeConfig
 from models.masks import Packing, target_mask
 from models.sat import SATModel
-from models.speed import Int8Linear, fbgemm_int8_available, quantize_int8
+from models.speed import fbgemm_int8_available, quantize_int8
 from models.transformer import _ReferenceLayerNorm, reference_layer_norm
-from tests.helpers import masked_batch, tiny_checkpoint
+from tests.helpers import masked_batch
 
 
 def tiny(K=2, seed=0, dropout=None, **kw):
@@ -213,96 +213,6 @@ def test_sampled_rows_share_their_images_memory():
         repeated = model.decode(att.repeat_interleave(3, 0), masks.repeat_interleave(3, 0))
     assert torch.equal(once[0], repeated[0])
     torch.testing.assert_close(once[1], repeated[1], atol=1e-6, rtol=1e-6)
-
-
-# ---- --quantize int8 through eval.py ----------------------------------------------------------------------------
-@pytest.fixture(scope='module')
-def trained_checkpoint(tiny_dataset, tmp_path_factory):
-    """A tiny SAT (K=2) checkpoint trained for 80 XE steps on the tiny dataset: (model.pth, infos_tiny.pkl)."""
-    return tiny_checkpoint(tiny_dataset, tmp_path_factory.mktemp('ckpt_int8'), train_steps=80)
-
-
-@pytest.mark.skipif(not fbgemm_int8_available(), reason='no fbgemm int8 kernels in this torch build')
-def test_quantize_int8_eval_end_to_end(tiny_dataset, trained_checkpoint, tmp_path, monkeypatch):
-    import json
-
-    import eval as eval_script
-    monkeypatch.chdir(tmp_path)
-    linear_types = []
-    real_decode = SATModel.decode
-
-    def decode(self, *args, **kwargs):
-        linear_types.append(type(self.model.generator.proj))
-        return real_decode(self, *args, **kwargs)
-    monkeypatch.setattr(SATModel, 'decode', decode)
-    captions = {}
-    for quantize in ('', 'int8'):
-        argv = ['--model', trained_checkpoint[0], '--infos_path', trained_checkpoint[1], '--language_eval', '0',
-                '--split', 'train', '--batch_size', '4', '--id', f'q{quantize}', '--device', 'cpu']
-        assert eval_script.main(argv + (['--quantize', quantize] if quantize else [])) == 0
-        with open(f'vis/q{quantize}.json') as f:
-            captions[quantize] = [p['caption'] for p in json.load(f)]
-    assert linear_types[0] is torch.nn.Linear and linear_types[-1] is Int8Linear
-    same = sum(a == b for a, b in zip(captions[''], captions['int8']))
-    assert len(captions['int8']) == len(captions['']) == 10
-    assert same >= 7, (captions[''], captions['int8'])  # int8 rounding may flip a few close argmaxes
-
-
-def test_quantize_refuses_unknown_values(tiny_dataset, trained_checkpoint, tmp_path, monkeypatch, capsys):
-    import eval as eval_script
-    monkeypatch.chdir(tmp_path)
-    argv = ['--model', trained_checkpoint[0], '--infos_path', trained_checkpoint[1], '--language_eval', '0',
-            '--quantize', 'int4']
-    assert eval_script.main(argv) == 2
-    assert '--quantize' in capsys.readouterr().err
-
-
-@pytest.mark.skipif(not fbgemm_int8_available(), reason='no fbgemm int8 kernels in this torch build')
-def test_int8_model_decodes_like_fp32_on_a_tiny_model():
-    model = tiny(K=2).eval()
-    att, masks, _, _ = batch()
-    q = quantize_int8(model)
-    assert type(model.model.generator.proj) is torch.nn.Linear  # the original is untouched
-    assert {type(m) for m in q.modules()} >= {Int8Linear} and not any(type(m) is torch.nn.Linear for m in q.modules())
-    with torch.no_grad():
-        want = model(None, att, masks, opt={'beam_size': 1}, mode='sample')[1]
-        got = q(None, att, masks, opt={'beam_size': 1}, mode='sample')[1]
-        got_copy = copy.deepcopy(q)(None, att, masks, opt={'beam_size': 1}, mode='sample')[1]
-    assert got.shape == want.shape and torch.isfinite(got).all()
-    assert (got - want).abs().max() < 0.05  # log-probs of the chosen words, int8 rounding
-    assert torch.equal(got_copy, got)  # a deep copy packs its own weights: same numbers
-
-
-def test_int8_without_fbgemm_falls_back_to_torch_ao(monkeypatch):
-    """Where torch has no fbgemm (e.g. ARM builds), --quantize int8 is torch.ao's dynamic quantization."""
-    import models.speed
-    monkeypatch.setattr(models.speed, 'fbgemm_int8_available', lambda: False)
-    model = tiny(K=2).eval()
-    att, masks, _, _ = batch()
-    q = quantize_int8(model)
-    assert type(q.model.generator.proj).__module__.startswith('torch.ao.nn.quantized')
-    with torch.no_grad():
-        want = model(None, att, masks, opt={'beam_size': 1}, mode='sample')[1]
-        got = q(None, att, masks, opt={'beam_size': 1}, mode='sample')[1]
-    assert got.shape == want.shape and (got - want).abs().max() < 0.05
-
-
-@pytest.mark.skipif(not fbgemm_int8_available(), reason='no fbgemm int8 kernels in this torch build')
-@pytest.mark.filterwarnings('ignore::UserWarning', 'ignore::DeprecationWarning')  # torch.ao's deprecation notes
-def test_int8_linear_is_close_to_the_float_linear_and_to_torch_ao():
-    """Int8Linear (fbgemm's kernel) against the float layer and torch.ao's dynamic quantization of it: the error is
-    int8 rounding-sized, and no larger than torch.ao's (whose x86 default keeps 7 bits of the activations)."""
-    torch.manual_seed(0)
-    layer = torch.nn.Linear(64, 48)
-    x = torch.randn(3, 5, 64)
-    with torch.no_grad():
-        want = layer(x)
-        got = Int8Linear(layer)(x)
-        ao = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(layer), {torch.nn.Linear},
-                                                    dtype=torch.qint8)(x)
-    assert got.shape == want.shape == (3, 5, 48)
-    err, ao_err = (got - want).abs().max(), (ao - want).abs().max()
-    assert 0 < err < 0.02 * want.abs().max() and err <= ao_err * 1.1, (err, ao_err)
 
 
 @pytest.mark.parametrize('smoothing', [0.0, 0.1])
