@@ -20,7 +20,8 @@ if __package__ in (None, ''):  # run as a file: make the repository root importa
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from misc.errors import SaticError
-from misc.fileio import atomic_write_many, check_output_folder, image_id, progress, remove_stale_temps, run_cli
+from misc.fileio import (atomic_write_many, check_output_folder, fault_point, image_id, progress, remove_stale_temps,
+                         run_cli)
 from scripts.prepro_labels import UNK, load_dataset_images, read_vocabulary
 
 EOS_WORD = '<eos>'
@@ -97,8 +98,9 @@ def run(args):
     for suffix, refs in (('-words.p', refs_words), ('-idxs.p', refs_idxs)):
         df = document_frequency(refs, f'prepro_ngrams: {args.output_pkl}{suffix}')
         data = pickle.dumps({'document_frequency': df, 'ref_len': ref_len}, protocol=2)
-        items.append((args.output_pkl + suffix, lambda f, data=data: f.write(data)))
-    atomic_write_many(items)
+        items.append((args.output_pkl + suffix, data))
+    atomic_write_many([(path, lambda f, n=n, data=data: (fault_point('prepro_ngrams:written', n), f.write(data)))
+                       for n, (path, data) in enumerate(items)])
     print(f'wrote {args.output_pkl}-idxs.p and -words.p: document frequencies over {ref_len} {args.split} images')
 
 
