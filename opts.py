@@ -234,16 +234,18 @@ def check_schedule_opt(opt):
     _need(opt.grad_clip > 0, f'--grad_clip must be > 0 (got {opt.grad_clip})')
     _need(opt.learning_rate >= 0, f'--learning_rate must be >= 0 (got {opt.learning_rate})')
     _need(opt.noamopt_warmup > 0, f'--noamopt_warmup must be > 0 (got {opt.noamopt_warmup})')
-    _need(opt.noamopt_factor >= 0, f'--noamopt_factor must be >= 0 (got {opt.noamopt_factor}: a negative learning '
-                                   'rate climbs the loss)')
-    _need(opt.learning_rate_decay_rate >= 0,
-         f'--learning_rate_decay_rate must be >= 0 (got {opt.learning_rate_decay_rate}: a negative learning rate '
-         'climbs the loss)')
-    _need(opt.learning_rate_decay_every > 0,
-         f'--learning_rate_decay_every must be > 0 epochs (got {opt.learning_rate_decay_every})')
-    _need(opt.learning_rate_decay_start >= -1,
-         f'--learning_rate_decay_start must be -1 (off) or an epoch >= 0 (got {opt.learning_rate_decay_start})')
-    if not opt.noamopt:  # (inert with --noamopt, as in the reference)
+    # Learning-rate options are checked where they act (README, "Reference training and model options"): inert
+    # values stay accepted at any value, as in the reference.
+    if opt.noamopt:
+        _need(opt.noamopt_factor >= 0, f'--noamopt_factor must be >= 0 (got {opt.noamopt_factor}: a negative '
+                                       'learning rate climbs the loss)')
+    elif not opt.reduce_on_plateau:
+        _need(opt.learning_rate_decay_rate >= 0,
+             f'--learning_rate_decay_rate must be >= 0 (got {opt.learning_rate_decay_rate}: a negative learning rate '
+             'climbs the loss)')
+        _need(opt.learning_rate_decay_every > 0,
+             f'--learning_rate_decay_every must be > 0 epochs (got {opt.learning_rate_decay_every})')
+    if not opt.noamopt:
         for flag in ('optim_alpha', 'optim_beta'):
             _need(0 <= vars(opt)[flag] < 1, f'--{flag} must be in [0, 1) (got {vars(opt)[flag]})')
         _need(opt.optim_epsilon >= 0, f'--optim_epsilon must be >= 0 (got {opt.optim_epsilon})')

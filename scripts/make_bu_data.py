@@ -4,7 +4,9 @@ data/README.md. Reads every `*.tsv*` file in --downloaded_feats (the reference h
 names). A row is tab separated, no header: image_id, image_w, image_h, num_boxes, boxes, features, where boxes and
 features are base64 float32 reshaped to (num_boxes, -1); any feature dimension and box count. Rows whose base64
 lacks '=' padding (real test2014 files) are padded. Writes att: npz key 'feat' (num_boxes, D) float32;
-fc: mean over boxes (D,); box: (num_boxes, 4) x1 y1 x2 y2.
+fc: mean over boxes (D,); box: (num_boxes, 4) x1 y1 x2 y2. Rows holding NaN/inf are refused. The output folders
+appear whole or not at all (built in hidden siblings, see prepare_outputs/publish); the next run removes what a
+killed one left.
 
   python scripts/make_bu_data.py --downloaded_feats data/bu_data --output_dir data/cocobu
 """
