@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from misc.errors import SaticError
-from misc.fileio import read_array, read_json, vocab_sha1
+from misc.fileio import UNFINISHED_MARKER, read_array, read_json, staging_folders, vocab_sha1
 
 SPLITS = ('train', 'val', 'test')
 DEFAULT_SEQ_LENGTH = 16
@@ -56,24 +56,43 @@ class FeatureReader:
         self.path, self.ext, self.flag = path, ext, flag
         self.exts = (ext,) + tuple(e for e in ('.npz', '.npy') if e != ext)
         if not os.path.exists(path):
+            if staging_folders(path):
+                raise SaticError(f'{flag} {path} does not exist: scripts/make_bu_data.py was interrupted while '
+                                 f'building it ({staging_folders(path)[0][0]}): run it again')
             raise SaticError(f'{flag} {path} does not exist: build the features (scripts/make_bu_data.py) '
                              'or fix the path')
         if path.rstrip('/').endswith('.lmdb'):
             self.kind = 'lmdb'
             import lmdb
+            self._lmdb_error = lmdb.Error
             try:
                 self._env = lmdb.open(path, subdir=os.path.isdir(path), readonly=True, lock=False,
                                       readahead=False, meminit=False, max_readers=256)
             except lmdb.Error as e:
                 raise SaticError(f'{flag} {path} is not a readable LMDB ({e}): re-create it with '
                                  'scripts/dump_to_lmdb.py') from None
+            self._check_lmdb_size(path, flag)
         elif path.endswith(('.h5', '.hdf5')):
             self.kind = 'h5'
             self._h5, self._h5_lock = None, threading.Lock()  # opened by the first get(), to name its image
         elif os.path.isdir(path):
             self.kind = 'dir'
+            if os.path.exists(os.path.join(path, UNFINISHED_MARKER)):
+                raise SaticError(f'{flag} {path} is unfinished: scripts/make_bu_data.py was interrupted while '
+                                 f'writing it ({UNFINISHED_MARKER} is there): run it again')
         else:
             raise SaticError(f'{flag} {path} is neither a directory, an .lmdb nor an .h5 file: fix the path')
+
+    def _check_lmdb_size(self, path, flag):
+        """A truncated LMDB maps pages past the end of its file: reading them kills the process (SIGBUS). Its
+        environment says how many pages it uses; the file must hold them."""
+        data_file = os.path.join(path, 'data.mdb') if os.path.isdir(path) else path
+        need = (self._env.info()['last_pgno'] + 1) * self._env.stat()['psize']
+        size = os.path.getsize(data_file)
+        if size < need:
+            self._env.close()
+            raise SaticError(f'{flag} {data_file} is truncated ({size} bytes, its LMDB pages need {need}): '
+                             're-create it with scripts/dump_to_lmdb.py')
 
     def get(self, image_id, dim=None, regions=False):
         """(N, D) or (D,) float32 array of one image; SaticError naming the file and image id if absent or bad.
@@ -91,8 +110,12 @@ class FeatureReader:
                                  f'build the features of every image of the json (make_bu_data.py) or fix {self.flag}')
             where = source
         elif self.kind == 'lmdb':
-            with self._env.begin(write=False) as txn:
-                value = txn.get(key.encode('ascii'))
+            try:
+                with self._env.begin(write=False) as txn:
+                    value = txn.get(key.encode('ascii'))
+            except self._lmdb_error as e:  # garbled pages: lmdb.CorruptedError, ...
+                raise SaticError(f'{self.path} (image {key}) is corrupt ({type(e).__name__}: {e}): re-create it '
+                                 'with scripts/dump_to_lmdb.py') from None
             if value is None:
                 raise SaticError(f'{self.path} has no entry for image {key}: re-create it from the full feature '
                                  f'folder (scripts/dump_to_lmdb.py) or fix {self.flag}')
@@ -126,6 +149,9 @@ class FeatureReader:
             what = 'no regions (0 boxes)' if regions else 'an empty feature vector'
             raise SaticError(f'{where} (image {key}) has {what}, shape {array.shape}: every image needs at least '
                              f'one box; {redo}')
+        if regions and array.ndim != 2:
+            raise SaticError(f'{where} (image {key}) has region features of shape {array.shape}: expected a 2-d '
+                             f'array (regions x feature size); {redo}')
         size = array.shape[-1] if regions else array.size
         if dim is not None and size != dim:
             raise SaticError(f'{where} (image {key}) has {size}-d features, shape {array.shape}, but the images read '
@@ -231,6 +257,19 @@ class DataLoader:
                              f'{what} says {expected}: use matching features, or --att_feat_size {self.att_feat_size}'
                              f' when training from scratch')
 
+    def caption_sampling_note(self, split='train'):
+        """A 'note: ...' line when images of split have fewer captions than seq_per_img (theirs are then drawn with
+        replacement, so the same caption repeats within a batch), else None."""
+        if self.labels is None or not self.split_ix[split]:
+            return None
+        ix = np.asarray(self.split_ix[split])
+        counts = self.label_end_ix[ix] - self.label_start_ix[ix] + 1
+        short = int(np.count_nonzero(counts < self.seq_per_img))
+        if not short:
+            return None
+        return (f'note: --seq_per_img {self.seq_per_img}: {short} of {len(ix)} {split} images have fewer captions '
+                f'(down to {int(counts.min())}); their captions are drawn with replacement')
+
     def reset_iterator(self, split):
         """Start `split` again from its first image (same order)."""
         self.iterators[split] = 0
@@ -325,6 +364,12 @@ class DataLoader:
             if sha != vocab_sha1(self.ix_to_word):
                 raise SaticError(f'label file {h5_path} was built with another vocabulary than {json_path}: '
                                  'rebuild it with --dict_json pointing at this json')
+        if self.labels.size and int(self.labels.min()) < 0:
+            row = int(np.argmax(self.labels.min(axis=1) < 0))
+            img = int(np.searchsorted(self.label_end_ix, row + 1))
+            raise SaticError(f'label file {h5_path} has word id {int(self.labels.min())} (row {row}, image '
+                             f'{self.images[min(img, n - 1)].get("id")}): word ids are 0..vocabulary size; rebuild it '
+                             'with scripts/prepro_labels.py')
         if self.labels.size:
             if not self.ix_to_word:
                 raise SaticError(f'{json_path} has no ix_to_word vocabulary but {h5_path} has captions: '
@@ -340,8 +385,8 @@ class DataLoader:
                          | (self.label_end_ix > len(self.labels)))[0]
         if len(bad):
             raise SaticError(f'label file {h5_path}: image {self.images[bad[0]].get("id")} has no captions '
-                             f'(label_start_ix {self.label_start_ix[bad[0]]}, label_end_ix {self.label_end_ix[bad[0]]}): '
-                             'rebuild it with scripts/prepro_labels.py')
+                             f'(label_start_ix {self.label_start_ix[bad[0]]}, label_end_ix {self.label_end_ix[bad[0]]}'
+                             f', rows 1..{len(self.labels)}): rebuild it with scripts/prepro_labels.py')
 
     def _captions(self, ix, rng):
         """(seq_per_img, L) label rows of image ix: a contiguous window at a random offset, else with replacement."""

@@ -16,6 +16,33 @@ import torch
 from misc.errors import SaticError
 
 
+def output_folders(eval_opt):
+    """[(folder, what writes there)] of the files this evaluation will write (see write_outputs)."""
+    folders = []
+    if eval_opt.language_eval:
+        folders.append(('eval_results', 'eval_results/ (--language_eval 1)'))
+    if eval_opt.seq_kd:
+        folders.append((os.path.dirname(eval_opt.seq_kd_path) if eval_opt.seq_kd_path else 'vis',
+                        f'--seq_kd_path {eval_opt.seq_kd_path}' if eval_opt.seq_kd_path else 'vis/ (--seq_kd 1)'))
+    if eval_opt.timing_json:
+        folders.append((os.path.dirname(eval_opt.timing_json), f'--timing_json {eval_opt.timing_json}'))
+    if eval_opt.dump_json:
+        folders.append(('vis', 'vis/ (--dump_json 1)'))
+    if eval_opt.dump_images:
+        folders.append(('vis', 'vis/ (--dump_images 1)'))
+        if eval_opt.image_root:
+            folders.append((os.path.join('vis', 'imgs'), 'vis/imgs/ (--dump_images 1 --image_root)'))
+    return folders
+
+
+def check_outputs(folders):
+    """Every output folder writable or creatable before anything is loaded or decoded (not
+    after scoring the whole split)."""
+    from misc.fileio import check_output_folder
+    for folder, what in folders:
+        check_output_folder(folder, what)
+
+
 def load_checkpoint(eval_opt):
     """(model in eval mode on its device, resolved options, infos) of --model and --infos_path, checked to agree."""
     import models
@@ -106,9 +133,11 @@ def write_outputs(eval_opt, opt, result, lang_stats, img_to_eval):
 
 def main(argv=None):
     from misc.fileio import run_cli
-    from opts import parse_eval_opt
+    from opts import check_eval_split, parse_eval_opt
 
     def run(eval_opt):
+        check_eval_split(eval_opt)
+        check_outputs(output_folders(eval_opt))
         write_outputs(eval_opt, *run_evaluation(eval_opt))
     return run_cli(parse_eval_opt, run, argv)
 

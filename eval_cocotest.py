@@ -34,8 +34,11 @@ def parse_args(argv=None):
 
 
 def run(eval_opt):
-    from eval import run_evaluation
+    from eval import check_outputs, run_evaluation
     from misc.fileio import write_json
+    from opts import check_eval_split
+    check_eval_split(eval_opt)
+    check_outputs([('vis', 'vis/ (the result file)')])  # before any loading or decoding
     _, result, _, _ = run_evaluation(eval_opt)
     results = server_results(result.predictions)
     path = os.path.join('vis', f'{eval_opt.id}.json')

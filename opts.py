@@ -223,7 +223,8 @@ def parse_opt(argv=None):
 
 def check_schedule_opt(opt):
     """train.py: lengths, periods and sizes of the run that make no sense (a one-line refusal, exit 2)."""
-    _need(opt.max_epochs >= -1, f'--max_epochs must be -1 (no limit) or >= 0 (got {opt.max_epochs})')
+    _need(opt.max_epochs == -1 or opt.max_epochs > 0,
+         f'--max_epochs must be -1 (no limit) or > 0 (got {opt.max_epochs}: 0 trains nothing)')
     _need(opt.max_iters == -1 or opt.max_iters > 0, f'--max_iters must be -1 (no limit) or > 0 (got {opt.max_iters})')
     _need(opt.save_checkpoint_every > 0, f'--save_checkpoint_every must be > 0 (got {opt.save_checkpoint_every})')
     _need(opt.losses_log_every > 0, f'--losses_log_every must be > 0 (got {opt.losses_log_every})')
@@ -233,6 +234,22 @@ def check_schedule_opt(opt):
     _need(opt.grad_clip > 0, f'--grad_clip must be > 0 (got {opt.grad_clip})')
     _need(opt.learning_rate >= 0, f'--learning_rate must be >= 0 (got {opt.learning_rate})')
     _need(opt.noamopt_warmup > 0, f'--noamopt_warmup must be > 0 (got {opt.noamopt_warmup})')
+    # Learning-rate options are checked where they act (README, "Reference training and model options"): inert
+    # values stay accepted at any value, as in the reference.
+    if opt.noamopt:
+        _need(opt.noamopt_factor >= 0, f'--noamopt_factor must be >= 0 (got {opt.noamopt_factor}: a negative '
+                                       'learning rate climbs the loss)')
+    elif not opt.reduce_on_plateau:
+        _need(opt.learning_rate_decay_rate >= 0,
+             f'--learning_rate_decay_rate must be >= 0 (got {opt.learning_rate_decay_rate}: a negative learning rate '
+             'climbs the loss)')
+        _need(opt.learning_rate_decay_every > 0,
+             f'--learning_rate_decay_every must be > 0 epochs (got {opt.learning_rate_decay_every})')
+    if not opt.noamopt:
+        for flag in ('optim_alpha', 'optim_beta'):
+            _need(0 <= vars(opt)[flag] < 1, f'--{flag} must be in [0, 1) (got {vars(opt)[flag]})')
+        _need(opt.optim_epsilon >= 0, f'--optim_epsilon must be >= 0 (got {opt.optim_epsilon})')
+        _need(opt.weight_decay >= 0, f'--weight_decay must be >= 0 (got {opt.weight_decay})')
     _need(0 <= opt.seed < 2 ** 31, f'--seed must be in [0, 2^31) (got {opt.seed})')
     _need(opt.val_batch_size >= 0, f'--val_batch_size must be >= 0 (0: --batch_size; got {opt.val_batch_size})')
     _need(opt.dist_timeout_minutes > 0, f'--dist_timeout_minutes must be > 0 (got {opt.dist_timeout_minutes})')
@@ -370,6 +387,16 @@ EVAL_OWN = ('id', 'batch_size', 'beam_size', 'language_eval', 'sample_max', 'tem
 EVAL_PATHS = ('input_json', 'input_fc_dir', 'input_att_dir', 'input_box_dir', 'input_label_h5')
 
 
+EVAL_SPLITS = ('train', 'val', 'test')  # dataloader.SPLITS
+
+
+def check_eval_split(eval_opt):
+    """--split must name one of the loader's splits (restval images are in train)."""
+    from misc.errors import SaticError
+    if eval_opt.split not in EVAL_SPLITS:
+        raise SaticError(f"--split {eval_opt.split!r} is not a split: use one of {', '.join(EVAL_SPLITS)}")
+
+
 def resolve_eval_options(eval_opt, infos, infos_path='infos'):
     """The options one run of eval.py uses: infos['opt'] (defaults filled) overridden by the evaluation's own
     options and its non-empty data paths; vocab_size from infos['vocab']. Bad values -> SaticError, one line."""
@@ -378,6 +405,7 @@ def resolve_eval_options(eval_opt, infos, infos_path='infos'):
         if getattr(eval_opt, flag):
             raise SaticError(f"--{flag}: the reference's raw-image mode (a CNN over image files) is not provided; "
                              "extract bottom-up features and pass --input_att_dir (data/README.md)")
+    check_eval_split(eval_opt)
     opt = fill_defaults(argparse.Namespace(**vars(infos['opt'])))
     for key in EVAL_OWN:
         setattr(opt, key, getattr(eval_opt, key))

@@ -269,6 +269,9 @@ def build_run(opt, world, signals, cleanup):
     loader = cleanup.enter_context(DataLoader(opt, rank=world.rank, world_size=world.size,
                                              pin_memory=world.device.type == 'cuda'))
     check_data(opt, loader)
+    note = loader.caption_sampling_note()
+    if note and world.is_main:
+        print(note, flush=True)
     run_opt, vocab = run_options(opt, loader), loader.get_vocab()
     saved = load_run(opt.start_from, opt.id, run_opt, vocab) if opt.start_from else None
     if saved is not None and saved.loader_state is not None:

@@ -50,6 +50,11 @@ def load_cached_tokens(path):
     candidates = [path] if path.endswith('.p') else [path + '.p', path]
     found = next((p for p in candidates if os.path.isfile(p)), None)
     if found is None:
+        base = candidates[0][:-len('.p')]
+        if base.endswith('-idxs') and os.path.isfile(base[:-len('-idxs')] + '-words.p'):
+            raise SaticError('cached tokens file %s not found but %s is there: prepro_ngrams.py was interrupted '
+                             'between its two files; run it again: %s'
+                             % (candidates[0], base[:-len('-idxs')] + '-words.p', PREPRO_NGRAMS_COMMAND))
         raise SaticError('cached tokens file %s not found: build it with %s' % (candidates[0], PREPRO_NGRAMS_COMMAND))
     from misc.fileio import load_pickle  # (imports torch: not at module level)
     try:  # never plain pickle.load: a crafted file would run code; this admits only containers and numbers

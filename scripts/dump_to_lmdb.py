@@ -17,7 +17,8 @@ if __package__ in (None, ''):  # run as a file: make the repository root importa
 import numpy as np
 
 from misc.errors import SaticError
-from misc.fileio import Progress, atomic_output, image_id, progress, read_array, read_json, run_cli
+from misc.fileio import (Progress, atomic_output, check_output_folder, fault_point, image_id, progress, read_array,
+                         read_json, remove_stale_temps, run_cli)
 
 EXTENSIONS = ('.npz', '.npy')
 
@@ -78,6 +79,7 @@ def write_lmdb(items, output_file):
                         for key, path in items[start:start + 1000]:
                             txn.put(key.encode('ascii'), load_bytes(path, key))
                             bar.update()
+                            fault_point('dump_to_lmdb', bar.n)
             env.sync()
         finally:
             env.close()
@@ -102,8 +104,13 @@ def parse_args(argv=None):
 
 
 def run(args):
-    items = feature_files(args.folder, args.input_json)
     folder = os.path.dirname(args.output_file)
+    check_output_folder(folder, '--output_file')  # now, not after reading every feature file
+    if os.path.isdir(args.output_file):
+        raise SaticError(f'--output_file {args.output_file} is a folder: name a file (.lmdb or .h5)')
+    for name in remove_stale_temps(args.output_file):  # what a killed dump left beside it
+        print(f'removed {os.path.join(folder, name)}, left by an interrupted run')
+    items = feature_files(args.folder, args.input_json)
     if folder:
         os.makedirs(folder, exist_ok=True)
     if args.output_file.endswith(('.h5', '.hdf5')):

@@ -4,7 +4,9 @@ data/README.md. Reads every `*.tsv*` file in --downloaded_feats (the reference h
 names). A row is tab separated, no header: image_id, image_w, image_h, num_boxes, boxes, features, where boxes and
 features are base64 float32 reshaped to (num_boxes, -1); any feature dimension and box count. Rows whose base64
 lacks '=' padding (real test2014 files) are padded. Writes att: npz key 'feat' (num_boxes, D) float32;
-fc: mean over boxes (D,); box: (num_boxes, 4) x1 y1 x2 y2.
+fc: mean over boxes (D,); box: (num_boxes, 4) x1 y1 x2 y2. Rows holding NaN/inf are refused. The output folders
+appear whole or not at all (built in hidden siblings, see prepare_outputs/publish); the next run removes what a
+killed one left.
 
   python scripts/make_bu_data.py --downloaded_feats data/bu_data --output_dir data/cocobu
 """
@@ -14,6 +16,7 @@ import binascii
 import csv
 import glob
 import os
+import shutil
 import sys
 
 if __package__ in (None, ''):  # run as a file: make the repository root importable
@@ -22,7 +25,8 @@ if __package__ in (None, ''):  # run as a file: make the repository root importa
 import numpy as np
 
 from misc.errors import SaticError
-from misc.fileio import Progress, run_cli
+from misc.fileio import (UNFINISHED_MARKER, Progress, check_output_folder, fault_point, fsync_dir, pid_alive, run_cli,
+                         staging_folders)
 
 FIELDNAMES = ['image_id', 'image_w', 'image_h', 'num_boxes', 'boxes', 'features']
 
@@ -71,27 +75,76 @@ def parse_row(fields, where):
     if feats.size == 0 or feats.size % n:
         raise SaticError(f'{where}: features hold {feats.size * 4} bytes, not a multiple of num_boxes {n} x 4 bytes: '
                          'the row is corrupt or truncated; re-extract the features')
+    for name, values in (('features', feats), ('boxes', boxes)):
+        if not np.isfinite(values).all():
+            raise SaticError(f'{where}: its {name} hold {np.count_nonzero(~np.isfinite(values))} NaN/inf values: '
+                             're-extract the features of this image (or drop its row)')
     return iid, boxes.reshape(n, 4), feats.reshape(n, -1)
 
 
 def convert_row(job):
-    """Decode one row and write its three files; job = (fields, where, output_dir).
+    """Decode one row and write its three files; job = (fields, where, (att, fc, box) folders).
     Returns (id, n_boxes, D, about the row's bytes in the TSV, for the progress)."""
-    fields, where, out = job
+    fields, where, (att, fc, box) = job
     iid, boxes, feats = parse_row(fields, where)
-    np.savez_compressed(os.path.join(out + '_att', f'{iid}.npz'), feat=feats)
-    np.save(os.path.join(out + '_fc', f'{iid}.npy'), feats.mean(0))
-    np.save(os.path.join(out + '_box', f'{iid}.npy'), boxes)
+    np.savez_compressed(os.path.join(att, f'{iid}.npz'), feat=feats)
+    np.save(os.path.join(fc, f'{iid}.npy'), feats.mean(0))
+    np.save(os.path.join(box, f'{iid}.npy'), boxes)
     return iid, feats.shape[0], feats.shape[1], sum(map(len, fields)) + len(fields)
 
 
-def iter_rows(files, output_dir):
+def iter_rows(files, folders):
     csv.field_size_limit(sys.maxsize)
     for path in files:
         with open(path, newline='') as f:
             for line_no, fields in enumerate(csv.reader(f, delimiter='\t'), 1):
                 if fields:
-                    yield fields, f'{path}:{line_no}', output_dir
+                    yield fields, f'{path}:{line_no}', folders
+
+
+# ---- outputs: whole or not at all -----------------------------------------------------------------------------
+# Each output folder is built in a hidden sibling (".<name>.<pid>-partial") and renamed into place when every row is
+# written. Into an existing folder (a second run adds its images, as the reference did) the files are moved one by
+# one under UNFINISHED_MARKER, which the loader refuses. A later run removes what a killed one left.
+
+def prepare_outputs(outputs):
+    """Check that the outputs can be written, remove a killed run's leftovers; returns the staging folders."""
+    for out in outputs:
+        check_output_folder(os.path.dirname(out), '--output_dir')
+        if os.path.exists(out):
+            if not os.path.isdir(out):
+                raise SaticError(f'--output_dir: {out} exists and is not a folder: remove it or choose another '
+                                 '--output_dir')
+            check_output_folder(out, '--output_dir')
+        for staging, pid in staging_folders(out):
+            if pid_alive(pid):
+                raise SaticError(f'--output_dir: another make_bu_data.py (pid {pid}) is writing {out}: wait for it '
+                                 f'or stop it')
+            shutil.rmtree(staging, ignore_errors=True)
+            print(f'removed {staging}, left by an interrupted run')
+    staging = []
+    for out in outputs:
+        parent, name = os.path.split(out)
+        staging.append(os.path.join(parent, f'.{name}.{os.getpid()}-partial'))
+        os.makedirs(staging[-1])
+    return staging
+
+
+def publish(staging, out):
+    """Move a finished staging folder's files to out (a rename when out does not exist yet)."""
+    if not os.path.exists(out):
+        os.rename(staging, out)
+        fsync_dir(os.path.dirname(out))
+        return
+    marker = os.path.join(out, UNFINISHED_MARKER)
+    with open(marker, 'w') as f:
+        f.write(f'make_bu_data.py (pid {os.getpid()}) is moving new files here\n')
+    for n, name in enumerate(sorted(os.listdir(staging)), 1):
+        os.replace(os.path.join(staging, name), os.path.join(out, name))
+        fault_point('make_bu_data:moving', n)
+    fsync_dir(out)
+    os.remove(marker)
+    os.rmdir(staging)
 
 
 def parse_args(argv=None):
@@ -103,26 +156,40 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def run(args):
-    files = sorted(f for f in glob.glob(os.path.join(args.downloaded_feats, '*.tsv*')) if os.path.isfile(f))
-    if not files:
-        raise SaticError(f'no *.tsv* files in {args.downloaded_feats}: check --downloaded_feats')
-    for suffix in ('_att', '_fc', '_box'):
-        os.makedirs(args.output_dir + suffix, exist_ok=True)
-    rows = iter_rows(files, args.output_dir)
+def convert_all(files, folders, num_workers):
+    """Every row of files -> its three files in folders (att, fc, box); returns [(id, n_boxes, D)]."""
+    rows = iter_rows(files, tuple(folders))
     done = []
     with Progress(sum(os.path.getsize(f) for f in files), 'make_bu_data: TSV read', 'B') as bar:
-        if args.num_workers > 1:
+        if num_workers > 1:
             import multiprocessing
-            with multiprocessing.Pool(args.num_workers) as pool:
+            with multiprocessing.Pool(num_workers) as pool:
                 for iid, n, d, size in pool.imap_unordered(convert_row, rows, chunksize=16):
                     done.append((iid, n, d))
                     bar.update(size)
+                    fault_point('make_bu_data', len(done))
         else:
             for job in rows:
                 iid, n, d, size = convert_row(job)
                 done.append((iid, n, d))
                 bar.update(size)
+                fault_point('make_bu_data', len(done))
+    return done
+
+
+def run(args):
+    files = sorted(f for f in glob.glob(os.path.join(args.downloaded_feats, '*.tsv*')) if os.path.isfile(f))
+    if not files:
+        raise SaticError(f'no *.tsv* files in {args.downloaded_feats}: check --downloaded_feats')
+    outputs = [os.path.abspath(args.output_dir + suffix) for suffix in ('_att', '_fc', '_box')]
+    staging = prepare_outputs(outputs)
+    try:
+        done = convert_all(files, staging, args.num_workers)
+        for folder, out in zip(staging, outputs):
+            publish(folder, out)
+    finally:
+        for folder in staging:
+            shutil.rmtree(folder, ignore_errors=True)
     dims = sorted({d for _, _, d in done})
     if len({iid for iid, _, _ in done}) != len(done):
         print(f'warning: {args.downloaded_feats} lists some image ids more than once; their files were overwritten',

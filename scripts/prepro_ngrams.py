@@ -12,6 +12,7 @@ each {'document_frequency': defaultdict(float, {tuple_of_str: float}), 'ref_len'
 """
 import argparse
 import os
+import pickle
 import sys
 from collections import defaultdict
 
@@ -19,7 +20,8 @@ if __package__ in (None, ''):  # run as a file: make the repository root importa
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from misc.errors import SaticError
-from misc.fileio import image_id, progress, run_cli
+from misc.fileio import (atomic_write_many, check_output_folder, fault_point, image_id, progress, remove_stale_temps,
+                         run_cli)
 from scripts.prepro_labels import UNK, load_dataset_images, read_vocabulary
 
 EOS_WORD = '<eos>'
@@ -79,13 +81,10 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def write_pickle(obj, path):
-    """Pickle protocol 2 (as the reference), written atomically (misc.fileio.save_pickle)."""
-    from misc.fileio import save_pickle
-    save_pickle(obj, path)
-
-
 def run(args):
+    check_output_folder(os.path.dirname(args.output_pkl), '--output_pkl')
+    for suffix in ('-words.p', '-idxs.p'):
+        remove_stale_temps(args.output_pkl + suffix)  # what a killed run left
     images = load_dataset_images(args.input_json)
     vocab_json, ix_to_word = read_vocabulary(args.dict_json)
     wtoi = {w: int(i) for i, w in ix_to_word.items()}
@@ -93,9 +92,15 @@ def run(args):
     if not refs_idxs:
         raise SaticError(f'{args.input_json} has no {args.split!r} images: check --split')
     ref_len = len(refs_idxs)
+    # Both files or neither: written to temp files, then renamed -words.p first, so that an -idxs.p (what the reward
+    # reads) always has its -words.p; load_cached_tokens names a lone -words.p.
+    items = []
     for suffix, refs in (('-words.p', refs_words), ('-idxs.p', refs_idxs)):
         df = document_frequency(refs, f'prepro_ngrams: {args.output_pkl}{suffix}')
-        write_pickle({'document_frequency': df, 'ref_len': ref_len}, args.output_pkl + suffix)
+        data = pickle.dumps({'document_frequency': df, 'ref_len': ref_len}, protocol=2)
+        items.append((args.output_pkl + suffix, data))
+    atomic_write_many([(path, lambda f, n=n, data=data: (fault_point('prepro_ngrams:written', n), f.write(data)))
+                       for n, (path, data) in enumerate(items)])
     print(f'wrote {args.output_pkl}-idxs.p and -words.p: document frequencies over {ref_len} {args.split} images')
 
 

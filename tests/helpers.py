@@ -325,12 +325,15 @@ def working_dir(path):
         os.chdir(old)
 
 
-def run_main(argv, cwd):
-    """train.main(argv) in cwd -> (return code, stdout, stderr)."""
-    import train
+def run_main(argv, cwd, main=None):
+    """train.main(argv) (or another entry point's main: eval.main, a script's main) in cwd -> (return code, stdout,
+    stderr)."""
+    if main is None:
+        import train
+        main = train.main
     out, err = io.StringIO(), io.StringIO()
     with working_dir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = train.main([str(a) for a in argv])
+        rc = main([str(a) for a in argv])
     return rc, out.getvalue(), err.getvalue()
 
 
