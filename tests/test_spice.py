@@ -192,7 +192,7 @@ def test_real_java_runs_spice_cache_and_output_code(tmp_path):
     proc = subprocess.run(cmd[:main] + [str(probe), str(cache), str(out_json)], stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, timeout=300)
     output = proc.stdout.decode(errors='replace')
-    assert proc.returncode == 0, output[-2000:]
+    assert proc.returncode == 0, coco_eval._java_error_lines(output)
     text = out_json.read_text()
     assert json.loads(text) == {'a man riding a horse': [['man'], ['horse'], ['man', 'ride', 'horse']]}
     assert text.startswith('{\n  "a man riding a horse": [\n    [\n      "man"')  # JSON.stringify(.., null, 2)
