@@ -297,7 +297,10 @@ def run_spice(gts, res, setup, cache_dir=SPICE_CACHE):
     """SPICE of tokenized captions: gts {image_id: [ref, ..]}, res {image_id: [caption]} ->
     (mean F-score of 'All', {image_id: {category: {'pr', 're', 'f', ..}}}), as pycocoevalcap's Spice computes them.
     SPICE's own output is captured; a failure is a SaticError (one line, with SPICE's last error lines)."""
-    os.makedirs(cache_dir, exist_ok=True)
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+    except OSError as e:
+        raise SaticError('cannot create SPICE\'s cache folder %s: %s' % (cache_dir, e)) from None
     with tempfile.TemporaryDirectory(prefix='spice-') as tmp:
         in_json, out_json = os.path.join(tmp, 'input.json'), os.path.join(tmp, 'output.json')
         with open(in_json, 'w') as f:  # pycocoevalcap's input format, images in sorted id order
@@ -311,8 +314,12 @@ def run_spice(gts, res, setup, cache_dir=SPICE_CACHE):
         if proc.returncode != 0 or not os.path.isfile(out_json):
             raise SaticError('SPICE (%s) failed with exit status %d: %s (see coco-caption/README.md)'
                              % (SPICE_JAR, proc.returncode, _java_error_lines(output)))
-        with open(out_json) as f:
-            results = json.load(f)
+        try:
+            with open(out_json) as f:
+                results = json.load(f)
+        except ValueError as e:
+            raise SaticError('SPICE (%s) wrote no readable results (%s): %s'
+                             % (SPICE_JAR, e, _java_error_lines(output))) from None
     per_image = {item['image_id']: {category: {k: _spice_float(v) for k, v in score.items()}
                                     for category, score in item['scores'].items()} for item in results}
     if sorted(per_image) != sorted(gts):

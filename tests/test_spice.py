@@ -220,3 +220,10 @@ def test_real_spice_run(tmp_path, capfd):
         assert 'InaccessibleObjectException' not in message and 'NullPointerException' not in message
     out, err = capfd.readouterr()
     assert out == '' and err == ''
+
+
+def test_unusable_cache_folder_is_one_line(tmp_path):
+    (tmp_path / 'file').write_text('')
+    with pytest.raises(SaticError, match="cannot create SPICE's cache folder .*file/cache"):
+        coco_eval.run_spice({1: ['a dog']}, {1: ['a dog']}, {'java_major': 17, 'js_jar': None},
+                            cache_dir=str(tmp_path / 'file' / 'cache'))
