@@ -293,10 +293,12 @@ def _spice_float(value):
         return float('nan')
 
 
-def run_spice(gts, res, setup, cache_dir=SPICE_CACHE):
+def run_spice(gts, res, setup, cache_dir=None):
     """SPICE of tokenized captions: gts {image_id: [ref, ..]}, res {image_id: [caption]} ->
     (mean F-score of 'All', {image_id: {category: {'pr', 're', 'f', ..}}}), as pycocoevalcap's Spice computes them.
-    SPICE's own output is captured; a failure is a SaticError (one line, with SPICE's last error lines)."""
+    SPICE's own output is captured; a failure is a SaticError (one line, with SPICE's last error lines).
+    cache_dir: SPICE's parse cache, coco-caption/spice-cache/ by default."""
+    cache_dir = cache_dir or SPICE_CACHE
     try:
         os.makedirs(cache_dir, exist_ok=True)
     except OSError as e:

@@ -105,6 +105,7 @@ def test_spice_scores_by_image_id_and_failure_is_not_fatal(tmp_path, monkeypatch
     write_reference_json(ref_json)
     overall, img_to_eval = coco_eval.language_eval(PREDICTIONS, ref_json)
     out, err = capfd.readouterr()
+    assert (tmp_path / 'spice-cache').is_dir()  # coco_eval.SPICE_CACHE, SPICE's -cache
     assert 'Parsing reference captions' not in out + err and 'evaluation took' not in out + err
     assert 'edu.anu.spice.SpiceScorer.main' not in out + err
     if fails:
