@@ -4,9 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_DIR := data/demo
 
-.PHONY: setup java test demo demo-data bench clean-demo
+.PHONY: setup java rhino test demo demo-data bench clean-demo
 
-setup: $(VENV)/.installed java
+setup: $(VENV)/.installed java rhino
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,17 @@ java:
 	      || echo "WARNING: could not install Java; language evaluation needs it (or use --language_eval 0)"; \
 	  else \
 	    echo "WARNING: java not found; install a JRE (Debian: apt-get install default-jre-headless) for language evaluation"; \
+	  fi; }
+
+# SPICE on Java 15+ needs a JavaScript engine (Nashorn is gone): Debian's librhino-java (/usr/share/java/js.jar).
+rhino: java
+	@[ -f /usr/share/java/js.jar ] || ls coco-caption/spice-lib/js*.jar coco-caption/spice-lib/rhino*.jar >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "JavaScript engine for SPICE not found: installing librhino-java"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq librhino-java >/dev/null 2>&1) \
+	      || echo "WARNING: could not install librhino-java; SPICE on Java 15+ needs it (see coco-caption/README.md)"; \
+	  else \
+	    echo "WARNING: no JavaScript engine for SPICE on Java 15+: install librhino-java (Debian) or put a Rhino js.jar in coco-caption/spice-lib/"; \
 	  fi; }
 
 test: setup

@@ -10,17 +10,24 @@ in how, not what:
 - pycocoevalcap's debug prints (Bleu's testlen/ratio) only with toolkit_verbose (eval.py --verbose 1);
 - a Java that fails to start or crashes is one SaticError line naming the program, not a traceback;
 - CIDEr by misc/cider_d.py, tested equal to pycocoevalcap's Cider (and faster);
-- SPICE only when the Stanford CoreNLP 3.6.0 jars are installed (coco-caption/README.md); otherwise, or when SPICE
-  fails, it is reported unavailable and the other metrics stand. Its per-image scores are matched to images by id
-  (COCOEvalCap pairs its image-id-sorted scores with unsorted ids, misplacing per-image SPICE).
+- SPICE launched by us, not by pycocoevalcap's Spice (which runs `java -jar spice-1.0.jar` and fails on Java 15+):
+  spice-1.0.jar's main class with --add-opens for its cache serializer (Java 9+) and, on Java 15+ (no Nashorn), a
+  JavaScript engine's jar on the class path (Debian's librhino-java, or a js.jar in coco-caption/spice-lib/); its
+  output captured; its parse cache in coco-caption/spice-cache/; nothing written inside the installed package;
+- SPICE only when the Stanford CoreNLP 3.6.0 jars are installed (coco-caption/README.md); otherwise, without a
+  JavaScript engine on Java 15+, or when SPICE fails, it is reported unavailable in one line saying what to do, and
+  the other metrics stand. Its per-image scores are matched to images by id (COCOEvalCap pairs its image-id-sorted
+  scores with unsorted ids, misplacing per-image SPICE).
 """
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
+import zipfile
 
 from misc.cider_d import corpus_cider_d
 from misc.errors import SaticError
@@ -28,7 +35,14 @@ from misc.fileio import write_json
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 USER_SPICE_LIB = os.path.join(REPO_ROOT, 'coco-caption', 'spice-lib')
+SPICE_CACHE = os.path.join(REPO_ROOT, 'coco-caption', 'spice-cache')  # SPICE's parses of captions (LMDB), reused
+SPICE_JAR = 'spice-1.0.jar'  # in pycocoevalcap/spice/
+SPICE_MAIN = 'edu.anu.spice.SpiceScorer'  # Main-Class of spice-1.0.jar's manifest
 SPICE_JARS = ('stanford-corenlp-3.6.0.jar', 'stanford-corenlp-3.6.0-models.jar')
+# the java.base packages that SPICE's cache serializer (fst-2.47) reflects into
+SPICE_OPENS = ('java.lang', 'java.util', 'java.math', 'java.net', 'java.text', 'java.util.concurrent')
+DEBIAN_JS_JAR = '/usr/share/java/js.jar'  # librhino-java: Rhino, a javax.script "JavaScript" engine
+SCRIPT_ENGINE_SERVICE = 'META-INF/services/javax.script.ScriptEngineFactory'
 # punctuation tokens that pycocoevalcap's PTBTokenizer wrapper removes
 PUNCTUATIONS = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...",
                 ";"}
@@ -45,36 +59,6 @@ def _package_dir(*parts):
     """A folder inside the installed pycocoevalcap (a namespace package: no __init__.py at its top)."""
     import pycocoevalcap
     return os.path.join(list(pycocoevalcap.__path__)[0], *parts)
-
-
-def spice_status():
-    """(available, reason): whether SPICE can run, i.e. Java and the CoreNLP 3.6.0 jars (in pycocoevalcap's
-    spice/lib/, or in coco-caption/spice-lib/ from where language_eval links them into place)."""
-    if not java_available():
-        return False, 'Java not found'
-    lib = _package_dir('spice', 'lib')
-    if all(os.path.isfile(os.path.join(lib, jar)) for jar in SPICE_JARS):
-        return True, 'CoreNLP jars in %s' % lib
-    if all(os.path.isfile(os.path.join(USER_SPICE_LIB, jar)) for jar in SPICE_JARS):
-        return True, 'CoreNLP jars in %s' % USER_SPICE_LIB
-    return False, ('Stanford CoreNLP 3.6.0 jars (%s) are not installed: see coco-caption/README.md'
-                   % ', '.join(SPICE_JARS))
-
-
-def _place_spice_jars():
-    """Link (or copy) the jars from coco-caption/spice-lib/ into pycocoevalcap/spice/lib/, where spice-1.0.jar's
-    manifest looks for them."""
-    lib = _package_dir('spice', 'lib')
-    for jar in SPICE_JARS:
-        target = os.path.join(lib, jar)
-        if not os.path.isfile(target):
-            source = os.path.join(USER_SPICE_LIB, jar)
-            if os.path.lexists(target):  # a dangling link
-                os.remove(target)
-            try:
-                os.symlink(source, target)
-            except OSError:
-                shutil.copyfile(source, target)
 
 
 def _java_failed(what, detail):
@@ -192,19 +176,169 @@ class _Meteor:
         scorer.lock = threading.Lock()  # the interrupted compute_score's lock would block __del__ for ever
 
 
-def _spice(gts, res, verbose):
-    """(mean, {image_id: per-category scores}) or None with the reason printed when SPICE cannot run."""
-    available, reason = spice_status()
-    if available:
+def java_major_version(java='java'):
+    """The major version of `java` from `java -version` (8 for "1.8.0_101", 17 for "17.0.15"), None if unknown."""
+    try:
+        proc = subprocess.run([java, '-version'], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return parse_java_version(proc.stdout.decode(errors='replace'))
+
+
+def parse_java_version(text):
+    """The major version in `java -version`'s output ('openjdk version "17.0.15" ..' -> 17), None if absent."""
+    match = re.search(r'version "(\d+)(?:\.(\d+))?', text)
+    if not match:
+        return None
+    major = int(match.group(1))
+    return int(match.group(2) or 0) if major == 1 else major
+
+
+def _registers_script_engine(jar):
+    """True when jar declares a javax.script engine (Rhino's js.jar, rhino-engine-*.jar)."""
+    try:
+        with zipfile.ZipFile(jar) as z:
+            return SCRIPT_ENGINE_SERVICE in z.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def find_js_jar():
+    """A jar with a JavaScript engine for SPICE on Java 15+: one in coco-caption/spice-lib/ (already on SPICE's class
+    path), else Debian's librhino-java (/usr/share/java/js.jar); None when there is neither."""
+    if os.path.isdir(USER_SPICE_LIB):
+        for name in sorted(os.listdir(USER_SPICE_LIB)):
+            jar = os.path.join(USER_SPICE_LIB, name)
+            if name.endswith('.jar') and _registers_script_engine(jar):
+                return jar
+    return DEBIAN_JS_JAR if _registers_script_engine(DEBIAN_JS_JAR) else None
+
+
+def _spice_lib_dirs():
+    """The folders whose jars go on SPICE's class path: pycocoevalcap's spice/lib/ (SPICE's own dependencies, and
+    CoreNLP if pycocoevalcap downloaded it there) and coco-caption/spice-lib/ (CoreNLP, optionally a JavaScript
+    engine)."""
+    return [d for d in (_package_dir('spice', 'lib'), USER_SPICE_LIB) if os.path.isdir(d)]
+
+
+def spice_setup():
+    """(setup, reason): what SPICE needs to run here, or None and one line saying what is missing and what to do.
+    setup = {'java_major': int, 'js_jar': path or None (Java < 15 has its own engine, Nashorn)}."""
+    if not java_available():
+        return None, 'Java not found'
+    if not os.path.isfile(_package_dir('spice', SPICE_JAR)):
+        return None, '%s not found: reinstall pycocoevalcap (make setup)' % _package_dir('spice', SPICE_JAR)
+    missing = [jar for jar in SPICE_JARS
+               if not any(os.path.isfile(os.path.join(d, jar)) for d in _spice_lib_dirs())]
+    if missing:
+        return None, ('Stanford CoreNLP 3.6.0 jars not found (%s): put them in %s/ (from stanford-corenlp-full-'
+                      '2015-12-09.zip, Stanford CoreNLP 3.6.0; see coco-caption/README.md)'
+                      % (', '.join(missing), USER_SPICE_LIB))
+    java_major = java_major_version()
+    if java_major is None:
+        return None, 'cannot tell the Java version from `java -version`: check that Java starts'
+    js_jar = find_js_jar() if java_major >= 15 else None
+    if java_major >= 15 and js_jar is None:
+        return None, ('Java %d has no JavaScript engine, which SPICE needs to write its results: install '
+                      'librhino-java (Debian: apt-get install librhino-java) or put a Rhino js.jar in %s/'
+                      % (java_major, USER_SPICE_LIB))
+    return {'java_major': java_major, 'js_jar': js_jar}, None
+
+
+def spice_status():
+    """(available, reason): whether SPICE can run here (Java, the CoreNLP 3.6.0 jars, a JavaScript engine on Java
+    15+), and why not or with what."""
+    setup, reason = spice_setup()
+    if setup is None:
+        return False, reason
+    return True, 'Java %d, JavaScript engine: %s' % (setup['java_major'], setup['js_jar'] or 'built in (Nashorn)')
+
+
+def spice_command(in_json, out_json, cache_dir, java_major, js_jar=None):
+    """The java command line of one SPICE run (list of str): spice-1.0.jar's main class with the class path given
+    explicitly, so that the JavaScript engine's jar can join it.
+
+    pycocoevalcap quirk (spice.py): it runs `java -jar -Xmx8G spice-1.0.jar ...`, which fails on Java 16+ (the FST
+    serializer of SPICE's parse cache reflects into java.base: InaccessibleObjectException) and on Java 15+ (SPICE
+    pretty-prints its output through the JavaScript engine, Nashorn, removed in JDK 15: NullPointerException), and
+    `java -jar` ignores -cp. Here: --add-opens for FST (Java 9+; Java 8 rejects the option), and the jar of a
+    JavaScript engine (Rhino) on the class path."""
+    class_path = [_package_dir('spice', SPICE_JAR)] + [os.path.join(d, '*') for d in _spice_lib_dirs()]
+    if js_jar:
+        class_path.append(js_jar)
+    cmd = ['java', '-Xmx8G']
+    if java_major >= 9:
+        for package in SPICE_OPENS:
+            cmd += ['--add-opens', 'java.base/%s=ALL-UNNAMED' % package]
+    if java_major >= 22:  # lmdbjni loads its native library: Java 24+ warns, later ones will refuse without this
+        cmd.append('--enable-native-access=ALL-UNNAMED')
+    return cmd + ['-cp', os.pathsep.join(class_path), SPICE_MAIN, in_json, '-cache', cache_dir, '-out', out_json,
+                  '-subset', '-silent']
+
+
+def _java_error_lines(output, count=3):
+    """One line of a failed Java program's output: its last `count` lines from the first exception on (or its last
+    lines), stack frames left out."""
+    lines = [line.strip() for line in output.splitlines()]
+    lines = [line for line in lines if line and not line.startswith('at ') and not re.match(r'\.\.\. \d+ more', line)]
+    first = next((n for n, line in enumerate(lines) if re.search(r'(Exception|Error)\b', line)), 0)
+    return ' | '.join(lines[first:][-count:])[-400:] or 'no error output'
+
+
+def _spice_float(value):
+    """SPICE's null (no tuple in a category) -> nan, as pycocoevalcap's float_convert."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float('nan')
+
+
+def run_spice(gts, res, setup, cache_dir=None):
+    """SPICE of tokenized captions: gts {image_id: [ref, ..]}, res {image_id: [caption]} ->
+    (mean F-score of 'All', {image_id: {category: {'pr', 're', 'f', ..}}}), as pycocoevalcap's Spice computes them.
+    SPICE's own output is captured; a failure is a SaticError (one line, with SPICE's last error lines).
+    cache_dir: SPICE's parse cache, coco-caption/spice-cache/ by default."""
+    cache_dir = cache_dir or SPICE_CACHE
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+    except OSError as e:
+        raise SaticError('cannot create SPICE\'s cache folder %s: %s' % (cache_dir, e)) from None
+    with tempfile.TemporaryDirectory(prefix='spice-') as tmp:
+        in_json, out_json = os.path.join(tmp, 'input.json'), os.path.join(tmp, 'output.json')
+        with open(in_json, 'w') as f:  # pycocoevalcap's input format, images in sorted id order
+            json.dump([{'image_id': i, 'test': res[i][0], 'refs': gts[i]} for i in sorted(gts)], f)
+        cmd = spice_command(in_json, out_json, cache_dir, setup['java_major'], setup['js_jar'])
         try:
-            if not all(os.path.isfile(_package_dir('spice', 'lib', jar)) for jar in SPICE_JARS):
-                _place_spice_jars()
-            from pycocoevalcap.spice.spice import Spice
-            mean, scores = Spice().compute_score(gts, res)
-            return float(mean), dict(zip(sorted(gts), scores))  # Spice orders its scores by sorted image id
-        except Exception as e:  # SPICE is optional: its failure must not lose the other metrics
-            lines = str(e).strip().splitlines()
-            reason = 'SPICE failed: %s' % (lines[-1] if lines else type(e).__name__)
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # killed on Ctrl-C
+        except OSError as e:  # java not executable
+            raise SaticError('SPICE could not start java: %s' % e) from None
+        output = proc.stdout.decode(errors='replace')
+        if proc.returncode != 0 or not os.path.isfile(out_json):
+            raise SaticError('SPICE (%s) failed with exit status %d: %s (see coco-caption/README.md)'
+                             % (SPICE_JAR, proc.returncode, _java_error_lines(output)))
+        try:
+            with open(out_json) as f:
+                results = json.load(f)
+        except ValueError as e:
+            raise SaticError('SPICE (%s) wrote no readable results (%s): %s'
+                             % (SPICE_JAR, e, _java_error_lines(output))) from None
+    per_image = {item['image_id']: {category: {k: _spice_float(v) for k, v in score.items()}
+                                    for category, score in item['scores'].items()} for item in results}
+    if sorted(per_image) != sorted(gts):
+        raise SaticError('SPICE (%s) wrote scores for %d images where %d were asked' % (SPICE_JAR, len(per_image),
+                                                                                         len(gts)))
+    mean = sum(s['All']['f'] for s in per_image.values()) / len(per_image)
+    return mean, per_image
+
+
+def _spice(gts, res, verbose):
+    """(mean, {image_id: per-category scores}) or None with the reason printed when SPICE cannot run or fails."""
+    setup, reason = spice_setup()
+    if setup is not None:
+        try:
+            return run_spice(gts, res, setup)
+        except SaticError as e:  # SPICE is optional: its failure must not lose the other metrics
+            reason = str(e)
     if verbose:
         print('SPICE: unavailable (%s)' % reason)
     return None

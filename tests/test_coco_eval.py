@@ -26,7 +26,7 @@ def test_language_eval_equals_cocoevalcap(tmp_path, monkeypatch, capsys, one_met
     expected, expected_img = pycocoevalcap_scores(ref_json, PREDICTIONS, tmp_path, monkeypatch)
     capsys.readouterr()
 
-    monkeypatch.setattr(coco_eval, 'spice_status', lambda: (False, 'CoreNLP jars are not installed'))
+    monkeypatch.setattr(coco_eval, 'spice_setup', lambda: (None, 'CoreNLP jars are not installed'))
     out_path = str(tmp_path / 'eval_results' / 'run_test.json')
     overall, img_to_eval = coco_eval.language_eval(PREDICTIONS, ref_json, 'test', out_path=out_path)
     assert len(one_meteor_process) == 1
@@ -67,32 +67,57 @@ class FakeMeteor:
         pass
 
 
+# A stand-in for SPICE's java program: reads SPICE's input json, writes its output json (images in reverse order,
+# All-F = image_id / 1000, a null precision), or fails as java does, its trace on stderr.
+FAKE_SPICE = r"""
+import json, sys
+in_json, out_json, fails = sys.argv[1], sys.argv[2], sys.argv[3] == '1'
+items = json.load(open(in_json))
+print('Parsing reference captions', file=sys.stderr)
+if fails:
+    print('Exception in thread "main" java.lang.OutOfMemoryError: Java heap space', file=sys.stderr)
+    print('\tat edu.anu.spice.SpiceScorer.main(SpiceScorer.java:60)', file=sys.stderr)
+    sys.exit(1)
+assert all(set(item) == {'image_id', 'test', 'refs'} and item['refs'] for item in items)
+scores = [{'image_id': item['image_id'], 'test_tuples': [], 'ref_tuples': [],
+           'scores': {'All': {'pr': None, 're': 0.5, 'f': item['image_id'] / 1000.0, 'fn': 1, 'numImages': 1}}}
+          for item in reversed(items)]
+json.dump(scores, open(out_json, 'w'), indent=2)
+print('SPICE evaluation took: 1.0 s')
+"""
+
+
 @needs_java
 @pytest.mark.parametrize('fails', [False, True])
-def test_spice_scores_by_image_id_and_failure_is_not_fatal(tmp_path, monkeypatch, capsys, fails):
-    """SPICE orders its per-image scores by image id; a failing SPICE is reported and the rest stands."""
-    import subprocess
-    from pycocoevalcap.spice import spice
+def test_spice_scores_by_image_id_and_failure_is_not_fatal(tmp_path, monkeypatch, capfd, fails):
+    """SPICE's scores are matched to images by id; its own output stays off the terminal; a failing SPICE is one
+    line with its error and the other metrics stand."""
+    import sys
 
-    class FakeSpice:
-        def compute_score(self, gts, res):
-            if fails:
-                raise subprocess.CalledProcessError(1, ['java', '-jar', 'spice-1.0.jar'])
-            return 0.5, [{'All': {'f': i / 1000.0}} for i in sorted(gts)]
+    def fake_command(in_json, out_json, cache_dir, java_major, js_jar=None):
+        return [sys.executable, '-c', FAKE_SPICE, in_json, out_json, '1' if fails else '0']
 
-    monkeypatch.setattr(spice, 'Spice', FakeSpice)
+    monkeypatch.setattr(coco_eval, 'spice_command', fake_command)
     monkeypatch.setattr(coco_eval, '_Meteor', FakeMeteor)
-    monkeypatch.setattr(coco_eval, 'spice_status', lambda: (True, 'jars here'))
-    monkeypatch.setattr(coco_eval, 'SPICE_JARS', ())  # nothing to place
+    monkeypatch.setattr(coco_eval, 'spice_setup', lambda: ({'java_major': 17, 'js_jar': 'js.jar'}, None))
+    monkeypatch.setattr(coco_eval, 'SPICE_CACHE', str(tmp_path / 'spice-cache'))
     ref_json = str(tmp_path / 'refs.json')
     write_reference_json(ref_json)
     overall, img_to_eval = coco_eval.language_eval(PREDICTIONS, ref_json)
+    out, err = capfd.readouterr()
+    assert (tmp_path / 'spice-cache').is_dir()  # coco_eval.SPICE_CACHE, SPICE's -cache
+    assert 'Parsing reference captions' not in out + err and 'evaluation took' not in out + err
+    assert 'edu.anu.spice.SpiceScorer.main' not in out + err
     if fails:
         assert 'SPICE' not in overall and 'CIDEr' in overall
-        assert 'SPICE: unavailable (SPICE failed: ' in capsys.readouterr().out
+        line = [line for line in out.splitlines() if line.startswith('SPICE')]
+        assert line == ['SPICE: unavailable (SPICE (spice-1.0.jar) failed with exit status 1: Exception in thread '
+                        '"main" java.lang.OutOfMemoryError: Java heap space (see coco-caption/README.md))'], out
     else:
-        assert overall['SPICE'] == 0.5
+        assert overall['SPICE'] == pytest.approx(sum(img_to_eval) / 1000.0 / len(img_to_eval))
         assert all(img_to_eval[i]['SPICE']['All']['f'] == i / 1000.0 for i in img_to_eval)
+        assert all(img_to_eval[i]['SPICE']['All']['pr'] != img_to_eval[i]['SPICE']['All']['pr']  # null -> nan
+                   for i in img_to_eval)
 
 
 def test_spice_status_without_jars(monkeypatch, tmp_path):
