@@ -608,8 +608,8 @@ def aborted_line(run, state):
     """What a second signal leaves (rank 0 reads the folder: a save it cut after its commit is completed first):
     the save it abandoned, if any, and the iteration the folder holds."""
     opt, line = run.opt, 'stopped at once by a second signal'
-    if not run.world.is_main:
-        return f'{line} (rank {run.world.rank})'
+    if not run.world.is_main:  # (rank 0 tells about the folder)
+        return f'{line}; {kept_line(opt, state)}'
     try:
         manifest = recover_checkpoint(opt.checkpoint_path, opt.id)
     except SaticError:

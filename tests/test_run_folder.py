@@ -17,10 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
-from misc.fileio import load_pickle
 from misc.runfolder import LOCK_NAME
 from tests.helpers import assert_one_line_error, run_main, targs
 from tests.test_resume import assert_consistent
