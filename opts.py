@@ -130,6 +130,12 @@ def add_training_options(parser):
     parser.add_argument('--losses_log_every', type=int, default=25)
     parser.add_argument('--load_best_score', type=int, default=1)
     parser.add_argument('--id', type=str, default='nsc-sat-6-from-nsc-seqkd-without-init')
+    parser.add_argument('--overwrite_run', type=int, default=0,
+                        help="(ours) 1: start over on purpose in a --checkpoint_path that holds another run's "
+                             "checkpoint (a run without --start_from, another --id, or a resume from another "
+                             "folder): this run's first save replaces the folder's checkpoint (its model*.pth, "
+                             "optimizer.pth, infos/histories and manifest); 0: such a run is refused (README, "
+                             "\"Interrupts and resume\")")
     parser.add_argument('--train_only', type=int, default=0, help='1: train on train only, without restval')
     parser.add_argument('--num_images', type=int, default=-1, help='(ours) cut every split to this many images')
     parser.add_argument('--cider_reward_weight', type=float, default=1,
@@ -252,6 +258,7 @@ def check_schedule_opt(opt):
         _need(opt.weight_decay >= 0, f'--weight_decay must be >= 0 (got {opt.weight_decay})')
     _need(0 <= opt.seed < 2 ** 31, f'--seed must be in [0, 2^31) (got {opt.seed})')
     _need(opt.val_batch_size >= 0, f'--val_batch_size must be >= 0 (0: --batch_size; got {opt.val_batch_size})')
+    _need(opt.overwrite_run in (0, 1), f'--overwrite_run must be 0 or 1 (got {opt.overwrite_run})')
     _need(opt.dist_timeout_minutes > 0, f'--dist_timeout_minutes must be > 0 (got {opt.dist_timeout_minutes})')
     _need(not (opt.bf16 and opt.fp16), '--bf16 and --fp16 exclude each other: choose one autocast type')
     _need(not (opt.noamopt and opt.reduce_on_plateau),

@@ -37,6 +37,7 @@ from misc.errors import SaticError
 from misc.evaluation import evaluate
 from misc.interrupts import Aborted, Interrupted, Signals
 from misc.loss_wrapper import LossWrapper
+from misc.runfolder import RunFolderLock, check_not_busy, check_owner, same_folder
 from misc.utils import autocast, format_duration, to_device
 from opts import decode_config, parse_opt
 
@@ -219,6 +220,7 @@ class TrainState:
     sc_flag: bool = False  # self-critical this epoch
     new_epoch: bool = True  # an epoch starts: set its lr and sc_flag
     stop: bool = False  # a signal asked to stop (on some rank)
+    saving: tuple = None  # (iteration, best) while rank 0 saves it: what a second signal abandons
 
     @property
     def iteration(self):
@@ -252,12 +254,19 @@ def start_state(run, saved):
                       last_saved=iteration, start_iteration=iteration)
 
 
-def prepare_folders(opt):
-    """Rank 0, before anything reads them: --checkpoint_path must be writable (now, not at the first save hours
-    later), and a save of --start_from that a kill cut between its renames is completed."""
+def prepare_folders(opt, cleanup):
+    """Rank 0, before any work: --checkpoint_path must be writable (now, not at the first save hours later) and
+    this run's alone (misc/runfolder.py: its lock, held until cleanup closes, and the rule on the checkpoint it
+    holds); a --start_from folder must not be a live run's; a save of --start_from that a kill cut between its
+    renames is completed. Returns whether the first save replaces the folder's checkpoint (--overwrite_run 1)."""
     check_writable_dir(opt.checkpoint_path)
+    cleanup.enter_context(RunFolderLock(opt.checkpoint_path))
+    replaced = check_owner(opt)
     if opt.start_from:
+        if not same_folder(opt.start_from, opt.checkpoint_path):
+            check_not_busy(opt.start_from)
         recover_checkpoint(opt.start_from, opt.id)
+    return bool(replaced)
 
 
 def build_run(opt, world, signals, cleanup):
@@ -265,7 +274,8 @@ def build_run(opt, world, signals, cleanup):
     "Interrupts and resume") -> (Run, TrainState). cleanup: the contextlib.ExitStack that closes them."""
     from dataloader import DataLoader
     seed_everything(opt.seed + world.rank)
-    run_on_main(lambda: prepare_folders(opt), world, 'the set-up')  # (the other ranks read them afterwards)
+    # (the other ranks read the folders afterwards and take no lock: one owner per folder)
+    replace = run_on_main(lambda: prepare_folders(opt, cleanup), world, 'the set-up')
     loader = cleanup.enter_context(DataLoader(opt, rank=world.rank, world_size=world.size,
                                              pin_memory=world.device.type == 'cuda'))
     check_data(opt, loader)
@@ -291,7 +301,8 @@ def build_run(opt, world, signals, cleanup):
         os.makedirs(opt.checkpoint_path, exist_ok=True)
         run.writer = SummaryWriter(opt.checkpoint_path)
         cleanup.callback(run.writer.close)
-        run.saver = CheckpointSaver(opt.checkpoint_path, opt.id, model, run.optimizer, run_opt, vocab, run.scaler)
+        run.saver = CheckpointSaver(opt.checkpoint_path, opt.id, model, run.optimizer, run_opt, vocab, run.scaler,
+                                    replace=replace)
         print(global_batch_line(opt, loader, world), flush=True)
     state = start_state(run, saved)
     run.progress = ProgressLine(state.iteration, total_iterations(opt, loader, world))
@@ -530,13 +541,21 @@ def record_and_save(run, state, result, rng_states, best):
             writer.add_scalar(metric, value, iteration)
     state.histories['val_result_history'][iteration] = {
         'loss': result['loss'], 'lang_stats': result['lang_stats'], 'predictions': result['predictions']}
-    run.saver.save(state.point, state.best_val_score, state.histories, rng_states, best)
+    save(run, state, state.point, rng_states, best)
+
+
+def save(run, state, point, rng_states, best=False):
+    """Rank 0: the checkpoint of `point`; state.saving says which while it is written (a second signal may
+    abandon it: stop_on)."""
+    state.saving = (point.iteration, best)
+    run.saver.save(point, state.best_val_score, state.histories, rng_states, best)
+    state.saving = None
 
 
 def save_point(run, state, point, rng_states):
     """Save `point` without validating (rank 0)."""
     with run.signals.during('save'):
-        run.saver.save(point, state.best_val_score, state.histories, rng_states)
+        save(run, state, point, rng_states)
 
 
 def finish(run, state):
@@ -564,11 +583,14 @@ def stop_on(error, run, state):
     if isinstance(error, Interrupted) and error.message:
         raise error
     if isinstance(error, Aborted):
-        raise Aborted(error.signum, f'stopped at once by a second signal; {kept_line(opt, state)}') from None
+        raise Aborted(error.signum, aborted_line(run, state)) from None
     point = state.good_point if isinstance(error, NonFiniteTraining) else state.point
     saved = ''
     if world.is_main and not isinstance(error, CheckpointError) and point.iteration > state.last_saved:
-        save_point(run, state, point, [point.rng] if not world.distributed else None)
+        try:
+            save_point(run, state, point, [point.rng] if not world.distributed else None)
+        except Aborted as second:  # (a second signal during this save)
+            raise Aborted(second.signum, aborted_line(run, state)) from None
         saved = saved_line(opt, point.iteration)
     if isinstance(error, KeyboardInterrupt) or (world.distributed and signals.requested
                                                 and not isinstance(error, SaticError)):
@@ -583,6 +605,26 @@ def stop_on(error, run, state):
 def saved_line(opt, iteration):
     return f'the state after iteration {iteration} is saved in {opt.checkpoint_path}; resume with --start_from ' \
            f'{opt.checkpoint_path}'
+
+
+def aborted_line(run, state):
+    """What a second signal leaves (rank 0 reads the folder: a save it cut after its commit is completed first):
+    the save it abandoned, if any, and the iteration the folder holds."""
+    opt, line = run.opt, 'stopped at once by a second signal'
+    if not run.world.is_main:  # (rank 0 tells about the folder)
+        return f'{line}; {kept_line(opt, state)}'
+    try:
+        manifest = recover_checkpoint(opt.checkpoint_path, opt.id)
+    except SaticError:
+        manifest = None
+    held = manifest.get('iter') if manifest else None
+    if state.saving and state.saving[0] != held:
+        iteration, best = state.saving
+        line += f"; the save of iteration {iteration}{' (a new best model)' if best else ''} was abandoned"
+    if held is None:
+        return f'{line}; nothing was saved by this run'
+    return (f'{line}; {opt.checkpoint_path} holds its last completed save (iteration {held}); resume with '
+            f'--start_from {opt.checkpoint_path}')
 
 
 def kept_line(opt, state):

@@ -271,11 +271,13 @@ def _remove_checkpoint_temps(checkpoint_dir):
                 pass
 
 
-def save_checkpoint(checkpoint_dir, run_id, model, optimizer, infos, histories, best=False, history_iter=None):
+def save_checkpoint(checkpoint_dir, run_id, model, optimizer, infos, histories, best=False, history_iter=None,
+                    replace=False):
     """Write model/optimizer/infos/histories (and the -best copies of model and infos when best; model-<iter>.pth and
     infos_<id>-<iter>.pkl with history_iter) as ONE commit (module docstring): a kill -9 at any instant leaves the
     previous set or this one. Refuses (CheckpointError, nothing written) non-finite weights; a full disk or another
-    write error raises CheckpointError naming the file, with the previous checkpoint intact.
+    write error raises CheckpointError naming the file, with the previous checkpoint intact. replace (--overwrite_run
+    1, the run's first save): afterwards, the folder's other checkpoint files are removed (_remove_replaced).
     Adds to infos: model_fingerprint, optimizer_step, K, caption_model, vocab_sha1 (describe). Returns the infos."""
     state = unwrap(model).state_dict()
     optimizer_state = optimizer.state_dict()
@@ -306,13 +308,13 @@ def save_checkpoint(checkpoint_dir, run_id, model, optimizer, infos, histories, 
     _remove_checkpoint_temps(checkpoint_dir)
 
     written = fileio.write_temp_files(items, kept)  # 1. the new files, under temp names
-    manifest = {'format': 'satic-checkpoint/1', 'id': run_id, 'iter': infos.get('iter'), 'epoch': infos.get('epoch'),
-                'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
-                'files': [{'name': os.path.basename(p), 'temp': os.path.basename(tmp), 'size': size, 'sha1': sha1}
-                          for p, tmp, size, sha1 in written]}
-    body = json.dumps(manifest, indent=1).encode('utf-8')
     manifest_tmp = None
-    try:
+    try:  # (a second Ctrl-C, KeyboardInterrupt, may land anywhere before the commit: the temps go)
+        manifest = {'format': 'satic-checkpoint/1', 'id': run_id, 'iter': infos.get('iter'),
+                    'epoch': infos.get('epoch'), 'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
+                    'files': [{'name': os.path.basename(p), 'temp': os.path.basename(tmp), 'size': size,
+                               'sha1': sha1} for p, tmp, size, sha1 in written]}
+        body = json.dumps(manifest, indent=1).encode('utf-8')
         (_, manifest_tmp, _, _), = fileio.write_temp_files([(manifest_file, lambda f: f.write(body))], kept)
         os.replace(manifest_tmp, manifest_file)  # 2. THE commit point
     except BaseException as e:
@@ -324,7 +326,19 @@ def save_checkpoint(checkpoint_dir, run_id, model, optimizer, infos, histories, 
     for final, tmp, _, _ in written:  # 3. into place; a kill here is completed by recover_checkpoint
         os.replace(tmp, final)
     fileio.fsync_dir(checkpoint_dir)
+    if replace:
+        _remove_replaced(checkpoint_dir, {os.path.basename(final) for final, _, _, _ in written}
+                         | {os.path.basename(manifest_file)})
     return infos
+
+
+def _remove_replaced(checkpoint_dir, kept):
+    """--overwrite_run 1, after the run's first save: the checkpoint files of the run it replaces (any not written
+    by that save: other ids' infos, histories and manifests, model-<iter>.pth...) are removed."""
+    from misc.runfolder import checkpoint_files
+    fileio.remove_quietly(os.path.join(checkpoint_dir, name) for name in checkpoint_files(checkpoint_dir)
+                          if name not in kept)
+    fileio.fsync_dir(checkpoint_dir)
 
 
 def verify_checkpoint(checkpoint_dir, run_id):
@@ -504,11 +518,12 @@ class CheckpointSaver:
     """Writes the checkpoints of one run (rank 0): model, optimiser, infos and histories as one commit
     (save_checkpoint), the -best pair when asked, and model-<iter>.pth with --save_history_ckpt."""
 
-    def __init__(self, folder, run_id, model, optimizer, opt, vocab, scaler=None):
+    def __init__(self, folder, run_id, model, optimizer, opt, vocab, scaler=None, replace=False):
         """opt: the run's options, recorded in infos (as an argparse.Namespace); vocab: ix_to_word; scaler:
-        --fp16's torch.amp.GradScaler, whose scale infos record too (ours: 'grad_scaler')."""
+        --fp16's torch.amp.GradScaler, whose scale infos record too (ours: 'grad_scaler'); replace: the first save
+        replaces the checkpoint files the folder held (--overwrite_run 1)."""
         self.folder, self.run_id, self.model, self.optimizer = folder, run_id, model, optimizer
-        self.opt, self.vocab, self.scaler = opt, vocab, scaler
+        self.opt, self.vocab, self.scaler, self.replace = opt, vocab, scaler, replace
 
     def save(self, point, best_val_score, histories, rng_states, best=False):
         """Save the state at `point` (a ResumePoint); rng_states: every rank's generators, or None when they are
@@ -518,5 +533,7 @@ class CheckpointSaver:
         if self.scaler is not None:
             infos['grad_scaler'] = dict(self.scaler.state_dict())
         history_iter = point.iteration if self.opt.save_history_ckpt else None
-        return save_checkpoint(self.folder, self.run_id, self.model, self.optimizer, infos, histories, best,
-                               history_iter)
+        infos = save_checkpoint(self.folder, self.run_id, self.model, self.optimizer, infos, histories, best,
+                                history_iter, replace=self.replace)
+        self.replace = False
+        return infos

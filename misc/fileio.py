@@ -2,6 +2,7 @@
 feature-array readers, the vocabulary fingerprint, progress output for long jobs, and the command-line wrapper that
 turns a SaticError into one line and exit status 2."""
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -364,11 +365,61 @@ def remove_quietly(paths):
             pass
 
 
+class _CountingWriter:
+    """A write-only file object that only counts the bytes (the size a writer would produce, without a disk)."""
+
+    def __init__(self):
+        self.size = 0
+
+    def write(self, data):
+        self.size += memoryview(data).nbytes
+        return memoryview(data).nbytes
+
+    def flush(self):
+        pass
+
+
+def bytes_needed(items):
+    """The sum of the sizes of the files items [(path, write(f))] write, or None when a writer fails."""
+    total = 0
+    for _, write in items:
+        counter = _CountingWriter()
+        try:
+            write(counter)
+        except Exception:
+            return None
+        total += counter.size
+    return total
+
+
+def _write_failure(error):
+    """What a failed write(f) really met: torch.save's stream writer wraps what the file object raised (a
+    KeyboardInterrupt of a second Ctrl-C, the OSError of a full disk) in a RuntimeError; that original is returned,
+    the error itself for other OSErrors and stream-writer RuntimeErrors, None for anything else."""
+    seen, cause = set(), error
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, (KeyboardInterrupt, OSError)):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    text = str(error)
+    if isinstance(error, RuntimeError) and any(s in text for s in ('PytorchStreamWriter', 'inline_container',
+                                                                      'file write failed')):
+        return error
+    return None
+
+
+# errnos of a full disk or quota: the one line then says how much a save needs
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
 def write_temp_files(items, failure_note=''):
     """items: [(path, write(f))] -> [(path, temp path, size, sha1)], each temp written and fsync'ed.
 
-    Any failure removes the temps written so far; an OSError (disk full, permission...) becomes a one-line
-    CheckpointError naming the file being written."""
+    Any failure removes the temps written so far. A write error (disk full, permission...; an OSError, or torch's
+    stream writer's RuntimeError around it) becomes a one-line CheckpointError naming the file being written, and
+    on a full disk the space the files need (their sizes' sum); a KeyboardInterrupt wrapped by torch.save is
+    re-raised as itself."""
     written, path = [], None
     try:
         for path, write in items:
@@ -383,9 +434,22 @@ def write_temp_files(items, failure_note=''):
         return written
     except BaseException as e:
         remove_quietly(tmp for _, tmp, _, _ in written)
-        if isinstance(e, OSError):
-            raise CheckpointError(f'{e.strerror or e} writing {path}{failure_note}') from None
-        raise
+        failure = _write_failure(e)
+        if isinstance(failure, KeyboardInterrupt):
+            raise failure from None
+        if failure is None:
+            raise
+        if isinstance(failure, OSError):
+            reason, code = failure.strerror or str(failure), failure.errno
+        else:
+            reason, code = str(failure).splitlines()[0][:200], None
+        space = ''
+        if code in _NO_SPACE or code is None:
+            needed = bytes_needed(items)
+            if needed is not None:
+                space = (f'; a save needs {_human(needed, "B")} free beside the previous files (the sum of its '
+                         f'{len(items)} files\' sizes)')
+        raise CheckpointError(f'{reason} writing {path}{failure_note}{space}') from None
 
 
 def atomic_write_many(items):

@@ -93,7 +93,8 @@ def main(argv=None):
     if not args.eval_only:  # steps 1-4: training
         print('== 1. autoregressive baseline: XE, then self-critical')
         run([py, 'train.py', *common, *xe(args.xe_epochs), '--caption_model', 'transformer', '--K', '1',
-             '--input_label_h5', f'{d}/cocotalk_label.h5', '--checkpoint_path', f'save/{base}', '--id', base],
+             '--input_label_h5', f'{d}/cocotalk_label.h5', '--checkpoint_path', f'save/{base}', '--id', base,
+             '--overwrite_run', '1'],  # (the demo rebuilds its own folders: a second `make demo` starts over)
             log=f'save/logs/{base}.log')
         run(['bash', 'save/copy_model.sh', base, nsc_base])
         run([py, 'train.py', *common, *sc(args.xe_epochs), '--caption_model', 'transformer', '--K', '1',
@@ -112,7 +113,7 @@ def main(argv=None):
         print(f'== 3. SAT K={args.K}, stage 1: XE on the seq-KD labels, initialised from the baseline')
         run([py, 'train.py', *common, *xe(args.sat_xe_epochs), '--caption_model', 'sat', '--K', str(args.K),
              '--init_from', f'save/{nsc_base}/model-best.pth', '--input_label_h5', f'{kd_h5}_label.h5',
-             '--checkpoint_path', f'save/{sat}', '--id', sat], log=f'save/logs/{sat}.log')
+             '--checkpoint_path', f'save/{sat}', '--id', sat, '--overwrite_run', '1'], log=f'save/logs/{sat}.log')
 
         print(f'== 4. SAT K={args.K}, stage 2: self-critical')
         run(['bash', 'save/copy_model.sh', sat, nsc_sat])

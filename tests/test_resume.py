@@ -383,8 +383,8 @@ def test_a_second_ctrl_c_aborts_at_once(tiny_dataset, tmp_path):
     time.sleep(0.5)
     rc, seconds, err = run.signal_and_wait(signal.SIGINT)
     assert rc == 130 and seconds < 10, err
-    assert err.strip().splitlines() == ['interrupted by SIGINT: stopped at once by a second signal; nothing was '
-                                        'saved by this run']
+    assert err.strip().splitlines() == ['interrupted by SIGINT: stopped at once by a second signal; the save of '
+                                        'iteration 5 (a new best model) was abandoned; nothing was saved by this run']
     assert not os.path.exists(folder / 'infos_run.pkl') and not glob.glob(str(folder / '.*.tmp'))
 
 
