@@ -153,9 +153,9 @@ def test_a_failing_validation_ends_every_rank(tiny_dataset, tmp_path, where):
     out, folder = tmp_path / 'out', tmp_path / 'ck'
     out.mkdir()
     argv = targs(tiny_dataset, folder, *model_args('--max_iters', '10', '--save_checkpoint_every', '3'))
-    proc, seconds = torchrun(tmp_path, FAILING_VALIDATION, out, where, *argv, timeout=120)
+    proc, seconds = torchrun(tmp_path, FAILING_VALIDATION, out, where, *argv, timeout=300)
     log = proc.stdout + proc.stderr
-    assert seconds < 60, log[-3000:]
+    assert seconds < 240, log[-3000:]  # a rank left waiting would wait --dist_timeout_minutes (60)
     ranks = [json.loads((out / f'rank{r}.json').read_text()) for r in range(2)]  # both ended on their own
     failing, other = (0, 1) if where == 'rank0-scoring' else (1, 0)
     assert 'RuntimeError' in str(ranks[failing]['rc']) and ranks[other]['rc'] == 2, ranks

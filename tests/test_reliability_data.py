@@ -141,8 +141,8 @@ def test_ctrl_c_during_meteor_exits_at_once(tmp_path):
         time.sleep(1.0)  # java is loading its paraphrase table or scoring
         proc.send_signal(signal.SIGINT)  # to python only (a terminal's Ctrl-C also reaches java)
         start = time.time()
-        out, err = proc.communicate(timeout=10)
-        assert time.time() - start < 10
+        out, err = proc.communicate(timeout=120)  # the bug hung for ever; a loaded machine may take seconds
+        assert time.time() - start < 60
     finally:
         if proc.poll() is None:
             proc.kill()
