@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from models.decode_config import DecodeConfig
-from models.decoding import trigram_penalty
+from models.logits_processors import trigram_penalty
 from models.sat import SATModel
 
 VOCAB = 12
