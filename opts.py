@@ -63,30 +63,33 @@ def add_model_options(parser):
 
 
 def add_decoding_options(parser, beam_size=1):
-    """How captions are decoded (README, "Decoding options"): eval.py, and train.py's validation."""
-    parser.add_argument('--beam_size', type=int, default=beam_size, help='beam width (1: greedy)')
-    parser.add_argument('--max_length', type=int, default=20, help='maximum caption length when decoding')
-    parser.add_argument('--length_penalty', type=str, default='', help="e.g. 'wu_0.5' or 'avg_0' ('' = none)")
-    parser.add_argument('--block_trigrams', type=int, default=0,
-                        help='1: soft penalty on repeated trigrams (greedy and sampling; README, decoding options)')
-    parser.add_argument('--remove_bad_endings', type=int, default=0,
-                        help="1: drop trailing 'a', 'the', 'with', ... from the decoded captions")
-    parser.add_argument('--group_size', type=int, default=1,
-                        help='diverse beam search: beam_size is split into this many groups (1: plain beam search)')
-    parser.add_argument('--diversity_lambda', type=float, default=0.5,
-                        help='diverse beam search: penalty per earlier group choosing the same word at a position')
-    parser.add_argument('--decoding_constraint', type=int, default=0,
-                        help='1: a word never repeats the word just before it (greedy, sampling and beams)')
-    parser.add_argument('--sample_max', type=int, default=1,
-                        help='1: argmax; 0: sample (eval.py; training validation is always greedy)')
-    parser.add_argument('--temperature', type=float, default=1.0, help='sampling temperature (with --sample_max 0)')
-    parser.add_argument('--device', type=str, default='',
-                        help="(ours) 'cuda', 'cpu', 'cuda:1'...; default: cuda when available")
-    parser.add_argument('--bf16', type=int, default=0,
-                        help='(ours) bfloat16 autocast for training and decoding (off: fp32, as the reference)')
-    parser.add_argument('--compile', type=int, default=0,
-                        help='(ours) 1: torch.compile the training forward/backward and the decoding step '
-                             '(minutes of compilation up front; README, "Speed options")')
+    """How captions are decoded (README, "Decoding options"): eval.py, and train.py's validation. Their own
+    argument group; eval.py takes every option of it from its command line (`decoding_option_names`)."""
+    group = parser.add_argument_group('decoding options', 'how captions are decoded (eval.py always takes these '
+                                      "from its command line, never from the checkpoint's infos)")
+    group.add_argument('--beam_size', type=int, default=beam_size, help='beam width (1: greedy)')
+    group.add_argument('--max_length', type=int, default=20, help='maximum caption length when decoding')
+    group.add_argument('--length_penalty', type=str, default='', help="e.g. 'wu_0.5' or 'avg_0' ('' = none)")
+    group.add_argument('--block_trigrams', type=int, default=0,
+                       help='1: soft penalty on repeated trigrams (greedy and sampling; README, decoding options)')
+    group.add_argument('--remove_bad_endings', type=int, default=0,
+                       help="1: drop trailing 'a', 'the', 'with', ... from the decoded captions")
+    group.add_argument('--group_size', type=int, default=1,
+                       help='diverse beam search: beam_size is split into this many groups (1: plain beam search)')
+    group.add_argument('--diversity_lambda', type=float, default=0.5,
+                       help='diverse beam search: penalty per earlier group choosing the same word at a position')
+    group.add_argument('--decoding_constraint', type=int, default=0,
+                       help='1: a word never repeats the word just before it (greedy, sampling and beams)')
+    group.add_argument('--sample_max', type=int, default=1,
+                       help='1: argmax; 0: sample (eval.py; training validation is always greedy)')
+    group.add_argument('--temperature', type=float, default=1.0, help='sampling temperature (with --sample_max 0)')
+    group.add_argument('--device', type=str, default='',
+                       help="(ours) 'cuda', 'cpu', 'cuda:1'...; default: cuda when available")
+    group.add_argument('--bf16', type=int, default=0,
+                       help='(ours) bfloat16 autocast for training and decoding (off: fp32, as the reference)')
+    group.add_argument('--compile', type=int, default=0,
+                       help='(ours) 1: torch.compile the training forward/backward and the decoding step '
+                            '(minutes of compilation up front; README, "Speed options")')
 
 
 def add_training_options(parser):
@@ -345,13 +348,12 @@ def decode_config(opt, vocab_size=None):
     vocab_size: refuse more beams per group than the vocabulary has entries."""
     from misc.errors import SaticError
     from models.decode_config import DecodeConfig
+    unset = [name for name in DecodeConfig.option_names() if not hasattr(opt, name)]
+    if unset:  # a field without its option line would silently decode at its default
+        raise SaticError(f"DecodeConfig field(s) {', '.join(unset)} have no option: add them to "
+                         'opts.add_decoding_options')
     try:
-        config = DecodeConfig(sample_max=bool(opt.sample_max), beam_size=opt.beam_size, temperature=opt.temperature,
-                              max_length=opt.max_length, use_cache=bool(opt.use_cache),
-                              length_penalty=opt.length_penalty or '', group_size=opt.group_size,
-                              diversity_lambda=opt.diversity_lambda,
-                              decoding_constraint=bool(opt.decoding_constraint),
-                              block_trigrams=bool(opt.block_trigrams))
+        config = DecodeConfig.from_values(vars(opt))
     except ValueError as e:
         raise SaticError(f'decoding options: {e}') from None
     if vocab_size is not None and config.beam_size > 1 and config.beams_per_group > vocab_size + 1:
@@ -360,12 +362,17 @@ def decode_config(opt, vocab_size=None):
     return config
 
 
-# Options that eval.py takes from its own command line (reference_eval_options.tsv and our additions); everything
-# else comes from the checkpoint's infos.
-EVAL_OWN = ('id', 'batch_size', 'beam_size', 'language_eval', 'sample_max', 'temperature', 'max_length',
-            'length_penalty', 'block_trigrams', 'remove_bad_endings', 'group_size', 'diversity_lambda',
-            'decoding_constraint', 'device', 'bf16', 'compile', 'quantize', 'num_images', 'split',
-            'ref_json', 'num_workers', 'seed')
+def decoding_option_names():
+    """The options of add_decoding_options' group, which eval.py owns."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_decoding_options(parser)
+    return tuple(vars(parser.parse_args([])))
+
+
+# Options besides the decoding ones that eval.py takes from its own command line (reference_eval_options.tsv and
+# our additions); everything else comes from the checkpoint's infos.
+EVAL_OWN_BESIDES_DECODING = ('id', 'batch_size', 'language_eval', 'quantize', 'num_images', 'split', 'ref_json',
+                             'num_workers', 'seed')
 # Data paths: the command line's when given, else the infos' (the reference's `opt.x or infos['opt'].x`).
 EVAL_PATHS = ('input_json', 'input_fc_dir', 'input_att_dir', 'input_box_dir', 'input_label_h5')
 
@@ -379,7 +386,7 @@ def resolve_eval_options(eval_opt, infos, infos_path='infos'):
             raise SaticError(f"--{flag}: the reference's raw-image mode (a CNN over image files) is not provided; "
                              "extract bottom-up features and pass --input_att_dir (data/README.md)")
     opt = fill_defaults(argparse.Namespace(**vars(infos['opt'])))
-    for key in EVAL_OWN:
+    for key in decoding_option_names() + EVAL_OWN_BESIDES_DECODING:
         setattr(opt, key, getattr(eval_opt, key))
     for key in EVAL_PATHS:
         if getattr(eval_opt, key):
