@@ -65,31 +65,31 @@ def add_model_options(parser):
 def add_decoding_options(parser, beam_size=1):
     """How captions are decoded (README, "Decoding options"): eval.py, and train.py's validation. Their own
     argument group; eval.py takes every option of it from its command line (`decoding_option_names`)."""
-    group = parser.add_argument_group('decoding options', 'how captions are decoded (eval.py always takes these '
-                                      "from its command line, never from the checkpoint's infos)")
-    group.add_argument('--beam_size', type=int, default=beam_size, help='beam width (1: greedy)')
-    group.add_argument('--max_length', type=int, default=20, help='maximum caption length when decoding')
-    group.add_argument('--length_penalty', type=str, default='', help="e.g. 'wu_0.5' or 'avg_0' ('' = none)")
-    group.add_argument('--block_trigrams', type=int, default=0,
-                       help='1: soft penalty on repeated trigrams (greedy and sampling; README, decoding options)')
-    group.add_argument('--remove_bad_endings', type=int, default=0,
-                       help="1: drop trailing 'a', 'the', 'with', ... from the decoded captions")
-    group.add_argument('--group_size', type=int, default=1,
-                       help='diverse beam search: beam_size is split into this many groups (1: plain beam search)')
-    group.add_argument('--diversity_lambda', type=float, default=0.5,
-                       help='diverse beam search: penalty per earlier group choosing the same word at a position')
-    group.add_argument('--decoding_constraint', type=int, default=0,
-                       help='1: a word never repeats the word just before it (greedy, sampling and beams)')
-    group.add_argument('--sample_max', type=int, default=1,
-                       help='1: argmax; 0: sample (eval.py; training validation is always greedy)')
-    group.add_argument('--temperature', type=float, default=1.0, help='sampling temperature (with --sample_max 0)')
-    group.add_argument('--device', type=str, default='',
-                       help="(ours) 'cuda', 'cpu', 'cuda:1'...; default: cuda when available")
-    group.add_argument('--bf16', type=int, default=0,
-                       help='(ours) bfloat16 autocast for training and decoding (off: fp32, as the reference)')
-    group.add_argument('--compile', type=int, default=0,
-                       help='(ours) 1: torch.compile the training forward/backward and the decoding step '
-                            '(minutes of compilation up front; README, "Speed options")')
+    # Every option below goes to the group (eval.py always takes them from its command line, never from infos).
+    parser = parser.add_argument_group('decoding options', 'how captions are decoded')
+    parser.add_argument('--beam_size', type=int, default=beam_size, help='beam width (1: greedy)')
+    parser.add_argument('--max_length', type=int, default=20, help='maximum caption length when decoding')
+    parser.add_argument('--length_penalty', type=str, default='', help="e.g. 'wu_0.5' or 'avg_0' ('' = none)")
+    parser.add_argument('--block_trigrams', type=int, default=0,
+                        help='1: soft penalty on repeated trigrams (greedy and sampling; README, decoding options)')
+    parser.add_argument('--remove_bad_endings', type=int, default=0,
+                        help="1: drop trailing 'a', 'the', 'with', ... from the decoded captions")
+    parser.add_argument('--group_size', type=int, default=1,
+                        help='diverse beam search: beam_size is split into this many groups (1: plain beam search)')
+    parser.add_argument('--diversity_lambda', type=float, default=0.5,
+                        help='diverse beam search: penalty per earlier group choosing the same word at a position')
+    parser.add_argument('--decoding_constraint', type=int, default=0,
+                        help='1: a word never repeats the word just before it (greedy, sampling and beams)')
+    parser.add_argument('--sample_max', type=int, default=1,
+                        help='1: argmax; 0: sample (eval.py; training validation is always greedy)')
+    parser.add_argument('--temperature', type=float, default=1.0, help='sampling temperature (with --sample_max 0)')
+    parser.add_argument('--device', type=str, default='',
+                        help="(ours) 'cuda', 'cpu', 'cuda:1'...; default: cuda when available")
+    parser.add_argument('--bf16', type=int, default=0,
+                        help='(ours) bfloat16 autocast for training and decoding (off: fp32, as the reference)')
+    parser.add_argument('--compile', type=int, default=0,
+                        help='(ours) 1: torch.compile the training forward/backward and the decoding step '
+                             '(minutes of compilation up front; README, "Speed options")')
 
 
 def add_training_options(parser):
