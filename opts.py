@@ -63,7 +63,10 @@ def add_model_options(parser):
 
 
 def add_decoding_options(parser, beam_size=1):
-    """How captions are decoded (README, "Decoding options"): eval.py, and train.py's validation."""
+    """How captions are decoded (README, "Decoding options"): eval.py, and train.py's validation. Their own
+    argument group; eval.py takes every option of it from its command line (`decoding_option_names`)."""
+    # Every option below goes to the group (eval.py always takes them from its command line, never from infos).
+    parser = parser.add_argument_group('decoding options', 'how captions are decoded')
     parser.add_argument('--beam_size', type=int, default=beam_size, help='beam width (1: greedy)')
     parser.add_argument('--max_length', type=int, default=20, help='maximum caption length when decoding')
     parser.add_argument('--length_penalty', type=str, default='', help="e.g. 'wu_0.5' or 'avg_0' ('' = none)")
@@ -369,13 +372,12 @@ def decode_config(opt, vocab_size=None):
     vocab_size: refuse more beams per group than the vocabulary has entries."""
     from misc.errors import SaticError
     from models.decode_config import DecodeConfig
+    unset = [name for name in DecodeConfig.option_names() if not hasattr(opt, name)]
+    if unset:  # a field without its option line would silently decode at its default
+        raise SaticError(f"DecodeConfig field(s) {', '.join(unset)} have no option: add them to "
+                         'opts.add_decoding_options')
     try:
-        config = DecodeConfig(sample_max=bool(opt.sample_max), beam_size=opt.beam_size, temperature=opt.temperature,
-                              max_length=opt.max_length, use_cache=bool(opt.use_cache),
-                              length_penalty=opt.length_penalty or '', group_size=opt.group_size,
-                              diversity_lambda=opt.diversity_lambda,
-                              decoding_constraint=bool(opt.decoding_constraint),
-                              block_trigrams=bool(opt.block_trigrams))
+        config = DecodeConfig.from_values(vars(opt))
     except ValueError as e:
         raise SaticError(f'decoding options: {e}') from None
     if vocab_size is not None and config.beam_size > 1 and config.beams_per_group > vocab_size + 1:
@@ -384,12 +386,17 @@ def decode_config(opt, vocab_size=None):
     return config
 
 
-# Options that eval.py takes from its own command line (reference_eval_options.tsv and our additions); everything
-# else comes from the checkpoint's infos.
-EVAL_OWN = ('id', 'batch_size', 'beam_size', 'language_eval', 'sample_max', 'temperature', 'max_length',
-            'length_penalty', 'block_trigrams', 'remove_bad_endings', 'group_size', 'diversity_lambda',
-            'decoding_constraint', 'device', 'bf16', 'compile', 'quantize', 'num_images', 'split',
-            'ref_json', 'num_workers', 'seed')
+def decoding_option_names():
+    """The options of add_decoding_options' group, which eval.py owns."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_decoding_options(parser)
+    return tuple(vars(parser.parse_args([])))
+
+
+# Options besides the decoding ones that eval.py takes from its own command line (reference_eval_options.tsv and
+# our additions); everything else comes from the checkpoint's infos.
+EVAL_OWN_BESIDES_DECODING = ('id', 'batch_size', 'language_eval', 'quantize', 'num_images', 'split', 'ref_json',
+                             'num_workers', 'seed')
 # Data paths: the command line's when given, else the infos' (the reference's `opt.x or infos['opt'].x`).
 EVAL_PATHS = ('input_json', 'input_fc_dir', 'input_att_dir', 'input_box_dir', 'input_label_h5')
 
@@ -414,7 +421,7 @@ def resolve_eval_options(eval_opt, infos, infos_path='infos'):
                              "extract bottom-up features and pass --input_att_dir (data/README.md)")
     check_eval_split(eval_opt)
     opt = fill_defaults(argparse.Namespace(**vars(infos['opt'])))
-    for key in EVAL_OWN:
+    for key in decoding_option_names() + EVAL_OWN_BESIDES_DECODING:
         setattr(opt, key, getattr(eval_opt, key))
     for key in EVAL_PATHS:
         if getattr(eval_opt, key):

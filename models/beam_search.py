@@ -16,13 +16,16 @@ Diverse beam search (group_size G > 1, the reference's for K = 1): G groups of b
 own decoding state; group d runs d decoding steps (K words each) behind group 0, and at each position every word
 that an earlier group's beams hold at that position lowers the candidate by diversity_lambda per occurrence
 before ranking (the stored per-word log-probs are the unpenalised ones, the running sum the penalised).
---decoding_constraint sets the log-prob of each beam's previous word to -inf at every position but the first.
+The decoding options act at every token position as steps on the beams' log-probs (models.logits_processors:
+--decoding_constraint; the diversity penalty), after the UNK suppression.
 The finished beams of each image, best first and cut to the group's width, are returned group after group
 (SATModel.done_beams).
 
 Shapes: B images, W beams per group, S = B*W rows, K group size, V vocabulary + 1, T max_length.
 """
 import torch
+
+from models.logits_processors import BEAM, History, Steps
 
 UNK_PENALTY = 1000.0
 FINISHED = -1000.0
@@ -68,6 +71,7 @@ class _BeamGroup:
         self.model, self.config, self.max_length = model, config, max_length
         self.batch, self.width = memory.size(0), config.beams_per_group
         self.penalty = length_penalty_fn(config.length_penalty)
+        self.steps = Steps.for_search(config, BEAM)
         device = memory.device
         b, w = self.batch, self.width
         self.cache = model.init_cache(memory, memory_mask, beam=w, use_cache=config.use_cache,
@@ -113,12 +117,10 @@ class _BeamGroup:
         """The reference's beam_step at position t: word_logprobs (B, W, V). Returns the group's log-probs
         re-ordered by parent beam and the parent of each new beam (B, W)."""
         b, w = self.batch, self.width
-        if self.config.decoding_constraint and t > 0:
-            word_logprobs = word_logprobs.scatter(2, self.seq[:, :, t - 1:t], float('-inf'))
-        ranked = word_logprobs
-        if earlier:
-            ranked = _diversity_penalty(word_logprobs, [g.seq[:, :, t] for g in earlier],
-                                        self.config.diversity_lambda)
+        history = History(t, self.seq.view(b * w, -1), tuple(g.seq[:, :, t] for g in earlier))
+        rows = word_logprobs.reshape(b * w, -1)  # (S, V)
+        rows = self.steps.adjust(rows, history)
+        word_logprobs, ranked = rows.view(b, w, -1), self.steps.steer(rows, history).view(b, w, -1)  # (B, W, V)
         top_ranked, top_words = ranked.topk(w, dim=-1)  # (B, W beams, W ranks), sorted
         top_logprobs = word_logprobs.gather(2, top_words)  # unpenalised, stored per word
         candidates = self.sum.unsqueeze(-1) + top_ranked  # (B, W beams, W ranks)
@@ -162,16 +164,3 @@ class _BeamGroup:
             done[b].append({'seq': seqs[i][b, w], 'logps': logps[i][b, w], 'p': float(host[1, b, i, w])})
         return [sorted(beams, key=lambda beam: -beam['p'])[:self.width] for beams in done]
 
-
-def _diversity_penalty(word_logprobs, earlier_words, diversity_lambda):
-    """word_logprobs (B, W, V) lowered by diversity_lambda once per occurrence of a word among earlier_words
-    (list of (B, W') at the same position), one subtraction per occurrence as the reference."""
-    counts = torch.zeros(word_logprobs.size(0), word_logprobs.size(-1), device=word_logprobs.device)  # (B, V)
-    for words in earlier_words:
-        counts.scatter_add_(1, words, torch.ones_like(words, dtype=counts.dtype))
-    penalised = word_logprobs
-    # Up to one occurrence per earlier beam; a count below n subtracts 0.0, which leaves the value unchanged (no
-    # host read of counts.max()).
-    for n in range(1, sum(words.size(1) for words in earlier_words) + 1):
-        penalised = penalised - diversity_lambda * (counts >= n).unsqueeze(1).to(penalised.dtype)
-    return penalised

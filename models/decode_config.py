@@ -1,22 +1,36 @@
 """How to decode: one typed config for `SATModel.decode`, greedy/sampling and beam search.
 
-`DecodeConfig.from_reference_opt(opt)` reads the reference's `opt` dict of `model(..., opt=opt, mode='sample')`
-and refuses keys it does not know, so a misspelt or unsupported option is never silently ignored.
+Its fields are the decoding options; each says how a value from outside is read (`convert` in its metadata), so
+`DecodeConfig.from_values` builds it from resolved command-line options (opts.decode_config) and
+`DecodeConfig.from_reference_opt(opt)` from the reference's `opt` dict of `model(..., opt=opt, mode='sample')`,
+refusing keys it does not know, so a misspelt or unsupported option is never silently ignored.
 
-Each option is defined per token position (README, "Decoding options"); for K = 1 every definition is the
-reference's. For K > 1 the K words of a group come from one forward pass but are chosen in order, so a position's
-constraint sees the words already chosen before it, earlier positions of its own group included.
+Each option is defined per token position (README, "Decoding options"; models.logits_processors); for K = 1 every
+definition is the reference's. For K > 1 the K words of a group come from one forward pass but are chosen in
+order, so a position's constraint sees the words already chosen before it, earlier positions of its own group
+included.
 """
 import dataclasses
 
 from models.beam_search import length_penalty_fn
 
-# Keys of the reference's decoding opt dict that this project reads (README, "Decoding options").
-# 'remove_bad_endings' is a post-processing of the decoded strings (misc.utils.decode_sequence), so the model
-# accepts the key and leaves the tokens alone; 'seq_per_img' is ours (rows per image of att_feats).
-REFERENCE_KEYS = ('sample_max', 'beam_size', 'temperature', 'max_length', 'use_cache', 'length_penalty',
-                  'group_size', 'diversity_lambda', 'decoding_constraint', 'block_trigrams', 'remove_bad_endings',
-                  'seq_per_img')
+# Keys of the reference's opt dict read beside the fields: 'remove_bad_endings' is a post-processing of the decoded
+# strings (misc.utils.decode_sequence), so the model accepts the key and leaves the tokens alone; 'seq_per_img' is
+# ours (rows per image of att_feats).
+CALL_KEYS = ('remove_bad_endings', 'seq_per_img')
+
+
+def _optional(convert):
+    return lambda value: None if value is None else convert(value)
+
+
+def _text(value):
+    return value or ''
+
+
+def option(default, convert):
+    """A DecodeConfig field whose outside value (an option, a reference key) is read with convert(value)."""
+    return dataclasses.field(default=default, metadata={'convert': convert})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,16 +41,16 @@ class DecodeConfig:
     decoding_constraint: a word may not repeat the word just before it (greedy, sampling and beams);
     block_trigrams: the reference's soft trigram penalty (greedy and sampling, as the reference);
     max_length: None for the model's own; use_cache: None for the model's own; length_penalty '', 'wu_a', 'avg_a'."""
-    sample_max: bool = True
-    beam_size: int = 1
-    temperature: float = 1.0
-    max_length: int = None
-    use_cache: bool = None
-    length_penalty: str = ''
-    group_size: int = 1
-    diversity_lambda: float = 0.5
-    decoding_constraint: bool = False
-    block_trigrams: bool = False
+    sample_max: bool = option(True, bool)
+    beam_size: int = option(1, int)
+    temperature: float = option(1.0, float)
+    max_length: int = option(None, _optional(int))
+    use_cache: bool = option(None, _optional(bool))
+    length_penalty: str = option('', _text)
+    group_size: int = option(1, int)
+    diversity_lambda: float = option(0.5, float)
+    decoding_constraint: bool = option(False, bool)
+    block_trigrams: bool = option(False, bool)
 
     def __post_init__(self):
         if self.beam_size < 1:
@@ -54,20 +68,22 @@ class DecodeConfig:
         return self.beam_size // self.group_size
 
     @classmethod
+    def option_names(cls):
+        return tuple(field.name for field in dataclasses.fields(cls))
+
+    @classmethod
+    def from_values(cls, values):
+        """From a mapping holding (some of) the fields, each read by its field's convert; other keys are ignored,
+        missing fields keep their defaults."""
+        return cls(**{field.name: field.metadata['convert'](values[field.name])
+                      for field in dataclasses.fields(cls) if field.name in values})
+
+    @classmethod
     def from_reference_opt(cls, opt):
         """The reference's opt dict -> (DecodeConfig, seq_per_img). Unknown keys raise ValueError."""
         opt = dict(opt or {})
-        unknown = sorted(set(opt) - set(REFERENCE_KEYS))
+        known = cls.option_names() + CALL_KEYS
+        unknown = sorted(set(opt) - set(known))
         if unknown:
-            raise ValueError(f"unknown decoding option(s) {', '.join(map(repr, unknown))}; "
-                             f"known: {', '.join(REFERENCE_KEYS)}")
-        config = cls(sample_max=bool(opt.get('sample_max', 1)), beam_size=int(opt.get('beam_size', 1)),
-                     temperature=float(opt.get('temperature', 1.0)),
-                     max_length=None if opt.get('max_length') is None else int(opt['max_length']),
-                     use_cache=None if opt.get('use_cache') is None else bool(opt['use_cache']),
-                     length_penalty=opt.get('length_penalty', '') or '',
-                     group_size=int(opt.get('group_size', 1)),
-                     diversity_lambda=float(opt.get('diversity_lambda', 0.5)),
-                     decoding_constraint=bool(opt.get('decoding_constraint', 0)),
-                     block_trigrams=bool(opt.get('block_trigrams', 0)))
-        return config, int(opt.get('seq_per_img', 1))
+            raise ValueError(f"unknown decoding option(s) {', '.join(map(repr, unknown))}; known: {', '.join(known)}")
+        return cls.from_values(opt), int(opt.get('seq_per_img', 1))

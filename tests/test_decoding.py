@@ -1,13 +1,19 @@
-"""Decoding options for SAT with K > 1 (our definitions, README "Decoding options"), and DecodeConfig.
+"""Decoding options for SAT with K > 1 (our definitions, README "Decoding options"), the steps that implement them
+(models.logits_processors, each against a hand computation), DecodeConfig and eval.py's ownership of the options.
 
 For K = 1 the options reproduce the reference exactly (test_conformance_decoding.py); for K > 1 each option acts
 per token position, the words of a group chosen in order.
 """
+import argparse
+
 import pytest
 import torch
 
+import opts
+from misc.errors import SaticError
 from models.decode_config import DecodeConfig
-from models.decoding import trigram_penalty
+from models.logits_processors import (BEAM, GREEDY, DiversityPenalty, History, PreviousWordBan, Steps, Temperature,
+                                      TrigramPenalty, trigram_penalty)
 from models.sat import SATModel
 
 VOCAB = 12
@@ -141,3 +147,97 @@ def test_beam_larger_than_the_vocabulary_is_refused():
     att, masks = batch()
     with pytest.raises(ValueError, match='larger than'):
         model.decode(att, masks, DecodeConfig(beam_size=VOCAB + 2))
+
+
+def test_previous_word_ban_sets_the_word_before_t_to_minus_inf():
+    logprobs = torch.log_softmax(torch.arange(10.).view(2, 5), dim=1)  # (R=2, V=5)
+    seq = torch.tensor([[3, 1, 0], [2, 4, 0]])  # (R, T)
+    assert PreviousWordBan()(logprobs, History(0, seq)) is logprobs  # nothing before the first position
+    expected = logprobs.clone()
+    expected[0, 1] = expected[1, 4] = float('-inf')  # the words at t - 1 = 1
+    assert torch.equal(PreviousWordBan()(logprobs, History(2, seq)), expected)
+
+
+def test_trigram_penalty_step_adds_the_penalty_from_t_3():
+    logprobs = torch.zeros(1, 8)
+    seq = torch.tensor([[4, 5, 6, 4, 5, 0]])  # at t = 5 the pair (4, 5) was followed by 6 once
+    assert TrigramPenalty()(logprobs, History(2, seq)) is logprobs
+    expected = torch.zeros(1, 8)
+    expected[0, 6] = -0.693 * 2.0
+    assert torch.equal(TrigramPenalty()(logprobs, History(5, seq)), expected)
+    assert TrigramPenalty()(logprobs.bfloat16(), History(5, seq)).dtype == torch.bfloat16  # the step's dtype
+
+
+def test_diversity_penalty_lowers_each_earlier_word_once_per_occurrence():
+    logprobs = torch.full((4, 5), -1.0)  # B=2 images x W=2 beams
+    earlier = (torch.tensor([[2, 2], [0, 3]]), torch.tensor([[1, 2], [3, 3]]))  # two earlier groups, (B, W') each
+    assert DiversityPenalty(0.25)(logprobs, History(0, torch.zeros(4, 3, dtype=torch.long))) is logprobs
+    out = DiversityPenalty(0.25)(logprobs, History(0, torch.zeros(4, 3, dtype=torch.long), earlier))
+    image_0 = [-1.0, -1.25, -1.75, -1.0, -1.0]  # word 2 three times, word 1 once
+    image_1 = [-1.25, -1.0, -1.0, -1.75, -1.0]  # word 3 three times, word 0 once
+    assert out.tolist() == [image_0, image_0, image_1, image_1]
+
+
+def test_temperature_divides_and_detaches():
+    logprobs = torch.tensor([[-1.0, -2.0, -4.0]], requires_grad=True)
+    out = Temperature(0.5)(logprobs, None)
+    assert out.tolist() == [[-2.0, -4.0, -8.0]] and not out.requires_grad
+    assert Temperature.from_config(DecodeConfig()) is None  # argmax: no temperature
+
+
+def test_each_search_takes_its_steps_in_order():
+    config = DecodeConfig(sample_max=False, decoding_constraint=True, block_trigrams=True, group_size=2,
+                          beam_size=4)
+    greedy, beam = Steps.for_search(config, GREEDY), Steps.for_search(config, BEAM)
+    assert [type(s) for s in greedy.shaping] == [PreviousWordBan, TrigramPenalty]
+    assert [type(s) for s in greedy.steering] == [Temperature] and greedy.needs_history
+    assert [type(s) for s in beam.shaping] == [PreviousWordBan]  # trigram blocking: greedy and sampling only
+    assert [type(s) for s in beam.steering] == [DiversityPenalty]
+    plain = Steps.for_search(DecodeConfig(), GREEDY)
+    assert not plain.shaping and not plain.steering and not plain.needs_history
+
+
+def test_sampling_with_the_constraint_backpropagates():
+    model = flat_model(2).train()
+    att, masks = batch()
+    _, logprobs = model(None, att, masks, opt={'sample_max': 0, 'decoding_constraint': 1, 'block_trigrams': 1,
+                                               'seq_per_img': 2}, mode='sample')
+    logprobs.sum().backward()
+    assert model.model.generator.proj.weight.grad.abs().sum() > 0
+
+
+def test_config_reads_each_field_with_its_conversion():
+    config = DecodeConfig.from_values({'sample_max': 0, 'beam_size': '3', 'max_length': None, 'use_cache': 1,
+                                       'length_penalty': None, 'decoding_constraint': 1, 'unrelated': 'x'})
+    assert config == DecodeConfig(sample_max=False, beam_size=3, max_length=None, use_cache=True,
+                                  length_penalty='', decoding_constraint=True)
+    assert DecodeConfig.from_reference_opt({'max_length': 7})[0].max_length == 7
+
+
+def test_every_config_field_is_an_option():
+    assert set(DecodeConfig.option_names()) <= set(vars(opts.fill_defaults(argparse.Namespace())))
+    with pytest.raises(SaticError, match='add_decoding_options'):
+        opts.decode_config(argparse.Namespace(beam_size=1))
+
+
+def _eval_options(argv=()):
+    infos_opt = opts.fill_defaults(argparse.Namespace())
+    for name in opts.decoding_option_names():
+        setattr(infos_opt, name, 'from the infos')  # a value eval.py must never keep
+    eval_opt = opts.parse_eval_opt(list(argv))
+    return eval_opt, opts.resolve_eval_options(eval_opt, {'opt': infos_opt, 'vocab': {'1': 'a', '2': 'b'}})
+
+
+def test_eval_takes_every_decoding_option_from_its_command_line(monkeypatch):
+    eval_opt, opt = _eval_options(['--beam_size', '2', '--block_trigrams', '1'])
+    assert {name: getattr(opt, name) for name in opts.decoding_option_names()} == \
+        {name: getattr(eval_opt, name) for name in opts.decoding_option_names()}
+    # A new option line in the group is eval.py's with nothing else to keep in sync.
+    add = opts.add_decoding_options
+
+    def with_a_new_option(parser, beam_size=1):
+        add(parser, beam_size)
+        parser.add_argument('--new_option', type=int, default=0)
+    monkeypatch.setattr(opts, 'add_decoding_options', with_a_new_option)
+    eval_opt, opt = _eval_options(['--new_option', '3'])
+    assert opt.new_option == 3
