@@ -19,7 +19,8 @@ from models.cache import DecoderCache, LayerCache, StepBuffers
 from models.decode_config import DecodeConfig
 from models.decoding import greedy_or_sample
 from models.masks import Packing, group_mask, target_mask
-from models.transformer import Dropout, make_model
+from models.kernels import Dropout, memory_key_value
+from models.transformer import make_model
 
 HEADS = 8
 DROPOUT = 0.1
@@ -98,7 +99,7 @@ class SATModel(nn.Module):
         (plain tensors and ints: what --compile 1 compiles for training)."""
         packing = self._packing(index, attn_mask, batch, length, groups)
         memory = self.encode_rows(rows, index, attn_mask, batch, length, groups)  # (M, D)
-        memory_kv = [layer.src_attn.memory_key_value(memory, packing) for layer in self.model.decoder.layers]
+        memory_kv = [memory_key_value(layer.src_attn, memory, packing) for layer in self.model.decoder.layers]
         return self.model.decoder.forward_memory_kv(self.model.embed(tokens), memory_kv, tgt_mask, fold)
 
     def _maybe_compiled(self, name, fallback):
@@ -200,7 +201,7 @@ class SATModel(nn.Module):
             if not torch.is_grad_enabled():
                 capacity = math.ceil((max_length or self.max_length) / self.K) * self.K
             layers = [LayerCache([(key.contiguous(), value.contiguous(), mask, group) for key, value, mask, group
-                                  in layer.src_attn.memory_key_value(rows, packing)], capacity)
+                                  in memory_key_value(layer.src_attn, rows, packing)], capacity)
                       for layer in self.model.decoder.layers]
         return DecoderCache(memory, memory_mask, layers, beam, capacity)
 
