@@ -141,15 +141,6 @@ class SATModel(nn.Module):
         shifted = torch.cat([labels.new_zeros(labels.size(0), k - 1), labels], dim=1)  # (S, L+K-1)
         return shifted[:, :math.ceil(labels.size(1) / k) * k - 1]
 
-    def encode_repeated(self, att_feats, att_masks=None, seq_per_img=1):
-        """encode, then repeat each image's memory seq_per_img times: (B*seq_per_img, N', D)."""
-        memory, memory_mask = self.encode(att_feats, att_masks)
-        if seq_per_img > 1:
-            memory = memory.repeat_interleave(seq_per_img, dim=0)  # (B*S, N', D)
-            if memory_mask is not None:
-                memory_mask = memory_mask.repeat_interleave(seq_per_img, dim=0)  # (B*S, 1, N')
-        return memory, memory_mask
-
     def decoder_states(self, att_feats, labels, att_masks=None, seq_per_img=1):
         """Teacher forcing up to the decoder's final norm: (S, T, D), T = ceil(L/K)*K - 1 input positions.
 
