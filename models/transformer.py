@@ -40,7 +40,7 @@ class LayerNorm(nn.Module):
 
     def forward(self, x):
         # reference quirk: eps is added to the unbiased std, not to the variance (differs from nn.LayerNorm).
-        return kernels.layer_norm(x, self.a_2, self.b_2, self.eps)  # the formula, hand-written backward
+        return kernels.layer_norm(x, self.a_2, self.b_2, self.eps)  # this formula, in fewer passes
 
 
 class SublayerConnection(nn.Module):
@@ -53,7 +53,7 @@ class SublayerConnection(nn.Module):
 
     def forward(self, x, sublayer):
         """x (..., D) -> (..., D)."""
-        return x + self.dropout(sublayer(self.norm(x)))  # pre-norm: the norm first, as opposed to last
+        return x + self.dropout(sublayer(self.norm(x)))  # deviation from the paper: norm first (pre-norm)
 
     def residual(self, x, y):
         """x + dropout(y), skipping the identity dropout call in eval mode (a little less per decoding step)."""
@@ -315,8 +315,8 @@ class EncoderDecoder(nn.Module):
         self.generator = generator
 
     def encode(self, src, src_mask):
-        """Embedded regions (B, N, D), mask (B, 1, N) -> memory (B, N, D); regions get no positional encoding."""
-        return self.encoder(src, src_mask)
+        """Embedded regions (B, N, D), mask (B, 1, N) -> memory (B, N, D)."""
+        return self.encoder(src, src_mask)  # deviation from the paper's words: regions get no positional encoding
 
     def embed(self, tokens, start=0):
         """Token ids (S, T) at absolute positions start.. (or the (T,) positions tensor start) -> (S, T, D)."""
