@@ -92,7 +92,7 @@ def run_evaluation(eval_opt):
                           batch_size=opt.batch_size, remove_bad_endings=bool(opt.remove_bad_endings),
                           crit=build_criterion(0) if eval_opt.verbose_loss else None, bf16=opt.bf16,
                           keep_beams=eval_opt.seq_kd, with_paths=bool(eval_opt.dump_path),
-                          verbose=bool(eval_opt.verbose))
+                          verbose=bool(eval_opt.verbose), verbose_beam=bool(eval_opt.verbose_beam))
     if result.loss is not None:
         print(f'loss: {result.loss:.4f}')
     lang_stats = img_to_eval = None

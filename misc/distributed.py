@@ -72,11 +72,6 @@ def shutdown():
         dist.destroy_process_group()
 
 
-def barrier(world):
-    if world.distributed:
-        dist.barrier()
-
-
 def all_gather_objects(obj, world):
     """[obj of every rank] (a collective: every rank calls it)."""
     if not world.distributed:

@@ -33,13 +33,15 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(model, loader, split, config, *, num_images=-1, batch_size=None, remove_bad_endings=False, crit=None,
-             bf16=False, fp16=False, keep_beams=False, with_paths=False, verbose=False, shard=(0, 1)):
+             bf16=False, fp16=False, keep_beams=False, with_paths=False, verbose=False, verbose_beam=True,
+             shard=(0, 1)):
     """Decode `split` with `config` (models.decode_config.DecodeConfig).
 
     num_images: the first images of the split (-1: all); shard (rank, world_size): this process reads and decodes
     the batches whose number is rank modulo world_size (whole batches: the per-batch losses, and so their mean, are
-    those of one process); bf16 / fp16: autocast type; verbose: print each caption (and its beams). Returns an
-    EvalResult."""
+    those of one process); bf16 / fp16: autocast type; verbose: print each caption, and with verbose_beam (eval.py
+    --verbose_beam, the reference's option) its beams. Returns an EvalResult."""
+    print_beams = verbose and verbose_beam
     if num_images == 0:
         raise SaticError('--num_images 0: nothing to evaluate (-1: the whole split)')
     rank, world_size = shard
@@ -76,9 +78,10 @@ def evaluate(model, loader, split, config, *, num_images=-1, batch_size=None, re
             decode_seconds += time.perf_counter() - start
             captions = decode_sequence(vocab, seq, remove_bad_endings)
             image_beams = _beam_captions(vocab, model, captions, config.beam_size, remove_bad_endings) \
-                if keep_beams or verbose else [None] * len(captions)
+                if keep_beams or print_beams else [None] * len(captions)
             for i, caption, caption_beams in zip(range(n), captions, image_beams):
-                predictions.append(_prediction(data['infos'][i], caption, caption_beams, with_paths, verbose))
+                shown = caption_beams if print_beams else None
+                predictions.append(_prediction(data['infos'][i], caption, shown, with_paths, verbose))
                 positions.append(seen + i)
                 beams.append(caption_beams if keep_beams else None)
         seen += n
@@ -105,7 +108,8 @@ def _teacher_forcing_loss(model, crit, att, masks, data, n, seq_per_img):
 
 
 def _prediction(info, caption, caption_beams, with_paths, verbose):
-    """One image's entry of the predictions ({'image_id', 'caption'[, 'file_path']}); printed when verbose."""
+    """One image's entry of the predictions ({'image_id', 'caption'[, 'file_path']}); printed when verbose, with
+    caption_beams (None: not printed)."""
     entry = {'image_id': info['id'], 'caption': caption}
     if with_paths:
         entry['file_path'] = info.get('file_path')

@@ -9,16 +9,6 @@ from misc.losses import build_criterion, self_critical_loss
 from opts import fill_defaults
 
 
-def scored_logprobs(model, fc, att, labels, att_masks, masks, per_img):
-    """Teacher-forced log-probs (M, V) at the M positions of masks[:, 1:] > 0 and their target words (M,):
-    SATModel.scored_logprobs, or the rows of the reference call's (S, L-1, V) for another model."""
-    if hasattr(model, 'scored_logprobs'):
-        return model.scored_logprobs(att, labels, att_masks, masks, seq_per_img=per_img)
-    full = model(fc, att, labels, att_masks, seq_per_img=per_img)  # (S, L-1, V)
-    rows = masks[:, 1:full.size(1) + 1] > 0  # (S, L-1)
-    return full[rows], labels[:, 1:full.size(1) + 1][rows]
-
-
 class LossWrapper(nn.Module):
     """forward(batch, sc_flag) -> {'loss': scalar, 'reward': mean sample reward (self-critical only),
     'kd_loss': the KL part, before its weight (XE with a teacher only)}."""
@@ -50,7 +40,7 @@ class LossWrapper(nn.Module):
             self.teacher._apply(fn, *args, **kwargs)
         return self
 
-    def kd_loss(self, logprobs, fc, att, labels, att_masks, masks, per_img):
+    def kd_loss(self, logprobs, att, labels, att_masks, masks, per_img):
         """KL(teacher || student) over the positions of masks[:, 1:]: nn.KLDivLoss(log_target=True, 'batchmean')
         on the (positions, V) rows, i.e. summed over the vocabulary and averaged over the masked positions.
         logprobs (positions, V): the student's rows (SATModel.scored_logprobs); the teacher computes the same rows.
@@ -59,7 +49,7 @@ class LossWrapper(nn.Module):
         called teacher.eval() and then .train() on the loss wrapper that contained it."""
         self.teacher.train(self.training and not self.teacher_eval_mode)
         with torch.no_grad():
-            teacher_logprobs, _ = scored_logprobs(self.teacher, fc, att, labels, att_masks, masks, per_img)
+            teacher_logprobs, _ = self.teacher.scored_logprobs(att, labels, att_masks, masks, seq_per_img=per_img)
         return self.kd_crit(logprobs, teacher_logprobs.to(logprobs.dtype))  # (positions, V) each
 
     def load_reward(self):
@@ -93,11 +83,11 @@ class LossWrapper(nn.Module):
         fc, att, att_masks, per_img = self.features(batch, sc_flag)
         if not sc_flag:
             labels, masks = batch['labels'], batch['masks']
-            # The generator and the log-softmax run only at the scored positions (masks[:, 1:] > 0).
-            logprobs, targets = scored_logprobs(self.model, fc, att, labels, att_masks, masks, per_img)  # (M, V)
+            # The generator and the log-softmax run only at the M scored positions (masks[:, 1:] > 0): (M, V), (M,).
+            logprobs, targets = self.model.scored_logprobs(att, labels, att_masks, masks, seq_per_img=per_img)
             loss = self.crit.scored(logprobs, targets)
             if self.kd_weight > 0 and self.teacher is not None:  # word-level distillation (XE stage only)
-                kd = self.kd_loss(logprobs, fc, att, labels, att_masks, masks, per_img)
+                kd = self.kd_loss(logprobs, att, labels, att_masks, masks, per_img)
                 return {'loss': loss + self.kd_weight * kd, 'kd_loss': kd.detach()}
             return {'loss': loss}
         # One multinomial sample per row, in train mode (dropout on), as the reference.

@@ -23,7 +23,7 @@ import torch
 
 class LayerCache:
     """One decoder layer's keys/values: self-attention (S, H, T or capacity, dk); memory: the list of
-    MultiHeadedAttention.memory_key_value ((B_g, H, N_g, dk) keys and values, mask, group), per group of images."""
+    models.kernels.memory_key_value ((B_g, H, N_g, dk) keys and values, mask, group), per group of images."""
 
     def __init__(self, memory, capacity=None):
         self.memory = memory

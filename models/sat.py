@@ -19,7 +19,8 @@ from models.cache import DecoderCache, LayerCache, StepBuffers
 from models.decode_config import DecodeConfig
 from models.decoding import greedy_or_sample
 from models.masks import Packing, group_mask, target_mask
-from models.transformer import Dropout, make_model
+from models.kernels import Dropout, memory_key_value
+from models.transformer import make_model
 
 HEADS = 8
 DROPOUT = 0.1
@@ -98,7 +99,7 @@ class SATModel(nn.Module):
         (plain tensors and ints: what --compile 1 compiles for training)."""
         packing = self._packing(index, attn_mask, batch, length, groups)
         memory = self.encode_rows(rows, index, attn_mask, batch, length, groups)  # (M, D)
-        memory_kv = [layer.src_attn.memory_key_value(memory, packing) for layer in self.model.decoder.layers]
+        memory_kv = [memory_key_value(layer.src_attn, memory, packing) for layer in self.model.decoder.layers]
         return self.model.decoder.forward_memory_kv(self.model.embed(tokens), memory_kv, tgt_mask, fold)
 
     def _maybe_compiled(self, name, fallback):
@@ -139,15 +140,6 @@ class SATModel(nn.Module):
         k = self.K
         shifted = torch.cat([labels.new_zeros(labels.size(0), k - 1), labels], dim=1)  # (S, L+K-1)
         return shifted[:, :math.ceil(labels.size(1) / k) * k - 1]
-
-    def encode_repeated(self, att_feats, att_masks=None, seq_per_img=1):
-        """encode, then repeat each image's memory seq_per_img times: (B*seq_per_img, N', D)."""
-        memory, memory_mask = self.encode(att_feats, att_masks)
-        if seq_per_img > 1:
-            memory = memory.repeat_interleave(seq_per_img, dim=0)  # (B*S, N', D)
-            if memory_mask is not None:
-                memory_mask = memory_mask.repeat_interleave(seq_per_img, dim=0)  # (B*S, 1, N')
-        return memory, memory_mask
 
     def decoder_states(self, att_feats, labels, att_masks=None, seq_per_img=1):
         """Teacher forcing up to the decoder's final norm: (S, T, D), T = ceil(L/K)*K - 1 input positions.
@@ -200,7 +192,7 @@ class SATModel(nn.Module):
             if not torch.is_grad_enabled():
                 capacity = math.ceil((max_length or self.max_length) / self.K) * self.K
             layers = [LayerCache([(key.contiguous(), value.contiguous(), mask, group) for key, value, mask, group
-                                  in layer.src_attn.memory_key_value(rows, packing)], capacity)
+                                  in memory_key_value(layer.src_attn, rows, packing)], capacity)
                       for layer in self.model.decoder.layers]
         return DecoderCache(memory, memory_mask, layers, beam, capacity)
 

@@ -260,3 +260,12 @@ def test_unusable_decoding_options_are_one_line(checkpoint, workdir, capsys, arg
     assert run_eval(checkpoint, '--language_eval', '0', *args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and words in err
+
+
+@pytest.mark.parametrize('verbose_beam', ['0', '1'])
+def test_verbose_prints_the_beams_only_with_verbose_beam(checkpoint, workdir, capsys, verbose_beam):
+    """--verbose 1 prints each caption; --verbose_beam (the reference's option, default 1) also its beams."""
+    assert run_eval(checkpoint, '--language_eval', '0', '--beam_size', '2', '--verbose', '1',
+                    '--verbose_beam', verbose_beam, '--id', 'v') == 0
+    out = capsys.readouterr().out
+    assert 'image ' in out and ('  beam: ' in out) == (verbose_beam == '1')

@@ -1,7 +1,7 @@
 """The speed paths of issue 11 compute what the reference computed: packed encoder (real regions only) == the
-padded encoder, the hand-written layer-norm backward == autograd of the formula, the scored-positions loss == the
-full log-probs loss, the fixed-shape decoding cache == the growing cache == uncached decoding, and the opt-in
-paths (--compile 1; --quantize int8 in tests/test_int8.py).
+padded encoder, the scored-positions loss == the full log-probs loss, the fixed-shape decoding cache == the
+growing cache == uncached decoding, and the opt-in paths (--compile 1; --quantize int8 in tests/test_int8.py).
+The kernels under them (layer norm, dropout, fused projections) are tested in tests/test_kernels.py.
 
 Tiny random models on CPU, one thread. The --compile test runs only with SATIC_TEST_COMPILE=1 (it compiles for
 about a minute on 2 cores); it is skipped when torch.compile cannot run here.
@@ -17,7 +17,6 @@ from models.decode_config import DecodeConfig
 from models.masks import Packing, target_mask
 from models.sat import SATModel
 from models.speed import fbgemm_int8_available, quantize_int8
-from models.transformer import _ReferenceLayerNorm, reference_layer_norm
 from tests.helpers import masked_batch
 
 
@@ -118,28 +117,6 @@ def test_packed_encoder_ignores_padding_content_and_strides():
         torch.testing.assert_close(model(None, doubled[::2], labels, masks), want)
 
 
-# ---- layer norm ---------------------------------------------------------------------------------------------
-def test_layer_norm_backward_is_the_formulas_gradient():
-    torch.manual_seed(0)
-    x = torch.randn(3, 4, 9, dtype=torch.double, requires_grad=True)
-    a = torch.randn(9, dtype=torch.double, requires_grad=True)
-    b = torch.randn(9, dtype=torch.double, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, a, b: _ReferenceLayerNorm.apply(x, a, b, 1e-6), (x, a, b))
-    # constant rows (std = 0): the formula's autograd gives finite gradients (torch masks std's 0/0), so do we
-    z = torch.cat([torch.zeros(2, 9, dtype=torch.double), torch.randn(1, 9, dtype=torch.double)]).requires_grad_()
-
-    def formula(x):
-        std, mean = torch.std_mean(x, dim=-1, keepdim=True)
-        return a * (x - mean) / (std + 1e-6) + b
-    g = torch.randn(3, 9, dtype=torch.double)
-    want = torch.autograd.grad(formula(z), (z, a, b), g)
-    got = torch.autograd.grad(reference_layer_norm(z, a, b, 1e-6), (z, a, b), g)
-    for w, h in zip(want, got):
-        torch.testing.assert_close(h, w)
-    with torch.no_grad():  # the no-grad form
-        torch.testing.assert_close(reference_layer_norm(z, a, b, 1e-6), formula(z))
-
-
 # ---- scored positions -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize('K', [1, 2, 4])
 def test_scored_logprobs_are_the_masked_rows_of_forward(K):
@@ -230,21 +207,6 @@ def test_loss_wrapper_xe_scores_only_the_masked_positions(smoothing):
         want = float(build_criterion(smoothing)(model(None, data['att_feats'], labels, data['att_masks']),
                                                 labels[:, 1:], label_masks[:, 1:]))
     assert abs(got - want) < 1e-6
-
-
-def test_fast_dropout_has_the_distribution_and_gradient_of_dropout():
-    from models.transformer import Dropout, dropout
-    torch.manual_seed(0)
-    x = torch.randn(400, 500, requires_grad=True)
-    y = dropout(x, 0.1)
-    kept = y != 0
-    assert abs(kept.float().mean().item() - 0.9) < 0.003  # 200,000 draws: 0.003 is > 4 standard deviations
-    torch.testing.assert_close(y[kept], x[kept] / 0.9)
-    (grad,) = torch.autograd.grad(y, x, torch.ones_like(y))
-    torch.testing.assert_close(grad, kept.float() / 0.9)
-    layer = Dropout(0.5)
-    assert torch.equal(layer.eval()(x), x) and not torch.equal(layer.train()(x), x)
-    assert torch.equal(dropout(x, 0.0), x) and not dropout(x, 1.0).any()
 
 
 # ---- --compile 1 (opt-in: SATIC_TEST_COMPILE=1) ------------------------------------------------------------------
