@@ -17,6 +17,7 @@ import os
 import shutil
 
 import numpy as np
+import pytest
 import torch
 
 import models
@@ -26,6 +27,23 @@ from scripts import dump_to_lmdb, make_bu_data, prepro_labels, prepro_ngrams, pr
 from scripts.make_demo_data import ConceptFeatures
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(REPO_ROOT), 'shared')  # the reference fixtures, beside the checkout
+
+
+def shared_path(*parts):
+    """A fixture under ../shared. Without ../shared (a clone on its own) the tests that need it skip (needs_shared);
+    with ../shared there but this fixture missing, collection fails loudly instead of skipping in silence."""
+    path = os.path.join(SHARED, *parts)
+    if os.path.isdir(SHARED) and not os.path.exists(path):
+        raise FileNotFoundError(f'{path} is missing although ../shared is there: restore the fixture '
+                                '(tests that need it would otherwise skip without a word)')
+    return path
+
+
+def needs_shared(*parts):
+    """pytest mark: skip when ../shared is absent; see shared_path for a missing fixture."""
+    shared_path(*parts)
+    return pytest.mark.skipif(not os.path.isdir(SHARED), reason=f'../shared is absent (needs {"/".join(parts)})')
 
 WORDS = ('a', 'man', 'woman', 'dog', 'cat', 'red', 'blue', 'ball', 'on', 'the', 'grass', 'table', 'with', 'big',
          'small', 'riding', 'horse', 'street', 'car', 'near')

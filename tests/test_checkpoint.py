@@ -12,8 +12,9 @@ import torch
 from misc.checkpoint import save_checkpoint
 from misc.fileio import load_pickle, load_torch, save_pickle, save_torch
 from misc.errors import SaticError
+from tests.helpers import needs_shared, shared_path
 
-CONFORMANCE = Path(__file__).resolve().parents[1].parent / 'shared' / 'conformance'
+CONFORMANCE = Path(shared_path('conformance'))
 
 
 def test_pickle_round_trip_protocol_2(tmp_path):
@@ -80,7 +81,7 @@ def test_save_checkpoint_layout(tmp_path):
     assert set(load_torch(str(tmp_path / 'model.pth'))) == {'weight', 'bias'}
 
 
-@pytest.mark.skipif(not CONFORMANCE.is_dir(), reason='../shared/conformance not available')
+@needs_shared('conformance', 'sat-2', 'infos_sat-2.pkl')
 @pytest.mark.parametrize('name', ['transformer', 'sat-2', 'sat-4'])
 def test_reference_infos_and_models_load_safely(name):
     infos = load_pickle(str(CONFORMANCE / name / f'infos_{name}.pkl'))

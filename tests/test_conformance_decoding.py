@@ -13,11 +13,11 @@ import torch
 
 import models
 from misc.utils import decode_sequence
+from tests.helpers import needs_shared, shared_path
 
-FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', 'shared', 'conformance', 'decoding')
-CASES_PT = os.path.join(FIXTURES, 'cases.pt')
-BAD_ENDINGS = os.path.join(FIXTURES, 'bad_endings.json')
-pytestmark = pytest.mark.skipif(not os.path.isfile(CASES_PT), reason='../shared/conformance/decoding is absent')
+CASES_PT = shared_path('conformance', 'decoding', 'cases.pt')
+BAD_ENDINGS = shared_path('conformance', 'decoding', 'bad_endings.json')
+pytestmark = needs_shared('conformance', 'decoding', 'cases.pt')
 
 
 def load_cases():

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 import eval as eval_script
+from tests.helpers import needs_shared, shared_path
 
-CONFORMANCE = Path(__file__).resolve().parents[1].parent / 'shared' / 'conformance'
-pytestmark = pytest.mark.skipif(not (CONFORMANCE / 'expected.json').is_file(),
-                                reason=f'conformance fixture not found at {CONFORMANCE}')
+CONFORMANCE = Path(shared_path('conformance'))
+pytestmark = needs_shared('conformance', 'expected.json')
 
 
 @pytest.fixture(scope='module')

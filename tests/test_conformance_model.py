@@ -14,12 +14,12 @@ import torch
 import models
 from misc.fileio import load_pickle
 from models.sat import SATModel
+from tests.helpers import needs_shared, shared_path
 
-CONFORMANCE = Path(__file__).resolve().parents[1].parent / 'shared' / 'conformance'
+CONFORMANCE = Path(shared_path('conformance'))
 NAMES = ('transformer', 'sat-2', 'sat-4')
 
-pytestmark = pytest.mark.skipif(not (CONFORMANCE / 'tensors.pt').exists(),
-                                reason=f'conformance fixtures not found at {CONFORMANCE}')
+pytestmark = needs_shared('conformance', 'tensors.pt')
 
 
 @pytest.fixture(scope='module')

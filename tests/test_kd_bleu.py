@@ -26,10 +26,10 @@ from misc.loss_wrapper import LossWrapper
 from misc.losses import LanguageModelCriterion
 from misc.rewards import SelfCriticalReward, ids_to_str
 from misc.teacher import default_infos_path, load_teacher
-from tests.helpers import REWARD_GTS as GTS, label_rows
+from tests.helpers import REWARD_GTS as GTS, label_rows, needs_shared, shared_path
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE_OPTIONS = REPO.parent / 'shared' / 'conformance' / 'reference_options.tsv'
+REFERENCE_OPTIONS = Path(shared_path('conformance', 'reference_options.tsv'))
 
 
 # ----------------------------------------------------------------------------------------------- BLEU reward
@@ -353,7 +353,7 @@ def reference_options():
     return list(csv.DictReader(rows, delimiter='\t'))
 
 
-@pytest.mark.skipif(not REFERENCE_OPTIONS.is_file(), reason='no ../shared/conformance')
+@needs_shared('conformance', 'reference_options.tsv')
 def test_every_reference_option_exists_with_its_default():
     defaults = vars(opts.parse_opt([]))
     for row in reference_options():

@@ -39,10 +39,10 @@ from misc.optim import noam_rate
 from models.decode_config import DecodeConfig
 from scripts import make_bu_data, prepro_labels, prepro_labels_seqKD, prepro_ngrams, prepro_reference_json
 from scripts.make_demo_data import ConceptFeatures
-from tests.helpers import assert_one_line_error, working_dir
+from tests.helpers import assert_one_line_error, needs_shared, shared_path, working_dir
 
 REPO = Path(__file__).resolve().parents[1]
-CONFORMANCE = REPO.parent / 'shared' / 'conformance'
+CONFORMANCE = Path(shared_path('conformance'))
 SUBPROCESS_ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
 
 COLORS = ('red', 'blue', 'green', 'black', 'white', 'yellow')
@@ -422,7 +422,7 @@ def test_interrupt_saves_the_last_complete_iteration(scene, tmp_path, monkeypatc
 
 
 # ----------------------------------------------------------------------------------------------- reference checkpoint
-@pytest.mark.skipif(not CONFORMANCE.is_dir(), reason='../shared/conformance not available')
+@needs_shared('conformance', 'sat-2', 'model.pth')
 def test_reference_checkpoint_resumes_xe_and_self_critical(tmp_path):
     """The reference's sat-2 checkpoint (no optimizer.pth, no histories) continues in train.py: XE, then SC."""
     data = tmp_path / 'data'
