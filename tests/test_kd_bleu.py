@@ -20,6 +20,7 @@ import models
 import opts
 import train
 from misc.fileio import load_pickle, load_torch, save_pickle
+from misc.checkpoint import make_infos, write_checkpoint_files
 from misc.cider_d import CiderD, ngram_counts
 from misc.errors import SaticError
 from misc.loss_wrapper import LossWrapper
@@ -106,16 +107,11 @@ def tiny_model_opt(**overrides):
 
 def save_run(folder, run_id, vocab=VOCAB, best=False, seed=0, **overrides):
     """A checkpoint folder as train.py writes it: model.pth + infos_<id>.pkl (and the -best copies)."""
-    os.makedirs(folder, exist_ok=True)
     opt = tiny_model_opt(**overrides)
     torch.manual_seed(seed)
     model = models.setup(opt) if opt.caption_model in ('sat', 'transformer') else models.setup(tiny_model_opt())
-    infos = {'iter': 10, 'epoch': 1, 'vocab': vocab, 'opt': opt, 'best_val_score': None}
-    names = [('model.pth', f'infos_{run_id}.pkl')] + ([('model-best.pth', f'infos_{run_id}-best.pkl')] if best else [])
-    for model_name, infos_name in names:
-        torch.save(model.state_dict(), os.path.join(folder, model_name))
-        save_pickle(infos, os.path.join(folder, infos_name))
-    return os.path.join(folder, 'model.pth')
+    infos = make_infos(opt, vocab, iteration=10, epoch=1)
+    return write_checkpoint_files(folder, run_id, model.state_dict(), infos, best=best)
 
 
 def kd_opt(teacher_model=None, **overrides):
