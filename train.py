@@ -36,7 +36,7 @@ from misc.distributed import World, all_gather_objects, run_everywhere, run_on_m
 from misc.errors import SaticError
 from misc.evaluation import evaluate
 from misc.interrupts import Aborted, Interrupted, Signals
-from misc.loss_wrapper import LossWrapper
+from misc.loss_wrapper import LossConfig, LossWrapper
 from misc.runfolder import RunFolderLock, check_not_busy, check_owner, same_folder
 from misc.utils import autocast, format_duration, to_device
 from opts import decode_config, parse_opt
@@ -271,7 +271,8 @@ def build_run(opt, world, signals, cleanup):
         from misc.coco_eval import check_ready
         run_on_main(lambda: check_ready(opt.ref_json), world, 'the set-up')  # Java and references: rank 0's job
     model = build_model(run_opt, world.device, saved, vocab)
-    loss_wrapper = LossWrapper(model, run_opt, teacher=build_teacher(run_opt, vocab, world.device))
+    teacher = build_teacher(run_opt, vocab, world.device)
+    loss_wrapper = LossWrapper(model, LossConfig.from_opt(run_opt), teacher=teacher)
     if self_critical_ahead(opt, saved.epoch if saved else 0):
         loss_wrapper.load_reward()  # a missing --cached_tokens fails now, not epochs into the run
     run = Run(run_opt, world, loader, model, loss_wrapper, data_parallel(loss_wrapper, run_opt, world), None,
@@ -630,10 +631,10 @@ def main(argv=None):
     128 + the signal (130 Ctrl-C, 143 SIGTERM) with one 'interrupted ...' line saying what was saved."""
     try:
         opt = parse_opt(argv)
-    except SystemExit as e:  # check_opt's one line (argparse's own errors have printed theirs and exit 2)
-        if isinstance(e.code, str):
-            print(e.code if e.code.startswith('error: ') else f'error: {e.code}', file=sys.stderr)
-            return 2
+    except SaticError as e:  # a refused option value (opts.check_opt...): one line
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    except SystemExit as e:  # argparse's own errors have printed theirs (exit 2); --help (0)
         return e.code or 0
     try:
         train(opt)

@@ -1,5 +1,16 @@
-"""The only reader and writer of checkpoints: a run on disk (load_run / CheckpointSaver), misc.fileio's atomic writes with one
-commit point per save, safe loads.
+"""The only reader and writer of checkpoints: everything a run folder holds goes through this module, with
+misc.fileio's atomic writes (one commit point per save) and safe loads.
+
+  reading:  load_infos (checked: a dict with opt and vocab) / read_infos (as it is), load_model_state, load_model,
+            load_for_eval (eval.py, eval_cocotest.py), load_init_from (train.py --init_from, checked against the
+            infos beside it: default_infos_path), load_run -> SavedRun (--start_from: infos, histories, then model,
+            optimizer, scaler and generators restored); misc/teacher.py reads the teacher through load_infos/load_model;
+  writing:  make_infos (the one place infos fields are named) + save_checkpoint / CheckpointSaver (a training run);
+            write_checkpoint_files (plain model.pth + infos files: tests' fixtures).
+Nothing else in the product calls fileio.load_pickle/load_torch/save_* on checkpoint files (tests/test_checkpoint.py
+greps for it): a new infos field is added in make_infos (and checked in load_infos, when it must be).
+Options of old (reference) infos get their model defaults where they are compared or built (resolved:
+misc.defaults.model_options); the run's and eval's own options are resolved in the entry scripts (opts.py).
 
 A training run writes, in its checkpoint folder (README, "Interrupts and resume"):
   model.pth (state_dict), optimizer.pth, infos_<id>.pkl, histories_<id>.pkl, and the -best copies,
@@ -39,6 +50,7 @@ import numpy as np
 import torch
 
 from misc import fileio, optim
+from misc.defaults import model_options
 from misc.errors import CheckpointError, SaticError
 from misc.fileio import load_pickle, load_torch
 
@@ -80,14 +92,13 @@ def optimizer_step(state):
 
 
 def resolved(opt):
-    """A resolved copy of an options Namespace (a run's, or an infos file's, perhaps the reference's): the options
-    it lacks at their defaults and the K rule applied (opts.fill_defaults)."""
-    from opts import fill_defaults
-    return fill_defaults(argparse.Namespace(**vars(opt)))
+    """A copy of an options Namespace (a run's, or an infos file's, perhaps the reference's) with the model options
+    it lacks at their defaults and the K rule applied (misc.defaults.model_options): what infos are compared on."""
+    return model_options(opt)
 
 
 def effective_k(opt):
-    """K of the model an opt builds ('transformer' is K = 1 whatever its K says: opts.model_k)."""
+    """K of the model an opt builds ('transformer' is K = 1 whatever its K says: misc.defaults.model_k)."""
     return resolved(opt).K
 
 

@@ -5,10 +5,10 @@ teacher is a checkpoint of this project (--teacher_model, 'sat' of any K or 'tra
 (--teacher_infos, default: the infos pkl beside it). It is loaded through the safe loaders, frozen, and kept out of
 the student's state_dict, optimiser, DDP parameters and checkpoints (misc.loss_wrapper holds it unregistered).
 """
-import argparse
 import os
 
 from misc.checkpoint import default_infos_path, load_infos, load_model
+from misc.defaults import model_options
 from misc.errors import SaticError
 
 __all__ = ['default_infos_path', 'load_teacher']
@@ -17,14 +17,13 @@ __all__ = ['default_infos_path', 'load_teacher']
 def load_teacher(opt, vocab, device=None):
     """The frozen teacher model for opt (--teacher_model, --teacher_infos, --teacher_caption_model,
     --teacher_eval_mode), checked against the student's vocabulary and region feature size."""
-    from opts import fill_defaults
     path = opt.teacher_model
     if not os.path.isfile(path):
         raise SaticError(f"--teacher_model {path}: file not found")
     infos_path = opt.teacher_infos or default_infos_path(path)
     infos = load_infos(infos_path, name=f'teacher infos {infos_path}',
                        advice=f'pass the infos_<id>.pkl saved with {path} as --teacher_infos')
-    t_opt = fill_defaults(argparse.Namespace(**vars(infos['opt'])))
+    t_opt = model_options(infos['opt'])  # a reference-era infos lacks our options: their defaults
     caption_model = t_opt.caption_model
     if caption_model not in ('sat', 'transformer'):
         raise SaticError(f"teacher {infos_path}: caption_model {caption_model!r}; only this project's sat/transformer "

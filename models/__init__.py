@@ -15,11 +15,10 @@ __all__ = ['SATModel', 'setup', 'load_weights']
 def setup(opt):
     """The captioner described by opt (caption_model, K, vocab_size, input_encoding_size, rnn_size, ...).
 
-    opt may be a reference infos' options: a copy is resolved by opts.fill_defaults (our additions at their
-    defaults, the K rule)."""
-    import argparse
-    from opts import fill_defaults
-    opt = fill_defaults(argparse.Namespace(**vars(opt)))
+    opt may be a reference infos' options, or a test's partial ones: a copy gets the model options it lacks at
+    their defaults and the K rule (misc.defaults.model_options)."""
+    from misc.defaults import model_options
+    opt = model_options(opt)
     if opt.caption_model in ('sat', 'transformer'):
         return build_model(opt)
     raise SaticError(f"unknown --caption_model {opt.caption_model!r}: SATIC provides 'sat' and 'transformer'")
