@@ -7,13 +7,10 @@ the working directory, as the reference) vis/<id>.json ([{image_id, caption}]), 
 eval_results/<id>_<split>.json, with --seq_kd 1 every image's beams (vis/<id>_seq_kd.json), with --dump_images 1
 the caption viewer vis/index.html.
 """
-import argparse
 import os
 import sys
 
 import torch
-
-from misc.errors import SaticError
 
 
 def output_folders(eval_opt):
@@ -45,21 +42,11 @@ def check_outputs(folders):
 
 def load_checkpoint(eval_opt):
     """(model in eval mode on its device, resolved options, infos) of --model and --infos_path, checked to agree."""
-    import models
-    from misc.checkpoint import check_infos_match, recover_folder
-    from misc.fileio import load_pickle
+    from misc.checkpoint import load_for_eval
     from misc.utils import resolve_device
     from opts import resolve_eval_options
-    recover_folder(os.path.dirname(eval_opt.model) or '.')  # finishes a save that a kill cut between its renames
-    infos = load_pickle(eval_opt.infos_path)
-    if not isinstance(infos, dict) or not isinstance(infos.get('opt'), argparse.Namespace) \
-            or not isinstance(infos.get('vocab'), dict):
-        raise SaticError(f'{eval_opt.infos_path} is not an infos file (a dict with opt and vocab): pass the '
-                         'infos_<id>.pkl saved with the checkpoint')
-    opt = resolve_eval_options(eval_opt, infos, eval_opt.infos_path)
-    model = models.load(eval_opt.model, opt)
-    # Our infos record the model they belong to (reference infos do not, and pass).
-    check_infos_match(infos, model.state_dict(), opt=opt, infos_path=eval_opt.infos_path, model_path=eval_opt.model)
+    model, opt, infos = load_for_eval(eval_opt.model, eval_opt.infos_path,
+                                      lambda infos: resolve_eval_options(eval_opt, infos, eval_opt.infos_path))
     device = resolve_device(opt.device)
     model = model.to(device).eval()
     if opt.quantize or opt.compile:

@@ -8,6 +8,9 @@ Every reference option is accepted (see ../shared/conformance/reference_options.
 import argparse
 import os
 
+from misc.defaults import MODEL, model_k  # noqa: F401 (model_k: the K rule, opts.model_k)
+from misc.errors import SaticError
+
 DEFAULT_INIT_FROM = 'save/nsc-transformer-baseline/model-best.pth'
 DEFAULT_REF_JSON = 'coco-caption/annotations/captions_val2014.json'
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -47,17 +50,17 @@ def add_data_options(parser, defaults=True):
 
 def add_model_options(parser):
     """Model hyper-parameters (README, "Reference quirks kept")."""
-    parser.add_argument('--caption_model', type=str, default='sat', help="'sat' (K words per step) or 'transformer' (K=1)")
-    parser.add_argument('--rnn_size', type=int, default=1024, help='d_ff: the feed-forward inner size')
-    parser.add_argument('--num_layers', type=int, default=1, help='N: encoder and decoder layers')
-    parser.add_argument('--input_encoding_size', type=int, default=512, help='D: d_model')
-    parser.add_argument('--att_feat_size', type=int, default=2048, help='region feature size')
-    parser.add_argument('--use_bn', type=int, default=0, help='BatchNorm1d on region features before att_embed (2: also after)')
+    parser.add_argument('--caption_model', type=str, default=MODEL['caption_model'], help="'sat' (K words per step) or 'transformer' (K=1)")
+    parser.add_argument('--rnn_size', type=int, default=MODEL['rnn_size'], help='d_ff: the feed-forward inner size')
+    parser.add_argument('--num_layers', type=int, default=MODEL['num_layers'], help='N: encoder and decoder layers')
+    parser.add_argument('--input_encoding_size', type=int, default=MODEL['input_encoding_size'], help='D: d_model')
+    parser.add_argument('--att_feat_size', type=int, default=MODEL['att_feat_size'], help='region feature size')
+    parser.add_argument('--use_bn', type=int, default=MODEL['use_bn'], help='BatchNorm1d on region features before att_embed (2: also after)')
     parser.add_argument('--norm_att_feat', type=int, default=0, help='L2-normalise region features')
     parser.add_argument('--use_box', type=int, default=0,
                         help='must be 0: the reference appended 5 box features to every region; refused here')
-    parser.add_argument('--drop_prob_lm', type=float, default=0.5, help='dropout after att_embed')
-    parser.add_argument('--K', type=int, default=6, help='K: words per decoding step (group size)')
+    parser.add_argument('--drop_prob_lm', type=float, default=MODEL['drop_prob_lm'], help='dropout after att_embed')
+    parser.add_argument('--K', type=int, default=MODEL['K'], help='K: words per decoding step (group size)')
     parser.add_argument('--use_cache', type=int, default=1,
                         help='(ours) 1: key/value cache while decoding; 0: re-decode the prefix (the reference)')
 
@@ -205,9 +208,9 @@ def add_inert_reference_options(parser):
 
 
 def _need(cond, message):
-    """A refused option value: one 'error: ...' line (train.py and eval.py exit 2 on it)."""
+    """A refused option value: SaticError, one line (train.py and eval.py print 'error: ...' and exit 2)."""
     if not cond:
-        raise SystemExit(f'error: {message}')
+        raise SaticError(message)
 
 
 def _train_parser():
@@ -282,7 +285,7 @@ def check_opt(opt):
 def check_reference_options(opt):
     """Reference model/data options that SATIC cannot honour (train.py, and eval.py on infos): one-line refusal."""
     if opt.use_box:
-        raise SystemExit(f'error: --use_box {opt.use_box} is refused: the reference appended 5 normalised box '
+        raise SaticError(f'--use_box {opt.use_box} is refused: the reference appended 5 normalised box '
                          'features to every region (needing image sizes in --input_json); SATIC reads region '
                          'features only; use 0')
 
@@ -348,13 +351,6 @@ def parse_eval_opt(argv=None, beam_size=1, batch_size=32, language_eval=1, descr
     return parser.parse_args(argv)
 
 
-def model_k(opt):
-    """K of the model the options build: 'transformer' is SAT with K = 1 whatever --K says (the reference's
-    transformer infos carry its default K = 6). The one place this rule lives; parse_opt, resolve_eval_options and
-    fill_defaults apply it, so everything below reads opt.K."""
-    return 1 if opt.caption_model == 'transformer' else opt.K
-
-
 def fill_defaults(opt):
     """Resolve the options of an infos file: every option it lacks at its default (reference infos lack ours),
     then the K rule (model_k). Returns opt, changed in place (pass a copy to keep the original)."""
@@ -406,7 +402,6 @@ EVAL_SPLITS = ('train', 'val', 'test')  # dataloader.SPLITS
 
 def check_eval_split(eval_opt):
     """--split must name one of the loader's splits (restval images are in train)."""
-    from misc.errors import SaticError
     if eval_opt.split not in EVAL_SPLITS:
         raise SaticError(f"--split {eval_opt.split!r} is not a split: use one of {', '.join(EVAL_SPLITS)}")
 
@@ -414,7 +409,6 @@ def check_eval_split(eval_opt):
 def resolve_eval_options(eval_opt, infos, infos_path='infos'):
     """The options one run of eval.py uses: infos['opt'] (defaults filled) overridden by the evaluation's own
     options and its non-empty data paths; vocab_size from infos['vocab']. Bad values -> SaticError, one line."""
-    from misc.errors import SaticError
     for flag in ('image_folder', 'coco_json'):
         if getattr(eval_opt, flag):
             raise SaticError(f"--{flag}: the reference's raw-image mode (a CNN over image files) is not provided; "
@@ -432,7 +426,7 @@ def resolve_eval_options(eval_opt, infos, infos_path='infos'):
     opt.vocab_size = len(infos['vocab'])
     try:
         check_opt(opt)
-    except SystemExit as e:  # check_opt's one line, here about the infos file or this command line
-        raise SaticError(f"{str(e).removeprefix('error: ')} (options of {infos_path} and this command line)") from None
+    except SaticError as e:  # check_opt's one line, here about the infos file or this command line
+        raise SaticError(f'{e} (options of {infos_path} and this command line)') from None
     decode_config(opt, opt.vocab_size)  # bad decoding options fail now, not after loading the data
     return opt

@@ -30,13 +30,13 @@ import torch.distributed as dist
 
 import models
 from misc import optim
-from misc.checkpoint import CheckpointError, CheckpointSaver, ResumePoint, check_writable_dir, histories_of, load_run, recover_checkpoint, rng_state
-from misc.fileio import load_torch
+from misc.checkpoint import (CheckpointError, CheckpointSaver, ResumePoint, check_writable_dir, histories_of,
+                             load_init_from, load_run, recover_checkpoint, rng_state)
 from misc.distributed import World, all_gather_objects, run_everywhere, run_on_main, setup_distributed, shutdown
 from misc.errors import SaticError
 from misc.evaluation import evaluate
 from misc.interrupts import Aborted, Interrupted, Signals
-from misc.loss_wrapper import LossWrapper
+from misc.loss_wrapper import LossConfig, LossWrapper
 from misc.runfolder import RunFolderLock, check_not_busy, check_owner, same_folder
 from misc.utils import autocast, format_duration, to_device
 from opts import decode_config, parse_opt
@@ -65,24 +65,6 @@ def run_options(opt, loader):
     return argparse.Namespace(**{**vars(opt), 'vocab_size': loader.vocab_size, 'seq_length': loader.seq_length})
 
 
-def check_init_from(path, state, vocab):
-    """--init_from's infos file (found beside it as for a teacher; none or several: nothing to check) must be
-    for this model file and, when it records one, for this data's vocabulary (a same-size vocabulary in another
-    order would load silently)."""
-    from misc.checkpoint import check_infos_match
-    from misc.fileio import load_pickle
-    from misc.teacher import default_infos_path
-    try:
-        infos_path = default_infos_path(path)
-    except SaticError:
-        return
-    infos = load_pickle(infos_path)
-    check_infos_match(infos, state, vocab=vocab, infos_path=infos_path, model_path=path)
-    if vocab is not None and isinstance(infos.get('vocab'), dict) and infos['vocab'] != vocab:
-        raise SaticError(f'--init_from {path}: its infos {infos_path} has another vocabulary than this data: '
-                         'initialise from a checkpoint trained on the same cocotalk.json')
-
-
 def build_model(opt, device, saved=None, vocab=None):
     """The model, its weights from --start_from (saved: a misc.checkpoint.SavedRun), or (SAT, K > 1) from the
     autoregressive --init_from (checked against the infos beside it, when there is one, and this data's vocab)."""
@@ -93,8 +75,7 @@ def build_model(opt, device, saved=None, vocab=None):
         if not os.path.isfile(opt.init_from):
             raise SaticError(f"--init_from {opt.init_from}: not found. SAT (K > 1) starts from an autoregressive "
                              f"checkpoint: train the transformer baseline first (README), or pass --init_from none")
-        state = load_torch(opt.init_from, 'model')
-        check_init_from(opt.init_from, state, vocab)
+        state = load_init_from(opt.init_from, vocab)
         models.load_weights(model, state, opt.init_from)
         print(f'initialised from the autoregressive checkpoint {opt.init_from}')
     model = model.to(device)
@@ -290,7 +271,8 @@ def build_run(opt, world, signals, cleanup):
         from misc.coco_eval import check_ready
         run_on_main(lambda: check_ready(opt.ref_json), world, 'the set-up')  # Java and references: rank 0's job
     model = build_model(run_opt, world.device, saved, vocab)
-    loss_wrapper = LossWrapper(model, run_opt, teacher=build_teacher(run_opt, vocab, world.device))
+    teacher = build_teacher(run_opt, vocab, world.device)
+    loss_wrapper = LossWrapper(model, LossConfig.from_opt(run_opt), teacher=teacher)
     if self_critical_ahead(opt, saved.epoch if saved else 0):
         loss_wrapper.load_reward()  # a missing --cached_tokens fails now, not epochs into the run
     run = Run(run_opt, world, loader, model, loss_wrapper, data_parallel(loss_wrapper, run_opt, world), None,
@@ -649,10 +631,10 @@ def main(argv=None):
     128 + the signal (130 Ctrl-C, 143 SIGTERM) with one 'interrupted ...' line saying what was saved."""
     try:
         opt = parse_opt(argv)
-    except SystemExit as e:  # check_opt's one line (argparse's own errors have printed theirs and exit 2)
-        if isinstance(e.code, str):
-            print(e.code if e.code.startswith('error: ') else f'error: {e.code}', file=sys.stderr)
-            return 2
+    except SaticError as e:  # a refused option value (opts.check_opt...): one line
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    except SystemExit as e:  # argparse's own errors have printed theirs (exit 2); --help (0)
         return e.code or 0
     try:
         train(opt)

@@ -1,5 +1,16 @@
-"""The only reader and writer of checkpoints: a run on disk (load_run / CheckpointSaver), misc.fileio's atomic writes with one
-commit point per save, safe loads.
+"""The only reader and writer of checkpoints: everything a run folder holds goes through this module, with
+misc.fileio's atomic writes (one commit point per save) and safe loads.
+
+  reading:  load_infos (checked: a dict with opt and vocab) / read_infos (as it is), load_model_state, load_model,
+            load_for_eval (eval.py, eval_cocotest.py), load_init_from (train.py --init_from, checked against the
+            infos beside it: default_infos_path), load_run -> SavedRun (--start_from: infos, histories, then model,
+            optimizer, scaler and generators restored); misc/teacher.py reads the teacher through load_infos/load_model;
+  writing:  make_infos (the one place infos fields are named) + save_checkpoint / CheckpointSaver (a training run);
+            write_checkpoint_files (plain model.pth + infos files: tests' fixtures).
+Nothing else in the product calls fileio.load_pickle/load_torch/save_* on checkpoint files (tests/test_checkpoint.py
+greps for it): a new infos field is added in make_infos (and checked in load_infos, when it must be).
+Options of old (reference) infos get their model defaults where they are compared or built (resolved:
+misc.defaults.model_options); the run's and eval's own options are resolved in the entry scripts (opts.py).
 
 A training run writes, in its checkpoint folder (README, "Interrupts and resume"):
   model.pth (state_dict), optimizer.pth, infos_<id>.pkl, histories_<id>.pkl, and the -best copies,
@@ -24,6 +35,7 @@ admits only what infos/histories legitimately hold.
 """
 import argparse
 import dataclasses
+import glob
 import hashlib
 import json
 import math
@@ -38,6 +50,7 @@ import numpy as np
 import torch
 
 from misc import fileio, optim
+from misc.defaults import model_options
 from misc.errors import CheckpointError, SaticError
 from misc.fileio import load_pickle, load_torch
 
@@ -79,14 +92,13 @@ def optimizer_step(state):
 
 
 def resolved(opt):
-    """A resolved copy of an options Namespace (a run's, or an infos file's, perhaps the reference's): the options
-    it lacks at their defaults and the K rule applied (opts.fill_defaults)."""
-    from opts import fill_defaults
-    return fill_defaults(argparse.Namespace(**vars(opt)))
+    """A copy of an options Namespace (a run's, or an infos file's, perhaps the reference's) with the model options
+    it lacks at their defaults and the K rule applied (misc.defaults.model_options): what infos are compared on."""
+    return model_options(opt)
 
 
 def effective_k(opt):
-    """K of the model an opt builds ('transformer' is K = 1 whatever its K says: opts.model_k)."""
+    """K of the model an opt builds ('transformer' is K = 1 whatever its K says: misc.defaults.model_k)."""
     return resolved(opt).K
 
 
@@ -118,7 +130,7 @@ def check_infos_match(infos, state_dict_or_path=None, optimizer_state=None, voca
     if state_dict_or_path is not None and infos.get('model_fingerprint'):
         if isinstance(state_dict_or_path, (str, os.PathLike)):
             model_path = model_path or str(state_dict_or_path)
-            state_dict_or_path = load_torch(str(state_dict_or_path), 'model')
+            state_dict_or_path = load_model_state(str(state_dict_or_path), 'model')
         if state_fingerprint(state_dict_or_path) != infos['model_fingerprint']:
             raise SaticError(f"{model_path or 'the model'} is not the model {infos_path} was saved with{where}: "
                              f"use the infos file saved together with it (model-best.pth goes with "
@@ -140,6 +152,112 @@ def check_infos_match(infos, state_dict_or_path=None, optimizer_state=None, voca
             if infos.get(key) is not None and ours is not None and infos[key] != ours:
                 raise SaticError(f'{infos_path} belongs to a model with {key}={infos[key]}, not {key}={ours}')
     return infos
+
+
+# ----------------------------------------------------------------------------------------------- reading checkpoint files
+INFOS_ADVICE = 'pass the infos_<id>.pkl saved with the checkpoint'
+
+
+def load_model_state(path, what='model'):
+    """The state_dict of a model.pth (or an optimizer.pth's state), loaded safely onto the CPU; SaticError, one line
+    naming `what` and the file, when it is missing or damaged."""
+    return load_torch(path, what)
+
+
+def read_infos(path):
+    """An infos (or histories) pickle as it is, through the restricted unpickler: for readers that check what they
+    use themselves (load_run, --init_from, the run-folder rule's messages)."""
+    return load_pickle(path)
+
+
+def load_infos(path, name=None, advice=INFOS_ADVICE):
+    """An infos file, checked to be one (a dict with an opt Namespace and a vocab dict), else SaticError, one line:
+    '<name> is not an infos file (a dict with opt and vocab): <advice>' (name: the path by default)."""
+    infos = load_pickle(path)
+    if not isinstance(infos, dict) or not isinstance(infos.get('opt'), argparse.Namespace) \
+            or not isinstance(infos.get('vocab'), dict):
+        raise SaticError(f'{name or path} is not an infos file (a dict with opt and vocab): {advice}')
+    return infos
+
+
+def make_infos(opt, vocab, iteration=0, epoch=0, best_val_score=None, position=None, **fields):
+    """An infos dict as the reference named its fields: iter, epoch, the loader's position (iterators, split_ix),
+    vocab, opt (a copy), best_val_score, then fields (ours: rng_states, grad_scaler). save_checkpoint adds what
+    they belong to (describe)."""
+    return {'iter': iteration, 'epoch': epoch, **(position or {}), 'vocab': vocab,
+            'opt': argparse.Namespace(**vars(opt)), 'best_val_score': best_val_score, **fields}
+
+
+def write_checkpoint_files(folder, run_id, state_dict, infos, best=False):
+    """Plain checkpoint files, as the reference wrote them (no manifest, optimizer or histories; infos as given):
+    model.pth and infos_<run_id>.pkl, and with best the -best pair too. For tests and tools that need a checkpoint
+    folder without a training run. Returns the path of model.pth."""
+    os.makedirs(folder, exist_ok=True)
+    state = {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in state_dict.items()}
+    names = [('model.pth', f'infos_{run_id}.pkl')] + ([('model-best.pth', f'infos_{run_id}-best.pkl')] if best else [])
+    for model_name, infos_name in names:
+        fileio.save_torch(state, os.path.join(folder, model_name))
+        fileio.save_pickle(infos, os.path.join(folder, infos_name))
+    return os.path.join(folder, 'model.pth')
+
+
+def default_infos_path(model_path, flag='--teacher_model', hint='pass --teacher_infos PATH'):
+    """The infos pkl saved with a checkpoint: DIR/model-best.pth -> DIR/infos_*-best.pkl, DIR/model-<tag>.pth ->
+    DIR/infos_*-<tag>.pkl, DIR/model.pth -> DIR/infos_*.pkl (not -best, nor a history copy infos_*-<iter>.pkl that
+    has its model-<iter>.pth). Exactly one must fit, else SaticError: '<flag> <model_path>: ...; <hint>'."""
+    folder, name = os.path.split(model_path)
+    found = sorted(glob.glob(os.path.join(glob.escape(folder or '.'), 'infos_*.pkl')))
+    tagged = re.fullmatch(r'model-(.+)\.pth', name)
+    if tagged:
+        candidates = [p for p in found if p.endswith(f'-{tagged.group(1)}.pkl')]
+    elif name == 'model.pth':
+        def is_copy(path):
+            m = re.search(r'-([^-]+)\.pkl$', os.path.basename(path))
+            return bool(m) and (m.group(1) == 'best' or os.path.isfile(os.path.join(folder, f'model-{m.group(1)}.pth')))
+        candidates = [p for p in found if not is_copy(p)]
+    else:
+        raise SaticError(f"{flag} {model_path}: not a model.pth / model-best.pth, so its infos file cannot be "
+                         f"guessed; {hint}")
+    if len(candidates) != 1:
+        what = 'no infos file' if not candidates else f"{len(candidates)} infos files ({', '.join(map(os.path.basename, candidates))})"
+        raise SaticError(f"{flag} {model_path}: {what} beside it fit; {hint}")
+    return candidates[0]
+
+
+def load_init_from(path, vocab):
+    """--init_from's state_dict, checked against the infos file beside it (found as for a teacher; none or several:
+    nothing to check): for this model file and, when it records one, for this data's vocabulary (a same-size
+    vocabulary in another order would load silently)."""
+    state = load_model_state(path, 'model')
+    try:
+        infos_path = default_infos_path(path)
+    except SaticError:
+        return state
+    infos = read_infos(infos_path)
+    check_infos_match(infos, state, vocab=vocab, infos_path=infos_path, model_path=path)
+    if vocab is not None and isinstance(infos.get('vocab'), dict) and infos['vocab'] != vocab:
+        raise SaticError(f'--init_from {path}: its infos {infos_path} has another vocabulary than this data: '
+                         'initialise from a checkpoint trained on the same cocotalk.json')
+    return state
+
+
+def load_model(model_path, opt, what='model'):
+    """models.setup(opt) with the weights of model_path (safe loading, sizes checked), on the CPU."""
+    import models
+    return models.load_weights(models.setup(opt), load_model_state(model_path, what), model_path)
+
+
+def load_for_eval(model_path, infos_path, resolve):
+    """eval.py's checkpoint: (model on the CPU, options, infos). A save of model_path's folder cut between its
+    renames is completed first; infos_path must be an infos file (load_infos); resolve(infos) -> the options
+    (opts.resolve_eval_options, at the edge); the model must be the one the infos were saved with."""
+    recover_folder(os.path.dirname(model_path) or '.')  # finishes a save that a kill cut between its renames
+    infos = load_infos(infos_path)
+    opt = resolve(infos)
+    model = load_model(model_path, opt)
+    # Our infos record the model they belong to (reference infos do not, and pass).
+    check_infos_match(infos, model.state_dict(), opt=opt, infos_path=infos_path, model_path=model_path)
+    return model, opt, infos
 
 
 # ----------------------------------------------------------------------------------------------- one save, one commit
@@ -397,10 +515,6 @@ class ResumePoint:
     loader: dict  # DataLoader.state_dict(): {'iterators', 'split_ix'}
     rng: dict  # rng_state() of this rank
 
-    def infos(self):
-        """The infos fields of this point, as the reference named them."""
-        return {'iter': self.iteration, 'epoch': self.epoch, **self.loader}
-
 
 def histories_of(saved=None):
     """The four histories (iteration -> value dicts) of a saved histories pickle, empty ones where it has none."""
@@ -451,7 +565,7 @@ class SavedRun:
         saved with (when the infos record its fingerprint)."""
         import models
         path = os.path.join(self.folder, 'model.pth')
-        models.load_weights(model, load_torch(path, 'model'), path)
+        models.load_weights(model, load_model_state(path, 'model'), path)
         check_infos_match(self.infos, model.state_dict(), infos_path=self.infos_path, model_path=path)
         return model
 
@@ -463,7 +577,7 @@ class SavedRun:
             return False
         # reference quirk: the saved param_groups (betas, eps of a Noam stage 1 included) replace the new ones;
         # the lr is set again at the start of every epoch.
-        state = load_torch(path, 'optimizer')
+        state = load_model_state(path, 'optimizer')
         if 'optimizer_state_dict' in state and not isinstance(optimizer, optim.PlateauOpt):
             state = state['optimizer_state_dict']  # a --reduce_on_plateau run resumed without it
         optimizer.load_state_dict(state)
@@ -498,7 +612,7 @@ def load_run(folder, run_id, opt, vocab):
     if not os.path.isfile(saved.infos_path):
         raise SaticError(f"--start_from {folder}: no infos_{run_id}.pkl there; --id must name the run "
                          f"saved in that folder (save/copy_model.sh renames it when you copy a run)")
-    saved.infos = load_pickle(saved.infos_path)
+    saved.infos = read_infos(saved.infos_path)
     theirs_opt = resolved(saved.infos['opt'])
     for key in MUST_MATCH:
         ours, theirs = vars(resolved(opt))[key], vars(theirs_opt)[key]
@@ -510,7 +624,7 @@ def load_run(folder, run_id, opt, vocab):
                          f"resume with the cocotalk.json the checkpoint was trained with")
     check_infos_match(saved.infos, vocab=vocab, opt=opt, infos_path=saved.infos_path)
     histories_path = os.path.join(folder, f'histories_{run_id}.pkl')
-    saved.histories = load_pickle(histories_path) if os.path.isfile(histories_path) else {}
+    saved.histories = read_infos(histories_path) if os.path.isfile(histories_path) else {}
     return saved
 
 
@@ -528,8 +642,8 @@ class CheckpointSaver:
     def save(self, point, best_val_score, histories, rng_states, best=False):
         """Save the state at `point` (a ResumePoint); rng_states: every rank's generators, or None when they are
         not known. Returns the infos written."""
-        infos = {**point.infos(), 'vocab': self.vocab, 'opt': argparse.Namespace(**vars(self.opt)),
-                 'best_val_score': best_val_score, 'rng_states': rng_states}
+        infos = make_infos(self.opt, self.vocab, point.iteration, point.epoch, best_val_score, position=point.loader,
+                           rng_states=rng_states)
         if self.scaler is not None:
             infos['grad_scaler'] = dict(self.scaler.state_dict())
         history_iter = point.iteration if self.opt.save_history_ckpt else None

@@ -1,24 +1,41 @@
 """The training loss as a module around the model: XE (or label smoothing, plus word-level distillation) or
 self-critical, one call."""
-import argparse
+import dataclasses
 
 import torch
 from torch import nn
 
 from misc.losses import build_criterion, self_critical_loss
-from opts import fill_defaults
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """What the loss reads of train.py's options, at opts.py's defaults (tests/test_defaults.py checks them)."""
+    label_smoothing: float = 0
+    seq_per_img: int = 5
+    encode_per_image: int = 0
+    cached_tokens: str = 'data/coco-train-idxs'
+    cider_reward_weight: float = 1
+    bleu_reward_weight: float = 0
+    kd_weight: float = 0
+    teacher_eval_mode: int = 0
+
+    @classmethod
+    def from_opt(cls, opt):
+        """The config of an options Namespace (train.py's resolved options; a test's partial one: the defaults
+        above for what it lacks)."""
+        return cls(**{f.name: getattr(opt, f.name) for f in dataclasses.fields(cls) if hasattr(opt, f.name)})
 
 
 class LossWrapper(nn.Module):
     """forward(batch, sc_flag) -> {'loss': scalar, 'reward': mean sample reward (self-critical only),
     'kd_loss': the KL part, before its weight (XE with a teacher only)}."""
 
-    def __init__(self, model, opt, teacher=None):
-        """opt: train.py's options (label_smoothing, seq_per_img, encode_per_image, cached_tokens, the reward and
-        distillation weights; a partial Namespace, e.g. a test's, gets opts.py's defaults for the others);
+    def __init__(self, model, config, teacher=None):
+        """config: a LossConfig (train.py builds it once), or an options Namespace read by LossConfig.from_opt;
         teacher: the frozen model of --kd_weight (misc.teacher.load_teacher) or None."""
         super().__init__()
-        opt = fill_defaults(argparse.Namespace(**vars(opt)))
+        opt = config if isinstance(config, LossConfig) else LossConfig.from_opt(config)
         self.model = model
         self.crit = build_criterion(opt.label_smoothing)
         self.seq_per_img = opt.seq_per_img

@@ -156,11 +156,11 @@ def same_folder(a, b):
 
 def held_checkpoint(folder, files):
     """What the folder holds, for a message: 'run ID, iteration N' (its infos) or its files' names."""
-    from misc.fileio import load_pickle
+    from misc.checkpoint import read_infos
     ids = run_ids(folder)
     for run_id in ids:
         try:
-            iteration = load_pickle(os.path.join(folder, f'infos_{run_id}.pkl')).get('iter')
+            iteration = read_infos(os.path.join(folder, f'infos_{run_id}.pkl')).get('iter')
             return f"run '{run_id}' at iteration {iteration}"
         except (SaticError, AttributeError, OSError):
             continue

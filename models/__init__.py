@@ -1,5 +1,5 @@
-"""Captioning models: `setup(opt)` builds one, `load_weights` puts a checkpoint's weights into it (checked first),
-`load(path, opt)` does both from a model.pth.
+"""Captioning models: `setup(opt)` builds one, `load_weights` puts a checkpoint's weights into it (checked first);
+misc.checkpoint reads the files (load_model does both from a model.pth).
 
 'transformer' is the autoregressive baseline, 'sat' the semi-autoregressive SATIC model (K words per step); they
 are one class, SATModel, with K = 1 for 'transformer'.
@@ -9,17 +9,16 @@ import re
 from misc.errors import SaticError
 from models.sat import SATModel, build_model
 
-__all__ = ['SATModel', 'setup', 'load_weights', 'load']
+__all__ = ['SATModel', 'setup', 'load_weights']
 
 
 def setup(opt):
     """The captioner described by opt (caption_model, K, vocab_size, input_encoding_size, rnn_size, ...).
 
-    opt may be a reference infos' options: a copy is resolved by opts.fill_defaults (our additions at their
-    defaults, the K rule)."""
-    import argparse
-    from opts import fill_defaults
-    opt = fill_defaults(argparse.Namespace(**vars(opt)))
+    opt may be a reference infos' options, or a test's partial ones: a copy gets the model options it lacks at
+    their defaults and the K rule (misc.defaults.model_options)."""
+    from misc.defaults import model_options
+    opt = model_options(opt)
     if opt.caption_model in ('sat', 'transformer'):
         return build_model(opt)
     raise SaticError(f"unknown --caption_model {opt.caption_model!r}: SATIC provides 'sat' and 'transformer'")
@@ -75,9 +74,3 @@ def load_weights(model, state_dict, source):
                          '--caption_model/--use_bn against the infos file that came with the checkpoint')
     model.load_state_dict(state_dict, strict=True)
     return model
-
-
-def load(model_path, opt, what='model'):
-    """setup(opt) with the weights of the model.pth at model_path (safe loading, sizes checked), on the CPU."""
-    from misc.fileio import load_torch
-    return load_weights(setup(opt), load_torch(model_path, what), model_path)

@@ -294,7 +294,7 @@ class SATModel(nn.Module):
 
 
 def build_model(opt):
-    """SATModel from resolved options (opts.fill_defaults: models.setup does it)."""
+    """SATModel from resolved options (misc.defaults.model_options: models.setup does it)."""
     return SATModel(vocab_size=opt.vocab_size, K=opt.K,
                     d_model=opt.input_encoding_size, d_ff=opt.rnn_size, num_layers=opt.num_layers,
                     att_feat_size=opt.att_feat_size, drop_prob_lm=opt.drop_prob_lm, use_bn=opt.use_bn,

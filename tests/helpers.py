@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import models
-from misc.fileio import save_pickle, save_torch
+from misc.checkpoint import make_infos, write_checkpoint_files
 
 from scripts import dump_to_lmdb, make_bu_data, prepro_labels, prepro_ngrams, prepro_reference_json
 from scripts.make_demo_data import ConceptFeatures
@@ -302,10 +302,8 @@ def tiny_checkpoint(ds, folder, vocab=None, model_overrides=None, train_steps=0,
     else:
         with torch.no_grad():
             model.model.generator.proj.bias[0] = -10.0
-    paths = os.path.join(folder, 'model.pth'), os.path.join(folder, 'infos_tiny.pkl')
-    save_torch(model.state_dict(), paths[0])
-    save_pickle({'opt': opt, 'vocab': vocab or ds_vocab, 'iter': 0, 'epoch': 0, 'best_val_score': None}, paths[1])
-    return paths
+    model_path = write_checkpoint_files(folder, 'tiny', model.state_dict(), make_infos(opt, vocab or ds_vocab))
+    return model_path, os.path.join(folder, 'infos_tiny.pkl')
 
 
 def copy_dataset(ds, tmp_path):

@@ -214,3 +214,54 @@ def test_disk_full_while_writing_is_one_line_and_keeps_the_previous_save(tmp_pat
         save_checkpoint(str(tmp_path), 'run', model, optimizer, {'iter': 4}, {})
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+# ----------------------------------------------------------------------------------------------- one reader, one writer
+REPO = Path(__file__).resolve().parents[1]
+PRODUCT = ['train.py', 'eval.py', 'eval_cocotest.py', 'opts.py', 'dataloader.py'] + \
+    [str(p.relative_to(REPO)) for folder in ('misc', 'models') for p in sorted((REPO / folder).glob('*.py'))]
+
+
+def _calls(names):
+    """{file: [lines]} of the product files (misc/checkpoint.py and misc/fileio.py excepted) that call names."""
+    found = {}
+    for name in PRODUCT:
+        if name in ('misc/checkpoint.py', 'misc/fileio.py'):
+            continue
+        lines = [line for line in (REPO / name).read_text().splitlines()
+                 if any(f'{n}(' in line for n in names)]
+        if lines:
+            found[name] = lines
+    return found
+
+
+def test_only_the_checkpoint_module_loads_checkpoint_files():
+    # misc/cider_d.py reads the --cached_tokens document frequencies (not a checkpoint file) with load_pickle.
+    assert _calls(['load_pickle', 'load_torch', 'torch.load']) == {'misc/cider_d.py': [
+        line for line in (REPO / 'misc/cider_d.py').read_text().splitlines() if 'load_pickle(' in line]}
+    assert _calls(['save_pickle', 'save_torch', 'torch.save']) == {}
+
+
+def test_load_infos_refuses_what_is_not_an_infos_file_in_one_line(tmp_path):
+    from misc.checkpoint import load_infos
+    path = str(tmp_path / 'infos_x.pkl')
+    save_pickle({'opt': argparse.Namespace(K=2)}, path)  # no vocab
+    with pytest.raises(SaticError) as error:
+        load_infos(path)
+    assert str(error.value) == (f'{path} is not an infos file (a dict with opt and vocab): pass the infos_<id>.pkl '
+                                'saved with the checkpoint')
+    with pytest.raises(SaticError, match=r'^teacher infos .* as --teacher_infos$'):
+        load_infos(path, name=f'teacher infos {path}', advice='pass the infos_<id>.pkl saved with m.pth as --teacher_infos')
+
+
+def test_written_checkpoint_files_load_back(tmp_path):
+    from misc.checkpoint import load_infos, load_model_state, make_infos, write_checkpoint_files
+    opt = argparse.Namespace(caption_model='sat', K=2)
+    infos = make_infos(opt, {'1': 'a'}, iteration=7, epoch=1)
+    assert list(infos) == ['iter', 'epoch', 'vocab', 'opt', 'best_val_score'] and infos['opt'] is not opt
+    model_path = write_checkpoint_files(str(tmp_path), 'run', {'w': torch.ones(2)}, infos, best=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['infos_run-best.pkl', 'infos_run.pkl', 'model-best.pth',
+                                                          'model.pth']
+    assert torch.equal(load_model_state(model_path)['w'], torch.ones(2))
+    back = load_infos(str(tmp_path / 'infos_run-best.pkl'))
+    assert back['iter'] == 7 and back['opt'].K == 2 and back['vocab'] == {'1': 'a'}

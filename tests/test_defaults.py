@@ -1,0 +1,35 @@
+"""misc/defaults.py and the option edge: the library's defaults are opts.py's, and models/, misc/ and dataloader.py
+never import opts.py (options are resolved once, in the entry scripts)."""
+import argparse
+import dataclasses
+import re
+from pathlib import Path
+
+import opts
+from misc import defaults
+from misc.loss_wrapper import LossConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_model_and_loss_defaults_are_the_options_defaults():
+    parsed = vars(opts.parse_opt([]))
+    assert {key: parsed[key] for key in defaults.MODEL} == defaults.MODEL
+    config = LossConfig()
+    assert {f.name: getattr(config, f.name) for f in dataclasses.fields(LossConfig)} == \
+        {f.name: parsed[f.name] for f in dataclasses.fields(LossConfig)}
+
+
+def test_model_options_fill_a_partial_namespace_as_fill_defaults():
+    partial = argparse.Namespace(caption_model='transformer', K=6, rnn_size=8)
+    filled = defaults.model_options(partial)
+    full = opts.fill_defaults(argparse.Namespace(**vars(partial)))
+    assert all(getattr(filled, key) == getattr(full, key) for key in defaults.MODEL)
+    assert filled.K == 1 and filled.rnn_size == 8 and not hasattr(partial, 'num_layers')  # a copy
+
+
+def test_the_library_does_not_import_opts():
+    files = [REPO / 'dataloader.py'] + sorted((REPO / 'misc').glob('*.py')) + sorted((REPO / 'models').glob('*.py'))
+    importing = [str(p.relative_to(REPO)) for p in files
+                 if re.search(r'^\s*(import opts\b|from opts import)', p.read_text(), re.M)]
+    assert importing == []
