@@ -1,13 +1,17 @@
-"""Shared fixtures: one torch thread for every test, and `tiny_dataset` (tests/helpers.py), one per test session."""
+"""Shared fixtures: one torch thread for every test, `tiny_dataset` (tests/helpers.py), one per test session, and
+`cached_tokens` (document frequencies for the CIDEr-D reward)."""
 import argparse
+import pickle
 import signal
 
 import pytest
 import torch
 
 from misc import coco_eval
+from misc.cider_d import ngram_counts
+from misc.rewards import ids_to_str
 
-from tests.helpers import make_tiny_dataset, share_one_meteor
+from tests.helpers import REWARD_GTS, label_rows, make_tiny_dataset, share_one_meteor
 
 
 def pytest_collection_modifyitems(config, items):
@@ -58,3 +62,17 @@ def one_meteor_process(monkeypatch):
     yield started
     if started:
         real_close(argparse.Namespace(scorer=started[0]))
+
+
+@pytest.fixture
+def cached_tokens(tmp_path):
+    """Train document frequencies in prepro_ngrams' format, from a few made-up images."""
+    train = REWARD_GTS + [label_rows([[1, 5, 9], [2, 3, 14]]), label_rows([[4, 4, 4, 1], [7, 8]])]
+    df = {}
+    for rows in train:
+        for g in set(g for row in rows for g in ngram_counts(ids_to_str(row, end_token_always=True))):
+            df[g] = df.get(g, 0.0) + 1.0
+    path = tmp_path / 'train-idxs.p'
+    with open(path, 'wb') as f:
+        pickle.dump({'document_frequency': df, 'ref_len': len(train)}, f, protocol=2)
+    return str(tmp_path / 'train-idxs')

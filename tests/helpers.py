@@ -341,14 +341,14 @@ def working_dir(path):
         os.chdir(old)
 
 
-def run_main(argv, cwd, main=None):
-    """train.main(argv) (or another entry point's main: eval.main, a script's main) in cwd -> (return code, stdout,
-    stderr)."""
+def run_main(argv, cwd=None, main=None):
+    """train.main(argv) (or another entry point's main: eval.main, a script's main) in cwd (None: here) -> (return
+    code, stdout, stderr). The one way tests run an entry point in-process."""
     if main is None:
         import train
         main = train.main
     out, err = io.StringIO(), io.StringIO()
-    with working_dir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with working_dir(cwd or os.getcwd()), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = main([str(a) for a in argv])
     return rc, out.getvalue(), err.getvalue()
 
@@ -363,3 +363,17 @@ def assert_one_line_error(result, *fragments):
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
     return lines[0]
+
+
+def assert_option_refused(argv, *fragments):
+    """opts.parse_opt(argv) refuses in one line (train.main prints 'error: <text>' and exits 2) holding every
+    fragment; returns the line."""
+    import opts
+    from misc.errors import SaticError
+    with pytest.raises(SaticError) as error:
+        opts.parse_opt(argv)
+    text = f'error: {error.value}'
+    assert '\n' not in text, text
+    for fragment in fragments:
+        assert fragment in text, text
+    return text

@@ -80,7 +80,7 @@ def test_the_kernel_found_agrees_with_the_cpu_flags():
     elif 'avx2' in flags and not flags & {'avx_vnni', 'avx512_vnni'}:
         assert int8_kernel_saturates() and int8_weight_bits() == 7 and '7-bit weights' in int8_kernel()
     else:
-        pytest.skip(f'a CPU with neither avx512_vnni nor plain avx2')
+        pytest.skip('a CPU with neither avx512_vnni nor plain avx2')
 
 
 def test_int8_linear_is_no_worse_than_torch_ao():

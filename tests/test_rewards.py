@@ -1,31 +1,18 @@
 """misc/rewards.py: CIDEr-D rewards on token ids, the leave-one-out baseline and the self-critical loss."""
-import pickle
+import argparse
+import contextlib
+import io
 
 import numpy as np
 import pytest
 import torch
 
-from misc.cider_d import CiderD, ngram_counts
+from misc.cider_d import CiderD
 from misc.errors import SaticError
+from misc.loss_wrapper import LossWrapper
 from misc.losses import self_critical_loss
 from misc.rewards import SelfCriticalReward, ids_to_str
-from tests.helpers import REWARD_GTS as GTS, label_rows
-
-
-
-
-@pytest.fixture
-def cached_tokens(tmp_path):
-    """Train document frequencies in prepro_ngrams' format, from a few made-up images."""
-    train = GTS + [label_rows([[1, 5, 9], [2, 3, 14]]), label_rows([[4, 4, 4, 1], [7, 8]])]
-    df = {}
-    for rows in train:
-        for g in set(g for row in rows for g in ngram_counts(ids_to_str(row, end_token_always=True))):
-            df[g] = df.get(g, 0.0) + 1.0
-    path = tmp_path / 'train-idxs.p'
-    with open(path, 'wb') as f:
-        pickle.dump({'document_frequency': df, 'ref_len': len(train)}, f, protocol=2)
-    return str(tmp_path / 'train-idxs')
+from tests.helpers import REWARD_GTS as GTS
 
 
 def test_ids_to_str():
@@ -94,3 +81,51 @@ def test_self_critical_loss_by_hand():
     assert loss.item() == pytest.approx(-1.2)
     loss.backward()
     np.testing.assert_allclose(logp.grad.numpy(), [[-0.2, -0.2, 0.0], [0.4, 0.4, 0.4]], rtol=1e-6)
+
+
+# ---- the BLEU-4 part of the reward (--bleu_reward_weight) -------------------------------------------------------
+SEQS = torch.tensor([[1, 2, 3, 4, 0, 0], [1, 2, 5, 0, 0, 0], [6, 2, 3, 4, 9, 0],
+                     [8, 9, 10, 0, 0, 0], [8, 11, 10, 12, 0, 0], [13, 0, 0, 0, 0, 0]])
+
+
+def pycocoevalcap_bleu4(hyps, refs):
+    """pycocoevalcap's Bleu(4) per-sentence BLEU-4, called directly as the reference's get_scores did."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    with contextlib.redirect_stdout(io.StringIO()):
+        _, scores = Bleu(4).compute_score({i: r for i, r in enumerate(refs)}, {i: [h] for i, h in enumerate(hyps)})
+    return np.array(scores[3])
+
+
+def leave_one_out(rewards, S):
+    per_image = rewards.reshape(-1, S)
+    return (per_image - (per_image.sum(1, keepdims=True) - per_image) / (S - 1)).reshape(-1)
+
+
+def test_bleu_weighted_reward_is_cider_plus_pycocoevalcap_bleu4(cached_tokens, capsys):
+    hyps = [ids_to_str(row) for row in SEQS.numpy()]
+    refs = [[ids_to_str(row) for row in GTS[i // 3]] for i in range(6)]
+    bleu = pycocoevalcap_bleu4(hyps, refs)
+    cider = CiderD.from_cached_tokens(cached_tokens).score(hyps, refs)
+    assert bleu[0] == pytest.approx(1.0) and 0.05 < bleu[2] < 0.9 and bleu[5] < 1e-3  # a BLEU that can tell
+    capsys.readouterr()
+    advantage, rewards = SelfCriticalReward(cached_tokens, cider_weight=0.7, bleu_weight=0.3)(SEQS, GTS, 3)
+    assert capsys.readouterr().out == ''  # pycocoevalcap's {'testlen': ..} and ratio lines are silenced
+    np.testing.assert_allclose(rewards, 0.7 * cider + 0.3 * bleu, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(advantage, leave_one_out(0.7 * cider + 0.3 * bleu, 3), rtol=0, atol=1e-6)
+    # BLEU alone (CIDEr-D weight 0: not computed, as the reference)
+    _, rewards = SelfCriticalReward(cached_tokens, cider_weight=0, bleu_weight=2.0)(SEQS, GTS, 3)
+    np.testing.assert_allclose(rewards, 2.0 * bleu, rtol=0, atol=1e-12)
+
+
+def test_bleu_is_not_computed_at_weight_0(cached_tokens, monkeypatch):
+    import misc.rewards
+    monkeypatch.setattr(misc.rewards, 'bleu_scores', lambda *a: pytest.fail('BLEU computed at weight 0'))
+    _, rewards = SelfCriticalReward(cached_tokens, cider_weight=1.0, bleu_weight=0)(SEQS, GTS, 3)
+    assert rewards.max() > 0
+
+
+def test_loss_wrapper_passes_the_bleu_weight(cached_tokens):
+    opt = argparse.Namespace(label_smoothing=0, seq_per_img=3, cached_tokens=cached_tokens, cider_reward_weight=0.5,
+                             bleu_reward_weight=1.5)
+    reward = LossWrapper(torch.nn.Linear(1, 1), opt).load_reward()
+    assert (reward.cider_weight, reward.bleu_weight) == (0.5, 1.5)

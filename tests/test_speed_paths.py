@@ -7,7 +7,6 @@ Tiny random models on CPU, one thread. The --compile test runs only with SATIC_T
 about a minute on 2 cores); it is skipped when torch.compile cannot run here.
 """
 import argparse
-import copy
 import os
 
 import pytest

@@ -8,10 +8,8 @@ content word, scripts/make_demo_data.ConceptFeatures). Val CIDEr-D is computed h
 same maths as pycocoevalcap; the self-critical run also scores with --language_eval 1 when Java is there.
 """
 import argparse
-import contextlib
 import dataclasses
 import glob
-import io
 import json
 import os
 import pickle
@@ -39,7 +37,7 @@ from misc.optim import noam_rate
 from models.decode_config import DecodeConfig
 from scripts import make_bu_data, prepro_labels, prepro_labels_seqKD, prepro_ngrams, prepro_reference_json
 from scripts.make_demo_data import ConceptFeatures
-from tests.helpers import assert_one_line_error, needs_shared, shared_path, working_dir
+from tests.helpers import assert_one_line_error, needs_shared, run_main, shared_path, working_dir
 
 REPO = Path(__file__).resolve().parents[1]
 CONFORMANCE = Path(shared_path('conformance'))
@@ -114,18 +112,10 @@ def make_scene_dataset(root, n_train=200, n_val=40, n_test=10, feat_dim=32, seed
                                                                 '--output_json', p('refs.json')]))
     return Scene(root, refs)
 
-
 @pytest.fixture(scope='module')
 def scene(tmp_path_factory):
     return make_scene_dataset(str(tmp_path_factory.mktemp('scene')))
 
-
-def run_main(main, argv):
-    """main(argv) -> (return code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(argv)
-    return rc, out.getvalue(), err.getvalue()
 
 
 def val_cider(scene, opt, model):
@@ -156,7 +146,7 @@ def stage1(scene, tmp_path_factory):
     work = tmp_path_factory.mktemp('stage1')
     folder = str(work / 'scene-xe')
     with working_dir(work):
-        rc, out, err = run_main(train.main, scene.args(folder, 'scene-xe', '--noamopt', '--noamopt_warmup', '50',
+        rc, out, err = run_main(scene.args(folder, 'scene-xe', '--noamopt', '--noamopt_warmup', '50',
                                                        '--max_iters', str(STAGE1_ITERS),
                                                        '--save_checkpoint_every', '100'))
     assert rc == 0, err
@@ -184,10 +174,10 @@ def test_stage1_learns_then_self_critical_raises_val_cider(scene, stage1, tmp_pa
     stage2 = ['--learning_rate', '5e-4', '--max_iters', str(STAGE1_ITERS + 60), '--save_checkpoint_every', '1000',
               '--losses_log_every', '5']
     with working_dir(tmp_path):
-        rc, out, err = run_main(train.main, scene.args(nsc, 'nsc-scene', *stage2, '--self_critical_after', '15',
+        rc, out, err = run_main(scene.args(nsc, 'nsc-scene', *stage2, '--self_critical_after', '15',
                                                        '--language_eval', language_eval, '--start_from', nsc))
         assert rc == 0, err
-        rc, _, err = run_main(train.main, scene.args(xe_more, 'xe-more', *stage2, '--start_from', xe_more))
+        rc, _, err = run_main(scene.args(xe_more, 'xe-more', *stage2, '--start_from', xe_more))
         assert rc == 0, err
     stage2_cider, stage2_captions = checkpoint_cider(scene, nsc, 'nsc-scene')
     xe_more_cider, _ = checkpoint_cider(scene, xe_more, 'xe-more')
@@ -256,10 +246,10 @@ def test_noam_lr_logs_histories_infos(stage1):
 def test_train_checkpoint_loads_in_eval(scene, stage1, tmp_path):
     folder, run_id, _ = stage1
     with working_dir(tmp_path):
-        rc, out, err = run_main(eval_script.main, [
+        rc, out, err = run_main([
             '--model', os.path.join(folder, 'model-best.pth'),
             '--infos_path', os.path.join(folder, f'infos_{run_id}-best.pkl'),
-            '--language_eval', '0', '--split', 'test', '--batch_size', '4', '--id', 'from-train'])
+            '--language_eval', '0', '--split', 'test', '--batch_size', '4', '--id', 'from-train'], main=eval_script.main)
         assert rc == 0, err
         with open('vis/from-train.json') as f:
             captions = json.load(f)
@@ -296,13 +286,13 @@ def test_kill_9_then_start_from_continues_exactly(scene, tmp_path):
     assert n % 20 == 0 and position == n * 10 % 200
 
     with working_dir(tmp_path):
-        rc, out, err = run_main(train.main, scene.args(killed, 'run', '--max_iters', str(n + 15),
+        rc, out, err = run_main(scene.args(killed, 'run', '--max_iters', str(n + 15),
                                                        '--save_checkpoint_every', '20', '--start_from', killed))
         assert rc == 0, err
         assert (f"resuming {killed} at iteration {n} (epoch {infos['epoch']}), train position {position}, "
                 f"best score {infos['best_val_score']}") in out
         uninterrupted = str(tmp_path / 'uninterrupted')
-        rc, _, err = run_main(train.main, scene.args(uninterrupted, 'run', '--max_iters', str(n + 15),
+        rc, _, err = run_main(scene.args(uninterrupted, 'run', '--max_iters', str(n + 15),
                                                      '--save_checkpoint_every', '20'))
         assert rc == 0, err
     resumed, reference = (load_pickle(os.path.join(f, 'infos_run.pkl')) for f in (killed, uninterrupted))
@@ -388,7 +378,7 @@ def test_kill_during_save_keeps_one_consistent_checkpoint(scene, tmp_path, mode)
         resumed_at = 20
 
     with working_dir(tmp_path):
-        rc, out, err = run_main(train.main, scene.args(folder, 'run', '--max_iters', '25',
+        rc, out, err = run_main(scene.args(folder, 'run', '--max_iters', '25',
                                                        '--save_checkpoint_every', '10', '--start_from', folder))
     assert rc == 0, err
     assert f'at iteration {resumed_at} (epoch ' in out
@@ -412,7 +402,7 @@ def test_interrupt_saves_the_last_complete_iteration(scene, tmp_path, monkeypatc
 
     monkeypatch.setattr(train, 'train_step', interrupted_step)
     with working_dir(tmp_path):
-        rc, _, err = run_main(train.main, scene.args(folder, 'run', '--max_iters', '100',
+        rc, _, err = run_main(scene.args(folder, 'run', '--max_iters', '100',
                                                      '--save_checkpoint_every', '50'))
     assert rc == 130 and 'Traceback' not in err
     assert err.strip().splitlines() == [f'interrupted by SIGINT: the state after iteration 12 is saved in {folder}; '
@@ -459,10 +449,10 @@ def test_reference_checkpoint_resumes_xe_and_self_critical(tmp_path):
               '--id', 'sat-2']
     start = reference['iter']
     with working_dir(tmp_path):
-        rc, out, err = run_main(train.main, common + ['--max_iters', str(start + 3)])
+        rc, out, err = run_main(common + ['--max_iters', str(start + 3)])
         assert rc == 0, err
         assert f'resuming {run} at iteration {start}' in out and f'iter {start + 3} ' in out
-        rc, out, err = run_main(train.main, common + ['--max_iters', str(start + 6), '--self_critical_after', '0'])
+        rc, out, err = run_main(common + ['--max_iters', str(start + 6), '--self_critical_after', '0'])
         assert rc == 0, err
     assert 'reward' in out and f'iter {start + 6} ' in out
     infos = load_pickle(str(run / 'infos_sat-2.pkl'))
@@ -472,7 +462,7 @@ def test_reference_checkpoint_resumes_xe_and_self_critical(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- bad input
 def test_missing_cached_tokens_says_which_command_builds_them(scene, tmp_path):
-    result = run_main(train.main, scene.args(tmp_path / 'ck', 'run', '--self_critical_after', '0',
+    result = run_main(scene.args(tmp_path / 'ck', 'run', '--self_critical_after', '0',
                                              '--cached_tokens', str(tmp_path / 'nowhere' / 'coco-train-idxs')))
     assert_one_line_error(result, 'nowhere/coco-train-idxs', 'python scripts/prepro_ngrams.py')
     assert not os.path.exists(tmp_path / 'ck' / 'model.pth')  # it failed before training, not epochs later
@@ -487,7 +477,7 @@ def test_label_h5_of_other_images_is_refused(scene, tmp_path):
     prepro_labels.run(prepro_labels.parse_args(['--input_json', str(tmp_path / 'fewer.json'), '--output_json',
                                                 str(tmp_path / 'fewer_talk.json'), '--output_h5',
                                                 str(tmp_path / 'fewer'), '--word_count_threshold', '0']))
-    result = run_main(train.main, scene.args(tmp_path / 'ck', 'run',
+    result = run_main(scene.args(tmp_path / 'ck', 'run',
                                              label_h5=str(tmp_path / 'fewer_label.h5')))
     assert_one_line_error(result, 'fewer_label.h5', 'has 249 images', 'has 250')
 
@@ -505,7 +495,7 @@ def test_seq_kd_h5_of_another_vocabulary_is_refused(scene, tmp_path):
     prepro_labels_seqKD.run(prepro_labels_seqKD.parse_args([
         '--input_json', scene.path('dataset_coco.json'), '--dict_json', str(tmp_path / 'other_vocab.json'),
         '--teacher_json', str(tmp_path / 'teacher.json'), '--output_h5', str(tmp_path / 'kd')]))
-    result = run_main(train.main, scene.args(tmp_path / 'ck', 'run', label_h5=str(tmp_path / 'kd_label.h5')))
+    result = run_main(scene.args(tmp_path / 'ck', 'run', label_h5=str(tmp_path / 'kd_label.h5')))
     assert_one_line_error(result, 'kd_label.h5', 'another vocabulary')
 
 
@@ -513,16 +503,16 @@ def test_start_from_with_another_k_is_refused(scene, tmp_path):
     folder = str(tmp_path / 'sat')
     sat = ['--caption_model', 'sat', '--init_from', 'none', '--save_checkpoint_every', '1000']
     with working_dir(tmp_path):
-        rc, _, err = run_main(train.main, scene.args(folder, 'run', *sat, '--K', '2', '--max_iters', '2'))
+        rc, _, err = run_main(scene.args(folder, 'run', *sat, '--K', '2', '--max_iters', '2'))
         assert rc == 0, err
-        result = run_main(train.main, scene.args(folder, 'run', *sat, '--K', '4', '--max_iters', '4',
+        result = run_main(scene.args(folder, 'run', *sat, '--K', '4', '--max_iters', '4',
                                                  '--start_from', folder))
     assert_one_line_error(result, '--K 4', 'K=2', folder)
 
 
 def test_sat_without_its_autoregressive_checkpoint_names_init_from_none(scene, tmp_path):
     missing = str(tmp_path / 'save' / 'nsc-transformer-baseline' / 'model-best.pth')
-    result = run_main(train.main, scene.args(tmp_path / 'ck', 'run', '--caption_model', 'sat', '--K', '2',
+    result = run_main(scene.args(tmp_path / 'ck', 'run', '--caption_model', 'sat', '--K', '2',
                                              '--init_from', missing))
     assert_one_line_error(result, f'--init_from {missing}: not found', '--init_from none')
 
@@ -530,7 +520,7 @@ def test_sat_without_its_autoregressive_checkpoint_names_init_from_none(scene, t
 def test_feature_size_mismatch_is_one_line(scene, tmp_path):
     args = scene.args(tmp_path / 'ck', 'run')
     args[args.index('--att_feat_size') + 1] = '2048'
-    assert_one_line_error(run_main(train.main, args), '--att_feat_size says 2048', 'or --att_feat_size 32')
+    assert_one_line_error(run_main(args), '--att_feat_size says 2048', 'or --att_feat_size 32')
 
 
 # ----------------------------------------------------------------------------------------------- optimiser state
@@ -541,7 +531,7 @@ def test_noam_resumed_without_optimizer_state_continues_its_schedule(scene, stag
     shutil.copytree(folder, copy)
     os.remove(os.path.join(copy, 'optimizer.pth'))
     with working_dir(tmp_path):
-        rc, _, err = run_main(train.main, scene.args(copy, run_id, '--noamopt', '--noamopt_warmup', '50',
+        rc, _, err = run_main(scene.args(copy, run_id, '--noamopt', '--noamopt_warmup', '50',
                                                      '--max_iters', str(STAGE1_ITERS + 25), '--start_from', copy))
     assert rc == 0, err
     lr = load_pickle(os.path.join(copy, f'histories_{run_id}.pkl'))['lr_history'][STAGE1_ITERS + 25]
@@ -584,7 +574,7 @@ def test_transformer_infos_with_any_k_resume_as_k1(scene, stage1, tmp_path):
     infos['opt'].K = 6
     save_pickle(infos, os.path.join(copy, f'infos_{run_id}.pkl'))
     with working_dir(tmp_path):
-        rc, _, err = run_main(train.main, scene.args(copy, run_id, '--max_iters', str(STAGE1_ITERS + 2),
+        rc, _, err = run_main(scene.args(copy, run_id, '--max_iters', str(STAGE1_ITERS + 2),
                                                      '--start_from', copy))
     assert rc == 0, err
 
@@ -598,4 +588,4 @@ def test_data_without_val_images_is_refused_before_training(scene, tmp_path):
         json.dump(cocotalk, f)
     args = scene.args(tmp_path / 'ck', 'run')
     args[args.index('--input_json') + 1] = str(tmp_path / 'no_val.json')
-    assert_one_line_error(run_main(train.main, args), 'no_val.json has no val images')
+    assert_one_line_error(run_main(args), 'no_val.json has no val images')

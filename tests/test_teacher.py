@@ -1,99 +1,23 @@
-"""Issue 9, training half: the BLEU-4 part of the self-critical reward, word-level distillation from a teacher
-checkpoint (--kd_weight, --teacher_model), and the reference's training/model options (accepted and inert, or refused
-with one line)."""
+"""misc/teacher.py and word-level distillation (--kd_weight, --teacher_model): the KL term against a teacher
+checkpoint, the teacher's mode, its refusals, and train.py with a teacher end to end."""
 import argparse
-import contextlib
-import csv
-import io
 import json
 import os
-import pickle
-import re
-import shlex
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 import models
 import opts
-import train
-from misc.fileio import load_pickle, load_torch, save_pickle
 from misc.checkpoint import make_infos, write_checkpoint_files
-from misc.cider_d import CiderD, ngram_counts
 from misc.errors import SaticError
+from misc.fileio import load_pickle, load_torch, save_pickle
 from misc.loss_wrapper import LossWrapper
 from misc.losses import LanguageModelCriterion
-from misc.rewards import SelfCriticalReward, ids_to_str
 from misc.teacher import default_infos_path, load_teacher
-from tests.helpers import REWARD_GTS as GTS, label_rows, needs_shared, shared_path
-
-REPO = Path(__file__).resolve().parents[1]
-REFERENCE_OPTIONS = Path(shared_path('conformance', 'reference_options.tsv'))
+from tests.helpers import REWARD_GTS as GTS, assert_option_refused, run_main, targs
 
 
-# ----------------------------------------------------------------------------------------------- BLEU reward
-SEQS = torch.tensor([[1, 2, 3, 4, 0, 0], [1, 2, 5, 0, 0, 0], [6, 2, 3, 4, 9, 0],
-                     [8, 9, 10, 0, 0, 0], [8, 11, 10, 12, 0, 0], [13, 0, 0, 0, 0, 0]])
-
-
-@pytest.fixture
-def cached_tokens(tmp_path):
-    train_rows = GTS + [label_rows([[1, 5, 9], [2, 3, 14]]), label_rows([[4, 4, 4, 1], [7, 8]])]
-    df = {}
-    for rows in train_rows:
-        for g in set(g for row in rows for g in ngram_counts(ids_to_str(row, end_token_always=True))):
-            df[g] = df.get(g, 0.0) + 1.0
-    with open(tmp_path / 'train-idxs.p', 'wb') as f:
-        pickle.dump({'document_frequency': df, 'ref_len': len(train_rows)}, f, protocol=2)
-    return str(tmp_path / 'train-idxs')
-
-
-def pycocoevalcap_bleu4(hyps, refs):
-    """pycocoevalcap's Bleu(4) per-sentence BLEU-4, called directly as the reference's get_scores did."""
-    from pycocoevalcap.bleu.bleu import Bleu
-    with contextlib.redirect_stdout(io.StringIO()):
-        _, scores = Bleu(4).compute_score({i: r for i, r in enumerate(refs)}, {i: [h] for i, h in enumerate(hyps)})
-    return np.array(scores[3])
-
-
-def leave_one_out(rewards, S):
-    per_image = rewards.reshape(-1, S)
-    return (per_image - (per_image.sum(1, keepdims=True) - per_image) / (S - 1)).reshape(-1)
-
-
-def test_bleu_weighted_reward_is_cider_plus_pycocoevalcap_bleu4(cached_tokens, capsys):
-    hyps = [ids_to_str(row) for row in SEQS.numpy()]
-    refs = [[ids_to_str(row) for row in GTS[i // 3]] for i in range(6)]
-    bleu = pycocoevalcap_bleu4(hyps, refs)
-    cider = CiderD.from_cached_tokens(cached_tokens).score(hyps, refs)
-    assert bleu[0] == pytest.approx(1.0) and 0.05 < bleu[2] < 0.9 and bleu[5] < 1e-3  # a BLEU that can tell
-    capsys.readouterr()
-    advantage, rewards = SelfCriticalReward(cached_tokens, cider_weight=0.7, bleu_weight=0.3)(SEQS, GTS, 3)
-    assert capsys.readouterr().out == ''  # pycocoevalcap's {'testlen': ..} and ratio lines are silenced
-    np.testing.assert_allclose(rewards, 0.7 * cider + 0.3 * bleu, rtol=0, atol=1e-12)
-    np.testing.assert_allclose(advantage, leave_one_out(0.7 * cider + 0.3 * bleu, 3), rtol=0, atol=1e-6)
-    # BLEU alone (CIDEr-D weight 0: not computed, as the reference)
-    _, rewards = SelfCriticalReward(cached_tokens, cider_weight=0, bleu_weight=2.0)(SEQS, GTS, 3)
-    np.testing.assert_allclose(rewards, 2.0 * bleu, rtol=0, atol=1e-12)
-
-
-def test_bleu_is_not_computed_at_weight_0(cached_tokens, monkeypatch):
-    import misc.rewards
-    monkeypatch.setattr(misc.rewards, 'bleu_scores', lambda *a: pytest.fail('BLEU computed at weight 0'))
-    _, rewards = SelfCriticalReward(cached_tokens, cider_weight=1.0, bleu_weight=0)(SEQS, GTS, 3)
-    assert rewards.max() > 0
-
-
-def test_loss_wrapper_passes_the_bleu_weight(cached_tokens):
-    opt = argparse.Namespace(label_smoothing=0, seq_per_img=3, cached_tokens=cached_tokens, cider_reward_weight=0.5,
-                             bleu_reward_weight=1.5)
-    reward = LossWrapper(torch.nn.Linear(1, 1), opt).load_reward()
-    assert (reward.cider_weight, reward.bleu_weight) == (0.5, 1.5)
-
-
-# ----------------------------------------------------------------------------------------------- distillation
 VOCAB = {str(i): f'w{i}' for i in range(1, 21)}  # 20 words, V = 21
 FEAT = 12
 
@@ -266,44 +190,24 @@ def test_show_tell_teacher_is_refused(tmp_path):
     assert load_teacher(kd_opt(path, teacher_caption_model='transformer'), VOCAB).K == 1
 
 
-def refused(argv, *fragments):
-    with pytest.raises(SaticError) as error:  # train.main prints 'error: <text>' and exits 2
-        opts.parse_opt(argv)
-    text = f'error: {error.value}'
-    assert '\n' not in text, text
-    for fragment in fragments:
-        assert fragment in text, text
-    return text
-
 
 def test_kd_without_teacher_model_is_refused():
-    refused(['--kd_weight', '0.5'], '--teacher_model', 'show_tell', 'does not exist in this project')
-    refused(['--kd_weight', '0.5', '--teacher_caption_model', 'topdown', '--teacher_model', 'x.pth'], 'topdown')
-    refused(['--kd_weight', '-1'], '--kd_weight')
-    refused(['--teacher_model', 'x.pth'], '--teacher_model', '--kd_weight > 0')
-    refused(['--teacher_eval_mode', '1'], '--teacher_eval_mode', '--kd_weight > 0')
-    refused(['--kd_weight', '1', '--teacher_model', 'x.pth', '--teacher_eval_mode', '2'], '--teacher_eval_mode')
+    assert_option_refused(['--kd_weight', '0.5'], '--teacher_model', 'show_tell', 'does not exist in this project')
+    assert_option_refused(['--kd_weight', '0.5', '--teacher_caption_model', 'topdown', '--teacher_model', 'x.pth'], 'topdown')
+    assert_option_refused(['--kd_weight', '-1'], '--kd_weight')
+    assert_option_refused(['--teacher_model', 'x.pth'], '--teacher_model', '--kd_weight > 0')
+    assert_option_refused(['--teacher_eval_mode', '1'], '--teacher_eval_mode', '--kd_weight > 0')
+    assert_option_refused(['--kd_weight', '1', '--teacher_model', 'x.pth', '--teacher_eval_mode', '2'], '--teacher_eval_mode')
     opt = opts.parse_opt(['--kd_weight', '0.5', '--teacher_model', 'x.pth', '--teacher_eval_mode', '1'])
     assert (opt.kd_weight, opt.teacher_model, opt.teacher_eval_mode) == (0.5, 'x.pth', 1)
     assert opts.parse_opt(['--teacher_caption_model', 'topdown']).kd_weight == 0  # inert without --kd_weight
 
 
-# ----------------------------------------------------------------------------------------------- train.py
-def run_main(argv):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = train.main(argv)
-    return rc, out.getvalue(), err.getvalue()
 
-
-def tiny_train_args(ds, folder, run_id, *extra):
-    return ['--input_json', ds.input_json, '--input_label_h5', ds.label_h5, '--input_fc_dir', ds.fc_dir,
-            '--input_att_dir', ds.att_dir, '--cached_tokens', ds.cached_tokens, '--ref_json', ds.ref_json,
-            '--att_feat_size', str(ds.feat_dim), '--caption_model', 'sat', '--K', '2', '--init_from', 'none',
-            '--num_layers', '1', '--input_encoding_size', '16', '--rnn_size', '24', '--batch_size', '2',
-            '--seq_per_img', '5', '--language_eval', '0', '--num_workers', '0', '--device', 'cpu',
-            '--max_epochs', '-1', '--max_iters', '3', '--save_checkpoint_every', '1000', '--losses_log_every', '1',
-            '--checkpoint_path', str(folder), '--id', run_id, *extra]
+def kd_train_args(ds, folder, run_id, *extra):
+    """3 iterations of a tiny SAT K=2 student."""
+    return targs(ds, folder, '--caption_model', 'sat', '--K', '2', '--init_from', 'none', '--rnn_size', '24',
+                 '--max_iters', '3', '--save_checkpoint_every', '1000', *extra, run_id=run_id)
 
 
 def test_train_with_kd_end_to_end(tiny_dataset, tmp_path, monkeypatch):
@@ -317,7 +221,7 @@ def test_train_with_kd_end_to_end(tiny_dataset, tmp_path, monkeypatch):
     for name, extra in (('kd', ['--kd_weight', '0.5', '--teacher_model', best]),
                         ('kd-eval', ['--kd_weight', '0.5', '--teacher_model', teacher, '--teacher_eval_mode', '1']),
                         ('xe', [])):
-        rc, out, err = run_main(tiny_train_args(tiny_dataset, tmp_path / name, name, *extra))
+        rc, out, err = run_main(kd_train_args(tiny_dataset, tmp_path / name, name, *extra))
         assert rc == 0, err
         runs[name] = load_torch(str(tmp_path / name / 'model.pth'))
         if name != 'xe':
@@ -335,71 +239,8 @@ def test_train_with_kd_end_to_end(tiny_dataset, tmp_path, monkeypatch):
     # a teacher of another vocabulary: one line naming it, before training
     other = save_run(str(tmp_path / 'other'), 'other', vocab=dict(vocab, **{'1': 'zebra'}),
                      att_feat_size=tiny_dataset.feat_dim)
-    rc, _, err = run_main(tiny_train_args(tiny_dataset, tmp_path / 'bad', 'bad', '--kd_weight', '1',
+    rc, _, err = run_main(kd_train_args(tiny_dataset, tmp_path / 'bad', 'bad', '--kd_weight', '1',
                                           '--teacher_model', other))
     lines = [line for line in err.splitlines() if line.startswith('error: ')]
     assert rc == 2 and len(lines) == 1 and other in lines[0] and 'vocabulary' in lines[0], err
     assert not os.path.exists(tmp_path / 'bad' / 'model.pth')
-
-
-# ----------------------------------------------------------------------------------------------- options
-def reference_options():
-    with open(REFERENCE_OPTIONS) as f:
-        rows = [line for line in f if not line.startswith('#')]
-    return list(csv.DictReader(rows, delimiter='\t'))
-
-
-@needs_shared('conformance', 'reference_options.tsv')
-def test_every_reference_option_exists_with_its_default():
-    defaults = vars(opts.parse_opt([]))
-    for row in reference_options():
-        name = row['option'].lstrip('-')
-        assert name in defaults, name
-        default = row['default']
-        if row['type'] in ('str',) and default != 'None':
-            assert defaults[name] == default.strip("'"), name
-        elif row['type'] in ('int', 'float'):
-            assert defaults[name] == float(default), name
-
-
-def test_refused_reference_options_say_why_in_one_line():
-    refused(['--use_box', '1'], '--use_box 1', 'box')
-    with pytest.raises(SaticError) as error:  # also for a checkpoint's infos (eval.py)
-        opts.check_opt(argparse.Namespace(**dict(vars(opts.parse_opt([])), use_box=1)))
-    assert '\n' not in str(error.value)
-
-
-def test_inert_reference_options_are_accepted_and_change_nothing():
-    argv = ['--rnn_type', 'gru', '--att_hid_size', '7', '--logit_layers', '3', '--fc_feat_size', '5',
-            '--norm_box_feat', '1', '--input_box_dir', 'nowhere', '--scheduled_sampling_start', '0',
-            '--scheduled_sampling_increase_every', '1', '--scheduled_sampling_increase_prob', '0.5',
-            '--scheduled_sampling_max_prob', '0.9', '--nsc', '0', '--teacher_caption_model', 'topdown',
-            '--noamopt', '--learning_rate_decay_start', '0', '--optim', 'sgd', '--weight_decay', '0.1']
-    opt = opts.parse_opt(argv)
-    plain = opts.parse_opt([])
-    for o in (opt, plain):
-        o.vocab_size = 20
-    torch.manual_seed(0)
-    a = models.setup(opt).state_dict()
-    torch.manual_seed(0)
-    b = models.setup(plain).state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    from misc import optim
-    noam = optim.build(models.setup(opt), opt)  # --optim/--weight_decay are inert with --noamopt, as the reference
-    assert isinstance(noam, optim.NoamOpt)
-
-
-def readme_train_commands():
-    text = (REPO / 'README.md').read_text()
-    return [shlex.split(m.group(1)) for m in re.finditer(r'^python3? train\.py (.+)$', text, re.M)]
-
-
-def test_readme_train_commands_are_accepted():
-    commands = readme_train_commands()
-    assert len(commands) >= 2
-    stage1 = next(c for c in commands if '--noamopt' in c)
-    assert {'--scheduled_sampling_start', '--learning_rate_decay_start'} <= set(stage1)
-    for argv in commands:
-        opt = opts.parse_opt(argv)
-        assert opt.K == 2
-    assert opts.parse_opt(stage1).scheduled_sampling_start == 0
