@@ -48,51 +48,136 @@ SPLITS = ('train', 'val', 'test')
 DEFAULT_SEQ_LENGTH = 16
 
 
+class FolderFeatures:
+    """A folder of <image id>.npy / .npz files (scripts/make_bu_data.py's output)."""
+
+    @staticmethod
+    def matches(path):
+        return os.path.isdir(path) and not path.rstrip('/').endswith('.lmdb')
+
+    def __init__(self, path, ext, flag):
+        self.path, self.ext, self.flag = path, ext, flag
+        self.exts = (ext,) + tuple(e for e in ('.npz', '.npy') if e != ext)  # ext first
+        if os.path.exists(os.path.join(path, UNFINISHED_MARKER)):
+            raise SaticError(f'{flag} {path} is unfinished: scripts/make_bu_data.py was interrupted while '
+                             f'writing it ({UNFINISHED_MARKER} is there): run it again')
+
+    def locate(self, key):
+        for ext in self.exts:
+            source = os.path.join(self.path, key + ext)
+            if os.path.exists(source):
+                return source, source
+        raise SaticError(f'missing feature file {os.path.join(self.path, key + self.ext)} for image {key}: '
+                         f'build the features of every image of the json (make_bu_data.py) or fix {self.flag}')
+
+    load = staticmethod(read_array)
+
+    def close(self):
+        pass
+
+
+class LmdbFeatures:
+    """An LMDB of npy/npz bytes keyed by image id (scripts/dump_to_lmdb.py's output)."""
+
+    @staticmethod
+    def matches(path):
+        return path.rstrip('/').endswith('.lmdb')
+
+    def __init__(self, path, ext, flag):
+        import lmdb
+        self.path, self.flag, self._error = path, flag, lmdb.Error
+        try:
+            self._env = lmdb.open(path, subdir=os.path.isdir(path), readonly=True, lock=False,
+                                  readahead=False, meminit=False, max_readers=256)
+        except lmdb.Error as e:
+            raise SaticError(f'{flag} {path} is not a readable LMDB ({e}): re-create it with '
+                             'scripts/dump_to_lmdb.py') from None
+        self._check_size()
+
+    def _check_size(self):
+        """A truncated LMDB maps pages past the end of its file: reading them kills the process (SIGBUS). Its
+        environment says how many pages it uses; the file must hold them."""
+        data_file = os.path.join(self.path, 'data.mdb') if os.path.isdir(self.path) else self.path
+        need = (self._env.info()['last_pgno'] + 1) * self._env.stat()['psize']
+        size = os.path.getsize(data_file)
+        if size < need:
+            self._env.close()
+            raise SaticError(f'{self.flag} {data_file} is truncated ({size} bytes, its LMDB pages need {need}): '
+                             're-create it with scripts/dump_to_lmdb.py')
+
+    def locate(self, key):
+        try:
+            with self._env.begin(write=False) as txn:
+                value = txn.get(key.encode('ascii'))
+        except self._error as e:  # garbled pages: lmdb.CorruptedError, ...
+            raise SaticError(f'{self.path} (image {key}) is corrupt ({type(e).__name__}: {e}): re-create it '
+                             'with scripts/dump_to_lmdb.py') from None
+        if value is None:
+            raise SaticError(f'{self.path} has no entry for image {key}: re-create it from the full feature '
+                             f'folder (scripts/dump_to_lmdb.py) or fix {self.flag}')
+        return io.BytesIO(value), f"{self.path} entry '{key}'"
+
+    load = staticmethod(read_array)
+
+    def close(self):
+        self._env.close()
+
+
+class H5Features:
+    """An HDF5 file with one dataset per image id (scripts/dump_to_lmdb.py --format h5)."""
+
+    @staticmethod
+    def matches(path):
+        return path.endswith(('.h5', '.hdf5'))
+
+    def __init__(self, path, ext, flag):
+        self.path, self.flag = path, flag
+        self._h5, self._lock = None, threading.Lock()  # opened by the first locate(), to name its image
+
+    def locate(self, key):
+        try:
+            with self._lock:
+                if self._h5 is None:
+                    self._h5 = h5py.File(self.path, 'r')
+            dataset = self._h5[key] if key in self._h5 else None
+        except Exception as e:  # h5py raises various errors on a damaged file
+            raise SaticError(f'{self.path} (image {key}) is unreadable ({type(e).__name__}: {e}); '
+                             'it may be truncated: re-create it') from None
+        if dataset is None:
+            raise SaticError(f'{self.path} has no dataset for image {key}: re-create it from the full feature '
+                             f'folder or fix {self.flag}')
+        return dataset, f"{self.path} dataset '{key}'"
+
+    @staticmethod
+    def load(dataset):
+        return dataset[()]
+
+    def close(self):
+        if self._h5 is not None:
+            self._h5.close()
+            self._h5 = None
+
+
+# The feature stores, tried in order (a new one: a class with matches/locate/load/close, and a line here).
+BACKENDS = (LmdbFeatures, H5Features, FolderFeatures)
+
+
 class FeatureReader:
-    """Per-image float32 arrays from a directory (<id>.npy/.npz), an LMDB (key: id bytes) or an HDF5 file."""
+    """Per-image float32 arrays from one of the BACKENDS, checked as they are read."""
 
     def __init__(self, path, ext, flag):
         """path: the --input_*_dir value; ext: '.npy' or '.npz', tried first in a directory; flag: for messages."""
-        self.path, self.ext, self.flag = path, ext, flag
-        self.exts = (ext,) + tuple(e for e in ('.npz', '.npy') if e != ext)
+        self.path, self.flag = path, flag
         if not os.path.exists(path):
             if staging_folders(path):
                 raise SaticError(f'{flag} {path} does not exist: scripts/make_bu_data.py was interrupted while '
                                  f'building it ({staging_folders(path)[0][0]}): run it again')
             raise SaticError(f'{flag} {path} does not exist: build the features (scripts/make_bu_data.py) '
                              'or fix the path')
-        if path.rstrip('/').endswith('.lmdb'):
-            self.kind = 'lmdb'
-            import lmdb
-            self._lmdb_error = lmdb.Error
-            try:
-                self._env = lmdb.open(path, subdir=os.path.isdir(path), readonly=True, lock=False,
-                                      readahead=False, meminit=False, max_readers=256)
-            except lmdb.Error as e:
-                raise SaticError(f'{flag} {path} is not a readable LMDB ({e}): re-create it with '
-                                 'scripts/dump_to_lmdb.py') from None
-            self._check_lmdb_size(path, flag)
-        elif path.endswith(('.h5', '.hdf5')):
-            self.kind = 'h5'
-            self._h5, self._h5_lock = None, threading.Lock()  # opened by the first get(), to name its image
-        elif os.path.isdir(path):
-            self.kind = 'dir'
-            if os.path.exists(os.path.join(path, UNFINISHED_MARKER)):
-                raise SaticError(f'{flag} {path} is unfinished: scripts/make_bu_data.py was interrupted while '
-                                 f'writing it ({UNFINISHED_MARKER} is there): run it again')
-        else:
+        backend = next((b for b in BACKENDS if b.matches(path)), None)
+        if backend is None:
             raise SaticError(f'{flag} {path} is neither a directory, an .lmdb nor an .h5 file: fix the path')
-
-    def _check_lmdb_size(self, path, flag):
-        """A truncated LMDB maps pages past the end of its file: reading them kills the process (SIGBUS). Its
-        environment says how many pages it uses; the file must hold them."""
-        data_file = os.path.join(path, 'data.mdb') if os.path.isdir(path) else path
-        need = (self._env.info()['last_pgno'] + 1) * self._env.stat()['psize']
-        size = os.path.getsize(data_file)
-        if size < need:
-            self._env.close()
-            raise SaticError(f'{flag} {data_file} is truncated ({size} bytes, its LMDB pages need {need}): '
-                             're-create it with scripts/dump_to_lmdb.py')
+        self.backend = backend(path, ext, flag)
 
     def get(self, image_id, dim=None, regions=False):
         """(N, D) or (D,) float32 array of one image; SaticError naming the file and image id if absent or bad.
@@ -100,42 +185,9 @@ class FeatureReader:
         Checked as read (cheap next to the read): finite values; feature size D == dim when given (the size of the
         images read before); regions=True (att features): at least one region."""
         key = str(image_id)
-        if self.kind == 'dir':
-            for ext in self.exts:
-                source = os.path.join(self.path, key + ext)
-                if os.path.exists(source):
-                    break
-            else:
-                raise SaticError(f'missing feature file {os.path.join(self.path, key + self.ext)} for image {key}: '
-                                 f'build the features of every image of the json (make_bu_data.py) or fix {self.flag}')
-            where = source
-        elif self.kind == 'lmdb':
-            try:
-                with self._env.begin(write=False) as txn:
-                    value = txn.get(key.encode('ascii'))
-            except self._lmdb_error as e:  # garbled pages: lmdb.CorruptedError, ...
-                raise SaticError(f'{self.path} (image {key}) is corrupt ({type(e).__name__}: {e}): re-create it '
-                                 'with scripts/dump_to_lmdb.py') from None
-            if value is None:
-                raise SaticError(f'{self.path} has no entry for image {key}: re-create it from the full feature '
-                                 f'folder (scripts/dump_to_lmdb.py) or fix {self.flag}')
-            source, where = io.BytesIO(value), f"{self.path} entry '{key}'"
-        else:
-            try:
-                with self._h5_lock:
-                    if self._h5 is None:
-                        self._h5 = h5py.File(self.path, 'r')
-                dataset = self._h5[key] if key in self._h5 else None
-            except Exception as e:  # h5py raises various errors on a damaged file
-                raise SaticError(f'{self.path} (image {key}) is unreadable ({type(e).__name__}: {e}); '
-                                 'it may be truncated: re-create it') from None
-            if dataset is None:
-                raise SaticError(f'{self.path} has no dataset for image {key}: re-create it from the full feature '
-                                 f'folder or fix {self.flag}')
-            source, where = dataset, f"{self.path} dataset '{key}'"
+        source, where = self.backend.locate(key)
         try:
-            array = source[()] if self.kind == 'h5' else read_array(source)
-            array = np.asarray(array, dtype=np.float32)
+            array = np.asarray(self.backend.load(source), dtype=np.float32)
         except Exception as e:  # truncated/corrupt npy, npz, lmdb value or h5 dataset
             raise SaticError(f'{where} (image {key}) is unreadable ({type(e).__name__}: {e}); '
                              'it may be truncated or corrupt: re-create it') from None
@@ -161,11 +213,7 @@ class FeatureReader:
             raise SaticError(f'{where} (image {key}) holds {bad} NaN/inf values: {redo}')
 
     def close(self):
-        if self.kind == 'lmdb':
-            self._env.close()
-        elif self.kind == 'h5' and self._h5 is not None:
-            self._h5.close()
-            self._h5 = None
+        self.backend.close()
 
 
 class DataLoader:
