@@ -3,6 +3,8 @@ the page itself in headless Chromium (skipped, with the reason, when no Chromium
 
 The browser tests open the generated file from disk with `chromium --headless --dump-dom` and read the DOM the page's
 script built: its initial state (sort, filter, selected word) comes from the URL's #hash, as a person's bookmark would.
+One test drives Chromium through the DevTools protocol (a websocket, standard library only) with real mouse and
+keyboard events: hover a word, click the filter box, type.
 """
 import html.parser
 import json
@@ -12,6 +14,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import time
 import zlib
 
 import pytest
@@ -316,3 +319,138 @@ def test_browser_selected_word_draws_its_boxes_or_bars(page, files, tmp_path):
     assert dom.boxes == [] and [r for _, r in dom.bars] == expected
     # a word without attention (the baseline saved none) draws nothing
     assert view(tmp_path, plain, 'select=102:1:1').bars == []
+
+
+class DevTools:
+    """Just enough of the Chrome DevTools protocol over a websocket (standard library only) to move the mouse and
+    type like a person: Chromium starts with --remote-debugging-port=0 and prints the port it chose."""
+
+    def __init__(self, tmp_path, url, timeout=30):
+        import base64
+        import socket
+        import threading
+        import urllib.request
+        self.proc = subprocess.Popen(
+            [CHROMIUM, '--headless', '--disable-gpu', '--no-sandbox', '--no-first-run', '--disable-extensions',
+             '--disable-dev-shm-usage', f'--user-data-dir={tmp_path / "cdp-profile"}', '--remote-debugging-port=0',
+             '--remote-debugging-address=127.0.0.1', '--window-size=1400,900', url],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        found = []
+
+        def read_port():
+            for line in self.proc.stderr:
+                m = re.search(r'DevTools listening on ws://127\.0\.0\.1:(\d+)/', line)
+                if m:
+                    found.append(int(m.group(1)))
+                    break
+            for _ in self.proc.stderr:  # keep draining so Chromium never blocks on a full pipe
+                pass
+        threading.Thread(target=read_port, daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while not found and time.monotonic() < deadline and self.proc.poll() is None:
+            time.sleep(0.05)
+        if not found:
+            self.close()
+            pytest.fail('Chromium did not print its DevTools port')
+        with urllib.request.urlopen(f'http://127.0.0.1:{found[0]}/json/list', timeout=timeout) as r:
+            target = next(t for t in json.load(r) if t['type'] == 'page')
+        path = target['webSocketDebuggerUrl'].split(f':{found[0]}', 1)[1]
+        self.sock = socket.create_connection(('127.0.0.1', found[0]), timeout=timeout)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall((f'GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{found[0]}\r\nUpgrade: websocket\r\n'
+                           f'Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n').encode())
+        reply = b''
+        while b'\r\n\r\n' not in reply:
+            reply += self.sock.recv(1)
+        assert b' 101 ' in reply.split(b'\r\n')[0], reply
+        self.next_id = 0
+
+    def _read(self, n):
+        data = b''
+        while len(data) < n:
+            chunk = self.sock.recv(n - len(data))
+            if not chunk:
+                raise ConnectionError('Chromium closed the DevTools socket')
+            data += chunk
+        return data
+
+    def call(self, method, **params):
+        self.next_id += 1
+        payload = json.dumps({'id': self.next_id, 'method': method, 'params': params}).encode()
+        mask = os.urandom(4)
+        n = len(payload)
+        head = bytes([0x81]) + (bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + struct.pack('>H', n)
+                                if n < 65536 else bytes([0x80 | 127]) + struct.pack('>Q', n))
+        self.sock.sendall(head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+        while True:
+            message, opcode = b'', None
+            while True:  # one message, possibly in fragments
+                b0, b1 = self._read(2)
+                opcode = opcode or b0 & 0x0f
+                n = b1 & 0x7f
+                n = struct.unpack('>H', self._read(2))[0] if n == 126 else \
+                    struct.unpack('>Q', self._read(8))[0] if n == 127 else n
+                message += self._read(n)
+                if b0 & 0x80:
+                    break
+            if opcode == 1:
+                reply = json.loads(message)
+                if reply.get('id') == self.next_id:
+                    assert 'error' not in reply, reply
+                    return reply['result']
+
+    def js(self, expression):
+        result = self.call('Runtime.evaluate', expression=expression, returnByValue=True)
+        assert 'exceptionDetails' not in result, result
+        return result['result'].get('value')
+
+    def wait_for(self, expression, timeout=20):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            result = self.call('Runtime.evaluate', expression=expression, returnByValue=True)
+            value = None if 'exceptionDetails' in result else result['result'].get('value')  # (still loading)
+            if value:
+                return value
+            time.sleep(0.05)
+        pytest.fail(f'the page never had {expression}')
+
+    def center(self, selector):
+        """Scroll the element into view; its centre in the viewport."""
+        box = self.js(f'(function(){{var e=document.querySelector({json.dumps(selector)}); e.scrollIntoView({{block:"center"}});'
+                      'var r=e.getBoundingClientRect(); return [r.left + r.width / 2, r.top + r.height / 2];})()')
+        return box[0], box[1]
+
+    def mouse(self, kind, x, y, **extra):
+        self.call('Input.dispatchMouseEvent', type=kind, x=x, y=y, **extra)
+
+    def close(self):
+        if getattr(self, 'sock', None):
+            self.sock.close()
+        self.proc.kill()
+        self.proc.wait(timeout=30)
+
+
+@browser
+def test_browser_hover_and_typing_like_a_person(page, tmp_path):
+    """Real input events: the mouse moves over a word (its boxes appear), a click in the filter box and typing."""
+    tools = DevTools(tmp_path, f'file://{page}#sort=id&order=asc')
+    try:
+        tools.wait_for("document.body.getAttribute('data-rendered') === '5'")
+        rows = "Array.from(document.querySelectorAll('#rows tr')).map(function (r) { return r.dataset.imageId; })"
+        assert tools.js(rows) == ['101', '102', '103', '104', '105']
+        boxes = "document.querySelectorAll('tr[data-image-id=\"102\"] rect.box').length"
+        assert tools.js(boxes) == 0
+        x, y = tools.center('tr[data-image-id="102"] td.caption[data-run="1"] .w[data-word="2"]')
+        tools.mouse('mouseMoved', x, y)
+        assert tools.wait_for(boxes) == 3
+        assert tools.js("document.querySelector('tr[data-image-id=\"102\"] .w.sel').textContent") == 'dog'
+        regions = "Array.from(document.querySelectorAll('tr[data-image-id=\"102\"] .bar')).map(function (b) { return +b.dataset.region; })"
+        assert tools.js(regions) == [6, 7, 0]
+        x, y = tools.center('#filter-word')
+        tools.mouse('mousePressed', x, y, button='left', clickCount=1)
+        tools.mouse('mouseReleased', x, y, button='left', clickCount=1)
+        tools.call('Input.insertText', text='grass')
+        assert tools.wait_for(f"(function(){{var r={rows}; return r.length === 1 && r;}})()") == ['102']
+        assert 'filter=grass' in tools.js('location.hash')  # the state is in the URL, to bookmark or share
+    finally:
+        tools.close()
