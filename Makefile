@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_DIR := data/demo
 
-.PHONY: setup java rhino test demo demo-data bench clean-demo
+.PHONY: setup java rhino chromium test demo demo-data bench clean-demo
 
 setup: $(VENV)/.installed java rhino
 
@@ -36,7 +36,18 @@ rhino: java
 	    echo "WARNING: no JavaScript engine for SPICE on Java 15+: install librhino-java (Debian) or put a Rhino js.jar in coco-caption/spice-lib/"; \
 	  fi; }
 
-test: setup
+# Headless Chromium opens the caption viewer in tests/test_viewer.py (those tests skip, saying why, without it).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || command -v google-chrome >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "chromium not found: installing it for the viewer's browser tests"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1) \
+	      || echo "WARNING: could not install chromium; the viewer's browser tests will be skipped"; \
+	  else \
+	    echo "WARNING: chromium not found; the viewer's browser tests will be skipped (Debian: apt-get install chromium)"; \
+	  fi; }
+
+test: setup chromium
 	$(PY) -m pytest -q tests
 
 demo-data: setup

@@ -1,4 +1,7 @@
-"""eval.py --dump_images 1: a self-contained vis/index.html of captions, references and per-image CIDEr."""
+"""eval.py --dump_images 1: a self-contained vis/index.html of captions, references and per-image CIDEr of one run.
+
+Several runs side by side (sorting, filters, attention): scripts/make_viewer.py (misc/viewer.py).
+"""
 import html
 import json
 import os

@@ -6,6 +6,8 @@
   4. save/copy_model.sh, then stage 2 self-critical (save/demo-nsc-sat-2-from-nsc-seqkd)
   5. eval.py at beam 1 and 3 for SAT and the baseline -> one table; eval_cocotest.py -> the server JSON;
      eval.py --dump_images 1 -> vis/index.html
+  6. the reference's decoding options on SAT -> one table
+  7. scripts/make_viewer.py -> vis/compare.html, the baseline's and SAT's captions side by side (README, "Viewer")
 
 Every command is printed before it runs, so each step can be re-run (or changed) by hand.
 The demo features are synthetic: this demonstrates the pipeline, not image understanding.
@@ -156,11 +158,13 @@ def main(argv=None):
     print(f'\nArtefacts:\n  checkpoints: save/{nsc_base}, save/{sat}, save/{nsc_sat} (TensorBoard: tensorboard --logdir save)'
           f'\n  training logs: save/logs/\n  seq-KD labels: {kd_h5}_label.h5 (from {kd_json})'
           f'\n  captions: vis/<id>.json; metrics: eval_results/<id>_test.json'
-          f'\n  caption viewer: vis/index.html\n  COCO server file: vis/captions_test2014_alg_results.json'
+          f'\n  caption viewers: vis/index.html, vis/compare.html (baseline vs SAT, after step 6)\n  COCO server file: vis/captions_test2014_alg_results.json'
           f'\n  total time: {(time.time() - t0) / 60:.1f} min')
     with open('eval_results/demo_table.json', 'w') as f:
         json.dump([{'model': r[0], 'K': r[1], 'beam': r[2], **r[3], 'ms_per_image': r[4]} for r in rows], f, indent=1)
-    return decoding_options_table(py, nsc_sat, data, d)
+    status = decoding_options_table(py, nsc_sat, data, d)
+    comparison_viewer(py, f'{nsc_base}-b1', f'{nsc_sat}-b1', f'{d}/captions_demo.json', args.K)
+    return status
 
 
 # Step 6: what the reference's decoding options do to SAT (README, "Decoding options").
@@ -199,6 +203,18 @@ def decoding_options_table(py, run_id, data, d):
     with open('eval_results/demo_decoding_options.json', 'w') as f:
         json.dump(results, f, indent=1)
     return 0
+
+
+def comparison_viewer(py, base_eval, sat_eval, ref_json, k, vis_dir='vis', results_dir='eval_results',
+                      output='vis/compare.html'):
+    """Step 7: one page with the baseline's and SAT's greedy captions of the demo test split side by side (step 5's
+    vis/<id>.json and eval_results/<id>_test.json), sorted by SAT's CIDEr minus the baseline's; returns its path."""
+    print(f'\n== 7. caption viewer: the baseline and SAT K={k} side by side (demo test split, greedy)')
+    run([py, 'scripts/make_viewer.py', '--runs', f'{vis_dir}/{base_eval}.json,{vis_dir}/{sat_eval}.json',
+         '--scores', f'{results_dir}/{base_eval}_test.json,{results_dir}/{sat_eval}_test.json',
+         '--names', f'baseline,SAT K={k}', '--ref_json', ref_json, '--sort', 'CIDEr:2-1',
+         '--title', f'Demo test split: the baseline vs SAT K={k} (greedy)', '--output', output])
+    return output
 
 
 if __name__ == '__main__':
