@@ -317,6 +317,9 @@ def add_eval_options(parser, beam_size=1, batch_size=32):
     parser.add_argument('--dump_images', type=int, default=0, help='write vis/index.html with captions and scores')
     parser.add_argument('--dump_json', type=int, default=1, help='write vis/<id>.json')
     parser.add_argument('--dump_path', type=int, default=0, help='include file paths in vis/<id>.json')
+    parser.add_argument('--dump_attention', type=int, default=0,
+                        help="(ours) N > 0: vis/<id>.json gets each word's N most attended regions (the last decoder "
+                             "layer's cross-attention, heads averaged), and with --input_box_dir their boxes")
     add_decoding_options(parser, beam_size=beam_size)
     parser.add_argument('--image_folder', type=str, default='',
                         help="refused: the reference's raw-image mode (a CNN over image files); extract bottom-up "
