@@ -116,8 +116,7 @@ def default_id(eval_opt):
 
 def run(eval_opt):
     from eval import check_attention_options, check_outputs, output_folders, run_evaluation, write_outputs
-    from eval_cocotest import server_results
-    from misc.fileio import write_json
+    from eval_cocotest import write_server_results
     from opts import check_eval_split
     check_eval_split(eval_opt)
     check_attention_options(eval_opt)
@@ -133,10 +132,7 @@ def run(eval_opt):
         eval_opt.dump_json = 0  # vis/<id>.json is the server file
     write_outputs(eval_opt, opt, result, lang_stats, img_to_eval)
     if eval_opt.server_json:
-        results = server_results(result.predictions)
-        path = os.path.join('vis', f'{eval_opt.id}.json')
-        write_json(results, path)
-        print(f'wrote {len(results)} captions to {path} (COCO server format)')
+        write_server_results(result.predictions, eval_opt.id)
 
 
 def main(argv=None):
