@@ -35,8 +35,8 @@ def add_data_options(parser, defaults=True):
     parser.add_argument('--input_att_dir', type=str, default=d('data/mscoco/cocobu_att'),
                         help='region features: a directory of <id>.npz, an .lmdb or an .h5 file')
     parser.add_argument('--input_box_dir', type=str, default=d('data/mscoco/cocobu_box'),
-                        help='box files: inert, as in the reference (it read them only with --use_box 1, '
-                             'which SATIC refuses)')
+                        help='box files: inert in training, as in the reference (it read them only with --use_box 1, '
+                             'which SATIC refuses); eval.py --dump_attention writes their boxes')
     parser.add_argument('--input_label_h5', type=str, default=d('data/cocotalk_label.h5'),
                         help="label h5 from prepro_labels(_seqKD).py, or 'none' for images without captions")
     parser.add_argument('--ref_json', type=str, default=DEFAULT_REF_JSON,
