@@ -36,11 +36,15 @@ def output_folders(eval_opt):
 
 
 def check_attention_options(eval_opt):
-    """--dump_attention N writes into vis/<id>.json: N >= 0, and --dump_json 1."""
+    """--dump_attention N writes into vis/<id>.json: N >= 0, --dump_json 1, and the boxes folder exists (before
+    anything is decoded)."""
     if eval_opt.dump_attention < 0:
         raise SaticError(f'--dump_attention must be >= 0 (regions kept per word; got {eval_opt.dump_attention})')
     if eval_opt.dump_attention and not eval_opt.dump_json:
         raise SaticError('--dump_attention writes into vis/<id>.json: add --dump_json 1 (or drop --dump_attention)')
+    if eval_opt.dump_attention and eval_opt.input_box_dir and not os.path.exists(eval_opt.input_box_dir):
+        raise SaticError(f'--input_box_dir {eval_opt.input_box_dir} does not exist: the boxes of --dump_attention '
+                         "are make_bu_data.py's _box output (or drop --input_box_dir)")
 
 
 def check_outputs(folders):

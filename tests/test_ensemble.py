@@ -229,6 +229,9 @@ def test_eval_dumps_attention_and_boxes(checkpoints, tiny_dataset, tmp_path):
     assert [set(p) for p in vis(tmp_path, 'plain')] == [{'image_id', 'caption'}] * 3
     assert_one_line_error(run_main(['--model', model, '--infos_path', infos, *COMMON, '--dump_attention', '2',
                                     '--dump_json', '0'], tmp_path, main=eval_script.main), '--dump_json 1')
+    assert_one_line_error(run_main(['--model', model, '--infos_path', infos, *COMMON, '--dump_attention', '2',
+                                    '--input_box_dir', str(tmp_path / 'nowhere')], tmp_path, main=eval_script.main),
+                          '--input_box_dir', 'does not exist')
 
 
 def test_ensembles_of_another_k_or_vocabulary_are_refused_naming_both_files(checkpoints, tmp_path):
