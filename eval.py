@@ -32,6 +32,18 @@ def output_folders(eval_opt):
     return folders
 
 
+def check_attention_options(eval_opt):
+    """--dump_attention N writes into vis/<id>.json: N >= 0, --dump_json 1, and the boxes folder exists (before
+    anything is decoded)."""
+    if eval_opt.dump_attention < 0:
+        raise SaticError(f'--dump_attention must be >= 0 (regions kept per word; got {eval_opt.dump_attention})')
+    if eval_opt.dump_attention and not eval_opt.dump_json:
+        raise SaticError('--dump_attention writes into vis/<id>.json: add --dump_json 1 (or drop --dump_attention)')
+    if eval_opt.dump_attention and eval_opt.input_box_dir and not os.path.exists(eval_opt.input_box_dir):
+        raise SaticError(f'--input_box_dir {eval_opt.input_box_dir} does not exist: the boxes of --dump_attention '
+                         "are make_bu_data.py's _box output (or drop --input_box_dir)")
+
+
 def check_outputs(folders):
     """Every output folder writable or creatable before anything is loaded or decoded (not
     after scoring the whole split)."""
@@ -57,19 +69,21 @@ def load_checkpoint(eval_opt):
     return model, opt, infos
 
 
-def run_evaluation(eval_opt):
+def run_evaluation(eval_opt, loaded=None):
     """Load the checkpoint, decode the split, score it; returns (opt, EvalResult, lang_stats, img_to_eval).
 
-    Everything that can be checked before decoding is (checkpoint vs infos, Java and references, feature size).
+    loaded: (model, resolved options, infos) already loaded (eval_ensemble.py: an EnsembleModel), else
+    load_checkpoint(eval_opt). Everything that can be checked before decoding is (checkpoint vs infos, Java and
+    references, feature size).
     """
     from dataloader import DataLoader
     from misc.coco_eval import check_ready, language_eval
-    from misc.evaluation import evaluate
+    from misc.evaluation import attach_boxes, evaluate
     from misc.losses import build_criterion
     from opts import decode_config
 
     torch.manual_seed(eval_opt.seed)
-    model, opt, infos = load_checkpoint(eval_opt)
+    model, opt, infos = loaded or load_checkpoint(eval_opt)
     if opt.language_eval:
         check_ready(opt.ref_json)
     with DataLoader(opt) as loader:
@@ -79,7 +93,10 @@ def run_evaluation(eval_opt):
                           batch_size=opt.batch_size, remove_bad_endings=bool(opt.remove_bad_endings),
                           crit=build_criterion(0) if eval_opt.verbose_loss else None, bf16=opt.bf16,
                           keep_beams=eval_opt.seq_kd, with_paths=bool(eval_opt.dump_path),
-                          verbose=bool(eval_opt.verbose), verbose_beam=bool(eval_opt.verbose_beam))
+                          verbose=bool(eval_opt.verbose), verbose_beam=bool(eval_opt.verbose_beam),
+                          attention_top=eval_opt.dump_attention)
+    if eval_opt.dump_attention and eval_opt.input_box_dir:
+        attach_boxes(result.predictions, eval_opt.input_box_dir, opt.input_json)
     if result.loss is not None:
         print(f'loss: {result.loss:.4f}')
     lang_stats = img_to_eval = None
@@ -124,6 +141,7 @@ def main(argv=None):
 
     def run(eval_opt):
         check_eval_split(eval_opt)
+        check_attention_options(eval_opt)
         check_outputs(output_folders(eval_opt))
         write_outputs(eval_opt, *run_evaluation(eval_opt))
     return run_cli(parse_eval_opt, run, argv)

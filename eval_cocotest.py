@@ -35,13 +35,18 @@ def parse_args(argv=None):
 
 def run(eval_opt):
     from eval import check_outputs, run_evaluation
-    from misc.fileio import write_json
     from opts import check_eval_split
     check_eval_split(eval_opt)
     check_outputs([('vis', 'vis/ (the result file)')])  # before any loading or decoding
     _, result, _, _ = run_evaluation(eval_opt)
-    results = server_results(result.predictions)
-    path = os.path.join('vis', f'{eval_opt.id}.json')
+    write_server_results(result.predictions, eval_opt.id)
+
+
+def write_server_results(predictions, run_id):
+    """vis/<run_id>.json in the COCO server format (server_results); also eval_ensemble.py --server_json 1."""
+    from misc.fileio import write_json
+    results = server_results(predictions)
+    path = os.path.join('vis', f'{run_id}.json')
     write_json(results, path)
     print(f'wrote {len(results)} captions to {path} (COCO server format)')
 

@@ -38,8 +38,8 @@ def add_data_options(parser, defaults=True):
     parser.add_argument('--input_att_dir', type=str, default=d('data/mscoco/cocobu_att'),
                         help='region features: a directory of <id>.npz, an .lmdb or an .h5 file')
     parser.add_argument('--input_box_dir', type=str, default=d('data/mscoco/cocobu_box'),
-                        help='box files: inert, as in the reference (it read them only with --use_box 1, '
-                             'which SATIC refuses)')
+                        help='box files: inert in training, as in the reference (it read them only with --use_box 1, '
+                             'which SATIC refuses); eval.py --dump_attention writes their boxes')
     parser.add_argument('--input_label_h5', type=str, default=d('data/cocotalk_label.h5'),
                         help="label h5 from prepro_labels(_seqKD).py, or 'none' for images without captions")
     parser.add_argument('--ref_json', type=str, default=DEFAULT_REF_JSON,
@@ -320,6 +320,9 @@ def add_eval_options(parser, beam_size=1, batch_size=32):
     parser.add_argument('--dump_images', type=int, default=0, help='write vis/index.html with captions and scores')
     parser.add_argument('--dump_json', type=int, default=1, help='write vis/<id>.json')
     parser.add_argument('--dump_path', type=int, default=0, help='include file paths in vis/<id>.json')
+    parser.add_argument('--dump_attention', type=int, default=0,
+                        help="(ours) N > 0: vis/<id>.json gets each word's N most attended regions (the last decoder "
+                             "layer's cross-attention, heads averaged), and with --input_box_dir their boxes")
     add_decoding_options(parser, beam_size=beam_size)
     parser.add_argument('--image_folder', type=str, default='',
                         help="refused: the reference's raw-image mode (a CNN over image files); extract bottom-up "

@@ -34,13 +34,15 @@ class EvalResult:
 @torch.no_grad()
 def evaluate(model, loader, split, config, *, num_images=-1, batch_size=None, remove_bad_endings=False, crit=None,
              bf16=False, fp16=False, keep_beams=False, with_paths=False, verbose=False, verbose_beam=True,
-             shard=(0, 1)):
+             shard=(0, 1), attention_top=0):
     """Decode `split` with `config` (models.decode_config.DecodeConfig).
 
     num_images: the first images of the split (-1: all); shard (rank, world_size): this process reads and decodes
     the batches whose number is rank modulo world_size (whole batches: the per-batch losses, and so their mean, are
     those of one process); bf16 / fp16: autocast type; verbose: print each caption, and with verbose_beam (eval.py
-    --verbose_beam, the reference's option) its beams. Returns an EvalResult."""
+    --verbose_beam, the reference's option) its beams; attention_top N > 0 (eval.py --dump_attention): each
+    prediction also gets 'words' and 'attention', the N regions each word attended to most (region_attention).
+    Returns an EvalResult."""
     print_beams = verbose and verbose_beam
     if num_images == 0:
         raise SaticError('--num_images 0: nothing to evaluate (-1: the whole split)')
@@ -76,12 +78,17 @@ def evaluate(model, loader, split, config, *, num_images=-1, batch_size=None, re
                 seq, _ = model.decode(att, masks, config)  # (B, max_length)
             synchronize(device)
             decode_seconds += time.perf_counter() - start
+            if attention_top > 0:  # outside the timed decoding
+                with precision:
+                    attention = region_attention(model, att, masks, seq, attention_top, vocab)
             captions = decode_sequence(vocab, seq, remove_bad_endings)
             image_beams = _beam_captions(vocab, model, captions, config.beam_size, remove_bad_endings) \
                 if keep_beams or print_beams else [None] * len(captions)
             for i, caption, caption_beams in zip(range(n), captions, image_beams):
                 shown = caption_beams if print_beams else None
                 predictions.append(_prediction(data['infos'][i], caption, shown, with_paths, verbose))
+                if attention_top > 0:
+                    predictions[-1].update(attention[i])
                 positions.append(seen + i)
                 beams.append(caption_beams if keep_beams else None)
         seen += n
@@ -94,6 +101,42 @@ def evaluate(model, loader, split, config, *, num_images=-1, batch_size=None, re
     loss_values = torch.stack(losses).tolist() if losses else []  # one host synchronisation for every batch
     loss = sum(loss_values) / len(loss_values) if loss_values else None
     return EvalResult(predictions, positions, beams, loss, timing, list(zip(loss_parts, loss_values)))
+
+
+def region_attention(model, att, masks, seq, top, vocab):
+    """Per image of the batch: {'words': its decoded words up to the first 0, 'attention': per word the `top`
+    regions of the last decoder layer's cross-attention (heads averaged), strongest first, as [region, weight]}
+    (model.region_attention over seq (B, T); region = the row of the image's features and boxes)."""
+    weights, _ = model.region_attention(att, masks, seq)  # (B, T, N)
+    top_weights, top_regions = weights.float().topk(min(top, weights.size(2)), dim=2)  # (B, T, top) each
+    out = []
+    for words, regions, values in zip(seq.tolist(), top_regions.tolist(), top_weights.tolist()):
+        length = words.index(0) if 0 in words else len(words)
+        out.append({'words': [vocab[str(w)] for w in words[:length]],
+                    'attention': [[[r, round(v, 4)] for r, v in zip(regions[t], values[t]) if v > 0]
+                                  for t in range(length)]})
+    return out
+
+
+def attach_boxes(predictions, box_dir, input_json=None):
+    """Give each prediction 'boxes', its image's region boxes [[x1, y1, x2, y2], ...] (row r = region r of
+    'attention') from box_dir (<id>.npy files, an .lmdb or an .h5: make_bu_data.py's _box output), and
+    'image_width' / 'image_height' where input_json's image entry has 'width' / 'height'."""
+    from dataloader import FeatureReader
+    from misc.fileio import read_json
+    sizes = {}
+    if input_json:
+        sizes = {img.get('id'): (img['width'], img['height'])
+                 for img in read_json(input_json, '--input_json').get('images', [])
+                 if 'width' in img and 'height' in img}
+    reader = FeatureReader(box_dir, '.npy', '--input_box_dir')
+    try:
+        for p in predictions:
+            p['boxes'] = [[round(float(c), 2) for c in box] for box in reader.get(p['image_id'], dim=4, regions=True)]
+            if p['image_id'] in sizes:
+                p['image_width'], p['image_height'] = sizes[p['image_id']]
+    finally:
+        reader.close()
 
 
 def _teacher_forcing_loss(model, crit, att, masks, data, n, seq_per_img):

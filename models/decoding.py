@@ -1,4 +1,5 @@
-"""Greedy and sampled decoding, one K-word group per `SATModel.step`.
+"""Greedy and sampled decoding, one K-word group per `SATModel.step`; `decode_batch`, the one entry point of every
+search (SATModel.decode, models.ensemble.EnsembleModel.decode).
 
 Used by SATModel.decode for beam_size 1: evaluation (greedy) and self-critical training (multinomial samples in
 train mode, with gradients through the returned log-probs). The decoding options are steps on each token
@@ -9,7 +10,41 @@ Shapes: B images, K group size, V vocabulary + 1, T = max_length.
 """
 import torch
 
+from models.beam_search import beam_search
+from models.decode_config import DecodeConfig
 from models.logits_processors import GREEDY, History, Steps
+
+
+def decode_batch(model, att_feats, att_masks=None, config=None, seq_per_img=1):
+    """Caption a batch with `model` (a SATModel, or anything with its encode / init_cache / step / K /
+    vocab_size / max_length / training and a done_beams attribute): (seq (B, max_length) int64, seqLogprobs
+    (B, max_length)), zero padded.
+
+    config: models.decode_config.DecodeConfig (default: greedy). Greedy / sampling (greedy_or_sample) for
+    beam_size 1, else beam search (models.beam_search, which also sets model.done_beams). seq_per_img: rows per
+    image of att_feats (greedy / sampling only). Gradients flow into seqLogprobs in train mode only; in eval mode
+    decoding runs under torch.inference_mode.
+    """
+    config = config or DecodeConfig()
+    max_length = model.max_length if config.max_length is None else config.max_length
+    if config.beam_size > 1 and config.beams_per_group > model.vocab_size + 1:
+        raise ValueError(f'beam_size {config.beam_size} (per group {config.beams_per_group}) is larger than the '
+                         f'{model.vocab_size + 1} entries of the vocabulary')
+    with torch.inference_mode(not model.training):
+        memory, memory_mask = model.encode(att_feats, att_masks)
+        if config.beam_size > 1:
+            model.done_beams = beam_search(model, memory, memory_mask, config, max_length)
+            seq = torch.stack([beams[0]['seq'] for beams in model.done_beams])
+            logprobs = torch.stack([beams[0]['logps'] for beams in model.done_beams])
+        else:  # seq_per_img captions (rows) per image of att_feats, sharing its memory keys/values
+            seq, logprobs = greedy_or_sample(model, memory, memory_mask, config, max_length, seq_per_img)
+    if not model.training:
+        # Plain tensors again: inference tensors could not be used by later autograd code (e.g. as labels).
+        seq, logprobs = seq.clone(), logprobs.clone()
+        if config.beam_size > 1:
+            model.done_beams = [[{'seq': beam['seq'].clone(), 'logps': beam['logps'].clone(), 'p': beam['p']}
+                                 for beam in beams] for beams in model.done_beams]
+    return seq, logprobs
 
 
 def greedy_or_sample(model, memory, memory_mask, config, max_length, rows_per_image=1):

@@ -14,10 +14,9 @@ import math
 import torch
 from torch import nn
 
-from models.beam_search import beam_search
 from models.cache import DecoderCache, LayerCache, StepBuffers
 from models.decode_config import DecodeConfig
-from models.decoding import greedy_or_sample
+from models.decoding import decode_batch
 from models.masks import Packing, group_mask, target_mask
 from models.kernels import Dropout, memory_key_value
 from models.transformer import make_model
@@ -173,6 +172,31 @@ class SATModel(nn.Module):
         rows = out[:, :length].reshape(-1, out.size(-1)).index_select(0, scored)  # (M, D)
         return self._generator_fn(rows), targets.reshape(-1).index_select(0, scored)
 
+    def region_attention(self, att_feats, att_masks, seq):
+        """The last decoder layer's cross-attention, heads averaged, while the decoder reads the caption seq
+        (B, T) it decoded (eval.py --dump_attention): (weights (B, T, N), log-probs (B, T, V)).
+
+        Row t is the attention of the position that chose seq[:, t], over the N regions of att_feats (each row sums
+        to one over the image's real regions; padding and regions past the batch's longest count weigh 0). The
+        decoder input is the decoding's (K start zeros, then seq shifted by one group; the group mask, all K start
+        zeros visible), so log-probs[b, t, seq[b, t]] is the log-prob the decoding gave that word, to rounding.
+        Re-decoding the whole caption once keeps the decoding steps themselves free of attention bookkeeping."""
+        batch, length, k = seq.size(0), seq.size(1), self.K
+        memory, memory_mask = self.encode(att_feats, att_masks)  # (B, N', D), (B, 1, N') or None
+        padded = math.ceil(length / k) * k
+        tokens = torch.cat([seq.new_zeros(batch, k), seq[:, :padded - k]], dim=1)  # (B, T'): groups shifted by one
+        x = self.model.embed(tokens)  # (B, T', D)
+        mask = group_mask(padded, k, seq.device)  # (1, T', T')
+        layers = self.model.decoder.layers
+        for layer in layers[:-1]:
+            x = layer(x, memory, memory_mask, mask)
+        x, weights = layers[-1].forward_with_attention(x, memory, memory_mask, mask)  # (B, H, T', N')
+        logprobs = self.model.generator(self.model.decoder.norm(x))[:, :length]  # (B, T, V)
+        weights = weights.mean(1)[:, :length]  # (B, T, N'): heads averaged
+        full = weights.new_zeros(batch, length, att_feats.size(1))  # (B, T, N)
+        full[:, :, :weights.size(2)] = weights
+        return full, logprobs
+
     # ---- decoding primitives -------------------------------------------------------------------------------
     def init_cache(self, memory, memory_mask, beam=1, use_cache=None, max_length=None):
         """A fresh decoding state for B images with `beam` rows each (see models.cache).
@@ -246,34 +270,9 @@ class SATModel(nn.Module):
         return self.model.generator(self.model.decoder.norm(x)), new_keys, new_values
 
     def decode(self, att_feats, att_masks=None, config=None, seq_per_img=1):
-        """Caption a batch: (seq (B, max_length) int64, seqLogprobs (B, max_length)), zero padded.
-
-        config: models.decode_config.DecodeConfig (default: greedy). Greedy / sampling (models.decoding) for
-        beam_size 1, else beam search (models.beam_search, which also sets self.done_beams). seq_per_img: rows
-        per image of att_feats (greedy / sampling only). Gradients flow into seqLogprobs in train mode only; in
-        eval mode decoding runs under torch.inference_mode.
-        """
-        config = config or DecodeConfig()
-        max_length = self.max_length if config.max_length is None else config.max_length
-        if config.beam_size > 1 and config.beams_per_group > self.vocab_size + 1:
-            raise ValueError(f'beam_size {config.beam_size} (per group {config.beams_per_group}) is larger than the '
-                             f'{self.vocab_size + 1} entries of the vocabulary')
-        with torch.inference_mode(not self.training):
-            if config.beam_size > 1:
-                memory, memory_mask = self.encode(att_feats, att_masks)
-                self.done_beams = beam_search(self, memory, memory_mask, config, max_length)
-                seq = torch.stack([beams[0]['seq'] for beams in self.done_beams])
-                logprobs = torch.stack([beams[0]['logps'] for beams in self.done_beams])
-            else:  # seq_per_img captions (rows) per image of att_feats, sharing its memory keys/values
-                memory, memory_mask = self.encode(att_feats, att_masks)
-                seq, logprobs = greedy_or_sample(self, memory, memory_mask, config, max_length, seq_per_img)
-        if not self.training:
-            # Plain tensors again: inference tensors could not be used by later autograd code (e.g. as labels).
-            seq, logprobs = seq.clone(), logprobs.clone()
-            if config.beam_size > 1:
-                self.done_beams = [[{'seq': beam['seq'].clone(), 'logps': beam['logps'].clone(), 'p': beam['p']}
-                                    for beam in beams] for beams in self.done_beams]
-        return seq, logprobs
+        """Caption a batch: (seq (B, max_length) int64, seqLogprobs (B, max_length)), zero padded; config a
+        models.decode_config.DecodeConfig (default: greedy). See models.decoding.decode_batch."""
+        return decode_batch(self, att_feats, att_masks, config, seq_per_img)
 
     # ---- the reference call conventions --------------------------------------------------------------------
     def forward(self, fc_feats, att_feats, *args, mode='forward', **kwargs):

@@ -252,6 +252,21 @@ class DecoderLayer(nn.Module):
         x = self.sublayer[1](x, lambda y: self.src_attn(y, memory, memory, src_mask))
         return self.sublayer[2](x, self.feed_forward)
 
+    def forward_with_attention(self, x, memory, src_mask, tgt_mask):
+        """forward, also returning the attention weights over the memory (S, H, T, N) (eval.py --dump_attention;
+        plain matrix products, never the decoding path). src_mask (S, 1, N) or None; masked regions weigh 0."""
+        x = self.sublayer[0](x, lambda y: self.self_attn(y, y, y, tgt_mask))
+        attn, sub = self.src_attn, self.sublayer[1]
+        q = attn.project_query(sub.norm(x))  # (S, H, T, dk)
+        k, v = attn.project_key_value(memory, memory)  # (S, H, N, dk) each
+        scores = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(attn.d_k)  # (S, H, T, N)
+        if src_mask is not None:
+            scores = scores.masked_fill(~src_mask.unsqueeze(1), float('-inf'))
+        weights = torch.softmax(scores.float(), dim=-1)  # (S, H, T, N)
+        y = kernels.linear(attn.linears[3], attn.merge_heads(torch.matmul(weights.to(v.dtype), v)))  # (S, T, D)
+        x = sub.residual(x, y)
+        return self.sublayer[2](x, self.feed_forward), weights
+
     def forward_memory_kv(self, x, memory, tgt_mask, fold=1):
         """Full sequence x (S, T, D) with the memory's keys/values already projected (models.kernels.
         memory_key_value), S = B * fold (the rows of an image follow each other), tgt_mask (S or 1, T, T)."""

@@ -4,7 +4,8 @@
   2. sequence-level KD labels from it: eval.py --seq_kd 1 --split train --beam_size 5, prepro_labels_seqKD.py
   3. SAT K=2 stage 1 on those labels, initialised from the baseline (save/demo-sat-2-from-nsc-seqkd)
   4. save/copy_model.sh, then stage 2 self-critical (save/demo-nsc-sat-2-from-nsc-seqkd)
-  5. eval.py at beam 1 and 3 for SAT and the baseline -> one table; eval_cocotest.py -> the server JSON;
+  5. eval.py at beam 1 and 3 for SAT and the baselines, eval_ensemble.py for the ensemble of the two K=1
+     baselines (XE and self-critical) -> one table; eval_cocotest.py -> the server JSON;
      eval.py --dump_images 1 -> vis/index.html
   6. the reference's decoding options on SAT -> one table
   7. scripts/make_viewer.py -> vis/compare.html, the baseline's and SAT's captions side by side (README, "Viewer")
@@ -123,13 +124,19 @@ def main(argv=None):
              '--input_label_h5', f'{d}/cocotalk_label.h5', '--start_from', f'save/{nsc_sat}',
              '--checkpoint_path', f'save/{nsc_sat}', '--id', nsc_sat], log=f'save/logs/{nsc_sat}.log')
 
-    print('== 5. evaluation on the demo test split (batch size 1)')
+    print('== 5. evaluation on the demo test split (batch size 1); the ensemble of the two K=1 baselines (XE, then '
+          'self-critical) against each of them')
+    def checkpoint(run_id):
+        return ['eval.py', '--model', f'save/{run_id}/model-best.pth',
+                '--infos_path', f'save/{run_id}/infos_{run_id}-best.pkl']
+    evaluations = ((nsc_base, nsc_base, 1, checkpoint(nsc_base)), (nsc_sat, nsc_sat, args.K, checkpoint(nsc_sat)),
+                   (base, base, 1, checkpoint(base)),
+                   (ENSEMBLE, 'demo-ensemble-baselines', 1, ['eval_ensemble.py', '--ids', base, nsc_base]))
     rows = []
-    for run_id, k in ((nsc_base, 1), (nsc_sat, args.K)):
+    for run_id, name, k, command in evaluations:
         for beam in (1, 3):
-            eval_id = f'{run_id}-b{beam}'
-            run([py, 'eval.py', '--model', f'save/{run_id}/model-best.pth',
-                 '--infos_path', f'save/{run_id}/infos_{run_id}-best.pkl', *data[:6], '--ref_json', f'{d}/captions_demo.json',
+            eval_id = f'{name}-b{beam}'
+            run([py, *command, *data[:6], '--ref_json', f'{d}/captions_demo.json',
                  '--input_label_h5', f'{d}/cocotalk_label.h5', '--split', 'test', '--batch_size', '1',
                  '--beam_size', str(beam), '--language_eval', '1', '--id', eval_id,
                  '--timing_json', f'eval_results/{eval_id}_timing.json'], log=f'save/logs/eval-{eval_id}.log')
@@ -155,6 +162,10 @@ def main(argv=None):
     for run_id, k, beam, o, ms in rows:
         print(f"{run_id:<34} {k:>2} {beam:>4} {o['Bleu_4']:>7.3f} {o['METEOR']:>7.3f} {o['ROUGE_L']:>8.3f} "
               f"{o['CIDEr']:>7.3f} {ms:>7.2f}")
+    cider = {(r[0], r[2]): r[3]['CIDEr'] for r in rows}
+    for beam in (1, 3):
+        print(f'ensemble of the K=1 baselines at beam {beam}: test CIDEr {cider[ENSEMBLE, beam]:.3f} against '
+              f'{cider[base, beam]:.3f} ({base}) and {cider[nsc_base, beam]:.3f} ({nsc_base})')
     print(f'\nArtefacts:\n  checkpoints: save/{nsc_base}, save/{sat}, save/{nsc_sat} (TensorBoard: tensorboard --logdir save)'
           f'\n  training logs: save/logs/\n  seq-KD labels: {kd_h5}_label.h5 (from {kd_json})'
           f'\n  captions: vis/<id>.json; metrics: eval_results/<id>_test.json'
@@ -165,6 +176,10 @@ def main(argv=None):
     status = decoding_options_table(py, nsc_sat, data, d)
     comparison_viewer(py, f'{nsc_base}-b1', f'{nsc_sat}-b1', f'{d}/captions_demo.json', args.K)
     return status
+
+
+# The table's name for the ensemble (eval_ensemble.py --ids) of the XE baseline and its self-critical continuation.
+ENSEMBLE = 'ensemble of the 2 K=1 baselines'
 
 
 # Step 6: what the reference's decoding options do to SAT (README, "Decoding options").

@@ -1,0 +1,144 @@
+"""Evaluate an ensemble of captioners decoded as one (README, "Ensembles and the attention dump").
+
+  python eval_ensemble.py --ids nsc-transformer-a nsc-transformer-b --weights 1 1 --beam_size 3
+  python eval_ensemble.py --models a/model-best.pth b/model.pth --infos_paths a/infos_a-best.pkl b/infos_b.pkl
+
+--ids X (the reference's flag) means save/X/model-best.pth with save/X/infos_X-best.pkl; --models/--infos_paths
+name checkpoints anywhere (both lists comma or space separated). At every decoding step the ensemble's word
+log-probs are the log of the members' weighted mean probabilities (models.ensemble.EnsembleModel; --weights one per
+model, default equal, normalised). Members must share K and the vocabulary. Everything else is eval.py's: its
+decoding and data options (the data paths default to the first model's infos), metrics, vis/<id>.json,
+--dump_attention, --dump_images; --server_json 1 writes vis/<id>.json in the COCO server format instead
+(eval_cocotest.py's), without references.
+"""
+import argparse
+import copy
+import os
+import sys
+
+from misc.errors import SaticError
+
+
+def parse_args(argv=None):
+    from opts import add_eval_options
+    parser = argparse.ArgumentParser(description='Evaluate an ensemble of SATIC checkpoints (same K and vocabulary).')
+    add_eval_options(parser)
+    parser.add_argument('--ids', nargs='+', default=[],
+                        help='run ids: save/<id>/model-best.pth with save/<id>/infos_<id>-best.pkl (the reference)')
+    parser.add_argument('--weights', nargs='+', default=[],
+                        help='one weight per model (--ids first, then --models), default equal; normalised')
+    parser.add_argument('--models', nargs='+', default=[], help='(ours) model.pth files outside save/<id>/')
+    parser.add_argument('--infos_paths', nargs='+', default=[], help='(ours) their infos pkl files, in order')
+    parser.add_argument('--server_json', type=int, default=0,
+                        help="(ours) 1: vis/<id>.json in the COCO server format (eval_cocotest.py's), no references")
+    # One model's --model/--infos_path do not apply; the output id defaults to the members' (the reference's).
+    parser.set_defaults(model='', infos_path='', id='')
+    return parser.parse_args(argv)
+
+
+def split_list(values):
+    """['a,b', 'c'] -> ['a', 'b', 'c']: comma or space separated."""
+    return [item for value in values for item in value.split(',') if item]
+
+
+def member_files(eval_opt):
+    """[(model.pth, infos.pkl)] of --ids then --models/--infos_paths; SaticError (one line) when they do not pair."""
+    if eval_opt.model or eval_opt.infos_path:
+        raise SaticError('--model/--infos_path name one checkpoint: pass the ensemble as --ids or as '
+                         '--models with --infos_paths')
+    ids, paths, infos = split_list(eval_opt.ids), split_list(eval_opt.models), split_list(eval_opt.infos_paths)
+    if len(paths) != len(infos):
+        raise SaticError(f'{len(paths)} --models but {len(infos)} --infos_paths: give one infos file per model')
+    files = [(os.path.join('save', i, 'model-best.pth'), os.path.join('save', i, f'infos_{i}-best.pkl')) for i in ids]
+    files += list(zip(paths, infos))
+    if not files:
+        raise SaticError('no models: pass --ids (save/<id>/) or --models with --infos_paths')
+    return files
+
+
+def member_weights(eval_opt, count):
+    """--weights as floats, one per model (default equal); SaticError (one line) otherwise."""
+    texts = split_list(eval_opt.weights)
+    if not texts:
+        return [1.0] * count
+    try:
+        weights = [float(w) for w in texts]
+    except ValueError:
+        raise SaticError(f"--weights {' '.join(texts)}: not numbers") from None
+    if len(weights) != count:
+        raise SaticError(f'{len(weights)} --weights for {count} models: give one weight per model')
+    if min(weights) < 0 or sum(weights) <= 0:
+        raise SaticError(f"--weights {' '.join(texts)}: weights must be >= 0 with a positive sum")
+    return weights
+
+
+def check_compatible(first, other):
+    """Members (path, model, opt, infos) that cannot be averaged word by word: one line naming both files."""
+    (path_a, model_a, opt_a, infos_a), (path_b, model_b, opt_b, infos_b) = first, other
+    if model_a.K != model_b.K:
+        raise SaticError(f'{path_a} decodes K={model_a.K} words per step but {path_b} K={model_b.K}: an ensemble '
+                         'averages the same positions at each step, so its models need the same K')
+    if infos_a['vocab'] != infos_b['vocab']:
+        raise SaticError(f'{path_a} and {path_b} have different vocabularies ({len(infos_a["vocab"])} and '
+                         f'{len(infos_b["vocab"])} words, or other word ids): an ensemble averages word by word, '
+                         'so its models need the same vocabulary (the same cocotalk.json)')
+    if opt_a.att_feat_size != opt_b.att_feat_size:
+        raise SaticError(f'{path_a} reads {opt_a.att_feat_size}-d region features but {path_b} '
+                         f'{opt_b.att_feat_size}-d: the models of an ensemble read the same features')
+
+
+def load_ensemble(eval_opt, files):
+    """(EnsembleModel, the first model's resolved options, its infos) for eval.run_evaluation's `loaded`; files
+    [(model.pth, infos.pkl)] (member_files)."""
+    from eval import load_checkpoint
+    from models.ensemble import EnsembleModel
+    weights = member_weights(eval_opt, len(files))
+    members = []
+    for model_path, infos_path in files:
+        member_opt = copy.copy(eval_opt)
+        member_opt.model, member_opt.infos_path = model_path, infos_path
+        members.append((model_path,) + load_checkpoint(member_opt))
+        check_compatible(members[0], members[-1])
+    ensemble = EnsembleModel([model for _, model, _, _ in members], weights).eval()
+    print(f"ensemble of {len(members)} models (K={ensemble.K}), weights "
+          f"{', '.join(f'{w:.3g}' for w in ensemble.weights)}: {', '.join(path for path, *_ in members)}")
+    _, _, opt, infos = members[0]
+    return ensemble, opt, infos
+
+
+def default_id(eval_opt):
+    """The reference's output id: each model's name followed by its weight, joined by '+'."""
+    names = split_list(eval_opt.ids) + [os.path.basename(os.path.dirname(os.path.abspath(p))) or p
+                                        for p in split_list(eval_opt.models)]
+    weights = split_list(eval_opt.weights) or ['1'] * len(names)
+    return '+'.join(f'{name}{weight}' for name, weight in zip(names, weights))
+
+
+def run(eval_opt):
+    from eval import check_attention_options, check_outputs, output_folders, run_evaluation, write_outputs
+    from eval_cocotest import write_server_results
+    from opts import check_eval_split
+    check_eval_split(eval_opt)
+    check_attention_options(eval_opt)
+    eval_opt.id = eval_opt.id or default_id(eval_opt)
+    if eval_opt.server_json:  # the COCO test images have no references
+        eval_opt.language_eval, eval_opt.input_label_h5 = 0, 'none'
+    files = member_files(eval_opt)
+    check_outputs(output_folders(eval_opt) + [('vis', 'vis/ (--server_json 1)')] * bool(eval_opt.server_json))
+    loaded = load_ensemble(eval_opt, files)
+    eval_opt.model = ' + '.join(path for path, _ in files)  # what eval.py's messages name
+    opt, result, lang_stats, img_to_eval = run_evaluation(eval_opt, loaded=loaded)
+    if eval_opt.server_json:
+        eval_opt.dump_json = 0  # vis/<id>.json is the server file
+    write_outputs(eval_opt, opt, result, lang_stats, img_to_eval)
+    if eval_opt.server_json:
+        write_server_results(result.predictions, eval_opt.id)
+
+
+def main(argv=None):
+    from misc.fileio import run_cli
+    return run_cli(parse_args, run, argv)
+
+
+if __name__ == '__main__':
+    sys.exit(main())
