@@ -12,6 +12,8 @@ import sys
 
 import torch
 
+from misc.errors import SaticError
+
 
 def output_folders(eval_opt):
     """[(folder, what writes there)] of the files this evaluation will write (see write_outputs)."""

@@ -70,9 +70,10 @@ def load_run(path):
                 del entry['a']
         if 'boxes' in e and _boxes(e['boxes']) is not None:
             entry['b'] = _boxes(e['boxes'])
-        for name in ('width', 'height', 'file_path'):
+        for name, field in (('width', 'width'), ('height', 'height'), ('image_width', 'width'),
+                            ('image_height', 'height'), ('file_path', 'file_path')):  # (eval.py writes image_*)
             if name in e:
-                entry[name] = e[name]
+                entry[field] = e[name]
         run[key] = entry
     if bad:
         print(f'warning: {path}: {bad} captions have malformed attention (expected [[region, weight], ..] per word): '

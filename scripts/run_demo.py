@@ -148,7 +148,7 @@ def main(argv=None):
     run([py, 'eval.py', '--model', f'save/{nsc_sat}/model-best.pth', '--infos_path', f'save/{nsc_sat}/infos_{nsc_sat}-best.pkl',
          *data[:6], '--ref_json', f'{d}/captions_demo.json', '--input_label_h5', f'{d}/cocotalk_label.h5',
          '--split', 'test', '--batch_size', '50', '--beam_size', '1', '--language_eval', '1', '--dump_images', '1',
-         '--id', f'{nsc_sat}-viewer'], log=f'save/logs/eval-viewer.log')
+         '--id', f'{nsc_sat}-viewer'], log='save/logs/eval-viewer.log')
     run([py, 'eval_cocotest.py', '--input_json', f'{d}/cocotest.json', '--input_fc_dir', f'{d}/cocotest_bu_fc',
          '--input_att_dir', f'{d}/cocotest_bu_att', '--input_label_h5', 'none', '--num_images', '-1',
          '--language_eval', '0', '--model', f'save/{nsc_sat}/model-best.pth',
@@ -174,7 +174,12 @@ def main(argv=None):
     with open('eval_results/demo_table.json', 'w') as f:
         json.dump([{'model': r[0], 'K': r[1], 'beam': r[2], **r[3], 'ms_per_image': r[4]} for r in rows], f, indent=1)
     status = decoding_options_table(py, nsc_sat, data, d)
-    comparison_viewer(py, f'{nsc_base}-b1', f'{nsc_sat}-b1', f'{d}/captions_demo.json', args.K)
+    for run_id in (nsc_base, nsc_sat):  # greedy again, with each word's 5 strongest regions and the boxes
+        run([py, *checkpoint(run_id), *data[:6], '--ref_json', f'{d}/captions_demo.json',
+             '--input_label_h5', f'{d}/cocotalk_label.h5', '--split', 'test', '--batch_size', '50',
+             '--beam_size', '1', '--language_eval', '1', '--dump_attention', '5', '--input_box_dir', f'{d}/cocobu_box',
+             '--id', f'{run_id}-attention'], log=f'save/logs/eval-{run_id}-attention.log')
+    comparison_viewer(py, f'{nsc_base}-attention', f'{nsc_sat}-attention', f'{d}/captions_demo.json', args.K)
     return status
 
 
@@ -222,8 +227,9 @@ def decoding_options_table(py, run_id, data, d):
 
 def comparison_viewer(py, base_eval, sat_eval, ref_json, k, vis_dir='vis', results_dir='eval_results',
                       output='vis/compare.html'):
-    """Step 7: one page with the baseline's and SAT's greedy captions of the demo test split side by side (step 5's
-    vis/<id>.json and eval_results/<id>_test.json), sorted by SAT's CIDEr minus the baseline's; returns its path."""
+    """Step 7: one page with the baseline's and SAT's greedy captions of the demo test split side by side
+    (vis/<id>.json with each word's strongest regions, eval_results/<id>_test.json), sorted by SAT's CIDEr minus
+    the baseline's; returns its path."""
     print(f'\n== 7. caption viewer: the baseline and SAT K={k} side by side (demo test split, greedy)')
     run([py, 'scripts/make_viewer.py', '--runs', f'{vis_dir}/{base_eval}.json,{vis_dir}/{sat_eval}.json',
          '--scores', f'{results_dir}/{base_eval}_test.json,{results_dir}/{sat_eval}_test.json',

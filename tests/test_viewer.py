@@ -20,7 +20,7 @@ import zlib
 import pytest
 
 from misc.errors import SaticError
-from misc.viewer import build_data, embed_json, parse_sort, write_viewer
+from misc.viewer import embed_json, parse_sort, write_viewer
 from scripts import make_viewer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
