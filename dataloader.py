@@ -30,6 +30,7 @@ raised in a prefetch thread, it reaches the caller unchanged from the get_batch 
 """
 import collections
 import concurrent.futures
+import dataclasses
 import hashlib
 import io
 import os
@@ -216,12 +217,37 @@ class FeatureReader:
         self.backend.close()
 
 
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """What the loader reads of the options (train.py's and eval.py's), at opts.py's defaults
+    (tests/test_defaults.py checks them). seq_length: the caption length without a label file (else the file's)."""
+    input_json: str = 'data/cocotalk.json'
+    input_label_h5: str = 'data/cocotalk_label.h5'
+    input_fc_dir: str = 'data/mscoco/cocobu_fc'
+    input_att_dir: str = 'data/mscoco/cocobu_att'
+    batch_size: int = 32
+    seq_per_img: int = 5
+    norm_att_feat: int = 0
+    train_only: int = 0
+    num_images: int = -1
+    num_workers: int = 2
+    seed: int = 123
+    seq_length: int = DEFAULT_SEQ_LENGTH
+
+    @classmethod
+    def from_opt(cls, opt):
+        """The config of an options Namespace (the defaults above for what it lacks, e.g. a test's partial one)."""
+        return cls(**{f.name: getattr(opt, f.name) for f in dataclasses.fields(cls) if hasattr(opt, f.name)})
+
+
 class DataLoader:
     """Splits, caption sampling, batching and prefetching over one dataset (cocotalk.json + label h5 + features)."""
 
-    def __init__(self, opt, rank=0, world_size=1, pin_memory=False):
-        """opt: resolved options (train.py's, or eval.py's through opts.fill_defaults); pin_memory: features in
-        page-locked memory (only when a CUDA device will receive them)."""
+    def __init__(self, config, rank=0, world_size=1, pin_memory=False):
+        """config: a DataConfig (train.py and eval.py build it once), or an options Namespace read by
+        DataConfig.from_opt; pin_memory: features in page-locked memory (only when a CUDA device will receive
+        them)."""
+        opt = config if isinstance(config, DataConfig) else DataConfig.from_opt(config)
         self.opt = opt
         self.batch_size = opt.batch_size
         self.seq_per_img = opt.seq_per_img
@@ -244,7 +270,7 @@ class DataLoader:
 
         self.label_h5 = None if str(opt.input_label_h5).lower() == 'none' else opt.input_label_h5
         if self.label_h5 is None:
-            self.seq_length = getattr(opt, 'seq_length', DEFAULT_SEQ_LENGTH)
+            self.seq_length = opt.seq_length
             self.labels = self.label_start_ix = self.label_end_ix = None
         else:
             self._load_labels(opt.input_json, self.label_h5)

@@ -78,7 +78,7 @@ def run_evaluation(eval_opt, loaded=None):
     load_checkpoint(eval_opt). Everything that can be checked before decoding is (checkpoint vs infos, Java and
     references, feature size).
     """
-    from dataloader import DataLoader
+    from dataloader import DataConfig, DataLoader
     from misc.coco_eval import check_ready, language_eval
     from misc.evaluation import attach_boxes, evaluate
     from misc.losses import build_criterion
@@ -88,7 +88,7 @@ def run_evaluation(eval_opt, loaded=None):
     model, opt, infos = loaded or load_checkpoint(eval_opt)
     if opt.language_eval:
         check_ready(opt.ref_json)
-    with DataLoader(opt) as loader:
+    with DataLoader(DataConfig.from_opt(opt)) as loader:
         loader.check_att_feat_size(opt.att_feat_size, f'the checkpoint {eval_opt.model} (att_feat_size)')
         loader.ix_to_word = infos['vocab']  # the vocabulary always comes from the checkpoint
         result = evaluate(model, loader, opt.split, decode_config(opt, opt.vocab_size), num_images=opt.num_images,

@@ -253,11 +253,11 @@ def prepare_folders(opt, cleanup):
 def build_run(opt, world, signals, cleanup):
     """Data, model, loss, optimiser and checkpoint writer of a run, with what --start_from restores (README,
     "Interrupts and resume") -> (Run, TrainState). cleanup: the contextlib.ExitStack that closes them."""
-    from dataloader import DataLoader
+    from dataloader import DataConfig, DataLoader
     seed_everything(opt.seed + world.rank)
     # (the other ranks read the folders afterwards and take no lock: one owner per folder)
     replace = run_on_main(lambda: prepare_folders(opt, cleanup), world, 'the set-up')
-    loader = cleanup.enter_context(DataLoader(opt, rank=world.rank, world_size=world.size,
+    loader = cleanup.enter_context(DataLoader(DataConfig.from_opt(opt), rank=world.rank, world_size=world.size,
                                              pin_memory=world.device.type == 'cuda'))
     check_data(opt, loader)
     note = loader.caption_sampling_note()

@@ -7,17 +7,19 @@ from pathlib import Path
 
 import opts
 from misc import defaults
+from dataloader import DataConfig
 from misc.loss_wrapper import LossConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_model_and_loss_defaults_are_the_options_defaults():
+def test_model_loss_and_data_defaults_are_the_options_defaults():
     parsed = vars(opts.parse_opt([]))
     assert {key: parsed[key] for key in defaults.MODEL} == defaults.MODEL
-    config = LossConfig()
-    assert {f.name: getattr(config, f.name) for f in dataclasses.fields(LossConfig)} == \
-        {f.name: parsed[f.name] for f in dataclasses.fields(LossConfig)}
+    for config_class in (LossConfig, DataConfig):
+        config = config_class()
+        names = [f.name for f in dataclasses.fields(config_class) if f.name in parsed]
+        assert names and {name: getattr(config, name) for name in names} == {name: parsed[name] for name in names}
 
 
 def test_model_options_fill_a_partial_namespace_as_fill_defaults():
