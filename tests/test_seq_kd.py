@@ -8,11 +8,11 @@ import h5py
 import numpy as np
 
 import eval as eval_script
-import train
 from misc.fileio import load_pickle
 from scripts import prepro_labels_seqKD
 from tests.helpers import working_dir
-from tests.test_train import make_scene_dataset, run_main
+from tests.helpers import run_main
+from tests.test_train import make_scene_dataset
 
 TEACHER_IMAGES = 50  # of the 200 train images: the others keep their ground truth
 
@@ -28,13 +28,13 @@ def test_beam_lists_become_the_seq_kd_labels_and_train_sat(tmp_path):
     scene = make_scene_dataset(str(tmp_path / 'data'))
     base = str(tmp_path / 'base')
     with working_dir(tmp_path):
-        rc, _, err = run_main(train.main, scene.args(base, 'base', '--noamopt', '--noamopt_warmup', '50',
-                                                     '--max_iters', '100', '--save_checkpoint_every', '100'))
+        rc, _, err = run_main(scene.args(base, 'base', '--noamopt', '--noamopt_warmup', '50',
+                                         '--max_iters', '100', '--save_checkpoint_every', '100'))
         assert rc == 0, err
-        rc, out, err = run_main(eval_script.main, [
+        rc, out, err = run_main([
             '--model', os.path.join(base, 'model-best.pth'), '--infos_path', os.path.join(base, 'infos_base-best.pkl'),
             '--seq_kd', '1', '--split', 'train', '--beam_size', '5', '--language_eval', '0', '--batch_size', '25',
-            '--num_images', str(TEACHER_IMAGES), '--id', 'base-train-b5'])
+            '--num_images', str(TEACHER_IMAGES), '--id', 'base-train-b5'], main=eval_script.main)
         assert rc == 0, err
         with open('vis/base-train-b5_seq_kd.json') as f:
             beams = json.load(f)
@@ -76,7 +76,7 @@ def test_beam_lists_become_the_seq_kd_labels_and_train_sat(tmp_path):
     # SAT (K=2) stage 1 on the distilled labels, from the baseline's weights.
     sat = str(tmp_path / 'sat')
     with working_dir(tmp_path):
-        rc, out, err = run_main(train.main, scene.args(
+        rc, out, err = run_main(scene.args(
             sat, 'sat', '--caption_model', 'sat', '--K', '2', '--noamopt', '--noamopt_warmup', '50',
             '--max_iters', '3', '--init_from', os.path.join(base, 'model-best.pth'), label_h5=kd + '_label.h5'))
     assert rc == 0, err
