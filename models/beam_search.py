@@ -74,7 +74,7 @@ class _BeamGroup:
         self.steps = Steps.for_search(config, BEAM)
         device = memory.device
         b, w = self.batch, self.width
-        self.cache = model.init_cache(memory, memory_mask, beam=w, use_cache=config.use_cache,
+        self.cache = model.init_cache(memory, memory_mask, rows_per_image=w, use_cache=config.use_cache,
                                       max_length=max_length)
         self.rows = torch.arange(b, device=device).unsqueeze(1) * w  # (B, 1): first row of each image
         self.seq = torch.zeros(b, w, max_length, dtype=torch.long, device=device)  # (B, W, T)

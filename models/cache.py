@@ -16,7 +16,7 @@ Two layouts of the self-attention keys/values:
 With `incremental=False` the state only remembers the token prefix and the memory, and every step re-decodes the
 whole prefix with cross-attention recomputed (the reference's way; kept for tests and benchmarks).
 
-Shapes: B images, beam rows per image, S = B * beam rows, H heads, T positions so far, N regions, dk = D / H.
+Shapes: B images, R rows per image (rows_per_image), S = B * R rows, H heads, T positions so far, N regions, dk = D / H.
 """
 import torch
 
@@ -71,19 +71,21 @@ class StepBuffers:
 class DecoderCache:
     """Everything a decoding step needs besides the new tokens.
 
-    memory (B, N, D) and memory_mask (B, 1, N) or None come from `SATModel.encode`; the `beam` rows of an image
-    follow each other (rows b*beam .. b*beam+beam-1 belong to image b). `length` counts the positions decoded so far.
+    memory (B, N, D) and memory_mask (B, 1, N) or None come from `SATModel.encode`; the rows_per_image
+    rows of an image follow each other (rows b*R .. b*R+R-1 belong to image b). `length` counts the positions
+    decoded so far.
     capacity: positions the fixed layout holds (None: growing layout).
     """
 
-    def __init__(self, memory, memory_mask, layers=None, beam=1, capacity=None):
+    def __init__(self, memory, memory_mask, layers=None, rows_per_image=1, capacity=None, flat_step=None):
         self.memory = memory  # (B, N, D)
         self.encoder_mask = memory_mask  # (B, 1, N) or None (every region valid)
         # (B, 1, 1, N): one mask for every head and query
         self.memory_mask = None if memory_mask is None else memory_mask.unsqueeze(1)
         self.layers = layers  # list of LayerCache, or None: re-decode the prefix at every step
-        self.beam = beam
+        self.rows_per_image = rows_per_image
         self.capacity = capacity
+        self.flat_step = flat_step  # a models.flat_step.FlatStep for its steps, or None: SATModel.cached_step
         self.length = 0
         self.prefix = None  # (S, T) tokens so far, kept only without layer caches
 
@@ -147,7 +149,7 @@ class DecoderCache:
     def reorder(self, index):
         """Keep rows `index` (S,) of the per-row state, e.g. the parent beams chosen by beam search.
 
-        Rows must stay within their image (index // beam == arange(S) // beam): the memory and its keys/values
+        Rows must stay within their image (index // R == arange(S) // R): the memory and its keys/values
         are per image and are not touched.
         """
         if self.layers is not None:

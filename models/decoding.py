@@ -56,7 +56,7 @@ def greedy_or_sample(model, memory, memory_mask, config, max_length, rows_per_im
     that group are kept (decode_sequence stops at the first 0 anyway).
     """
     batch, k = memory.size(0) * rows_per_image, model.K
-    cache = model.init_cache(memory, memory_mask, beam=rows_per_image, use_cache=config.use_cache,
+    cache = model.init_cache(memory, memory_mask, rows_per_image=rows_per_image, use_cache=config.use_cache,
                              max_length=max_length)
     seq = memory.new_zeros(batch, max_length, dtype=torch.long)  # (B, T)
     seq_logprobs = memory.new_zeros(batch, max_length, dtype=torch.float32)  # (B, T), even under autocast

@@ -83,9 +83,10 @@ class EnsembleModel(nn.Module):
         encoded = [member.encode(att_feats, att_masks) for member in self.members]
         return encoded[0][0], EnsembleEncoding([m for m, _ in encoded], [mask for _, mask in encoded])
 
-    def init_cache(self, memory, encoding, beam=1, use_cache=None, max_length=None):
-        """Every member's fresh decoding state (SATModel.init_cache) for `beam` rows per image."""
-        return EnsembleCache([member.init_cache(m, mask, beam=beam, use_cache=use_cache, max_length=max_length)
+    def init_cache(self, memory, encoding, rows_per_image=1, use_cache=None, max_length=None):
+        """Every member's fresh decoding state (SATModel.init_cache) for rows_per_image rows per image."""
+        return EnsembleCache([member.init_cache(m, mask, rows_per_image=rows_per_image, use_cache=use_cache,
+                                                max_length=max_length)
                               for member, m, mask in zip(self.members, encoding.memories, encoding.masks)])
 
     def step(self, tokens, cache):

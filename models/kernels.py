@@ -89,17 +89,22 @@ def layer_norm(x, a, b, eps):
     """The reference layer norm, a * (x - mean) / (std + eps) + b with the UNBIASED std, in few passes.
 
     Under torch.compile the plain formula (inductor fuses it into one kernel); with gradients the hand-written
-    backward above; without, centre + norm (see _center_and_std), then a * centred / (std + eps) + b.
+    backward above; without, layer_norm_inference.
     """
-    # Under autocast (--bf16/--fp16) x arrives in half precision: normalise in the parameters' dtype (float32), as
-    # autocast runs torch's layer_norm; in float16 a zero row's 1 / (0 + eps) = 1e6 would overflow to inf.
-    x = x.to(a.dtype)
     if torch.compiler.is_compiling():
+        x = x.to(a.dtype)
         std, mean = torch.std_mean(x, dim=-1, keepdim=True)
         return a * (x - mean) / (std + eps) + b
     if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad):
-        return _LayerNormFunction.apply(x, a, b, eps)
-    centred, std = _center_and_std(x)
+        return _LayerNormFunction.apply(x.to(a.dtype), a, b, eps)
+    return layer_norm_inference(x, a, b, eps)
+
+
+def layer_norm_inference(x, a, b, eps):
+    """layer_norm without gradients: centre + norm (see _center_and_std), then a * centred / (std + eps) + b."""
+    # Under autocast (--bf16/--fp16) x arrives in half precision: normalise in the parameters' dtype (float32), as
+    # autocast runs torch's layer_norm; in float16 a zero row's 1 / (0 + eps) = 1e6 would overflow to inf.
+    centred, std = _center_and_std(x.to(a.dtype))
     # the reference's order of operations, a * (x - mean) then / (std + eps), then + b. This runs 19 times per
     # decoding step: eps as a 0-dim tensor of x's dtype (the same float32 value) spares the scalar's wrapping and
     # type promotion (~6 us per call), the in-place add the new tensor of an out-of-place `std + eps`.
@@ -233,28 +238,34 @@ def _padded_key_value(attn, kv, packing):
     return k, v
 
 
-def attend_memory(attn, q, memory, fold=1):
-    """Queries q (S, H, Tq, dk) over per-image memory keys/values (memory_key_value's list), S = B * fold rows
-    (the fold rows of an image follow each other: beams, or an image's captions) -> (S, Tq, D) after attn's
-    output projection.
+def attend_memory(attn, q, memory, rows_per_image=1):
+    """Queries q (S, H, Tq, dk) over per-image memory keys/values (memory_key_value's list), S = B * rows_per_image
+    rows (an image's rows follow each other: beams, or its captions) -> (S, Tq, D) after attn's output projection.
 
     The rows of an image are folded into the query axis instead of copying the memory per row."""
+    return linear(attn.linears[3], attend_memory_rows(q, memory, rows_per_image, attn.dropout_p))
+
+
+def attend_memory_rows(q, memory, rows_per_image=1, dropout_p=0.0):
+    """attend_memory before the output projection: (S, Tq, D), the heads merged."""
     if len(memory) == 1 and memory[0][3] is None:
         key, value, mask, _ = memory[0]
-        return linear(attn.linears[3], _attend_folded(attn, q, key, value, mask, fold))
-    rows, _, tq, _ = q.shape
-    out = q.new_empty(rows, tq, attn.h * attn.d_k)  # (S, Tq, D): every row is written by one group
-    for key, value, mask, group in memory:
-        index = group.query_rows(fold)  # (S_g,)
-        out.index_copy_(0, index, _attend_folded(attn, q.index_select(0, index), key, value, mask, fold))
-    return linear(attn.linears[3], out)
-
-
-def _attend_folded(attn, q, memory_key, memory_value, memory_mask, fold):
+        return _attend_folded(q, key, value, mask, rows_per_image, dropout_p)
     rows, heads, tq, dk = q.shape
-    if fold > 1:
-        q = q.view(-1, fold, heads, tq, dk).transpose(1, 2).reshape(-1, heads, fold * tq, dk)  # (B, H, f*Tq, dk)
-    y = scaled_dot_product_attention(q, memory_key, memory_value, memory_mask, attn.dropout_p)  # (B, H, f*Tq, dk)
-    if fold > 1:
-        y = y.view(-1, heads, fold, tq, dk).transpose(1, 2)  # (B, f, H, Tq, dk)
+    out = q.new_empty(rows, tq, heads * dk)  # (S, Tq, D): every row is written by one group
+    for key, value, mask, group in memory:
+        index = group.query_rows(rows_per_image)  # (S_g,)
+        out.index_copy_(0, index, _attend_folded(q.index_select(0, index), key, value, mask, rows_per_image,
+                                                 dropout_p))
+    return out
+
+
+def _attend_folded(q, memory_key, memory_value, memory_mask, rows_per_image, dropout_p):
+    rows, heads, tq, dk = q.shape
+    r = rows_per_image
+    if r > 1:
+        q = q.view(-1, r, heads, tq, dk).transpose(1, 2).reshape(-1, heads, r * tq, dk)  # (B, H, r*Tq, dk)
+    y = scaled_dot_product_attention(q, memory_key, memory_value, memory_mask, dropout_p)  # (B, H, r*Tq, dk)
+    if r > 1:
+        y = y.view(-1, heads, r, tq, dk).transpose(1, 2)  # (B, r, H, Tq, dk)
     return y.reshape(rows, heads, tq, dk).transpose(1, 2).reshape(rows, tq, heads * dk)  # (S, Tq, D)

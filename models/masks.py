@@ -102,15 +102,16 @@ class Packing:
         self.groups = groups
         return self
 
-    def query_rows(self, fold):
-        """A group's rows among S = B * fold decoding rows (fold rows per image, one after the other); built once
-        per fold (decoding asks at every step and layer)."""
-        if fold == 1:
+    def query_rows(self, rows_per_image):
+        """A group's rows among S = B * rows_per_image decoding rows (an image's rows one after the other); built
+        once per rows_per_image value (decoding asks at every step and layer)."""
+        if rows_per_image == 1:
             return self.images
-        rows = self._query_rows.get(fold)
+        rows = self._query_rows.get(rows_per_image)
         if rows is None:
-            rows = (self.images.unsqueeze(1) * fold + torch.arange(fold, device=self.images.device)).reshape(-1)
-            self._query_rows[fold] = rows
+            offsets = torch.arange(rows_per_image, device=self.images.device)
+            rows = (self.images.unsqueeze(1) * rows_per_image + offsets).reshape(-1)
+            self._query_rows[rows_per_image] = rows
         return rows
 
     def pad(self, x):

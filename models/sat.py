@@ -17,6 +17,7 @@ from torch import nn
 from models.cache import DecoderCache, LayerCache, StepBuffers
 from models.decode_config import DecodeConfig
 from models.decoding import decode_batch
+from models.flat_step import FlatStep
 from models.masks import Packing, group_mask, target_mask
 from models.kernels import Dropout, memory_key_value
 from models.transformer import make_model
@@ -29,12 +30,13 @@ class SATModel(nn.Module):
     """Region features -> caption, K words per step. state_dict: `att_embed.*` and `model.*` (the reference's)."""
 
     def __init__(self, vocab_size, K=1, d_model=512, d_ff=2048, num_layers=6, att_feat_size=2048,
-                 drop_prob_lm=0.5, use_bn=0, max_length=20, use_cache=True):
+                 drop_prob_lm=0.5, use_bn=0, max_length=20, use_cache=True, flat_step=True):
         super().__init__()
         self.vocab_size = vocab_size  # words; V = vocab_size + 1 outputs
         self.K = K
         self.max_length = max_length
         self.use_cache = bool(use_cache)
+        self.flat_step = bool(flat_step)  # decoding steps without gradients as one function (models.flat_step)
         self.group_regions = True  # attention per group of images of similar region counts (models.masks)
         self.d_model = d_model
         self.done_beams = None  # filled by beam search: per image, the finished beams, best first
@@ -93,13 +95,16 @@ class SATModel(nn.Module):
         packing = self._packing(index, attn_mask, batch, length, groups)
         return self.model.encoder.forward_packed(self.att_embed(rows), packing)
 
-    def teacher_forcing(self, rows, index, attn_mask, batch, length, groups, tokens, tgt_mask, fold):
+    def teacher_forcing(self, rows, index, attn_mask, batch, length, groups, tokens, tgt_mask, rows_per_image):
         """encode_rows, then the decoder over the shifted tokens (S, T) with tgt_mask (S, T, T) -> (S, T, D)
         (plain tensors and ints: what --compile 1 compiles for training)."""
         packing = self._packing(index, attn_mask, batch, length, groups)
         memory = self.encode_rows(rows, index, attn_mask, batch, length, groups)  # (M, D)
         memory_kv = [memory_key_value(layer.src_attn, memory, packing) for layer in self.model.decoder.layers]
-        return self.model.decoder.forward_memory_kv(self.model.embed(tokens), memory_kv, tgt_mask, fold)
+        return self.model.decoder.forward_memory_kv(self.model.embed(tokens), memory_kv, tgt_mask, rows_per_image)
+
+    def _is_compiled(self, name):
+        return name in self.__dict__.get('_compiled', {})
 
     def _maybe_compiled(self, name, fallback):
         compiled = self.__dict__.get('_compiled', {}).get(name)
@@ -198,12 +203,14 @@ class SATModel(nn.Module):
         return full, logprobs
 
     # ---- decoding primitives -------------------------------------------------------------------------------
-    def init_cache(self, memory, memory_mask, beam=1, use_cache=None, max_length=None):
-        """A fresh decoding state for B images with `beam` rows each (see models.cache).
+    def init_cache(self, memory, memory_mask, rows_per_image=1, use_cache=None, max_length=None):
+        """A fresh decoding state for B images with rows_per_image rows each (see models.cache).
 
         memory (B, N, D) and memory_mask (B, 1, N) or None from encode. The cross-attention keys/values are
         projected once, from the real regions only. Without gradients the self-attention keys/values go into
-        fixed buffers for max_length positions (default self.max_length), rounded up to whole K-word groups.
+        fixed buffers for max_length positions (default self.max_length), rounded up to whole K-word groups, and
+        in eval mode the steps run as one function over the decoder's tensors (models.flat_step), unless compiled
+        or self.flat_step is off.
         """
         use_cache = self.use_cache if use_cache is None else use_cache
         layers = capacity = None
@@ -218,7 +225,8 @@ class SATModel(nn.Module):
             layers = [LayerCache([(key.contiguous(), value.contiguous(), mask, group) for key, value, mask, group
                                   in memory_key_value(layer.src_attn, rows, packing)], capacity)
                       for layer in self.model.decoder.layers]
-        return DecoderCache(memory, memory_mask, layers, beam, capacity)
+        flat = capacity is not None and self.flat_step and FlatStep.applies(self) and not self._is_compiled('step')
+        return DecoderCache(memory, memory_mask, layers, rows_per_image, capacity, FlatStep(self) if flat else None)
 
     def step(self, tokens, cache):
         """One K-word group: the previous group's tokens (S, K) -> log-probs of the next K words (S, K, V).
@@ -230,12 +238,13 @@ class SATModel(nn.Module):
         if cache.incremental:
             # fixed layout: the same shapes at every step, so the compiled step (--compile 1) is built once; eager
             # steps attend over the filled part of the buffers instead of masking the rest
-            compiled = 'step' in self.__dict__.get('_compiled', {})
+            compiled = self._is_compiled('step')
             positions, self_mask = cache.positions(k, tokens.device, masked=compiled)  # (K,), (1,1,1,cap) or None
             filled = cache.length + k if cache.fixed and not compiled else None
             keys, values, memory = cache.buffers(tokens.size(0))
-            logprobs, keys, values = self._step_fn(tokens, positions, self_mask, keys, values, memory, cache.beam,
-                                                   filled)
+            step_fn = cache.flat_step or self._step_fn
+            logprobs, keys, values = step_fn(tokens, positions, self_mask, keys, values, memory, cache.rows_per_image,
+                                             filled)
             if not cache.fixed:
                 cache.store(keys, values)
             cache.length += k
@@ -243,16 +252,16 @@ class SATModel(nn.Module):
         else:
             prefix = cache.extend_prefix(tokens)  # (S, T)
             memory, memory_mask = cache.memory, cache.encoder_mask  # (B, N, D), (B, 1, N) or None
-            if cache.beam > 1:
-                memory = memory.repeat_interleave(cache.beam, dim=0)  # (S, N, D)
+            if cache.rows_per_image > 1:
+                memory = memory.repeat_interleave(cache.rows_per_image, dim=0)  # (S, N, D)
                 if memory_mask is not None:
-                    memory_mask = memory_mask.repeat_interleave(cache.beam, dim=0)
+                    memory_mask = memory_mask.repeat_interleave(cache.rows_per_image, dim=0)
             mask = group_mask(prefix.size(1), self.K, prefix.device)  # (1, T, T)
             out = self.model.decode(memory, memory_mask, prefix, mask)[:, -k:]  # (S, K, D)
         cache.length += k
         return self.model.generator(out), cache
 
-    def cached_step(self, tokens, positions, self_mask, keys, values, memory, beam, filled=None):
+    def cached_step(self, tokens, positions, self_mask, keys, values, memory, rows_per_image, filled=None):
         """One cached decoding step on plain tensors (what --compile 1 compiles): tokens (S, K) at positions (K,);
         per layer the self-attention keys/values and the memory keys/values (models.cache.LayerCache.memory).
         Fixed layout (self_mask (1, 1, 1, capacity) given, or the int `filled`): keys/values
@@ -264,7 +273,7 @@ class SATModel(nn.Module):
         new_keys, new_values = [], []
         for i, layer in enumerate(self.model.decoder.layers):
             buffers = StepBuffers(keys[i], values[i], memory[i], fixed, filled)
-            x = layer.step(x, buffers, positions, self_mask, beam)
+            x = layer.step(x, buffers, positions, self_mask, rows_per_image)
             new_keys.append(buffers.key)
             new_values.append(buffers.value)
         return self.model.generator(self.model.decoder.norm(x)), new_keys, new_values

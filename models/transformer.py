@@ -11,7 +11,8 @@ numbers), and the encoder runs on packed rows (the real regions only, `models.ma
 these call (hand-written layer-norm backward, CPU dropout mask, fused projections, packed and folded attention)
 are in models/kernels.py, each the same numbers as the formula written here.
 
-Shapes: B images, S decoding rows (B or B*beam), N regions, T tokens, D d_model, H heads, dk = D / H.
+Shapes: B images, S decoding rows (B, or B * rows per image: beams or captions), N regions, T tokens, D d_model,
+H heads, dk = D / H.
 Masks are boolean, True = may attend, broadcastable to (B, H, T_query, T_key).
 """
 import copy
@@ -267,22 +268,22 @@ class DecoderLayer(nn.Module):
         x = sub.residual(x, y)
         return self.sublayer[2](x, self.feed_forward), weights
 
-    def forward_memory_kv(self, x, memory, tgt_mask, fold=1):
+    def forward_memory_kv(self, x, memory, tgt_mask, rows_per_image=1):
         """Full sequence x (S, T, D) with the memory's keys/values already projected (models.kernels.
-        memory_key_value), S = B * fold (the rows of an image follow each other), tgt_mask (S or 1, T, T)."""
+        memory_key_value), S = B * rows_per_image (the rows of an image follow each other), tgt_mask (S or 1, T, T)."""
         sub = self.sublayer
         x = sub[0](x, lambda y: self.self_attn(y, y, y, tgt_mask))
         q = self.src_attn.project_query(sub[1].norm(x))  # (S, H, T, dk)
-        x = sub[1].residual(x, kernels.attend_memory(self.src_attn, q, memory, fold))
+        x = sub[1].residual(x, kernels.attend_memory(self.src_attn, q, memory, rows_per_image))
         return sub[2].residual(x, self.feed_forward(sub[2].norm(x)))
 
-    def step(self, x, layer_cache, positions, self_mask, beam):
+    def step(self, x, layer_cache, positions, self_mask, rows_per_image):
         """Only the newest positions: x (S, Tn, D) -> (S, Tn, D), their keys/values added to layer_cache (a
         models.cache.StepBuffers, which also holds the memory keys/values).
 
         The new positions see every cached position and each other (the block mask has no zero there);
         self_mask (1, 1, 1, capacity) hides the cache's unfilled positions (None: the cache holds exactly the
-        positions so far). S = B * beam rows share each image's memory.
+        positions so far). S = B * rows_per_image rows share each image's memory.
         """
         attn, sub = self.self_attn, self.sublayer[0]
         h = sub.norm(x)
@@ -292,7 +293,7 @@ class DecoderLayer(nn.Module):
 
         attn, sub = self.src_attn, self.sublayer[1]
         q = attn.project_query(sub.norm(x))  # (S, H, Tn, dk)
-        x = sub.residual(x, kernels.attend_memory(attn, q, layer_cache.memory, beam))
+        x = sub.residual(x, kernels.attend_memory(attn, q, layer_cache.memory, rows_per_image))
         sub = self.sublayer[2]
         return sub.residual(x, self.feed_forward(sub.norm(x)))
 
@@ -311,11 +312,11 @@ class Decoder(nn.Module):
             x = layer(x, memory, src_mask, tgt_mask)
         return self.norm(x)
 
-    def forward_memory_kv(self, x, memory_kv, tgt_mask, fold=1):
+    def forward_memory_kv(self, x, memory_kv, tgt_mask, rows_per_image=1):
         """x (S, T, D) with each layer's memory keys/values (models.kernels.memory_key_value) -> (S, T, D);
-        S = B * fold."""
+        S = B * rows_per_image."""
         for layer, memory in zip(self.layers, memory_kv):
-            x = layer.forward_memory_kv(x, memory, tgt_mask, fold)
+            x = layer.forward_memory_kv(x, memory, tgt_mask, rows_per_image)
         return self.norm(x)
 
 

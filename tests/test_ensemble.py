@@ -47,8 +47,8 @@ def test_step_is_the_log_of_the_weighted_mean_of_the_members_probabilities():
     att, masks = masked_batch(feat=FEAT)
     with torch.no_grad():
         memory, encoding = ensemble.encode(att, masks)
-        cache = ensemble.init_cache(memory, encoding, beam=2)
-        member_caches = [m.init_cache(*m.encode(att, masks), beam=2) for m in members]
+        cache = ensemble.init_cache(memory, encoding, rows_per_image=2)
+        member_caches = [m.init_cache(*m.encode(att, masks), rows_per_image=2) for m in members]
         tokens = torch.zeros(att.size(0) * 2, 2, dtype=torch.long)  # (S, K)
         for step in range(3):
             got, cache = ensemble.step(tokens, cache)  # (S, K, V)

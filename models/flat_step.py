@@ -1,0 +1,117 @@
+"""The cached decoding step as one function over the decoder's tensors: SATModel.cached_step without the modules.
+
+A batch-1 decoding step is a chain of small matrix-vector products; on a fast CPU core the Python around them (module
+calls, attribute lookups, method dispatch: about 40 modules and 300 torch calls per step) costs as much as the
+products themselves (issue 22: 6.6 ms a step against a 2.5 ms floor on the Intel Xeon). `FlatStep` collects, once
+per decoding, the tensors the step reads (each layer's norms, projections and feed-forward, the embedding and the
+generator) and runs the step as one loop of torch calls over them.
+
+The same numbers as `SATModel.cached_step`, bit for bit (tests/test_flat_step.py): the same torch calls on the same
+tensors in the same order, only fewer Python frames and fewer views around them (e.g. q|k|v split into heads with one
+view and one permute instead of three of each). Used for decoding without gradients in eval mode (evaluation,
+validation, beam search; not self-critical sampling, which needs dropout and gradients) unless the model is compiled
+(`--compile 1`) or `SATModel.flat_step` is set False (bench/compare.py and the tests compare both paths).
+
+Shapes: S rows, Tn new positions (K), D d_model, H heads, dk = D / H, V vocabulary + 1.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models import kernels
+
+
+def _linear_of(module):
+    """A linear layer as the step calls it: (weight, bias) of a plain nn.Linear, else the module's forward
+    (e.g. models.speed.Int8Linear)."""
+    if type(module) is nn.Linear:
+        return module.weight, module.bias
+    return module.forward
+
+
+def _projections_of(attn, which):
+    """attn's linears `which` as one linear over their concatenated outputs (models.kernels.project_concat)."""
+    if which in attn.fused_projections:
+        return attn.fused_projections[which].forward
+    linears = [attn.linears[i] for i in which]
+    if all(type(m) is nn.Linear for m in linears):
+        return kernels._fused_weights(attn._fused, which, linears)
+    return lambda x: torch.cat([m(x) for m in linears], dim=-1)
+
+
+def _apply(linear, x):
+    return F.linear(x, *linear) if type(linear) is tuple else linear(x)
+
+
+class _Norm:
+    """A LayerNorm's parameters (the reference layer norm, models.kernels.layer_norm)."""
+    __slots__ = ('a', 'b', 'eps')
+
+    def __init__(self, norm):
+        self.a, self.b, self.eps = norm.a_2, norm.b_2, norm.eps
+
+
+class _Layer:
+    """One decoder layer's tensors for a step."""
+    __slots__ = ('norm_self', 'qkv', 'out_self', 'norm_src', 'q_src', 'out_src', 'norm_ff', 'w_1', 'w_2')
+
+    def __init__(self, layer):
+        self.norm_self, self.norm_src, self.norm_ff = (_Norm(sub.norm) for sub in layer.sublayer)
+        self.qkv = _projections_of(layer.self_attn, (0, 1, 2))
+        self.out_self = _linear_of(layer.self_attn.linears[3])
+        self.q_src = _linear_of(layer.src_attn.linears[0])
+        self.out_src = _linear_of(layer.src_attn.linears[3])
+        self.w_1, self.w_2 = _linear_of(layer.feed_forward.w_1), _linear_of(layer.feed_forward.w_2)
+
+
+class FlatStep:
+    """SATModel.cached_step over the tensors of `model` (a SATModel) as they are now (built per decoding:
+    models.sat.SATModel.init_cache)."""
+
+    def __init__(self, model):
+        transformer = model.model
+        words, positions = transformer.tgt_embed
+        self.lut, self.scale = words.lut.weight, math.sqrt(words.d_model)
+        self.pe = positions.pe[0]  # (max_len, D)
+        self.layers = [_Layer(layer) for layer in transformer.decoder.layers]
+        self.norm = _Norm(transformer.decoder.norm)
+        self.generator = _linear_of(transformer.generator.proj)
+        attn = transformer.decoder.layers[0].self_attn
+        self.heads, self.d_k = attn.h, attn.d_k
+
+    @staticmethod
+    def applies(model):
+        """Whether the step may run flat: decoding without gradients, every dropout off."""
+        return not model.training and not torch.is_grad_enabled()
+
+    def __call__(self, tokens, positions, self_mask, keys, values, memory, rows_per_image, filled=None):
+        """SATModel.cached_step (fixed layout: keys/values the (S, H, capacity, dk) buffers, written in place,
+        attended under self_mask or up to `filled`) -> (log-probs (S, K, V), keys, values)."""
+        rows, new = tokens.shape
+        heads, d_k = self.heads, self.d_k
+        x = F.embedding(tokens, self.lut).mul_(self.scale) + self.pe.index_select(0, positions)  # (S, Tn, D)
+        for layer, key, value, memory_kv in zip(self.layers, keys, values, memory):
+            # masked self-attention over the cached positions and the new ones
+            qkv = _apply(layer.qkv, _norm(x, layer.norm_self))  # (S, Tn, 3D)
+            q, k, v = qkv.view(rows, new, 3, heads, d_k).permute(2, 0, 3, 1, 4)  # (S, H, Tn, dk) each
+            key.index_copy_(2, positions, k)
+            value.index_copy_(2, positions, v)
+            if filled is not None:
+                k, v = key[:, :, :filled], value[:, :, :filled]
+            else:
+                k, v = key, value
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=self_mask)  # (S, H, Tn, dk)
+            x = x + _apply(layer.out_self, y.transpose(1, 2).reshape(rows, new, heads * d_k))
+            # attention over the image's memory keys/values
+            q = _apply(layer.q_src, _norm(x, layer.norm_src)).view(rows, new, heads, d_k).transpose(1, 2)
+            x = x + _apply(layer.out_src, kernels.attend_memory_rows(q, memory_kv, rows_per_image))
+            # feed-forward
+            h = F.relu(_apply(layer.w_1, _norm(x, layer.norm_ff)), inplace=True)
+            x = x + _apply(layer.w_2, h)
+        return F.log_softmax(_apply(self.generator, _norm(x, self.norm)), dim=-1), keys, values
+
+
+def _norm(x, norm):
+    return kernels.layer_norm_inference(x, norm.a, norm.b, norm.eps)
