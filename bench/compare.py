@@ -1,6 +1,7 @@
-"""Benchmark: this tree against the implementation of commit 1ebca89 (before issue 11), timed in one run.
+"""Benchmark: this tree against the implementation of another commit (--base; 1ebca89, before issue 11, by
+default), timed in one run.
 
-1ebca89 is checked out into a temporary `git worktree` (removed at the end). Every measurement runs in its own
+The base commit is checked out into a temporary `git worktree` (removed at the end). Every measurement runs in its own
 subprocess (bench/_ab_worker.py) that imports ONE implementation from its root, on the same inputs: paper-size
 weights (6+6 layers, d_model 512, d_ff 2048, vocabulary 9487; random, seed 0; for decoding with generator
 bias[0] = -1e4 so that greedy captions run the full 20 words), one training batch (10 images x 5 captions,
@@ -9,12 +10,14 @@ bias[0] = -1e4 so that greedy captions run the full 20 words), one training batc
 each side's time is the better of its two runs' medians (other jobs share these 2 cores). Prints the tables of
 bench/README.md and merges {"compare": {...}} into bench/results.json.
 
-    python bench/compare.py [--only xe,sc,b50,b1,bf16,compile] [--iters 3] [--quick]
+    python bench/compare.py [--base COMMIT] [--only xe,sc,b50,b1,bf16,compile] [--iters 3] [--quick]
 
-Targets (issue 11): XE >= 1.4x and self-critical >= 1.3x faster than 1ebca89 (default options, the same loss to
+Targets against 1ebca89 (issue 11): XE >= 1.4x and self-critical >= 1.3x faster than 1ebca89 (default options, the same loss to
 1e-4 in eval mode); cached greedy at batch 50 >= 1.5x faster with identical tokens; batch-1 greedy with
 --quantize int8 >= 2x faster than fp32; SAT K=2 vs K=1 at batch 1 within 5% of what the per-step floor allows;
-with --compile 1 the extra factor is reported.
+with --compile 1 the extra factor is reported. Against any other base (issue 22: the main before the flat
+decoding step): batch-1 fp32 greedy >= 1.4x faster with identical tokens and its step within 1.5x of the floor;
+batch 50 and training no slower (within 3%, the noise of these 2 cores), identical tokens and losses.
 """
 import argparse
 import contextlib
@@ -118,6 +121,7 @@ def main(argv=None):
                              'jobs share the cores (a 2-thread GEMM waits for its slower thread)')
     parser.add_argument('--key', default='compare', help='the key of bench/results.json to write')
     parser.add_argument('--rounds', type=int, default=1, help='old/new/new/old repeated this many times')
+    parser.add_argument('--base', default=BASE, help=f'the commit to compare with (default {BASE})')
     args = parser.parse_args(argv)
     global ROUNDS
     ROUNDS = args.rounds
@@ -126,13 +130,13 @@ def main(argv=None):
         args.iters = args.decode_iters = 1
     busy = other_load()
     info = machine()
-    print(f"compare {BASE} vs this tree on {info['cpu']}, {info['cores']} cores, torch {info['torch']}")
+    print(f"compare {args.base} vs this tree on {info['cpu']}, {info['cores']} cores, torch {info['torch']}")
     if busy:
         print(f'WARNING: other CPU-heavy processes are running, timings are disturbed: {busy}')
-    results = {'machine': info, 'base': BASE, 'busy_at_start': busy, 'quick': args.quick,
+    results = {'machine': info, 'base': args.base, 'busy_at_start': busy, 'quick': args.quick,
                'threads': args.threads or info['threads']}
     t_start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix='satic-compare-') as inputs, base_worktree() as old:
+    with tempfile.TemporaryDirectory(prefix='satic-compare-') as inputs, base_worktree(args.base) as old:
         prepare_inputs(inputs, args.quick)
         run = Runner(inputs, threads=args.threads)
         new = ROOT
@@ -267,6 +271,41 @@ def floor_min_ms(model, rows=(1, 2), repeats=40):
 
 
 def targets(r):
+    return issue11_targets(r) if r['base'] == BASE else flat_step_targets(r)
+
+
+def flat_step_targets(r):
+    """Issue 22's CPU targets against r['base']."""
+    out, base = {}, r['base']
+    for k in (1, 2):
+        x = r.get(f'b1_K{k}')
+        if x:
+            speedup = x['old_ms'] / x['new_ms']
+            out[f'batch-1 fp32 greedy K={k} >= 1.4x faster than {base}, identical tokens'] = {
+                'met': speedup >= 1.4 and x['same_tokens_old_new'],
+                'text': f"{x['old_ms']:.1f} -> {x['new_ms']:.1f} ms = {speedup:.2f}x (steps {x['old_ms_per_step']:.2f}"
+                        f" -> {x['new_ms_per_step']:.2f} ms), identical: {x['same_tokens_old_new']}"}
+            floor = r['floor_ms'][k]
+            out[f'batch-1 cached step K={k} within 1.5x of the floor'] = {
+                'met': x['new_ms_per_step'] <= 1.5 * floor,
+                'text': f"{x['new_ms_per_step']:.2f} ms/step vs floor {floor:.2f} ms = "
+                        f"{x['new_ms_per_step'] / floor:.2f}x (before: {x['old_ms_per_step'] / floor:.2f}x)"}
+        x = r.get(f'b50_K{k}')
+        if x:
+            out[f'cached greedy batch 50 K={k} no slower than {base}, identical tokens'] = {
+                'met': x['speedup'] >= 0.97 and x['same_tokens'],
+                'text': f"{x['old_ms']:.0f} -> {x['new_ms']:.0f} ms = {x['speedup']:.2f}x, identical: {x['same_tokens']}"}
+    for mode, name in (('xe', 'XE training'), ('sc', 'self-critical')):
+        x = r.get(mode)
+        if x:
+            out[f'{name} no slower than {base}, same loss'] = {
+                'met': x['speedup'] >= 0.97 and x['loss_diff'] < 1e-6,
+                'text': f"{x['old_s']:.2f} -> {x['new_s']:.2f} s/iter = {x['speedup']:.2f}x, eval-mode loss differs by "
+                        f"{x['loss_diff']:.1e}"}
+    return out
+
+
+def issue11_targets(r):
     out = {}
     for mode, need, name in (('xe', 1.4, 'XE training'), ('sc', 1.3, 'self-critical')):
         if mode in r:

@@ -17,17 +17,16 @@ Shapes: S rows, Tn new positions (K), D d_model, H heads, dk = D / H, V vocabula
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from models import kernels
 
 
 def _linear_of(module):
-    """A linear layer as the step calls it: (weight, bias) of a plain nn.Linear, else the module's forward
-    (e.g. models.speed.Int8Linear)."""
+    """A linear layer as the step calls it: (bias, weight transposed) of a plain nn.Linear, else the module's
+    forward (e.g. models.speed.Int8Linear)."""
     if type(module) is nn.Linear:
-        return module.weight, module.bias
+        return module.bias, module.weight.t()
     return module.forward
 
 
@@ -37,12 +36,17 @@ def _projections_of(attn, which):
         return attn.fused_projections[which].forward
     linears = [attn.linears[i] for i in which]
     if all(type(m) is nn.Linear for m in linears):
-        return kernels._fused_weights(attn._fused, which, linears)
+        weight, bias = kernels._fused_weights(attn._fused, which, linears)
+        return bias, weight.t()
     return lambda x: torch.cat([m(x) for m in linears], dim=-1)
 
 
 def _apply(linear, x):
-    return F.linear(x, *linear) if type(linear) is tuple else linear(x)
+    """x (R, D_in) -> (R, D_out): addmm on the transposed weight is the call F.linear makes (the same numbers)."""
+    if type(linear) is not tuple:
+        return linear(x)
+    bias, weight_t = linear
+    return torch.mm(x, weight_t) if bias is None else torch.addmm(bias, x, weight_t)
 
 
 class _Norm:
@@ -88,13 +92,16 @@ class FlatStep:
 
     def __call__(self, tokens, positions, self_mask, keys, values, memory, rows_per_image, filled=None):
         """SATModel.cached_step (fixed layout: keys/values the (S, H, capacity, dk) buffers, written in place,
-        attended under self_mask or up to `filled`) -> (log-probs (S, K, V), keys, values)."""
+        attended under self_mask or up to `filled`) -> (log-probs (S, K, V), keys, values).
+
+        The rows run as (S * Tn, D) matrices, the layout F.linear flattens 3-d inputs to."""
         rows, new = tokens.shape
         heads, d_k = self.heads, self.d_k
-        x = F.embedding(tokens, self.lut).mul_(self.scale) + self.pe.index_select(0, positions)  # (S, Tn, D)
+        x = torch.embedding(self.lut, tokens.reshape(-1)).mul_(self.scale)  # (S*Tn, D)
+        x = (x.view(rows, new, -1) + self.pe.index_select(0, positions)).view(rows * new, -1)
         for layer, key, value, memory_kv in zip(self.layers, keys, values, memory):
             # masked self-attention over the cached positions and the new ones
-            qkv = _apply(layer.qkv, _norm(x, layer.norm_self))  # (S, Tn, 3D)
+            qkv = _apply(layer.qkv, _norm(x, layer.norm_self))  # (S*Tn, 3D)
             q, k, v = qkv.view(rows, new, 3, heads, d_k).permute(2, 0, 3, 1, 4)  # (S, H, Tn, dk) each
             key.index_copy_(2, positions, k)
             value.index_copy_(2, positions, v)
@@ -102,15 +109,16 @@ class FlatStep:
                 k, v = key[:, :, :filled], value[:, :, :filled]
             else:
                 k, v = key, value
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=self_mask)  # (S, H, Tn, dk)
-            x = x + _apply(layer.out_self, y.transpose(1, 2).reshape(rows, new, heads * d_k))
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self_mask)  # (S, H, Tn, dk)
+            x = x + _apply(layer.out_self, y.transpose(1, 2).reshape(rows * new, heads * d_k))
             # attention over the image's memory keys/values
             q = _apply(layer.q_src, _norm(x, layer.norm_src)).view(rows, new, heads, d_k).transpose(1, 2)
-            x = x + _apply(layer.out_src, kernels.attend_memory_rows(q, memory_kv, rows_per_image))
+            y = kernels.attend_memory_rows(q, memory_kv, rows_per_image)  # (S, Tn, D)
+            x = x + _apply(layer.out_src, y.view(rows * new, -1))
             # feed-forward
-            h = F.relu(_apply(layer.w_1, _norm(x, layer.norm_ff)), inplace=True)
-            x = x + _apply(layer.w_2, h)
-        return F.log_softmax(_apply(self.generator, _norm(x, self.norm)), dim=-1), keys, values
+            x = x + _apply(layer.w_2, torch.relu_(_apply(layer.w_1, _norm(x, layer.norm_ff))))
+        logprobs = torch.log_softmax(_apply(self.generator, _norm(x, self.norm)), dim=-1)  # (S*Tn, V)
+        return logprobs.view(rows, new, -1), keys, values
 
 
 def _norm(x, norm):
