@@ -6,6 +6,7 @@ are one class, SATModel, with K = 1 for 'transformer'.
 """
 import re
 
+from misc.defaults import model_options
 from misc.errors import SaticError
 from models.sat import SATModel, build_model
 
@@ -17,7 +18,6 @@ def setup(opt):
 
     opt may be a reference infos' options, or a test's partial ones: a copy gets the model options it lacks at
     their defaults and the K rule (misc.defaults.model_options)."""
-    from misc.defaults import model_options
     opt = model_options(opt)
     if opt.caption_model in ('sat', 'transformer'):
         return build_model(opt)

@@ -30,6 +30,7 @@ import warnings
 import torch
 from torch import nn
 
+from misc.errors import SaticError
 from models.transformer import MultiHeadedAttention
 
 
@@ -241,11 +242,9 @@ def apply_eval_options(model, opt):
     and encoder). Returns the model to evaluate (a quantized copy, or model itself)."""
     quantize = opt.quantize or ''
     if quantize not in ('', 'none', 'int8'):
-        from misc.errors import SaticError
         raise SaticError(f"--quantize {quantize!r}: use int8 (dynamic int8 linear layers, CPU) or leave it out")
     if quantize == 'int8':
         if next(model.parameters()).device.type != 'cpu':
-            from misc.errors import SaticError
             raise SaticError('--quantize int8 runs on the CPU only: add --device cpu')
         model = quantize_int8(model)
     if opt.compile:
