@@ -104,7 +104,7 @@ def layer_norm_inference(x, a, b, eps):
     """layer_norm without gradients: centre + norm (see _center_and_std), then a * centred / (std + eps) + b."""
     # Under autocast (--bf16/--fp16) x arrives in half precision: normalise in the parameters' dtype (float32), as
     # autocast runs torch's layer_norm; in float16 a zero row's 1 / (0 + eps) = 1e6 would overflow to inf.
-    centred, std = _center_and_std(x.to(a.dtype))
+    centred, std = _center_and_std(x if x.dtype == a.dtype else x.to(a.dtype))  # (.to costs ~4 us even as a no-op)
     # the reference's order of operations, a * (x - mean) then / (std + eps), then + b. This runs 19 times per
     # decoding step: eps as a 0-dim tensor of x's dtype (the same float32 value) spares the scalar's wrapping and
     # type promotion (~6 us per call), the in-place add the new tensor of an out-of-place `std + eps`.
