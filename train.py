@@ -179,9 +179,10 @@ class Run:
     loader: object  # dataloader.DataLoader
     model: torch.nn.Module
     loss_wrapper: LossWrapper
-    trainer: torch.nn.Module  # loss_wrapper, or the DistributedDataParallel around it
+    loss_module: torch.nn.Module  # what a step calls: loss_wrapper, or the DistributedDataParallel around it
     optimizer: object
     signals: Signals
+    step_config: 'StepConfig'  # what train_step reads of the options
     scaler: object = None  # --fp16: torch.amp.GradScaler
     saver: CheckpointSaver = None  # rank 0 only, as the writer and the progress line
     writer: object = None
@@ -276,15 +277,16 @@ def build_run(opt, world, signals, cleanup):
     if self_critical_ahead(opt, saved.epoch if saved else 0):
         loss_wrapper.load_reward()  # a missing --cached_tokens fails now, not epochs into the run
     run = Run(run_opt, world, loader, model, loss_wrapper, data_parallel(loss_wrapper, run_opt, world), None,
-              signals, precision(run_opt, world))
+              signals, StepConfig.from_opt(run_opt), precision(run_opt, world))
     run.optimizer = build_optimizer(model, run_opt, saved)
     if world.is_main:
         from torch.utils.tensorboard import SummaryWriter
         os.makedirs(opt.checkpoint_path, exist_ok=True)
         run.writer = SummaryWriter(opt.checkpoint_path)
         cleanup.callback(run.writer.close)
-        run.saver = CheckpointSaver(opt.checkpoint_path, opt.id, model, run.optimizer, run_opt, vocab, run.scaler,
-                                    replace=replace)
+        run.saver = CheckpointSaver(opt.checkpoint_path, opt.id, model, run.optimizer, vocab,
+                                    recorded_options=run_opt, save_history_ckpt=bool(opt.save_history_ckpt),
+                                    scaler=run.scaler, replace=replace)
         print(global_batch_line(opt, loader, world), flush=True)
     state = start_state(run, saved)
     run.progress = ProgressLine(state.iteration, total_iterations(opt, loader, world))
@@ -298,14 +300,29 @@ def set_epoch_lr(optimizer, opt, epoch):
         optim.set_lr(optimizer, optim.step_decay_rate(epoch, opt))
 
 
-def train_step(trainer, optimizer, batch, sc_flag, opt, stop=False, world_size=1, scaler=None):
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """What a training step reads of train.py's options, at opts.py's defaults (tests/test_defaults.py checks them):
+    the autocast precision (--bf16, --fp16) and the element-wise gradient clamp (--grad_clip)."""
+    bf16: int = 0
+    fp16: int = 0
+    grad_clip: float = 0.1
+
+    @classmethod
+    def from_opt(cls, opt):
+        """The config of an options Namespace (train.py's resolved options; bench's and tests' partial ones: the
+        defaults above for what they lack)."""
+        return cls(**{f.name: getattr(opt, f.name) for f in dataclasses.fields(cls) if hasattr(opt, f.name)})
+
+
+def train_step(loss_module, optimizer, batch, sc_flag, config, stop=False, world_size=1, scaler=None):
     """One optimisation step -> {'loss': float, 'reward': float (self-critical only), 'rank_loss': float,
     'skipped': bool, 'stop': bool, 'overflow': the loss scale (--fp16 gradient overflows only)}.
 
-    trainer: the LossWrapper (or a module like it: batch, sc_flag -> {'loss'[, 'reward']}), or the
+    loss_module: the LossWrapper (or a module like it: batch, sc_flag -> {'loss'[, 'reward']}), or the
     DistributedDataParallel around it (which averages the gradients over ranks during backward, before the
-    element-wise clamp); batch: a DataLoader batch on the trainer's device (train.py's or bench's); opt: bf16, fp16,
-    grad_clip; scaler: --fp16's torch.amp.GradScaler.
+    element-wise clamp); batch: a DataLoader batch on the module's device (train.py's or bench's); config: a
+    StepConfig (bf16, fp16, grad_clip); scaler: --fp16's torch.amp.GradScaler.
     Non-finite guard (ours): the loss and the largest |gradient| (one fused reduction over every gradient, NaN
     propagating, before the clamp hides an inf) decide whether the update runs; 'skipped' when it did not. With
     --fp16 the gradients are unscaled first, and after a skip the scaler backs off as GradScaler.step would have;
@@ -313,16 +330,16 @@ def train_step(trainer, optimizer, batch, sc_flag, opt, stop=False, world_size=1
     averaged over them (rank_loss: this rank's) and the flags combined in one all-reduce: every rank skips and
     stops (`stop`: a signal asked this rank to stop) at the same iteration. One host synchronisation per step."""
     optimizer.zero_grad()
-    with autocast(batch['att_feats'].device.type, opt.bf16, opt.fp16):
-        out = trainer(batch, sc_flag)
+    with autocast(batch['att_feats'].device.type, config.bf16, config.fp16):
+        out = loss_module(batch, sc_flag)
     loss = out['loss']
     (loss if scaler is None else scaler.scale(loss)).backward()
     if scaler is not None:
         scaler.unscale_(optimizer)  # the true gradients, for the guard and the clamp
-    params = [p for p in trainer.parameters() if p.grad is not None]
+    params = [p for p in loss_module.parameters() if p.grad is not None]
     numbers = step_numbers(loss, params, out.get('reward', 0.0), stop, world_size)
     if not numbers['nonfinite']:
-        optim.clamp_gradients(params, opt.grad_clip)
+        optim.clamp_gradients(params, config.grad_clip)
         optimizer.step()  # (not scaler.step: the guard has decided, without GradScaler's own host read)
     result = {'loss': numbers['loss'], 'rank_loss': numbers['rank_loss'], 'skipped': numbers['nonfinite'],
               'stop': numbers['stop']}
@@ -413,8 +430,8 @@ def train_loop(run, state):
                     (opt.max_iters > 0 and state.iteration >= opt.max_iters):
                 break
             batch = to_device(run.loader.get_batch('train'), world.device)
-            stats = train_step(run.trainer, run.optimizer, batch, state.sc_flag, opt, signals.requested, world.size,
-                               run.scaler)
+            stats = train_step(run.loss_module, run.optimizer, batch, state.sc_flag, run.step_config,
+                               signals.requested, world.size, run.scaler)
             record_step(run, state, batch, stats)
             if state.iteration % opt.save_checkpoint_every == 0:
                 validate_and_save(run, state)

@@ -632,21 +632,25 @@ class CheckpointSaver:
     """Writes the checkpoints of one run (rank 0): model, optimiser, infos and histories as one commit
     (save_checkpoint), the -best pair when asked, and model-<iter>.pth with --save_history_ckpt."""
 
-    def __init__(self, folder, run_id, model, optimizer, opt, vocab, scaler=None, replace=False):
-        """opt: the run's options, recorded in infos (as an argparse.Namespace); vocab: ix_to_word; scaler:
-        --fp16's torch.amp.GradScaler, whose scale infos record too (ours: 'grad_scaler'); replace: the first save
-        replaces the checkpoint files the folder held (--overwrite_run 1)."""
+    def __init__(self, folder, run_id, model, optimizer, vocab, recorded_options, save_history_ckpt=False,
+                 scaler=None, replace=False):
+        """vocab: ix_to_word; recorded_options: the run's options as infos record them (infos['opt'], an
+        argparse.Namespace as the reference's: data here, not read); save_history_ckpt: every save also keeps
+        model-<iter>.pth and infos_<id>-<iter>.pkl (--save_history_ckpt); scaler: --fp16's torch.amp.GradScaler,
+        whose scale infos record too (ours: 'grad_scaler'); replace: the first save replaces the checkpoint files
+        the folder held (--overwrite_run 1)."""
         self.folder, self.run_id, self.model, self.optimizer = folder, run_id, model, optimizer
-        self.opt, self.vocab, self.scaler, self.replace = opt, vocab, scaler, replace
+        self.vocab, self.recorded_options, self.save_history_ckpt = vocab, recorded_options, save_history_ckpt
+        self.scaler, self.replace = scaler, replace
 
     def save(self, point, best_val_score, histories, rng_states, best=False):
         """Save the state at `point` (a ResumePoint); rng_states: every rank's generators, or None when they are
         not known. Returns the infos written."""
-        infos = make_infos(self.opt, self.vocab, point.iteration, point.epoch, best_val_score, position=point.loader,
-                           rng_states=rng_states)
+        infos = make_infos(self.recorded_options, self.vocab, point.iteration, point.epoch, best_val_score,
+                           position=point.loader, rng_states=rng_states)
         if self.scaler is not None:
             infos['grad_scaler'] = dict(self.scaler.state_dict())
-        history_iter = point.iteration if self.opt.save_history_ckpt else None
+        history_iter = point.iteration if self.save_history_ckpt else None
         infos = save_checkpoint(self.folder, self.run_id, self.model, self.optimizer, infos, histories, best,
                                 history_iter, replace=self.replace)
         self.replace = False

@@ -9,6 +9,7 @@ import opts
 from misc import defaults
 from dataloader import DataConfig
 from misc.loss_wrapper import LossConfig
+from train import StepConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -16,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_model_loss_and_data_defaults_are_the_options_defaults():
     parsed = vars(opts.parse_opt([]))
     assert {key: parsed[key] for key in defaults.MODEL} == defaults.MODEL
-    for config_class in (LossConfig, DataConfig):
+    for config_class in (LossConfig, DataConfig, StepConfig):
         config = config_class()
         names = [f.name for f in dataclasses.fields(config_class) if f.name in parsed]
         assert names and {name: getattr(config, name) for name in names} == {name: parsed[name] for name in names}
