@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from misc.losses import build_criterion, self_critical_loss
+from misc.rewards import SelfCriticalReward, default_reward_weights, reward_option
 
 
 @dataclasses.dataclass(frozen=True)
@@ -15,16 +16,19 @@ class LossConfig:
     seq_per_img: int = 5
     encode_per_image: int = 0
     cached_tokens: str = 'data/coco-train-idxs'
-    cider_reward_weight: float = 1
-    bleu_reward_weight: float = 0
     kd_weight: float = 0
     teacher_eval_mode: int = 0
+    # {reward name: weight} of misc.rewards.REWARDS (--cider_reward_weight, --bleu_reward_weight, ...)
+    reward_weights: dict = dataclasses.field(default_factory=default_reward_weights)
 
     @classmethod
     def from_opt(cls, opt):
         """The config of an options Namespace (train.py's resolved options; a test's partial one: the defaults
-        above for what it lacks)."""
-        return cls(**{f.name: getattr(opt, f.name) for f in dataclasses.fields(cls) if hasattr(opt, f.name)})
+        above for what it lacks); reward_weights from its --<name>_reward_weight options."""
+        values = {f.name: getattr(opt, f.name) for f in dataclasses.fields(cls) if hasattr(opt, f.name)}
+        values['reward_weights'] = {name: getattr(opt, reward_option(name), weight)
+                                    for name, weight in default_reward_weights().items()}
+        return cls(**values)
 
 
 class LossWrapper(nn.Module):
@@ -41,8 +45,7 @@ class LossWrapper(nn.Module):
         self.seq_per_img = opt.seq_per_img
         self.encode_per_image = opt.encode_per_image
         self.cached_tokens = opt.cached_tokens
-        self.cider_reward_weight = opt.cider_reward_weight
-        self.bleu_reward_weight = opt.bleu_reward_weight
+        self.reward_weights = dict(opt.reward_weights)
         self._reward = None  # built on first self-critical use: XE runs need no document frequencies
         self.kd_weight = opt.kd_weight or 0
         self.teacher_eval_mode = bool(opt.teacher_eval_mode)
@@ -71,11 +74,10 @@ class LossWrapper(nn.Module):
         return self.kd_crit(logprobs, teacher_logprobs.to(logprobs.dtype))  # (positions, V) each
 
     def load_reward(self):
-        """The CIDEr-D reward with the --cached_tokens document frequencies (read once, on first use)."""
+        """The self-critical reward (misc.rewards: CIDEr-D with the --cached_tokens document frequencies, and the
+        other registered parts) at the configured weights (built once, on first use)."""
         if self._reward is None:
-            from misc.rewards import SelfCriticalReward
-            self._reward = SelfCriticalReward(self.cached_tokens, cider_weight=self.cider_reward_weight,
-                                              bleu_weight=self.bleu_reward_weight)
+            self._reward = SelfCriticalReward(self.cached_tokens, weights=self.reward_weights)
         return self._reward
 
     def features(self, batch, sc_flag):
