@@ -35,7 +35,8 @@ def add_data_options(parser, defaults=True):
     parser.add_argument('--input_json', type=str, default=d('data/cocotalk.json'),
                         help='cocotalk.json from scripts/prepro_labels.py (vocabulary and image list)')
     parser.add_argument('--input_fc_dir', type=str, default=d('data/mscoco/cocobu_fc'),
-                        help='fc features: a directory of <id>.npy, an .lmdb or an .h5 file')
+                        help='fc features: a directory of <id>.npy, an .lmdb or an .h5 file (accepted as in the '
+                             'reference, not read: no model uses them)')
     parser.add_argument('--input_att_dir', type=str, default=d('data/mscoco/cocobu_att'),
                         help='region features: a directory of <id>.npz, an .lmdb or an .h5 file')
     parser.add_argument('--input_box_dir', type=str, default=d('data/mscoco/cocobu_box'),
