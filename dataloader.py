@@ -86,7 +86,7 @@ class LmdbFeatures:
         return path.rstrip('/').endswith('.lmdb')
 
     def __init__(self, path, ext, flag):
-        import lmdb
+        import lmdb  # (only for .lmdb features: the other backends never pay for it)
         self.path, self.flag, self._error = path, flag, lmdb.Error
         try:
             self._env = lmdb.open(path, subdir=os.path.isdir(path), readonly=True, lock=False,

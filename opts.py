@@ -369,8 +369,7 @@ def decode_config(opt, vocab_size=None):
     """The models.decode_config.DecodeConfig of resolved options; a bad value -> SaticError, one line naming it.
 
     vocab_size: refuse more beams per group than the vocabulary has entries."""
-    from misc.errors import SaticError
-    from models.decode_config import DecodeConfig
+    from models.decode_config import DecodeConfig  # (models/ imports torch: opts.py stays torch-free)
     unset = [name for name in DecodeConfig.option_names() if not hasattr(opt, name)]
     if unset:  # a field without its option line would silently decode at its default
         raise SaticError(f"DecodeConfig field(s) {', '.join(unset)} have no option: add them to "

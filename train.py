@@ -29,16 +29,20 @@ import torch
 import torch.distributed as dist
 
 import models
+from dataloader import DataConfig, DataLoader
 from misc import optim
 from misc.checkpoint import (CheckpointError, CheckpointSaver, ResumePoint, check_writable_dir, histories_of,
                              load_init_from, load_run, recover_checkpoint, rng_state)
+from misc.coco_eval import check_ready, language_eval
 from misc.distributed import World, all_gather_objects, run_everywhere, run_on_main, setup_distributed, shutdown
 from misc.errors import SaticError
 from misc.evaluation import evaluate
 from misc.interrupts import Aborted, Interrupted, Signals
 from misc.loss_wrapper import LossConfig, LossWrapper
 from misc.runfolder import RunFolderLock, check_not_busy, check_owner, same_folder
+from misc.teacher import load_teacher
 from misc.utils import autocast, format_duration, to_device
+from models.speed import compile_model
 from opts import decode_config, parse_opt
 
 # (ours) Consecutive iterations with a non-finite loss or gradient (each skipped) after which training stops.
@@ -80,7 +84,6 @@ def build_model(opt, device, saved=None, vocab=None):
         print(f'initialised from the autoregressive checkpoint {opt.init_from}')
     model = model.to(device)
     if opt.compile:  # (ours) opt-in: compiled on the first iterations (README, "Speed options")
-        from models.speed import compile_model
         compile_model(model)
     return model
 
@@ -89,7 +92,6 @@ def build_teacher(opt, vocab, device):
     """The frozen --teacher_model of word-level distillation (--kd_weight > 0), or None (misc/teacher.py)."""
     if not opt.kd_weight > 0:
         return None
-    from misc.teacher import load_teacher
     teacher = load_teacher(opt, vocab, device)
     print(f"distillation: teacher {opt.teacher_model} (K={teacher.K}), "
           f"kd_weight {opt.kd_weight}, teacher in {'eval' if opt.teacher_eval_mode else 'train'} mode", flush=True)
@@ -254,7 +256,6 @@ def prepare_folders(opt, cleanup):
 def build_run(opt, world, signals, cleanup):
     """Data, model, loss, optimiser and checkpoint writer of a run, with what --start_from restores (README,
     "Interrupts and resume") -> (Run, TrainState). cleanup: the contextlib.ExitStack that closes them."""
-    from dataloader import DataConfig, DataLoader
     seed_everything(opt.seed + world.rank)
     # (the other ranks read the folders afterwards and take no lock: one owner per folder)
     replace = run_on_main(lambda: prepare_folders(opt, cleanup), world, 'the set-up')
@@ -269,7 +270,6 @@ def build_run(opt, world, signals, cleanup):
     if saved is not None and saved.loader_state is not None:
         loader.load_state_dict(saved.loader_state)
     if opt.language_eval:
-        from misc.coco_eval import check_ready
         run_on_main(lambda: check_ready(opt.ref_json), world, 'the set-up')  # Java and references: rank 0's job
     model = build_model(run_opt, world.device, saved, vocab)
     teacher = build_teacher(run_opt, vocab, world.device)
@@ -280,7 +280,7 @@ def build_run(opt, world, signals, cleanup):
               signals, StepConfig.from_opt(run_opt), precision(run_opt, world))
     run.optimizer = build_optimizer(model, run_opt, saved)
     if world.is_main:
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # (heavy, rank 0 only: not paid by --help or other ranks)
         os.makedirs(opt.checkpoint_path, exist_ok=True)
         run.writer = SummaryWriter(opt.checkpoint_path)
         cleanup.callback(run.writer.close)
@@ -395,7 +395,6 @@ def score_validation(shards, opt):
     predictions, loss = merge_shards(shards)
     lang_stats = None
     if opt.language_eval:
-        from misc.coco_eval import language_eval
         # as the reference, every validation also writes eval_results/<id>_val.json (the latest one's scores)
         lang_stats, _ = language_eval(predictions, opt.ref_json, split_name='val',
                                       out_path=os.path.join('eval_results', f'{opt.id}_val.json'))

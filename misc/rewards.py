@@ -176,7 +176,7 @@ class SelfCriticalReward:
 
 def bleu_scores(gts, res):
     """pycocoevalcap's Bleu(4).compute_score(gts, res)[1] (per-sentence BLEU-1..4 lists) without its prints."""
-    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.bleu.bleu import Bleu  # (pycocoevalcap: only with --bleu_reward_weight > 0)
     scorer = Bleu(4)
     if 'verbose' in inspect.signature(scorer.compute_score).parameters:
         return scorer.compute_score(gts, res, verbose=0)[1]
