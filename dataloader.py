@@ -5,7 +5,8 @@ per-image features through one `FeatureReader` per kind, chosen by path: a direc
 an .lmdb file (or folder), or an .h5 file with one dataset per image id.
 
 `DataLoader.get_batch(split)` returns, for B images and S = seq_per_img:
-  fc_feats  (B, D) float32          att_feats (B, N, D) float32, zero padded to the batch's largest N
+  fc_feats  (B, D) float32, or None (ours: read only with DataConfig.use_fc_feats; no model uses them)
+  att_feats (B, N, D) float32, zero padded to the batch's largest N
   att_masks (B, N) float32 1/0, or None when every image of the batch has the same number of boxes
   labels    (B*S, L+2) int64 = [0, w1..wL, 0] (L = seq_length, 16)   masks (B*S, L+2) float32: words + 2 ones
   gts       B int64 arrays (n_captions_i, L): every caption of the image (CIDEr-D reward references)
@@ -14,9 +15,9 @@ Features come once per image (caption rows b*S .. b*S+S-1 belong to image b); th
 on the host. `repeat_per_caption(batch)` gives that layout, on whatever device the batch is (train.py repeats on
 the GPU, after the copy). labels/masks/gts are None with `--input_label_h5 none`. Attributes: vocab_size,
 seq_length, ix_to_word, iterators, split_ix (dict split -> image indices), batch_size, seq_per_img, fc_feat_size /
-att_feat_size (D of the data). With world_size > 1 the train split is sharded (same shuffled order on every rank,
-rank r takes slice r). With pin_memory (for a CUDA device) the feature tensors are in page-locked memory, so that
-their copies to the GPU (non_blocking) overlap with the work queued there.
+att_feat_size (D of the data; fc_feat_size None without use_fc_feats). With world_size > 1 the train split is
+sharded (same shuffled order on every rank, rank r takes slice r). With pin_memory (for a CUDA device) the feature
+tensors are in page-locked memory, so that their copies to the GPU (non_blocking) overlap with the work queued there.
 
 Determinism (our design, so that resuming is exact): which captions an image gets and the next epoch's train order
 are pure functions of (seed, split, current order, image), never of thread timing or of how many batches ran
@@ -85,7 +86,7 @@ class LmdbFeatures:
         return path.rstrip('/').endswith('.lmdb')
 
     def __init__(self, path, ext, flag):
-        import lmdb
+        import lmdb  # (only for .lmdb features: the other backends never pay for it)
         self.path, self.flag, self._error = path, flag, lmdb.Error
         try:
             self._env = lmdb.open(path, subdir=os.path.isdir(path), readonly=True, lock=False,
@@ -233,6 +234,9 @@ class DataConfig:
     num_workers: int = 2
     seed: int = 123
     seq_length: int = DEFAULT_SEQ_LENGTH
+    # (ours) read the --input_fc_dir features: off for SATIC's models, which take none (SATModel.forward ignores
+    # fc_feats; batches then hold fc_feats None, and the folder need not exist); on for tools that want them.
+    use_fc_feats: bool = False
 
     @classmethod
     def from_opt(cls, opt):
@@ -276,8 +280,10 @@ class DataLoader:
             self._load_labels(opt.input_json, self.label_h5)
             self.seq_length = self.labels.shape[1]
 
-        self.fc_loader = FeatureReader(opt.input_fc_dir, '.npy', '--input_fc_dir')
-        self._readers.append(self.fc_loader)
+        self.fc_loader = None
+        if opt.use_fc_feats:
+            self.fc_loader = FeatureReader(opt.input_fc_dir, '.npy', '--input_fc_dir')
+            self._readers.append(self.fc_loader)
         self.att_dir = opt.input_att_dir
         self.att_loader = FeatureReader(opt.input_att_dir, '.npz', '--input_att_dir')
         self._readers.append(self.att_loader)
@@ -312,7 +318,7 @@ class DataLoader:
         for s in SPLITS:
             if self.split_ix[s]:
                 fc, att, _, _ = self._load_item(s, self.split_ix[s][0], '')
-                self.fc_feat_size, self.att_feat_size = fc.shape[0], att.shape[1]
+                self.fc_feat_size, self.att_feat_size = None if fc is None else fc.shape[0], att.shape[1]
         self.num_workers = max(0, opt.num_workers)
         self._pending = {s: collections.OrderedDict() for s in SPLITS}
         if self.num_workers > 0:
@@ -534,13 +540,14 @@ class DataLoader:
     # ---- loading and prefetching ----
 
     def _load_item(self, split, ix, token):
-        """(fc (D,), att (N, D), captions (S, L) or None, ix) of one image; pure function of its arguments."""
+        """(fc (D,) or None (without use_fc_feats), att (N, D), captions (S, L) or None, ix) of one image; pure
+        function of its arguments."""
         iid = self.images[ix]['id']
         att = self.att_loader.get(iid, self.att_feat_size, regions=True)
         att = att.reshape(-1, att.shape[-1])  # (N, D)
         if self.norm_att_feat:
             att = att / np.linalg.norm(att, 2, 1, keepdims=True)
-        fc = self.fc_loader.get(iid, self.fc_feat_size).reshape(-1)  # (D,)
+        fc = None if self.fc_loader is None else self.fc_loader.get(iid, self.fc_feat_size).reshape(-1)  # (D,)
         seq = None
         if self.labels is not None:
             seq = self._captions(ix, random.Random(f'{self.seed}/{split}/{token}/{ix}'))
@@ -582,11 +589,12 @@ class DataLoader:
         B = len(items)
         counts = [it[1].shape[0] for it in items]
         max_n, dim = max(counts), items[0][1].shape[1]
-        fc = self._zeros(B, items[0][0].shape[0])  # (B, Dfc)
+        fc = None if items[0][0] is None else self._zeros(B, items[0][0].shape[0])  # (B, Dfc)
         att = self._zeros(B, max_n, dim)  # (B, N, D)
         masks = self._zeros(B, max_n)  # (B, N)
         for b, it in enumerate(items):  # one copy per image, straight into the (pinned) batch tensors
-            fc.numpy()[b] = it[0]
+            if fc is not None:
+                fc.numpy()[b] = it[0]
             att.numpy()[b, :counts[b]] = it[1]
             masks.numpy()[b, :counts[b]] = 1
         batch = {
@@ -610,7 +618,7 @@ class DataLoader:
 
 def repeat_per_caption(batch):
     """The reference's layout of a get_batch batch: fc_feats, att_feats and att_masks repeated seq_per_img times
-    (row b*S + s is image b), on the batch's device. Returns a new dict."""
+    (row b*S + s is image b; None stays None), on the batch's device. Returns a new dict."""
     S = batch['seq_per_img']
     repeat = lambda t: None if t is None else t.repeat_interleave(S, dim=0)  # noqa: E731
     return {**batch, 'fc_feats': repeat(batch['fc_feats']), 'att_feats': repeat(batch['att_feats']),

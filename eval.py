@@ -12,7 +12,17 @@ import sys
 
 import torch
 
+from dataloader import DataConfig, DataLoader
+from misc.checkpoint import load_for_eval
+from misc.coco_eval import check_ready, language_eval
 from misc.errors import SaticError
+from misc.evaluation import attach_boxes, evaluate
+from misc.fileio import check_output_folder, run_cli, write_json
+from misc.losses import build_criterion
+from misc.utils import resolve_device
+from misc.visualize import write_index_html
+from models.speed import apply_eval_options, int8_kernel
+from opts import check_eval_split, decode_config, parse_eval_opt, resolve_eval_options
 
 
 def output_folders(eval_opt):
@@ -49,22 +59,17 @@ def check_attention_options(eval_opt):
 def check_outputs(folders):
     """Every output folder writable or creatable before anything is loaded or decoded (not
     after scoring the whole split)."""
-    from misc.fileio import check_output_folder
     for folder, what in folders:
         check_output_folder(folder, what)
 
 
 def load_checkpoint(eval_opt):
     """(model in eval mode on its device, resolved options, infos) of --model and --infos_path, checked to agree."""
-    from misc.checkpoint import load_for_eval
-    from misc.utils import resolve_device
-    from opts import resolve_eval_options
     model, opt, infos = load_for_eval(eval_opt.model, eval_opt.infos_path,
                                       lambda infos: resolve_eval_options(eval_opt, infos, eval_opt.infos_path))
     device = resolve_device(opt.device)
     model = model.to(device).eval()
     if opt.quantize or opt.compile:
-        from models.speed import apply_eval_options, int8_kernel
         model = apply_eval_options(model, opt)  # --quantize int8, --compile 1 (both off by default)
         if opt.quantize == 'int8':
             print(int8_kernel(), flush=True)  # which int8 path this CPU gets (README, "Speed options")
@@ -78,12 +83,6 @@ def run_evaluation(eval_opt, loaded=None):
     load_checkpoint(eval_opt). Everything that can be checked before decoding is (checkpoint vs infos, Java and
     references, feature size).
     """
-    from dataloader import DataConfig, DataLoader
-    from misc.coco_eval import check_ready, language_eval
-    from misc.evaluation import attach_boxes, evaluate
-    from misc.losses import build_criterion
-    from opts import decode_config
-
     torch.manual_seed(eval_opt.seed)
     model, opt, infos = loaded or load_checkpoint(eval_opt)
     if opt.language_eval:
@@ -115,7 +114,6 @@ def run_evaluation(eval_opt, loaded=None):
 def write_outputs(eval_opt, opt, result, lang_stats, img_to_eval):
     """vis/<id>.json, eval_results/<id>_<split>.json, the seq-KD beams, the timing json and the caption viewer, as
     the flags ask."""
-    from misc.fileio import write_json
     if lang_stats is not None:
         path = os.path.join('eval_results', f'{opt.id}_{opt.split}.json')
         write_json({'overall': lang_stats, 'imgToEval': img_to_eval}, path)
@@ -131,16 +129,12 @@ def write_outputs(eval_opt, opt, result, lang_stats, img_to_eval):
         write_json(result.predictions, path)
         print(f'wrote {len(result.predictions)} captions to {path}')
     if eval_opt.dump_images:
-        from misc.visualize import write_index_html
         scores = os.path.join('eval_results', f'{opt.id}_{opt.split}.json') if lang_stats else None
         path = write_index_html(result.predictions, opt, lang_stats_path=scores, image_root=eval_opt.image_root)
         print(f'wrote the caption viewer to {path}')
 
 
 def main(argv=None):
-    from misc.fileio import run_cli
-    from opts import check_eval_split, parse_eval_opt
-
     def run(eval_opt):
         check_eval_split(eval_opt)
         check_attention_options(eval_opt)

@@ -12,6 +12,9 @@ e.g. the training labels of other images; 'none' works too).
 import os
 import sys
 
+from misc.fileio import run_cli, write_json
+from opts import check_eval_split, parse_eval_opt
+
 
 def server_results(predictions):
     """The COCO server format: each image once (its first caption), with an integer id."""
@@ -25,7 +28,6 @@ def server_results(predictions):
 
 
 def parse_args(argv=None):
-    from opts import parse_eval_opt
     eval_opt = parse_eval_opt(argv, beam_size=3, batch_size=2, language_eval=0,
                               description='Caption the COCO test images for the evaluation server.')
     eval_opt.language_eval = 0  # no references exist for the test images
@@ -34,8 +36,7 @@ def parse_args(argv=None):
 
 
 def run(eval_opt):
-    from eval import check_outputs, run_evaluation
-    from opts import check_eval_split
+    from eval import check_outputs, run_evaluation  # (imports torch: --help stays light)
     check_eval_split(eval_opt)
     check_outputs([('vis', 'vis/ (the result file)')])  # before any loading or decoding
     _, result, _, _ = run_evaluation(eval_opt)
@@ -44,7 +45,6 @@ def run(eval_opt):
 
 def write_server_results(predictions, run_id):
     """vis/<run_id>.json in the COCO server format (server_results); also eval_ensemble.py --server_json 1."""
-    from misc.fileio import write_json
     results = server_results(predictions)
     path = os.path.join('vis', f'{run_id}.json')
     write_json(results, path)
@@ -52,7 +52,6 @@ def write_server_results(predictions, run_id):
 
 
 def main(argv=None):
-    from misc.fileio import run_cli
     return run_cli(parse_args, run, argv)
 
 

@@ -16,11 +16,13 @@ import copy
 import os
 import sys
 
+from eval_cocotest import write_server_results
 from misc.errors import SaticError
+from misc.fileio import run_cli
+from opts import add_eval_options, check_eval_split
 
 
 def parse_args(argv=None):
-    from opts import add_eval_options
     parser = argparse.ArgumentParser(description='Evaluate an ensemble of SATIC checkpoints (same K and vocabulary).')
     add_eval_options(parser)
     parser.add_argument('--ids', nargs='+', default=[],
@@ -90,8 +92,8 @@ def check_compatible(first, other):
 def load_ensemble(eval_opt, files):
     """(EnsembleModel, the first model's resolved options, its infos) for eval.run_evaluation's `loaded`; files
     [(model.pth, infos.pkl)] (member_files)."""
-    from eval import load_checkpoint
-    from models.ensemble import EnsembleModel
+    from eval import load_checkpoint  # (eval and models import torch: --help stays light)
+    from models.ensemble import EnsembleModel  # (as eval)
     weights = member_weights(eval_opt, len(files))
     members = []
     for model_path, infos_path in files:
@@ -115,9 +117,7 @@ def default_id(eval_opt):
 
 
 def run(eval_opt):
-    from eval import check_attention_options, check_outputs, output_folders, run_evaluation, write_outputs
-    from eval_cocotest import write_server_results
-    from opts import check_eval_split
+    from eval import check_attention_options, check_outputs, output_folders, run_evaluation, write_outputs  # (torch)
     check_eval_split(eval_opt)
     check_attention_options(eval_opt)
     eval_opt.id = eval_opt.id or default_id(eval_opt)
@@ -136,7 +136,6 @@ def run(eval_opt):
 
 
 def main(argv=None):
-    from misc.fileio import run_cli
     return run_cli(parse_args, run, argv)
 
 

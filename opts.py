@@ -10,6 +10,7 @@ import os
 
 from misc.defaults import MODEL, model_k  # noqa: F401 (model_k: the K rule, opts.model_k)
 from misc.errors import SaticError
+from misc.rewards import REWARDS, reward_option
 
 DEFAULT_INIT_FROM = 'save/nsc-transformer-baseline/model-best.pth'
 DEFAULT_REF_JSON = 'coco-caption/annotations/captions_val2014.json'
@@ -34,7 +35,8 @@ def add_data_options(parser, defaults=True):
     parser.add_argument('--input_json', type=str, default=d('data/cocotalk.json'),
                         help='cocotalk.json from scripts/prepro_labels.py (vocabulary and image list)')
     parser.add_argument('--input_fc_dir', type=str, default=d('data/mscoco/cocobu_fc'),
-                        help='fc features: a directory of <id>.npy, an .lmdb or an .h5 file')
+                        help='fc features: a directory of <id>.npy, an .lmdb or an .h5 file (accepted as in the '
+                             'reference, not read: no model uses them)')
     parser.add_argument('--input_att_dir', type=str, default=d('data/mscoco/cocobu_att'),
                         help='region features: a directory of <id>.npz, an .lmdb or an .h5 file')
     parser.add_argument('--input_box_dir', type=str, default=d('data/mscoco/cocobu_box'),
@@ -144,11 +146,9 @@ def add_training_options(parser):
                              "\"Interrupts and resume\")")
     parser.add_argument('--train_only', type=int, default=0, help='1: train on train only, without restval')
     parser.add_argument('--num_images', type=int, default=-1, help='(ours) cut every split to this many images')
-    parser.add_argument('--cider_reward_weight', type=float, default=1,
-                        help='self-critical reward = cider_reward_weight * CIDEr-D + bleu_reward_weight * BLEU-4 '
-                             '(a part is computed only when its weight is > 0, as the reference)')
-    parser.add_argument('--bleu_reward_weight', type=float, default=0,
-                        help="weight of per-sentence BLEU-4 (pycocoevalcap's Bleu(4)) in the self-critical reward")
+    for name, scorer_class in REWARDS.items():  # --cider_reward_weight, --bleu_reward_weight (misc/rewards.py)
+        parser.add_argument(f'--{reward_option(name)}', type=float, default=scorer_class.default_weight,
+                            help=scorer_class.help)
     parser.add_argument('--kd_weight', type=float, default=0,
                         help='word-level distillation (XE stage): loss = XE + kd_weight * KL(teacher || student) '
                              'over the masked positions; needs --teacher_model')
@@ -369,8 +369,7 @@ def decode_config(opt, vocab_size=None):
     """The models.decode_config.DecodeConfig of resolved options; a bad value -> SaticError, one line naming it.
 
     vocab_size: refuse more beams per group than the vocabulary has entries."""
-    from misc.errors import SaticError
-    from models.decode_config import DecodeConfig
+    from models.decode_config import DecodeConfig  # (models/ imports torch: opts.py stays torch-free)
     unset = [name for name in DecodeConfig.option_names() if not hasattr(opt, name)]
     if unset:  # a field without its option line would silently decode at its default
         raise SaticError(f"DecodeConfig field(s) {', '.join(unset)} have no option: add them to "

@@ -29,16 +29,20 @@ import torch
 import torch.distributed as dist
 
 import models
+from dataloader import DataConfig, DataLoader
 from misc import optim
 from misc.checkpoint import (CheckpointError, CheckpointSaver, ResumePoint, check_writable_dir, histories_of,
                              load_init_from, load_run, recover_checkpoint, rng_state)
+from misc.coco_eval import check_ready, language_eval
 from misc.distributed import World, all_gather_objects, run_everywhere, run_on_main, setup_distributed, shutdown
 from misc.errors import SaticError
 from misc.evaluation import evaluate
 from misc.interrupts import Aborted, Interrupted, Signals
 from misc.loss_wrapper import LossConfig, LossWrapper
 from misc.runfolder import RunFolderLock, check_not_busy, check_owner, same_folder
+from misc.teacher import load_teacher
 from misc.utils import autocast, format_duration, to_device
+from models.speed import compile_model
 from opts import decode_config, parse_opt
 
 # (ours) Consecutive iterations with a non-finite loss or gradient (each skipped) after which training stops.
@@ -80,7 +84,6 @@ def build_model(opt, device, saved=None, vocab=None):
         print(f'initialised from the autoregressive checkpoint {opt.init_from}')
     model = model.to(device)
     if opt.compile:  # (ours) opt-in: compiled on the first iterations (README, "Speed options")
-        from models.speed import compile_model
         compile_model(model)
     return model
 
@@ -89,7 +92,6 @@ def build_teacher(opt, vocab, device):
     """The frozen --teacher_model of word-level distillation (--kd_weight > 0), or None (misc/teacher.py)."""
     if not opt.kd_weight > 0:
         return None
-    from misc.teacher import load_teacher
     teacher = load_teacher(opt, vocab, device)
     print(f"distillation: teacher {opt.teacher_model} (K={teacher.K}), "
           f"kd_weight {opt.kd_weight}, teacher in {'eval' if opt.teacher_eval_mode else 'train'} mode", flush=True)
@@ -179,9 +181,10 @@ class Run:
     loader: object  # dataloader.DataLoader
     model: torch.nn.Module
     loss_wrapper: LossWrapper
-    trainer: torch.nn.Module  # loss_wrapper, or the DistributedDataParallel around it
+    loss_module: torch.nn.Module  # what a step calls: loss_wrapper, or the DistributedDataParallel around it
     optimizer: object
     signals: Signals
+    step_config: 'StepConfig'  # what train_step reads of the options
     scaler: object = None  # --fp16: torch.amp.GradScaler
     saver: CheckpointSaver = None  # rank 0 only, as the writer and the progress line
     writer: object = None
@@ -253,7 +256,6 @@ def prepare_folders(opt, cleanup):
 def build_run(opt, world, signals, cleanup):
     """Data, model, loss, optimiser and checkpoint writer of a run, with what --start_from restores (README,
     "Interrupts and resume") -> (Run, TrainState). cleanup: the contextlib.ExitStack that closes them."""
-    from dataloader import DataConfig, DataLoader
     seed_everything(opt.seed + world.rank)
     # (the other ranks read the folders afterwards and take no lock: one owner per folder)
     replace = run_on_main(lambda: prepare_folders(opt, cleanup), world, 'the set-up')
@@ -268,7 +270,6 @@ def build_run(opt, world, signals, cleanup):
     if saved is not None and saved.loader_state is not None:
         loader.load_state_dict(saved.loader_state)
     if opt.language_eval:
-        from misc.coco_eval import check_ready
         run_on_main(lambda: check_ready(opt.ref_json), world, 'the set-up')  # Java and references: rank 0's job
     model = build_model(run_opt, world.device, saved, vocab)
     teacher = build_teacher(run_opt, vocab, world.device)
@@ -276,15 +277,16 @@ def build_run(opt, world, signals, cleanup):
     if self_critical_ahead(opt, saved.epoch if saved else 0):
         loss_wrapper.load_reward()  # a missing --cached_tokens fails now, not epochs into the run
     run = Run(run_opt, world, loader, model, loss_wrapper, data_parallel(loss_wrapper, run_opt, world), None,
-              signals, precision(run_opt, world))
+              signals, StepConfig.from_opt(run_opt), precision(run_opt, world))
     run.optimizer = build_optimizer(model, run_opt, saved)
     if world.is_main:
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # (heavy, rank 0 only: not paid by --help or other ranks)
         os.makedirs(opt.checkpoint_path, exist_ok=True)
         run.writer = SummaryWriter(opt.checkpoint_path)
         cleanup.callback(run.writer.close)
-        run.saver = CheckpointSaver(opt.checkpoint_path, opt.id, model, run.optimizer, run_opt, vocab, run.scaler,
-                                    replace=replace)
+        run.saver = CheckpointSaver(opt.checkpoint_path, opt.id, model, run.optimizer, vocab,
+                                    recorded_options=run_opt, save_history_ckpt=bool(opt.save_history_ckpt),
+                                    scaler=run.scaler, replace=replace)
         print(global_batch_line(opt, loader, world), flush=True)
     state = start_state(run, saved)
     run.progress = ProgressLine(state.iteration, total_iterations(opt, loader, world))
@@ -298,14 +300,29 @@ def set_epoch_lr(optimizer, opt, epoch):
         optim.set_lr(optimizer, optim.step_decay_rate(epoch, opt))
 
 
-def train_step(trainer, optimizer, batch, sc_flag, opt, stop=False, world_size=1, scaler=None):
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """What a training step reads of train.py's options, at opts.py's defaults (tests/test_defaults.py checks them):
+    the autocast precision (--bf16, --fp16) and the element-wise gradient clamp (--grad_clip)."""
+    bf16: int = 0
+    fp16: int = 0
+    grad_clip: float = 0.1
+
+    @classmethod
+    def from_opt(cls, opt):
+        """The config of an options Namespace (train.py's resolved options; bench's and tests' partial ones: the
+        defaults above for what they lack)."""
+        return cls(**{f.name: getattr(opt, f.name) for f in dataclasses.fields(cls) if hasattr(opt, f.name)})
+
+
+def train_step(loss_module, optimizer, batch, sc_flag, config, stop=False, world_size=1, scaler=None):
     """One optimisation step -> {'loss': float, 'reward': float (self-critical only), 'rank_loss': float,
     'skipped': bool, 'stop': bool, 'overflow': the loss scale (--fp16 gradient overflows only)}.
 
-    trainer: the LossWrapper (or a module like it: batch, sc_flag -> {'loss'[, 'reward']}), or the
+    loss_module: the LossWrapper (or a module like it: batch, sc_flag -> {'loss'[, 'reward']}), or the
     DistributedDataParallel around it (which averages the gradients over ranks during backward, before the
-    element-wise clamp); batch: a DataLoader batch on the trainer's device (train.py's or bench's); opt: bf16, fp16,
-    grad_clip; scaler: --fp16's torch.amp.GradScaler.
+    element-wise clamp); batch: a DataLoader batch on the module's device (train.py's or bench's); config: a
+    StepConfig (bf16, fp16, grad_clip); scaler: --fp16's torch.amp.GradScaler.
     Non-finite guard (ours): the loss and the largest |gradient| (one fused reduction over every gradient, NaN
     propagating, before the clamp hides an inf) decide whether the update runs; 'skipped' when it did not. With
     --fp16 the gradients are unscaled first, and after a skip the scaler backs off as GradScaler.step would have;
@@ -313,16 +330,16 @@ def train_step(trainer, optimizer, batch, sc_flag, opt, stop=False, world_size=1
     averaged over them (rank_loss: this rank's) and the flags combined in one all-reduce: every rank skips and
     stops (`stop`: a signal asked this rank to stop) at the same iteration. One host synchronisation per step."""
     optimizer.zero_grad()
-    with autocast(batch['att_feats'].device.type, opt.bf16, opt.fp16):
-        out = trainer(batch, sc_flag)
+    with autocast(batch['att_feats'].device.type, config.bf16, config.fp16):
+        out = loss_module(batch, sc_flag)
     loss = out['loss']
     (loss if scaler is None else scaler.scale(loss)).backward()
     if scaler is not None:
         scaler.unscale_(optimizer)  # the true gradients, for the guard and the clamp
-    params = [p for p in trainer.parameters() if p.grad is not None]
+    params = [p for p in loss_module.parameters() if p.grad is not None]
     numbers = step_numbers(loss, params, out.get('reward', 0.0), stop, world_size)
     if not numbers['nonfinite']:
-        optim.clamp_gradients(params, opt.grad_clip)
+        optim.clamp_gradients(params, config.grad_clip)
         optimizer.step()  # (not scaler.step: the guard has decided, without GradScaler's own host read)
     result = {'loss': numbers['loss'], 'rank_loss': numbers['rank_loss'], 'skipped': numbers['nonfinite'],
               'stop': numbers['stop']}
@@ -378,7 +395,6 @@ def score_validation(shards, opt):
     predictions, loss = merge_shards(shards)
     lang_stats = None
     if opt.language_eval:
-        from misc.coco_eval import language_eval
         # as the reference, every validation also writes eval_results/<id>_val.json (the latest one's scores)
         lang_stats, _ = language_eval(predictions, opt.ref_json, split_name='val',
                                       out_path=os.path.join('eval_results', f'{opt.id}_val.json'))
@@ -413,8 +429,8 @@ def train_loop(run, state):
                     (opt.max_iters > 0 and state.iteration >= opt.max_iters):
                 break
             batch = to_device(run.loader.get_batch('train'), world.device)
-            stats = train_step(run.trainer, run.optimizer, batch, state.sc_flag, opt, signals.requested, world.size,
-                               run.scaler)
+            stats = train_step(run.loss_module, run.optimizer, batch, state.sc_flag, run.step_config,
+                               signals.requested, world.size, run.scaler)
             record_step(run, state, batch, stats)
             if state.iteration % opt.save_checkpoint_every == 0:
                 validate_and_save(run, state)

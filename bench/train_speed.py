@@ -78,13 +78,14 @@ def time_iterations(model, batch, args, size, cached, precision, device):
         for name, value in PRECISION_FLAGS[precision].items():
             flags += [f'--{name}', str(value)]
         opt = opts.parse_opt(flags)
+        step_config = train.StepConfig.from_opt(opt)
         wrapper = LossWrapper(model, opt)
         optimizer = optim.build(model, opt)
         scaler = train.precision(opt, World(device=device))  # --tf32 switches; --fp16's GradScaler
         sc = mode == 'sc'
 
         def iteration():  # train.py's own step: forward, backward, guard, clamp, update
-            train.train_step(wrapper, optimizer, batch, sc, opt, scaler=scaler)
+            train.train_step(wrapper, optimizer, batch, sc, step_config, scaler=scaler)
         try:
             ms = median_ms(iteration, iters, warmup=3 if args.compile else 1, device=device)
         finally:

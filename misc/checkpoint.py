@@ -49,10 +49,11 @@ import time
 import numpy as np
 import torch
 
+import models
 from misc import fileio, optim
 from misc.defaults import model_options
 from misc.errors import CheckpointError, SaticError
-from misc.fileio import load_pickle, load_torch
+from misc.fileio import load_pickle, load_torch, vocab_sha1
 
 
 
@@ -111,7 +112,6 @@ def describe(infos, state_dict, optimizer_state=None):
     if opt is not None:
         fields['K'], fields['caption_model'] = effective_k(opt), resolved(opt).caption_model
     if isinstance(infos.get('vocab'), dict):
-        from misc.fileio import vocab_sha1
         fields['vocab_sha1'] = vocab_sha1(infos['vocab'])
     return fields
 
@@ -143,7 +143,6 @@ def check_infos_match(infos, state_dict_or_path=None, optimizer_state=None, voca
                              f"{expected}{where}: the files come from different saves; put back the files saved "
                              f"together, or remove {optimizer_path} to resume with a fresh optimiser state")
     if vocab is not None and infos.get('vocab_sha1'):
-        from misc.fileio import vocab_sha1
         if vocab_sha1(vocab) != infos['vocab_sha1']:
             raise SaticError(f'{infos_path} was saved with another vocabulary than this data\'s: use the '
                              'cocotalk.json the checkpoint was trained with')
@@ -243,7 +242,6 @@ def load_init_from(path, vocab):
 
 def load_model(model_path, opt, what='model'):
     """models.setup(opt) with the weights of model_path (safe loading, sizes checked), on the CPU."""
-    import models
     return models.load_weights(models.setup(opt), load_model_state(model_path, what), model_path)
 
 
@@ -453,7 +451,7 @@ def save_checkpoint(checkpoint_dir, run_id, model, optimizer, infos, histories, 
 def _remove_replaced(checkpoint_dir, kept):
     """--overwrite_run 1, after the run's first save: the checkpoint files of the run it replaces (any not written
     by that save: other ids' infos, histories and manifests, model-<iter>.pth...) are removed."""
-    from misc.runfolder import checkpoint_files
+    from misc.runfolder import checkpoint_files  # (import cycle: misc.runfolder imports this module)
     fileio.remove_quietly(os.path.join(checkpoint_dir, name) for name in checkpoint_files(checkpoint_dir)
                           if name not in kept)
     fileio.fsync_dir(checkpoint_dir)
@@ -563,7 +561,6 @@ class SavedRun:
     def restore_model(self, model):
         """model.pth's weights into model (sizes checked); refuses a model.pth that is not the one the infos were
         saved with (when the infos record its fingerprint)."""
-        import models
         path = os.path.join(self.folder, 'model.pth')
         models.load_weights(model, load_model_state(path, 'model'), path)
         check_infos_match(self.infos, model.state_dict(), infos_path=self.infos_path, model_path=path)
@@ -632,21 +629,25 @@ class CheckpointSaver:
     """Writes the checkpoints of one run (rank 0): model, optimiser, infos and histories as one commit
     (save_checkpoint), the -best pair when asked, and model-<iter>.pth with --save_history_ckpt."""
 
-    def __init__(self, folder, run_id, model, optimizer, opt, vocab, scaler=None, replace=False):
-        """opt: the run's options, recorded in infos (as an argparse.Namespace); vocab: ix_to_word; scaler:
-        --fp16's torch.amp.GradScaler, whose scale infos record too (ours: 'grad_scaler'); replace: the first save
-        replaces the checkpoint files the folder held (--overwrite_run 1)."""
+    def __init__(self, folder, run_id, model, optimizer, vocab, recorded_options, save_history_ckpt=False,
+                 scaler=None, replace=False):
+        """vocab: ix_to_word; recorded_options: the run's options as infos record them (infos['opt'], an
+        argparse.Namespace as the reference's: data here, not read); save_history_ckpt: every save also keeps
+        model-<iter>.pth and infos_<id>-<iter>.pkl (--save_history_ckpt); scaler: --fp16's torch.amp.GradScaler,
+        whose scale infos record too (ours: 'grad_scaler'); replace: the first save replaces the checkpoint files
+        the folder held (--overwrite_run 1)."""
         self.folder, self.run_id, self.model, self.optimizer = folder, run_id, model, optimizer
-        self.opt, self.vocab, self.scaler, self.replace = opt, vocab, scaler, replace
+        self.vocab, self.recorded_options, self.save_history_ckpt = vocab, recorded_options, save_history_ckpt
+        self.scaler, self.replace = scaler, replace
 
     def save(self, point, best_val_score, histories, rng_states, best=False):
         """Save the state at `point` (a ResumePoint); rng_states: every rank's generators, or None when they are
         not known. Returns the infos written."""
-        infos = make_infos(self.opt, self.vocab, point.iteration, point.epoch, best_val_score, position=point.loader,
-                           rng_states=rng_states)
+        infos = make_infos(self.recorded_options, self.vocab, point.iteration, point.epoch, best_val_score,
+                           position=point.loader, rng_states=rng_states)
         if self.scaler is not None:
             infos['grad_scaler'] = dict(self.scaler.state_dict())
-        history_iter = point.iteration if self.opt.save_history_ckpt else None
+        history_iter = point.iteration if self.save_history_ckpt else None
         infos = save_checkpoint(self.folder, self.run_id, self.model, self.optimizer, infos, histories, best,
                                 history_iter, replace=self.replace)
         self.replace = False

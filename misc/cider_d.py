@@ -31,6 +31,7 @@ from collections import Counter, OrderedDict
 import numpy as np
 
 from misc.errors import SaticError
+from misc.fileio import load_pickle
 
 PREPRO_NGRAMS_COMMAND = ('python scripts/prepro_ngrams.py --input_json data/dataset_coco.json '
                          '--dict_json data/cocotalk.json --output_pkl data/coco-train --split train')
@@ -56,7 +57,6 @@ def load_cached_tokens(path):
                              'between its two files; run it again: %s'
                              % (candidates[0], base[:-len('-idxs')] + '-words.p', PREPRO_NGRAMS_COMMAND))
         raise SaticError('cached tokens file %s not found: build it with %s' % (candidates[0], PREPRO_NGRAMS_COMMAND))
-    from misc.fileio import load_pickle  # (imports torch: not at module level)
     try:  # never plain pickle.load: a crafted file would run code; this admits only containers and numbers
         data = load_pickle(found)
     except SaticError as e:

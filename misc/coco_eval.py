@@ -57,7 +57,7 @@ def java_available():
 
 def _package_dir(*parts):
     """A folder inside the installed pycocoevalcap (a namespace package: no __init__.py at its top)."""
-    import pycocoevalcap
+    import pycocoevalcap  # (pycocoevalcap only when scoring: train.py --language_eval 0 never needs it)
     return os.path.join(list(pycocoevalcap.__path__)[0], *parts)
 
 
@@ -134,7 +134,7 @@ class _Meteor:
     WHAT = 'METEOR (meteor-1.5.jar)'
 
     def __init__(self):
-        from pycocoevalcap.meteor.meteor import Meteor
+        from pycocoevalcap.meteor.meteor import Meteor  # (pycocoevalcap: as _package_dir)
         try:
             self.scorer = Meteor()
         except OSError as e:  # java not executable
@@ -354,8 +354,8 @@ def language_eval(predictions, ref_json, split_name=None, out_path=None, spice='
     --verbose 1), silenced otherwise.
     Writes {"overall": .., "imgToEval": ..} to out_path (atomically) when given.
     Returns (overall {metric: float}, img_to_eval {image_id: {"image_id", metrics.., "caption"}})."""
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.bleu.bleu import Bleu  # (pycocoevalcap: as _package_dir)
+    from pycocoevalcap.rouge.rouge import Rouge  # (as Bleu)
 
     references = _load_references(ref_json)
     if not java_available():

@@ -12,7 +12,9 @@ import time
 
 import torch
 
+from dataloader import FeatureReader
 from misc.errors import SaticError
+from misc.fileio import read_json
 from misc.utils import autocast, decode_sequence, synchronize
 
 
@@ -122,8 +124,6 @@ def attach_boxes(predictions, box_dir, input_json=None):
     """Give each prediction 'boxes', its image's region boxes [[x1, y1, x2, y2], ...] (row r = region r of
     'attention') from box_dir (<id>.npy files, an .lmdb or an .h5: make_bu_data.py's _box output), and
     'image_width' / 'image_height' where input_json's image entry has 'width' / 'height'."""
-    from dataloader import FeatureReader
-    from misc.fileio import read_json
     sizes = {}
     if input_json:
         sizes = {img.get('id'): (img['width'], img['height'])

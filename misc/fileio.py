@@ -13,6 +13,7 @@ import tempfile
 import time
 
 import numpy as np
+from tqdm import tqdm
 
 from misc.errors import CheckpointError, SaticError
 
@@ -47,7 +48,6 @@ class Progress:
         self.start = self.last = time.monotonic()
         self.bar = None
         if sys.stderr.isatty():
-            from tqdm import tqdm
             self.bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == 'B', unit_divisor=1024,
                             dynamic_ncols=True)
 
@@ -499,13 +499,13 @@ def save_pickle(obj, path):
 
 def save_torch(obj, path):
     """torch.save, written atomically."""
-    import torch
+    import torch  # (misc.fileio stays torch-free: the data scripts import it)
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_torch(path, what='checkpoint'):
     """torch.load(weights_only=True) onto the CPU, with a one-line error for a missing or damaged file."""
-    import torch
+    import torch  # (misc.fileio stays torch-free: the data scripts import it)
     if not os.path.isfile(path):
         raise SaticError(f"{what} {path}: file not found")
     try:

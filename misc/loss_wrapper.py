@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from misc.losses import build_criterion, self_critical_loss
+from misc.rewards import SelfCriticalReward, default_reward_weights, reward_option
 
 
 @dataclasses.dataclass(frozen=True)
@@ -15,16 +16,19 @@ class LossConfig:
     seq_per_img: int = 5
     encode_per_image: int = 0
     cached_tokens: str = 'data/coco-train-idxs'
-    cider_reward_weight: float = 1
-    bleu_reward_weight: float = 0
     kd_weight: float = 0
     teacher_eval_mode: int = 0
+    # {reward name: weight} of misc.rewards.REWARDS (--cider_reward_weight, --bleu_reward_weight, ...)
+    reward_weights: dict = dataclasses.field(default_factory=default_reward_weights)
 
     @classmethod
     def from_opt(cls, opt):
         """The config of an options Namespace (train.py's resolved options; a test's partial one: the defaults
-        above for what it lacks)."""
-        return cls(**{f.name: getattr(opt, f.name) for f in dataclasses.fields(cls) if hasattr(opt, f.name)})
+        above for what it lacks); reward_weights from its --<name>_reward_weight options."""
+        values = {f.name: getattr(opt, f.name) for f in dataclasses.fields(cls) if hasattr(opt, f.name)}
+        values['reward_weights'] = {name: getattr(opt, reward_option(name), weight)
+                                    for name, weight in default_reward_weights().items()}
+        return cls(**values)
 
 
 class LossWrapper(nn.Module):
@@ -41,8 +45,7 @@ class LossWrapper(nn.Module):
         self.seq_per_img = opt.seq_per_img
         self.encode_per_image = opt.encode_per_image
         self.cached_tokens = opt.cached_tokens
-        self.cider_reward_weight = opt.cider_reward_weight
-        self.bleu_reward_weight = opt.bleu_reward_weight
+        self.reward_weights = dict(opt.reward_weights)
         self._reward = None  # built on first self-critical use: XE runs need no document frequencies
         self.kd_weight = opt.kd_weight or 0
         self.teacher_eval_mode = bool(opt.teacher_eval_mode)
@@ -57,7 +60,7 @@ class LossWrapper(nn.Module):
             self.teacher._apply(fn, *args, **kwargs)
         return self
 
-    def kd_loss(self, logprobs, att, labels, att_masks, masks, per_img):
+    def kd_loss(self, logprobs, att, labels, att_masks, masks, rows_per_image):
         """KL(teacher || student) over the positions of masks[:, 1:]: nn.KLDivLoss(log_target=True, 'batchmean')
         on the (positions, V) rows, i.e. summed over the vocabulary and averaged over the masked positions.
         logprobs (positions, V): the student's rows (SATModel.scored_logprobs); the teacher computes the same rows.
@@ -66,21 +69,21 @@ class LossWrapper(nn.Module):
         called teacher.eval() and then .train() on the loss wrapper that contained it."""
         self.teacher.train(self.training and not self.teacher_eval_mode)
         with torch.no_grad():
-            teacher_logprobs, _ = self.teacher.scored_logprobs(att, labels, att_masks, masks, seq_per_img=per_img)
+            teacher_logprobs, _ = self.teacher.scored_logprobs(att, labels, att_masks, masks,
+                                                               seq_per_img=rows_per_image)
         return self.kd_crit(logprobs, teacher_logprobs.to(logprobs.dtype))  # (positions, V) each
 
     def load_reward(self):
-        """The CIDEr-D reward with the --cached_tokens document frequencies (read once, on first use)."""
+        """The self-critical reward (misc.rewards: CIDEr-D with the --cached_tokens document frequencies, and the
+        other registered parts) at the configured weights (built once, on first use)."""
         if self._reward is None:
-            from misc.rewards import SelfCriticalReward
-            self._reward = SelfCriticalReward(self.cached_tokens, cider_weight=self.cider_reward_weight,
-                                              bleu_weight=self.bleu_reward_weight)
+            self._reward = SelfCriticalReward(self.cached_tokens, weights=self.reward_weights)
         return self._reward
 
     def features(self, batch, sc_flag):
-        """(fc, att, att_masks, per_img) for the model: with --encode_per_image 1 (ours) one row per image, encoded
-        once, the model repeating its memory per caption (per_img = seq_per_img); with 0 (default, the reference)
-        one row per caption, each encoded with its own dropout (per_img = 1).
+        """(fc, att, att_masks, rows_per_image) for the model: with --encode_per_image 1 (ours) one row per image,
+        encoded once, the model repeating its memory per caption (rows_per_image = seq_per_img); with 0 (default, the
+        reference) one row per caption, each encoded with its own dropout (rows_per_image = 1).
 
         The batch holds the features once per image (DataLoader; repeated here, on the batch's device) or once per
         caption (the reference's layout, e.g. dataloader.repeat_per_caption): att_feats (B or B*S, N, F)."""
@@ -97,18 +100,19 @@ class LossWrapper(nn.Module):
         return repeat(fc), repeat(att), repeat(att_masks), 1  # (B*S, ...): repeated on the device, after the copy
 
     def forward(self, batch, sc_flag=False):
-        fc, att, att_masks, per_img = self.features(batch, sc_flag)
+        fc, att, att_masks, rows_per_image = self.features(batch, sc_flag)
         if not sc_flag:
             labels, masks = batch['labels'], batch['masks']
             # The generator and the log-softmax run only at the M scored positions (masks[:, 1:] > 0): (M, V), (M,).
-            logprobs, targets = self.model.scored_logprobs(att, labels, att_masks, masks, seq_per_img=per_img)
+            logprobs, targets = self.model.scored_logprobs(att, labels, att_masks, masks,
+                                                           seq_per_img=rows_per_image)
             loss = self.crit.scored(logprobs, targets)
             if self.kd_weight > 0 and self.teacher is not None:  # word-level distillation (XE stage only)
-                kd = self.kd_loss(logprobs, att, labels, att_masks, masks, per_img)
+                kd = self.kd_loss(logprobs, att, labels, att_masks, masks, rows_per_image)
                 return {'loss': loss + self.kd_weight * kd, 'kd_loss': kd.detach()}
             return {'loss': loss}
         # One multinomial sample per row, in train mode (dropout on), as the reference.
-        seq, logprobs = self.model(fc, att, att_masks, opt={'sample_max': 0, 'seq_per_img': per_img},
+        seq, logprobs = self.model(fc, att, att_masks, opt={'sample_max': 0, 'seq_per_img': rows_per_image},
                                    mode='sample')  # (S, T) each
         image_ids = [info['id'] for info in batch['infos']] if batch.get('infos') else None
         advantage, rewards = self.load_reward()(seq, batch['gts'], self.seq_per_img, image_ids)

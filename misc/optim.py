@@ -7,6 +7,8 @@ Gradient clipping is the reference's element-wise clamp, not norm clipping.
 """
 import torch
 
+from misc.errors import SaticError
+
 
 def noam_rate(step, d_model, factor=1.0, warmup=2000):
     """lr = factor * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5), for step >= 1."""
@@ -39,7 +41,6 @@ def build_optimizer(params, opt):
         return torch.optim.SGD(params, lr, opt.optim_alpha, weight_decay=wd)
     if name == 'sgdmom':
         return torch.optim.SGD(params, lr, opt.optim_alpha, weight_decay=wd, nesterov=True)
-    from misc.errors import SaticError
     raise SaticError(f"--optim {name!r} is not one of adam, adamw, rmsprop, adagrad, sgd, sgdm, sgdmom")
 
 

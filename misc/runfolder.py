@@ -18,6 +18,7 @@ import sys
 import time
 
 from misc import fileio
+from misc.checkpoint import read_infos
 from misc.errors import SaticError
 
 LOCK_NAME = '.satic.lock'
@@ -156,7 +157,6 @@ def same_folder(a, b):
 
 def held_checkpoint(folder, files):
     """What the folder holds, for a message: 'run ID, iteration N' (its infos) or its files' names."""
-    from misc.checkpoint import read_infos
     ids = run_ids(folder)
     for run_id in ids:
         try:

@@ -2,6 +2,8 @@
 
 import torch
 
+from misc.errors import SaticError
+
 
 # --remove_bad_endings: words a caption should not end with (the reference's list).
 BAD_ENDINGS = ('with', 'in', 'on', 'of', 'a', 'at', 'to', 'for', 'an', 'this', 'his', 'her', 'that', 'the')
@@ -35,7 +37,6 @@ def resolve_device(name=''):
         return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     device = torch.device(name)
     if device.type == 'cuda' and not torch.cuda.is_available():
-        from misc.errors import SaticError
         raise SaticError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
     return device
 

@@ -7,6 +7,8 @@ import json
 import os
 import shutil
 
+from misc.fileio import atomic_write
+
 
 def _references(ref_json):
     """image_id -> list of reference captions, from a COCO-format annotation file (empty if unavailable)."""
@@ -70,6 +72,5 @@ beam size {opt.beam_size}.</p>
 """
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, 'index.html')
-    from misc.fileio import atomic_write
     atomic_write(path, lambda f: f.write(page.encode('utf-8')))
     return path

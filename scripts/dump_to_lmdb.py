@@ -14,6 +14,7 @@ import sys
 if __package__ in (None, ''):  # run as a file: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import h5py
 import numpy as np
 
 from misc.errors import SaticError
@@ -65,7 +66,7 @@ def load_bytes(path, key):
 
 
 def write_lmdb(items, output_file):
-    import lmdb
+    import lmdb  # (only for an .lmdb output: .h5 runs never pay for it)
     page = 4096
     pages = sum(os.path.getsize(p) // page + 3 for _, p in items)
     map_size = int(pages * page * 1.5) + (64 << 20)
@@ -89,7 +90,6 @@ def write_lmdb(items, output_file):
 
 
 def write_h5(items, output_file):
-    import h5py
     with atomic_output(output_file) as tmp, h5py.File(tmp, 'w') as f:
         for key, path in progress(items, desc=f'dump_to_lmdb: {output_file}', unit='images'):
             f.create_dataset(key, data=np.asarray(load_array(path, key), dtype=np.float32))

@@ -15,6 +15,7 @@ import base64
 import binascii
 import csv
 import glob
+import multiprocessing
 import os
 import shutil
 import sys
@@ -162,7 +163,6 @@ def convert_all(files, folders, num_workers):
     done = []
     with Progress(sum(os.path.getsize(f) for f in files), 'make_bu_data: TSV read', 'B') as bar:
         if num_workers > 1:
-            import multiprocessing
             with multiprocessing.Pool(num_workers) as pool:
                 for iid, n, d, size in pool.imap_unordered(convert_row, rows, chunksize=16):
                     done.append((iid, n, d))

@@ -29,6 +29,7 @@ if __package__ in (None, ''):  # run as a file: make the repository root importa
 
 import numpy as np
 
+import opts
 from misc.errors import SaticError
 from scripts import make_bu_data, prepro_cocotest, prepro_labels, prepro_ngrams, prepro_reference_json
 from misc.fileio import run_cli, write_json
@@ -188,8 +189,7 @@ def run_step(module, argv):
 
 def summary(out, box_counts, seed):
     """Dataset summary text: images per split, vocabulary, boxes per image, one decoded batch."""
-    import opts
-    from dataloader import DataLoader
+    from dataloader import DataLoader  # (torch and h5py: only the summary reads a batch)
     with open(os.path.join(out, 'dataset_coco.json')) as f:
         dataset = json.load(f)
     splits = {}

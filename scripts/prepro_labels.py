@@ -25,7 +25,7 @@ import h5py
 import numpy as np
 
 from misc.errors import SaticError
-from misc.fileio import image_id, progress, read_json, run_cli, vocab_sha1, write_json
+from misc.fileio import atomic_write, image_id, progress, read_json, run_cli, vocab_sha1, write_json
 
 UNK = 'UNK'
 
@@ -90,7 +90,6 @@ def encode_captions(captions_per_image, wtoi, max_length, where):
 def write_label_h5(path, labels, start_ix, end_ix, lengths, ix_to_word):
     """Write the label h5 (uint32 datasets) with the vocabulary attrs; atomically (built in memory: about 40 MB on
     COCO, then misc.fileio.atomic_write)."""
-    from misc.fileio import atomic_write
     buffer = io.BytesIO()
     with h5py.File(buffer, 'w') as f:
         f.create_dataset('labels', dtype='uint32', data=labels)
@@ -109,7 +108,7 @@ def image_entry(img, images_root='', path='the dataset json'):
         entry['file_path'] = os.path.join(img.get('filepath', ''), img['filename'])
     entry['id'] = image_id(img, path)
     if images_root:
-        from PIL import Image
+        from PIL import Image  # (Pillow: optional, only with --images_root)
         with Image.open(os.path.join(images_root, img.get('filepath', ''), img['filename'])) as im:
             entry['width'], entry['height'] = im.size
     return entry

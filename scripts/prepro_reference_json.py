@@ -19,7 +19,7 @@ if __package__ in (None, ''):  # run as a file: make the repository root importa
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from misc.errors import SaticError
-from misc.fileio import image_id, run_cli, write_json
+from misc.fileio import atomic_write, image_id, run_cli, write_json
 from scripts.prepro_labels import load_dataset_images
 
 DEFAULT_OUTPUT = 'coco-caption/annotations/captions_val2014.json'
@@ -29,7 +29,7 @@ COCO_FILES = ('captions_val2014.json', 'captions_train2014.json')
 def spice_jar():
     """Path of the SPICE jar inside the installed pycocoevalcap package."""
     try:
-        import pycocoevalcap
+        import pycocoevalcap  # (optional here: a missing package is this function's one-line error)
     except ImportError:
         raise SaticError('pycocoevalcap is not installed: pip install -r requirements.txt') from None
     jar = os.path.join(list(pycocoevalcap.__path__)[0], 'spice', 'spice-1.0.jar')  # a namespace package
@@ -49,7 +49,6 @@ def open_coco_captions(name='captions_val2014.json'):
 
 
 def extract(name, output_json):
-    from misc.fileio import atomic_write
     with open_coco_captions(name) as src:
         atomic_write(output_json, lambda dst: shutil.copyfileobj(src, dst, 1 << 20))
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from misc.checkpoint import save_checkpoint
+from misc.checkpoint import CheckpointSaver, ResumePoint, save_checkpoint
 from misc.fileio import load_pickle, load_torch, save_pickle, save_torch
 from misc.errors import SaticError
 from tests.helpers import needs_shared, shared_path
@@ -79,6 +79,22 @@ def test_save_checkpoint_layout(tmp_path):
                      'model-best.pth', 'model.pth', 'optimizer.pth']  # the reference's files + our manifest
     assert load_pickle(str(tmp_path / 'infos_run-best.pkl'))['iter'] == 3
     assert set(load_torch(str(tmp_path / 'model.pth'))) == {'weight', 'bias'}
+
+
+@pytest.mark.parametrize('history', [False, True], ids=['plain', 'save_history_ckpt'])
+def test_checkpoint_saver_records_the_options_it_is_given_and_reads_only_its_arguments(tmp_path, history):
+    """CheckpointSaver reads save_history_ckpt from its argument; the recorded options are data (infos['opt'], a
+    Namespace copy), whatever they say (here a save_history_ckpt that disagrees)."""
+    model = torch.nn.Linear(2, 2)
+    recorded = argparse.Namespace(caption_model='sat', K=2, save_history_ckpt=int(not history))
+    saver = CheckpointSaver(str(tmp_path), 'run', model, torch.optim.Adam(model.parameters()), {'1': 'a'},
+                            recorded_options=recorded, save_history_ckpt=history)
+    infos = saver.save(ResumePoint(4, 1, {'iterators': {'train': 2}, 'split_ix': {'train': [0]}}, {}), 1.5,
+                       {'loss_history': {}}, rng_states=None)
+    saved = load_pickle(str(tmp_path / 'infos_run.pkl'))
+    assert isinstance(saved['opt'], argparse.Namespace) and vars(saved['opt']) == vars(recorded)
+    assert saved['opt'] is not recorded and saved['iter'] == infos['iter'] == 4 and saved['vocab'] == {'1': 'a'}
+    assert (tmp_path / 'model-4.pth').exists() == history == (tmp_path / 'infos_run-4.pkl').exists()
 
 
 @needs_shared('conformance', 'sat-2', 'infos_sat-2.pkl')

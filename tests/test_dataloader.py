@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from dataloader import DataLoader, repeat_per_caption
+from dataloader import DataConfig, DataLoader, repeat_per_caption
 from misc.errors import SaticError
 from tests.helpers import copy_dataset, make_tiny_dataset, one_line_error
 
@@ -39,7 +39,7 @@ def assert_same_batch(a, b):
 def test_batch_dict(tiny_dataset):
     ds = tiny_dataset
     labels, start, end = label_rows(ds)
-    with DataLoader(ds.opt(batch_size=3)) as loader:
+    with DataLoader(ds.opt(batch_size=3, use_fc_feats=True)) as loader:
         assert loader.vocab_size == ds.vocab_size and loader.seq_length == 16
         assert loader.fc_feat_size == loader.att_feat_size == ds.feat_dim
         with open(ds.input_json) as f:
@@ -238,7 +238,7 @@ def test_error_missing_lmdb_entry(tmp_path, tiny_dataset):
     os.remove(os.path.join(root, 'cocobu_fc', f'{iid}.npy'))
     path = str(tmp_path / 'fc.lmdb')
     dump_to_lmdb.run(dump_to_lmdb.parse_args(['--folder', os.path.join(root, 'cocobu_fc'), '--output_file', path]))
-    with DataLoader(tiny_dataset.opt('lmdb', input_fc_dir=path, batch_size=10)) as loader, \
+    with DataLoader(tiny_dataset.opt('lmdb', input_fc_dir=path, batch_size=10, use_fc_feats=True)) as loader, \
             pytest.raises(SaticError) as e:
         loader.get_batch('train')
     one_line_error(e, path, f'image {iid}')
@@ -278,9 +278,32 @@ def test_error_label_vocabulary(tmp_path, tiny_dataset):
         DataLoader(tiny_dataset.opt(input_label_h5=path))
 
 
+def test_fc_features_are_read_only_when_asked(tmp_path, tiny_dataset, monkeypatch):
+    """By default (DataConfig.use_fc_feats False: no model takes them) the loader never opens --input_fc_dir: a data
+    folder without fc features works, batches hold fc_feats None and everything else is as with them."""
+    import dataloader
+    opened, real_reader = [], dataloader.FeatureReader
+
+    def reader(path, ext, flag):
+        opened.append(flag)
+        return real_reader(path, ext, flag)
+    monkeypatch.setattr(dataloader, 'FeatureReader', reader)
+    assert DataConfig().use_fc_feats is False
+    missing = str(tmp_path / 'no_fc_here')
+    with DataLoader(tiny_dataset.opt(input_fc_dir=missing, batch_size=3, num_workers=2)) as without, \
+            DataLoader(tiny_dataset.opt(batch_size=3, num_workers=2, use_fc_feats=True)) as with_fc:
+        assert without.fc_feat_size is None and with_fc.fc_feat_size == without.att_feat_size == tiny_dataset.feat_dim
+        for split in ('train', 'val', 'train', 'test'):
+            a, b = without.get_batch(split), with_fc.get_batch(split)
+            assert a['fc_feats'] is None and b['fc_feats'] is not None
+            assert_same_batch({**a, 'fc_feats': None}, {**b, 'fc_feats': None})
+            assert repeat_per_caption(a)['fc_feats'] is None
+    assert opened == ['--input_att_dir', '--input_fc_dir', '--input_att_dir']
+
+
 def test_error_missing_paths(tmp_path, tiny_dataset):
     with pytest.raises(SaticError) as e:
-        DataLoader(tiny_dataset.opt(input_fc_dir=str(tmp_path / 'nope')))
+        DataLoader(tiny_dataset.opt(input_fc_dir=str(tmp_path / 'nope'), use_fc_feats=True))
     one_line_error(e, str(tmp_path / 'nope'), '--input_fc_dir')
     with pytest.raises(SaticError) as e:
         DataLoader(tiny_dataset.opt(input_json=str(tmp_path / 'nope.json')))

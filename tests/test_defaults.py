@@ -9,6 +9,8 @@ import opts
 from misc import defaults
 from dataloader import DataConfig
 from misc.loss_wrapper import LossConfig
+from misc.rewards import REWARDS
+from train import StepConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -16,10 +18,12 @@ REPO = Path(__file__).resolve().parents[1]
 def test_model_loss_and_data_defaults_are_the_options_defaults():
     parsed = vars(opts.parse_opt([]))
     assert {key: parsed[key] for key in defaults.MODEL} == defaults.MODEL
-    for config_class in (LossConfig, DataConfig):
+    for config_class in (LossConfig, DataConfig, StepConfig):
         config = config_class()
         names = [f.name for f in dataclasses.fields(config_class) if f.name in parsed]
         assert names and {name: getattr(config, name) for name in names} == {name: parsed[name] for name in names}
+    assert LossConfig().reward_weights == {name: parsed[f'{name}_reward_weight'] for name in REWARDS} \
+        == {'cider': 1, 'bleu': 0}  # the reference's --cider_reward_weight 1, --bleu_reward_weight 0
 
 
 def test_model_options_fill_a_partial_namespace_as_fill_defaults():

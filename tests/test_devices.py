@@ -103,15 +103,17 @@ def trained_pieces(tiny_dataset):
     model = without_dropout(models.setup(opt))
     wrapper = LossWrapper(model, opt)
     optimizer = optim.build(model, opt)
-    train.train_step(wrapper, optimizer, batch, False, opt)  # torch's Adam makes its step counters on the default
-    return opt, batch, wrapper, optimizer                    # device by design: created here, outside
+    # torch's Adam makes its step counters on the default device by design: created here, outside
+    train.train_step(wrapper, optimizer, batch, False, train.StepConfig.from_opt(opt))
+    return opt, batch, wrapper, optimizer
 
 
 @pytest.mark.parametrize('sc_flag', [False, True], ids=['xe', 'self-critical'])
 def test_train_step_creates_nothing_on_the_default_device(trained_pieces, sc_flag):
     opt, batch, wrapper, optimizer = trained_pieces
     before = [p.detach().clone() for p in wrapper.parameters()]
-    stats = on_default_meta(lambda: train.train_step(wrapper, optimizer, batch, sc_flag, opt))
+    stats = on_default_meta(lambda: train.train_step(wrapper, optimizer, batch, sc_flag,
+                                                       train.StepConfig.from_opt(opt)))
     assert not stats['skipped'] and ('reward' in stats) == sc_flag
     assert any(not torch.equal(a, p) for a, p in zip(before, wrapper.parameters()))
     assert all(p.device.type == 'cpu' for p in wrapper.parameters())
@@ -164,7 +166,7 @@ def test_a_training_step_reads_the_host_once(trained_pieces, monkeypatch):
     calls = count_host_reads(monkeypatch, ('train.py', 'loss_wrapper.py', 'losses.py'))
     for sc_flag in (False, True):
         calls.clear()
-        train.train_step(wrapper, optimizer, batch, sc_flag, opt)
+        train.train_step(wrapper, optimizer, batch, sc_flag, train.StepConfig.from_opt(opt))
         assert len(calls) == 1 and calls[0].startswith('tolist'), calls
 
 
@@ -199,7 +201,7 @@ def test_pinned_batches_train_on_cuda(tiny_dataset):
     device = torch.device('cuda')
     with DataLoader(opt, pin_memory=True) as loader:
         batch = loader.get_batch('train')
-    assert batch['att_feats'].is_pinned() and batch['fc_feats'].is_pinned()
+    assert batch['att_feats'].is_pinned() and batch['fc_feats'] is None  # (no model reads fc features)
     batch = train.to_device(batch, device)
     for precision in ({}, {'bf16': 1}, {'fp16': 1}):
         run = argparse.Namespace(**{**vars(opt), **precision})
@@ -207,7 +209,8 @@ def test_pinned_batches_train_on_cuda(tiny_dataset):
         model = models.setup(run).to(device)
         wrapper = LossWrapper(model, run)
         scaler = torch.amp.GradScaler('cuda') if run.fp16 else None
-        stats = train.train_step(wrapper, optim.build(model, run), batch, False, run, scaler=scaler)
+        stats = train.train_step(wrapper, optim.build(model, run), batch, False, train.StepConfig.from_opt(run),
+                                 scaler=scaler)
         assert stats['loss'] > 0 and (not stats['skipped'] or 'overflow' in stats)
 
 

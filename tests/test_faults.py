@@ -70,12 +70,12 @@ def test_truncated_lmdb_is_one_line_not_sigbus(tmp_path, tiny_dataset):
 
 def test_garbled_lmdb_pages_are_one_line(tmp_path, tiny_dataset):
     """Was: lmdb.CorruptedError traceback."""
-    path = str(tmp_path / 'fc.lmdb')
-    shutil.copy(tiny_dataset.fc_lmdb, path)
+    path = str(tmp_path / 'att.lmdb')  # (fc features are not read by training: DataConfig.use_fc_feats)
+    shutil.copy(tiny_dataset.att_lmdb, path)
     with open(path, 'r+b') as f:
         f.seek(2 * 4096)  # past the two meta pages: every tree page
         f.write(b'\xab' * (os.path.getsize(path) - 2 * 4096))
-    train_refuses(tiny_dataset, tmp_path, ['--input_fc_dir', path], path, 'corrupt', 'CorruptedError', data=path)
+    train_refuses(tiny_dataset, tmp_path, ['--input_att_dir', path], path, 'corrupt', 'CorruptedError', data=path)
 
 
 # --- 3. label h5 with -1 ----------------------------------------------------------------------------------------

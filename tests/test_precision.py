@@ -49,7 +49,7 @@ def test_bf16_and_fp16_exclude_each_other(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- fp16
 class Scaled(torch.nn.Module):
-    """A trainer whose loss is w * factor: its gradient overflows float32 once the loss scale is large enough."""
+    """A loss module whose loss is w * factor: its gradient overflows float32 once the loss scale is large enough."""
 
     def __init__(self, factor):
         super().__init__()
@@ -60,18 +60,18 @@ class Scaled(torch.nn.Module):
 
 
 def test_fp16_overflow_is_skipped_and_backs_the_scale_off():
-    opt = argparse.Namespace(bf16=0, fp16=1, grad_clip=0.1)
+    config = train.StepConfig(bf16=0, fp16=1, grad_clip=0.1)
     batch = {'att_feats': torch.zeros(1)}
-    trainer = Scaled(1e3)
-    optimizer = torch.optim.SGD(trainer.parameters(), lr=0.5)
+    loss_module = Scaled(1e3)
+    optimizer = torch.optim.SGD(loss_module.parameters(), lr=0.5)
     scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** 120)  # 1e3 * 2^120 overflows float32
-    stats = train.train_step(trainer, optimizer, batch, False, opt, scaler=scaler)
+    stats = train.train_step(loss_module, optimizer, batch, False, config, scaler=scaler)
     assert stats['skipped'] and stats['overflow'] == 2.0 ** 120 and scaler.get_scale() == 2.0 ** 119
-    assert trainer.w.item() == 1.0
+    assert loss_module.w.item() == 1.0
     scaler = torch.amp.GradScaler('cpu')  # 2^16: no overflow; unscaled, clamped (0.1) and applied
-    stats = train.train_step(trainer, optimizer, batch, False, opt, scaler=scaler)
+    stats = train.train_step(loss_module, optimizer, batch, False, config, scaler=scaler)
     assert not stats['skipped'] and 'overflow' not in stats and stats['loss'] == 1e3
-    assert trainer.w.item() == pytest.approx(1.0 - 0.5 * 0.1)
+    assert loss_module.w.item() == pytest.approx(1.0 - 0.5 * 0.1)
 
 
 def test_an_overflow_counts_as_a_failure_only_below_scale_1(capsys):

@@ -268,7 +268,7 @@ def test_nan_fc_feature_in_lmdb_is_named(tmp_path, tiny_dataset):
     lmdb_path = str(tmp_path / 'fc.lmdb')
     dump_to_lmdb.run(dump_to_lmdb.parse_args(['--folder', os.path.join(root, 'cocobu_fc'),
                                               '--output_file', lmdb_path]))
-    with DataLoader(tiny_dataset.opt('lmdb', input_fc_dir=lmdb_path, num_workers=2)) as loader:
+    with DataLoader(tiny_dataset.opt('lmdb', input_fc_dir=lmdb_path, num_workers=2, use_fc_feats=True)) as loader:
         err = _read_until_error(loader, 'train')
     one_line_error(err, lmdb_path, f"entry '{iid}'", f'image {iid}', 'NaN/inf')
 
@@ -299,7 +299,7 @@ def test_wrong_dimension_in_a_later_image_is_named(tmp_path, tiny_dataset, kind)
         path = os.path.join(root, 'cocobu_fc', f'{iid}.npy')
         np.save(path, np.ones(D + 1, dtype=np.float32))
     opt = tiny_dataset.opt(input_att_dir=os.path.join(root, 'cocobu_att'), input_fc_dir=os.path.join(root, 'cocobu_fc'),
-                           num_workers=2)
+                           num_workers=2, use_fc_feats=kind == 'fc')
     with DataLoader(opt) as loader:
         err = _read_until_error(loader, 'train')
     one_line_error(err, path, f'image {iid}', f'{D}-d', f'has {D - 1 if kind == "att" else D + 1}-d')

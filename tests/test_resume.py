@@ -152,12 +152,12 @@ def test_nonfinite_weights_are_never_saved(tiny_dataset, tmp_path, monkeypatch):
     leaves the previous checkpoint as it was."""
     real, calls = train.train_step, []
 
-    def breaking(trainer, *args):
+    def breaking(loss_module, *args):
         calls.append(1)
-        stats = real(trainer, *args)
+        stats = real(loss_module, *args)
         if len(calls) == 7:
             with torch.no_grad():
-                next(trainer.parameters()).fill_(float('nan'))
+                next(loss_module.parameters()).fill_(float('nan'))
         return stats
     monkeypatch.setattr(train, 'train_step', breaking)
     folder = tmp_path / 'ck'

@@ -52,7 +52,7 @@ def test_tokens_after_the_first_end_are_ignored(cached_tokens):
 
 def test_leave_one_out_baseline_by_hand(cached_tokens):
     reward = SelfCriticalReward(cached_tokens)
-    reward.cider.score_groups = lambda hyps, rvs, sizes: np.array([1.0, 2.0, 6.0, 0.0, 3.0, 3.0])
+    reward.scorers['cider'].cider.score_groups = lambda hyps, rvs, sizes: np.array([1.0, 2.0, 6.0, 0.0, 3.0, 3.0])
     advantage, rewards = reward(torch.zeros(6, 4, dtype=torch.long), GTS, seq_per_img=3)
     # image 0: 1 - (2+6)/2, 2 - (1+6)/2, 6 - (1+2)/2; image 1: 0 - 3, 3 - 1.5, 3 - 1.5
     np.testing.assert_allclose(advantage, [-3.0, -1.5, 4.5, -3.0, 1.5, 1.5])
@@ -60,7 +60,7 @@ def test_leave_one_out_baseline_by_hand(cached_tokens):
 
 
 def test_single_sample_has_no_baseline(cached_tokens):
-    reward = SelfCriticalReward(cached_tokens, cider_weight=0.5)
+    reward = SelfCriticalReward(cached_tokens, weights={'cider': 0.5})
     seqs = torch.tensor([[1, 2, 3, 4, 0], [8, 9, 10, 0, 0]])
     advantage, rewards = reward(seqs, GTS, seq_per_img=1)
     np.testing.assert_allclose(advantage, rewards.astype(np.float32))
@@ -108,19 +108,19 @@ def test_bleu_weighted_reward_is_cider_plus_pycocoevalcap_bleu4(cached_tokens, c
     cider = CiderD.from_cached_tokens(cached_tokens).score(hyps, refs)
     assert bleu[0] == pytest.approx(1.0) and 0.05 < bleu[2] < 0.9 and bleu[5] < 1e-3  # a BLEU that can tell
     capsys.readouterr()
-    advantage, rewards = SelfCriticalReward(cached_tokens, cider_weight=0.7, bleu_weight=0.3)(SEQS, GTS, 3)
+    advantage, rewards = SelfCriticalReward(cached_tokens, weights={'cider': 0.7, 'bleu': 0.3})(SEQS, GTS, 3)
     assert capsys.readouterr().out == ''  # pycocoevalcap's {'testlen': ..} and ratio lines are silenced
     np.testing.assert_allclose(rewards, 0.7 * cider + 0.3 * bleu, rtol=0, atol=1e-12)
     np.testing.assert_allclose(advantage, leave_one_out(0.7 * cider + 0.3 * bleu, 3), rtol=0, atol=1e-6)
     # BLEU alone (CIDEr-D weight 0: not computed, as the reference)
-    _, rewards = SelfCriticalReward(cached_tokens, cider_weight=0, bleu_weight=2.0)(SEQS, GTS, 3)
+    _, rewards = SelfCriticalReward(cached_tokens, weights={'cider': 0, 'bleu': 2.0})(SEQS, GTS, 3)
     np.testing.assert_allclose(rewards, 2.0 * bleu, rtol=0, atol=1e-12)
 
 
 def test_bleu_is_not_computed_at_weight_0(cached_tokens, monkeypatch):
     import misc.rewards
     monkeypatch.setattr(misc.rewards, 'bleu_scores', lambda *a: pytest.fail('BLEU computed at weight 0'))
-    _, rewards = SelfCriticalReward(cached_tokens, cider_weight=1.0, bleu_weight=0)(SEQS, GTS, 3)
+    _, rewards = SelfCriticalReward(cached_tokens, weights={'cider': 1.0, 'bleu': 0})(SEQS, GTS, 3)
     assert rewards.max() > 0
 
 
@@ -128,4 +128,38 @@ def test_loss_wrapper_passes_the_bleu_weight(cached_tokens):
     opt = argparse.Namespace(label_smoothing=0, seq_per_img=3, cached_tokens=cached_tokens, cider_reward_weight=0.5,
                              bleu_reward_weight=1.5)
     reward = LossWrapper(torch.nn.Linear(1, 1), opt).load_reward()
-    assert (reward.cider_weight, reward.bleu_weight) == (0.5, 1.5)
+    assert reward.weights == {'cider': 0.5, 'bleu': 1.5}
+
+
+# ---- the registry: a new reward is one class in misc/rewards.py ---------------------------------------------------
+def test_a_registered_reward_is_an_option_a_loss_config_weight_and_a_part_of_the_reward(cached_tokens, monkeypatch):
+    """A toy scorer added to misc.rewards.REWARDS (nothing else touched) gets its --toy_reward_weight option, rides
+    in LossConfig.reward_weights and is added to the reward after the reference's parts, only at weight > 0."""
+    import opts
+    from misc import rewards
+    from misc.loss_wrapper import LossConfig
+
+    class LengthReward(rewards.RewardScorer):  # the number of words before the end token
+        name, default_weight, help = 'toy', 0, 'a toy reward: caption length'
+
+        def scores(self, hyps, gts, seq_per_img, image_ids):
+            return np.array([len(hyp.split()) - hyp.endswith(' 0') for hyp in hyps], dtype=np.float64)
+
+    monkeypatch.setitem(rewards.REWARDS, 'toy', LengthReward)
+    assert opts.parse_opt([]).toy_reward_weight == 0 and '--toy_reward_weight' in opts._train_parser().format_help()
+    opt = opts.parse_opt(['--toy_reward_weight', '0.25', '--cider_reward_weight', '0', '--seq_per_img', '3',
+                          '--cached_tokens', cached_tokens])
+    config = LossConfig.from_opt(opt)
+    assert config.reward_weights == {'cider': 0, 'bleu': 0, 'toy': 0.25}
+    reward = LossWrapper(torch.nn.Linear(1, 1), config).load_reward()
+    _, got = reward(SEQS, GTS, 3)
+    np.testing.assert_array_equal(got, 0.25 * np.array([4, 3, 5, 3, 4, 1], dtype=np.float64))
+    # at its default weight 0 the toy is not called, and the reward is the reference's
+    monkeypatch.setattr(LengthReward, 'scores', lambda *a: pytest.fail('computed at weight 0'))
+    _, plain = SelfCriticalReward(cached_tokens)(SEQS, GTS, 3)
+    np.testing.assert_array_equal(plain, SelfCriticalReward(cached_tokens, weights={'cider': 1})(SEQS, GTS, 3)[1])
+
+
+def test_unknown_reward_names_are_refused(cached_tokens):
+    with pytest.raises(ValueError, match='unknown reward'):
+        SelfCriticalReward(cached_tokens, weights={'cidr': 1})
