@@ -21,7 +21,7 @@ from misc.fileio import check_output_folder, run_cli, write_json
 from misc.losses import build_criterion
 from misc.utils import resolve_device
 from misc.visualize import write_index_html
-from models.speed import apply_eval_options, int8_kernel
+from models.speed import apply_eval_options, int8_kernel, use_cuda_graphs
 from opts import check_eval_split, decode_config, parse_eval_opt, resolve_eval_options
 
 
@@ -69,6 +69,7 @@ def load_checkpoint(eval_opt):
                                       lambda infos: resolve_eval_options(eval_opt, infos, eval_opt.infos_path))
     device = resolve_device(opt.device)
     model = model.to(device).eval()
+    use_cuda_graphs(model, opt.cuda_graphs)  # (ours, off by default; a GPU only)
     if opt.quantize or opt.compile:
         model = apply_eval_options(model, opt)  # --quantize int8, --compile 1 (both off by default)
         if opt.quantize == 'int8':

@@ -95,6 +95,9 @@ def add_decoding_options(parser, beam_size=1):
     parser.add_argument('--compile', type=int, default=0,
                         help='(ours) 1: torch.compile the training forward/backward and the decoding step '
                              '(minutes of compilation up front; README, "Speed options")')
+    parser.add_argument('--cuda_graphs', type=int, default=0,
+                        help='(ours) 1: on a GPU, the steps of eval-mode decoding (eval.py, validation) replayed from '
+                             'CUDA graphs (README, "Speed options"; off until measured on a GPU); ignored on the CPU')
 
 
 def add_training_options(parser):

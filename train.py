@@ -42,7 +42,7 @@ from misc.loss_wrapper import LossConfig, LossWrapper
 from misc.runfolder import RunFolderLock, check_not_busy, check_owner, same_folder
 from misc.teacher import load_teacher
 from misc.utils import autocast, format_duration, to_device
-from models.speed import compile_model
+from models.speed import compile_model, use_cuda_graphs
 from opts import decode_config, parse_opt
 
 # (ours) Consecutive iterations with a non-finite loss or gradient (each skipped) after which training stops.
@@ -83,6 +83,7 @@ def build_model(opt, device, saved=None, vocab=None):
         models.load_weights(model, state, opt.init_from)
         print(f'initialised from the autoregressive checkpoint {opt.init_from}')
     model = model.to(device)
+    use_cuda_graphs(model, opt.cuda_graphs)  # validation's decoding (ours, off by default; a GPU only)
     if opt.compile:  # (ours) opt-in: compiled on the first iterations (README, "Speed options")
         compile_model(model)
     return model

@@ -86,6 +86,7 @@ class DecoderCache:
         self.rows_per_image = rows_per_image
         self.capacity = capacity
         self.flat_step = flat_step  # a models.flat_step.FlatStep for its steps, or None: SATModel.cached_step
+        self.graphed_step = None  # a models.cuda_graphs.GraphedStep (SATModel.cuda_graphs), holding the buffers
         self.length = 0
         self.prefix = None  # (S, T) tokens so far, kept only without layer caches
 

@@ -17,6 +17,7 @@ from torch import nn
 from models.cache import DecoderCache, LayerCache, StepBuffers
 from models.decode_config import DecodeConfig
 from models.decoding import decode_batch
+from models.cuda_graphs import GraphedSteps
 from models.flat_step import FlatStep
 from models.masks import Packing, group_mask, target_mask
 from models.kernels import Dropout, memory_key_value
@@ -37,6 +38,7 @@ class SATModel(nn.Module):
         self.max_length = max_length
         self.use_cache = bool(use_cache)
         self.flat_step = bool(flat_step)  # decoding steps without gradients as one function (models.flat_step)
+        self.cuda_graphs = False  # (ours) eval decoding steps replayed from CUDA graphs (models.cuda_graphs)
         self.group_regions = True  # attention per group of images of similar region counts (models.masks)
         self.d_model = d_model
         self.done_beams = None  # filled by beam search: per image, the finished beams, best first
@@ -210,23 +212,43 @@ class SATModel(nn.Module):
         projected once, from the real regions only. Without gradients the self-attention keys/values go into
         fixed buffers for max_length positions (default self.max_length), rounded up to whole K-word groups, and
         in eval mode the steps run as one function over the decoder's tensors (models.flat_step), unless compiled
-        or self.flat_step is off.
+        or self.flat_step is off; with self.cuda_graphs, that step on fixed-shape tensors, replayed from a CUDA
+        graph on a GPU (models.cuda_graphs).
         """
         use_cache = self.use_cache if use_cache is None else use_cache
-        layers = capacity = None
+        capacity = None
+        if use_cache and not torch.is_grad_enabled():
+            capacity = math.ceil((max_length or self.max_length) / self.K) * self.K
+        flat = capacity is not None and self.flat_step and FlatStep.applies(self) and not self._is_compiled('step')
+        # (not under autocast, --bf16 / --fp16: its cache of cast weights must not be captured)
+        graphed = flat and self.cuda_graphs and not torch.is_autocast_enabled(memory.device.type)
+        layers = None
         if use_cache:
             if memory_mask is None:
                 packing = Packing(batch=memory.size(0), length=memory.size(1))
-            else:
-                packing = self._grouped(Packing(memory_mask.squeeze(1)))
+            else:  # (a graphed step attends over one padded group)
+                packing = Packing(memory_mask.squeeze(1))
+                packing = packing if graphed else self._grouped(packing)
             rows = packing.unpad(memory)  # (M, D)
-            if not torch.is_grad_enabled():
-                capacity = math.ceil((max_length or self.max_length) / self.K) * self.K
             layers = [LayerCache([(key.contiguous(), value.contiguous(), mask, group) for key, value, mask, group
                                   in memory_key_value(layer.src_attn, rows, packing)], capacity)
                       for layer in self.model.decoder.layers]
-        flat = capacity is not None and self.flat_step and FlatStep.applies(self) and not self._is_compiled('step')
-        return DecoderCache(memory, memory_mask, layers, rows_per_image, capacity, FlatStep(self) if flat else None)
+        cache = DecoderCache(memory, memory_mask, layers, rows_per_image, capacity, FlatStep(self) if flat else None)
+        if graphed:
+            cache.graphed_step = self._graphed_step(cache, memory.size(0), memory.size(1))
+        return cache
+
+    def _graphed_step(self, cache, images, regions):
+        """The bucket's models.cuda_graphs.GraphedStep, loaded with this decoding's memory; the cache's layers then
+        hold views of its self-attention keys/values (so that beam search's reorder moves the right rows)."""
+        steps = self.__dict__.setdefault('_graphed_steps', GraphedSteps())
+        memory = [layer.memory for layer in cache.layers]
+        step = steps.get(self, cache, images, regions, template=memory[0][0][0])
+        step.load(memory)
+        keys, values = step.row_views(images * cache.rows_per_image)
+        for layer, key, value in zip(cache.layers, keys, values):
+            layer.key, layer.value = key, value
+        return step
 
     def step(self, tokens, cache):
         """One K-word group: the previous group's tokens (S, K) -> log-probs of the next K words (S, K, V).
@@ -235,6 +257,9 @@ class SATModel(nn.Module):
         are visible: there is no key-padding mask.
         """
         k = tokens.size(1)
+        if cache.graphed_step is not None:
+            cache.length += k
+            return cache.graphed_step(tokens), cache
         if cache.incremental:
             # fixed layout: the same shapes at every step, so the compiled step (--compile 1) is built once; eager
             # steps attend over the filled part of the buffers instead of masking the rest

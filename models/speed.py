@@ -237,6 +237,15 @@ def quantize_int8(model):
     return quantized
 
 
+def use_cuda_graphs(model, enabled):
+    """--cuda_graphs 1: on a CUDA device, eval-mode decoding steps replayed from CUDA graphs (models.cuda_graphs);
+    off elsewhere (on the CPU the graphed step would be the flat step on padded tensors: no gain). Returns whether
+    they are on."""
+    on = bool(enabled) and next(model.parameters()).device.type == 'cuda'
+    model.cuda_graphs = on
+    return on
+
+
 def apply_eval_options(model, opt):
     """eval.py / eval_cocotest.py after loading the checkpoint: --quantize int8, then --compile 1 (decoding step
     and encoder). Returns the model to evaluate (a quantized copy, or model itself)."""

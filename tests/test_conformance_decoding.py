@@ -47,9 +47,12 @@ def test_forward_logprobs(case):
 DECODES = [(case, d) for case in CASES for d in case['decodes']]
 
 
-def reproduce(case, decode, use_cache, device='cpu'):
-    """Decode the case on device and compare with the reference: tokens, seqLogprobs, every done_beams entry."""
+def reproduce(case, decode, use_cache, device='cpu', graphs=False):
+    """Decode the case on device and compare with the reference: tokens, seqLogprobs, every done_beams entry.
+    graphs: the fixed-shape graphed step (models.cuda_graphs; replayed from CUDA graphs on a GPU, run eagerly on
+    the CPU)."""
     model = build(case).to(device)
+    model.cuda_graphs = graphs
     x = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in case['inputs'].items()}
     opt = dict(decode['opt'], use_cache=use_cache)
     seed = opt.pop('seed', None)
@@ -79,6 +82,12 @@ def test_decoding_reproduces_the_reference(case, decode, use_cache):
     reproduce(case, decode, use_cache)
 
 
+@pytest.mark.parametrize('case,decode', DECODES, ids=[decode_id(c, d) for c, d in DECODES])
+def test_fixed_shape_graph_step_reproduces_the_reference(case, decode):
+    """The step models.cuda_graphs captures, on its padded fixed-shape tensors, run eagerly on the CPU."""
+    reproduce(case, decode, use_cache=1, graphs=True)
+
+
 CUDA_DECODES = [(case, d) for case, d in DECODES if 'seed' not in d['opt']]  # CUDA draws other random numbers
 
 
@@ -87,6 +96,13 @@ CUDA_DECODES = [(case, d) for case, d in DECODES if 'seed' not in d['opt']]  # C
 def test_decoding_on_cuda_reproduces_the_reference(case, decode):
     """Greedy and beam searches on a GPU (fp32, cached): the same checks as on the CPU."""
     reproduce(case, decode, use_cache=1, device='cuda')
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize('case,decode', CUDA_DECODES, ids=[decode_id(c, d) for c, d in CUDA_DECODES])
+def test_cuda_graph_replay_reproduces_the_reference(case, decode):
+    """--cuda_graphs 1: greedy and beam searches with every step replayed from a CUDA graph."""
+    reproduce(case, decode, use_cache=1, device='cuda', graphs=True)
 
 
 def test_remove_bad_endings_strings():
