@@ -36,7 +36,7 @@ def _projections_of(attn, which):
         return attn.fused_projections[which].forward
     linears = [attn.linears[i] for i in which]
     if all(type(m) is nn.Linear for m in linears):
-        weight, bias = kernels._fused_weights(attn._fused, which, linears)
+        weight, bias = kernels.fused_weights(attn._fused, which, linears)
         return bias, weight.t()
     return lambda x: torch.cat([m(x) for m in linears], dim=-1)
 

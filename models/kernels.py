@@ -176,11 +176,11 @@ def project_concat(attn, x, which):
         return attn.fused_projections[which](x)
     if torch.compiler.is_compiling() or not all(type(m) is nn.Linear for m in linears):
         return torch.cat([m(x) for m in linears], dim=-1)  # compiled: no weight concatenation in the graph
-    weight, bias = _fused_weights(attn._fused, which, linears)
+    weight, bias = fused_weights(attn._fused, which, linears)
     return F.linear(x, weight, bias)
 
 
-def _fused_weights(cache, which, linears):
+def fused_weights(cache, which, linears):
     """The linears' weights (len * D, D) and biases concatenated: anew with gradients (so that they reach each
     linear's parameters), else from cache (which -> (key, weight, bias)), rebuilt when a weight changed."""
     if torch.is_grad_enabled():
