@@ -1,11 +1,11 @@
 """Benchmark: the flat decoding step (models/flat_step.py) against the module step, in one process, A/B interleaved.
 
-Batch-1 greedy decoding (cached, every caption the full 20 words: generator bias[0] = -1e4), K = 1 and 2, on
+Greedy decoding (cached, every caption the full 20 words: generator bias[0] = -1e4), K = 1 and 2, at batch 1 on
   - the paper size (6+6 layers, d_model 512, d_ff 2048, vocabulary 9487): what a user gets on this machine;
   - a narrow model (6+6 layers, d_model 64, d_ff 128, the same vocabulary): its matrix work is ~1/60 of the paper
     size's, so its step time is mostly the Python and dispatch around the torch calls, the part the flat step
     removes. It stands in for a CPU whose matrix-vector products are much faster than this one's.
-The same inputs and weights for both paths; each repeat runs flat then modules, and each side keeps its median.
+and at batch 50 (10-100 regions each, masks) on the paper size. The same inputs and weights for both paths; each repeat runs both (in alternating order), and each side keeps its median.
 Also the per-step floor of bench/decode.py (the decoder's and generator's weights as a chain of F.linear) at the
 paper size. Identical tokens and log-probs are checked. Merges {"flat_step": {...}} into bench/results.json.
 
@@ -34,20 +34,20 @@ def narrow_model(K):
     return model
 
 
-def ab(model, att, repeats):
+def ab(model, att, masks, repeats):
     """{'flat': median ms, 'modules': median ms, 'encode': median ms, 'same': identical outputs}."""
     times = {True: [], False: [], 'encode': []}
     outputs = {}
     with torch.inference_mode():
         for r in range(repeats + 2):
-            for flat in (True, False):
+            for flat in ((True, False) if r % 2 else (False, True)):  # alternating order
                 model.flat_step = flat
                 t0 = time.perf_counter()
-                outputs[flat] = model.decode(att, None, DecodeConfig())
+                outputs[flat] = model.decode(att, masks, DecodeConfig())
                 if r >= 2:  # two warm-up rounds
                     times[flat].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            model.init_cache(*model.encode(att, None))
+            model.init_cache(*model.encode(att, masks))
             if r >= 2:
                 times['encode'].append(time.perf_counter() - t0)
     model.flat_step = True
@@ -71,23 +71,23 @@ def main(argv=None):
     if busy:
         print(f'WARNING: other CPU-heavy processes are running, timings are disturbed: {busy}')
     results = {'machine': info, 'busy_at_start': busy, 'threads': torch.get_num_threads()}
-    att, _ = make_inputs(1, False, 2048)
-    print(f"{'model':>8} {'K':>2} {'modules ms':>10} {'flat ms':>8} {'speedup':>7} {'step ms':>15} "
+    print(f"{'model':>8} {'batch':>5} {'K':>2} {'modules ms':>10} {'flat ms':>8} {'speedup':>7} {'step ms':>15} "
           f"{'floor':>6} {'x floor':>13} same")
-    for size, build in (('paper', paper_model), ('narrow', narrow_model)):
+    for size, build, batch in (('paper', paper_model, 1), ('narrow', narrow_model, 1), ('paper', paper_model, 50)):
+        att, masks = make_inputs(batch, False, 2048)
         for k in (1, 2):
             model = build(k)
-            row = ab(model, att, args.repeats)
+            row = ab(model, att, masks, args.repeats if batch == 1 else max(args.repeats // 3, 3))
             steps = 20 // k
             row['modules_step_ms'] = (row['modules_ms'] - row['encode_ms']) / steps
             row['flat_step_ms'] = (row['flat_ms'] - row['encode_ms']) / steps
             row['speedup'] = row['modules_ms'] / row['flat_ms']
-            floor = floor_ms(model, k, 20) if size == 'paper' else None
+            floor = floor_ms(model, k, 20) if size == 'paper' and batch == 1 else None
             row['floor_ms'] = floor
-            results[f'{size}_K{k}'] = row
+            results[f'{size}_b{batch}_K{k}'] = row
             x_floor = (f"{row['modules_step_ms'] / floor:.2f} -> {row['flat_step_ms'] / floor:.2f}" if floor
                        else '')
-            print(f"{size:>8} {k:>2} {row['modules_ms']:>10.1f} {row['flat_ms']:>8.1f} {row['speedup']:>6.2f}x "
+            print(f"{size:>8} {batch:>5} {k:>2} {row['modules_ms']:>10.1f} {row['flat_ms']:>8.1f} {row['speedup']:>6.2f}x "
                   f"{row['modules_step_ms']:>6.2f} -> {row['flat_step_ms']:<6.2f} "
                   f"{f'{floor:.2f}' if floor else '-':>6} {x_floor or '-':>13} {row['same_outputs']}", flush=True)
             del model
