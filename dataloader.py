@@ -43,6 +43,7 @@ import h5py
 import numpy as np
 import torch
 
+from misc.defaults import fields_of
 from misc.errors import SaticError
 from misc.fileio import UNFINISHED_MARKER, read_array, read_json, staging_folders, vocab_sha1
 
@@ -241,7 +242,7 @@ class DataConfig:
     @classmethod
     def from_opt(cls, opt):
         """The config of an options Namespace (the defaults above for what it lacks, e.g. a test's partial one)."""
-        return cls(**{f.name: getattr(opt, f.name) for f in dataclasses.fields(cls) if hasattr(opt, f.name)})
+        return cls(**fields_of(cls, opt))
 
 
 class DataLoader:

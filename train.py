@@ -34,6 +34,7 @@ from misc import optim
 from misc.checkpoint import (CheckpointError, CheckpointSaver, ResumePoint, check_writable_dir, histories_of,
                              load_init_from, load_run, recover_checkpoint, rng_state)
 from misc.coco_eval import check_ready, language_eval
+from misc.defaults import fields_of
 from misc.distributed import World, all_gather_objects, run_everywhere, run_on_main, setup_distributed, shutdown
 from misc.errors import SaticError
 from misc.evaluation import evaluate
@@ -313,7 +314,7 @@ class StepConfig:
     def from_opt(cls, opt):
         """The config of an options Namespace (train.py's resolved options; bench's and tests' partial ones: the
         defaults above for what they lack)."""
-        return cls(**{f.name: getattr(opt, f.name) for f in dataclasses.fields(cls) if hasattr(opt, f.name)})
+        return cls(**fields_of(cls, opt))
 
 
 def train_step(loss_module, optimizer, batch, sc_flag, config, stop=False, world_size=1, scaler=None):

@@ -6,6 +6,7 @@ resolve_eval_options); its model options take their defaults from MODEL below, a
 tests/test_defaults.py checks that these values are opts.py's defaults.
 """
 import argparse
+import dataclasses
 
 # The options models.setup reads (SATModel's hyper-parameters), at opts.py's defaults.
 MODEL = {'caption_model': 'sat', 'K': 6, 'rnn_size': 1024, 'num_layers': 1, 'input_encoding_size': 512,
@@ -17,6 +18,13 @@ def model_k(opt):
     transformer infos carry its default K = 6). The one place this rule lives; opts.py applies it when it resolves
     options, model_options here, so everything below reads opt.K."""
     return 1 if opt.caption_model == 'transformer' else opt.K
+
+
+def fields_of(config_class, opt):
+    """{field: opt's value} of a config dataclass's fields that the options Namespace opt has (the typed configs
+    built once at the edge, e.g. dataloader.DataConfig: a partial Namespace leaves the other fields at their
+    defaults)."""
+    return {f.name: getattr(opt, f.name) for f in dataclasses.fields(config_class) if hasattr(opt, f.name)}
 
 
 def model_options(opt):

@@ -5,6 +5,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from misc.defaults import fields_of
 from misc.losses import build_criterion, self_critical_loss
 from misc.rewards import SelfCriticalReward, default_reward_weights, reward_option
 
@@ -25,7 +26,7 @@ class LossConfig:
     def from_opt(cls, opt):
         """The config of an options Namespace (train.py's resolved options; a test's partial one: the defaults
         above for what it lacks); reward_weights from its --<name>_reward_weight options."""
-        values = {f.name: getattr(opt, f.name) for f in dataclasses.fields(cls) if hasattr(opt, f.name)}
+        values = fields_of(cls, opt)
         values['reward_weights'] = {name: getattr(opt, reward_option(name), weight)
                                     for name, weight in default_reward_weights().items()}
         return cls(**values)
