@@ -32,13 +32,13 @@ def _linear_of(module):
 
 def _projections_of(attn, which):
     """attn's linears `which` as one linear over their concatenated outputs (models.kernels.project_concat)."""
-    if which in attn.fused_projections:
-        return attn.fused_projections[which].forward
-    linears = [attn.linears[i] for i in which]
-    if all(type(m) is nn.Linear for m in linears):
-        weight, bias = kernels.fused_weights(attn._fused, which, linears)
+    projection = kernels.concatenated_projection(attn, which)
+    if projection is None:
+        return lambda x: kernels.project_concat(attn, x, which)
+    if type(projection) is tuple:
+        weight, bias = projection
         return bias, weight.t()
-    return lambda x: torch.cat([m(x) for m in linears], dim=-1)
+    return projection.forward
 
 
 def _apply(linear, x):

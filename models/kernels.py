@@ -169,15 +169,26 @@ def project_concat(attn, x, which):
     One matrix product with the weights concatenated when the linears are plain nn.Linear (one larger GEMM,
     fewer calls), or attn.fused_projections[which] where set (models.speed.quantize_int8); per-module calls
     otherwise (e.g. compiled)."""
-    linears = [attn.linears[i] for i in which]
-    if len(linears) == 1:
-        return linear(linears[0], x)
+    if len(which) == 1:
+        return linear(attn.linears[which[0]], x)
+    projection = concatenated_projection(attn, which)
+    if projection is None:  # compiled: no weight concatenation in the graph
+        return torch.cat([attn.linears[i](x) for i in which], dim=-1)
+    if type(projection) is tuple:
+        return F.linear(x, *projection)
+    return projection(x)
+
+
+def concatenated_projection(attn, which):
+    """attn's linears `which` (several) as one: attn.fused_projections[which] (a module) where set, else the
+    concatenated (weight, bias) of plain nn.Linear (fused_weights), else None (compiled, or other modules: call
+    each one)."""
     if which in attn.fused_projections:
-        return attn.fused_projections[which](x)
+        return attn.fused_projections[which]
+    linears = [attn.linears[i] for i in which]
     if torch.compiler.is_compiling() or not all(type(m) is nn.Linear for m in linears):
-        return torch.cat([m(x) for m in linears], dim=-1)  # compiled: no weight concatenation in the graph
-    weight, bias = fused_weights(attn._fused, which, linears)
-    return F.linear(x, weight, bias)
+        return None
+    return fused_weights(attn._fused, which, linears)
 
 
 def fused_weights(cache, which, linears):
