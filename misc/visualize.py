@@ -8,16 +8,12 @@ import os
 import shutil
 
 from misc.fileio import atomic_write
+from misc.viewer import load_references
 
 
 def _references(ref_json):
-    """image_id -> list of reference captions, from a COCO-format annotation file (empty if unavailable)."""
-    refs = {}
-    if ref_json and os.path.isfile(ref_json):
-        with open(ref_json) as f:
-            for ann in json.load(f).get('annotations', []):
-                refs.setdefault(int(ann['image_id']), []).append(ann['caption'].strip())
-    return refs
+    """str(image_id) -> list of reference captions, from a COCO-format annotation file (empty if there is none)."""
+    return load_references(ref_json)[0] if ref_json and os.path.isfile(ref_json) else {}
 
 
 def _per_image_cider(lang_stats_path):
@@ -53,7 +49,7 @@ def write_index_html(predictions, opt, lang_stats_path=None, image_root='', out_
             else:
                 cells.append('<td>(image not found)</td>')
         cells.append(f"<td><b>{html.escape(p['caption'])}</b></td>")
-        cells.append('<td>' + '<br>'.join(html.escape(r) for r in refs.get(image_id, [])) + '</td>')
+        cells.append('<td>' + '<br>'.join(html.escape(r) for r in refs.get(str(image_id), [])) + '</td>')
         score = cider.get(image_id)
         cells.append(f'<td>{score:.3f}</td>' if isinstance(score, (int, float)) else '<td></td>')
         rows.append('<tr>' + ''.join(cells) + '</tr>')
