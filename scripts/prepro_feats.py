@@ -14,6 +14,7 @@ file). An unreadable image is reported on one line and skipped; the run then end
 """
 import argparse
 import concurrent.futures
+import io
 import os
 import sys
 
@@ -66,8 +67,15 @@ def write_features(output_dir, iid, fc, att):
     """Both files of one image, each through a temp file and a rename (att first: an image counts as done when
     both exist)."""
     fc_path, att_path = output_paths(output_dir, iid)
-    atomic_write(att_path, lambda f: np.savez_compressed(f, feat=att))
-    atomic_write(fc_path, lambda f: np.save(f, fc))
+    atomic_write(att_path, lambda f: f.write(_encoded(np.savez_compressed, feat=att)))
+    atomic_write(fc_path, lambda f: f.write(_encoded(np.save, fc)))
+
+
+def _encoded(save, *args, **kwargs):
+    """The bytes numpy's save / savez_compressed write (a zip file needs a seekable file)."""
+    buffer = io.BytesIO()
+    save(buffer, *args, **kwargs)
+    return buffer.getvalue()
 
 
 def _read_chunk(chunk):
