@@ -404,7 +404,7 @@ def random_resnet_weights(path, layers=SMALL_RESNET, seed=0):
 
 def draw_images(folder, names, size=(40, 32), seed=0):
     """Random pictures under folder: names ending .png are saved as PNG, others as JPEG; a name containing 'grey'
-    is mode 'L', 'rgba' mode RGBA, else RGB. Returns their paths."""
+    is mode 'L', 'rgba' mode RGBA, else RGB; each has its own colour, plus noise. Returns their paths."""
     from PIL import Image
     rng = np.random.default_rng(seed)
     paths = []
@@ -413,6 +413,8 @@ def draw_images(folder, names, size=(40, 32), seed=0):
         shape = (size[1] + 8 * (n % 2), size[0]) + (() if mode == 'L' else (len(mode),))
         path = os.path.join(folder, name)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(path)
+        base = rng.integers(0, 256, shape[2:] or ())  # each picture its own colour (features that differ), noise
+        pixels = np.clip(base + rng.normal(0, 40, shape), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels, mode).save(path)
         paths.append(path)
     return paths
