@@ -99,13 +99,13 @@ def resnet(name='resnet101', layers=None):
 def load_resnet(name, path, layers=None):
     """resnet(name) with the ImageNet weights of path (a state_dict in torchvision's key names), in eval mode;
     SaticError (one line) when the file is missing, unreadable or of another network."""
-    from misc.fileio import load_torch  # (the one safe torch.load)
+    from misc.checkpoint import load_model_state  # (the one reader of weight files: safe loading)
     model = resnet(name, layers)
     if not os.path.isfile(path):
         raise SaticError(f'{name} weights {path}: file not found; put the ImageNet {name}.pth there (the '
                          f"reference's data/imagenet_weights/{name}.pth, torchvision key names; see "
                          'docs/own_images.md), or pass its path (--cnn_weights / --model_root)')
-    state = load_torch(path, f'{name} weights')
+    state = load_model_state(path, f'{name} weights')
     if isinstance(state, dict) and 'state_dict' in state and 'conv1.weight' not in state:
         state = state['state_dict']
     if not isinstance(state, dict):
