@@ -150,3 +150,20 @@ def test_prepro_feats_bad_inputs_are_one_line(tmp_path, small_depth):
     torch.save({'conv1.weight': torch.zeros(1)}, tmp_path / 'w' / 'resnet101.pth')
     assert_one_line_error(run_main(argv[:3] + [tmp_path / 'g'] + argv[4:], main=prepro_feats.main),
                           'does not fit resnet101')
+
+
+def test_prepro_feats_resnet101_at_full_depth(tmp_path):
+    """The real resnet101 (no small_depth), one 64x64 grey image: the reference's network, block for block."""
+    paths = draw_images(str(tmp_path / 'images'), ['x/grey.png'], size=(64, 64))
+    state = random_resnet_weights(str(tmp_path / 'w' / 'resnet101.pth'), resnet.DEPTHS['resnet101'])
+    ids = karpathy_json(tmp_path / 'd.json', ['x/grey.png'])
+    rc, _, err = run_main(['--input_json', tmp_path / 'd.json', '--output_dir', tmp_path / 'f', '--images_root',
+                           tmp_path / 'images', '--model_root', tmp_path / 'w', '--device', 'cpu'], main=prepro_feats.main)
+    assert rc == 0, err
+    with torch.no_grad():
+        want_fc, want_att = functional_features(state, resnet.DEPTHS['resnet101'], reference_pixels(paths[0]), 14)
+    att = np.load(tmp_path / 'f_att' / f'{ids[0]}.npz')['feat']
+    assert att.shape == (14, 14, 2048)
+    np.testing.assert_allclose(att, want_att, rtol=1e-4, atol=1e-4 * np.abs(want_att).max())
+    np.testing.assert_allclose(np.load(tmp_path / 'f_fc' / f'{ids[0]}.npy'), want_fc, rtol=1e-4,
+                               atol=1e-4 * np.abs(want_fc).max())
