@@ -89,12 +89,15 @@ class Captioner:
                 raise SaticError(f'{item}: not a readable .npy/.npz feature file ({type(e).__name__}: {e})') from None
         array = (item.detach().float().cpu().numpy() if torch.is_tensor(item) else np.asarray(item, np.float32))
         if array.ndim not in (2, 3) or array.size == 0:
-            raise SaticError(f'{where}: features of shape {array.shape}; one image is (regions, {self.opt.att_feat_size}) '
+            raise SaticError(f'{where}: features of shape {array.shape}; one image is '
+                             f'(regions, {self.opt.att_feat_size}) '
                              f'or a grid (a, a, {self.opt.att_feat_size}); pass a list for several images')
         array = array.reshape(-1, array.shape[-1]).astype(np.float32, copy=False)  # (N, D)
         if array.shape[1] != self.opt.att_feat_size:
             raise SaticError(f'{where}: {array.shape[1]}-d features, but this model reads {self.opt.att_feat_size}-d '
                              '(the features it was trained on)')
+        if not np.isfinite(array).all():
+            raise SaticError(f'{where}: features hold NaN/inf values: recompute them')
         if self.opt.norm_att_feat:  # as the data loader
             array = array / np.linalg.norm(array, 2, 1, keepdims=True)
         return array

@@ -1,11 +1,15 @@
 """Evaluate a trained captioner on a split: captions, COCO metrics and decoding latency (README, "Using it on COCO").
 
   python eval.py --model save/X/model-best.pth --infos_path save/X/infos_X-best.pkl --batch_size 1 --beam_size 1
+  python eval.py --model save/X/model-best.pth --image_folder my_pictures   (own images: docs/own_images.md)
 
-Options not on the command line come from the checkpoint's infos; the vocabulary always does. Writes (relative to
+Options not on the command line come from the checkpoint's infos; the vocabulary always does. Without
+--infos_path, the infos saved beside --model are used (infos_X-best.pkl for model-best.pth), and --id and
+--ref_json default to the run's own. Writes (relative to
 the working directory, as the reference) vis/<id>.json ([{image_id, caption}]), with --language_eval 1
 eval_results/<id>_<split>.json, with --seq_kd 1 every image's beams (vis/<id>_seq_kd.json), with --dump_images 1
-the caption viewer vis/index.html.
+the caption viewer vis/index.html. With --image_folder: no split and no metrics; vis/<id>.json
+([{image_id, caption, file_path}]) and with --dump_images 1 vis/index.html with the pictures (caption_folder).
 """
 import os
 import sys
@@ -189,7 +193,7 @@ def caption_folder(eval_opt, loaded=None):
             if eval_opt.verbose:
                 print(f'image {iid} ({path}): {caption}')
     skipped = len(entries) - len(predictions)
-    print(f"captioned {len(predictions)} images of {eval_opt.image_folder}" + (f' ({skipped} skipped)' if skipped else ''))
+    print(f'captioned {len(predictions)} images of {eval_opt.image_folder}' + (f' ({skipped} skipped)' * bool(skipped)))
     if not predictions:
         raise SaticError(f'--image_folder {eval_opt.image_folder}: none of its images could be read (listed above)')
     return opt, predictions

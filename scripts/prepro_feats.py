@@ -39,7 +39,8 @@ def parse_args(argv=None):
                         help='the folder holding <model>.pth (ImageNet weights, torchvision key names)')
     parser.add_argument('--batch_size', default=8, type=int,
                         help='(ours) images read ahead and run together when they have the same size')
-    parser.add_argument('--device', default='', type=str, help="(ours) 'cuda', 'cpu', ...; default: cuda when available")
+    parser.add_argument('--device', default='', type=str,
+                        help="(ours) 'cuda', 'cpu', ...; default: cuda when available")
     return parser.parse_args(argv)
 
 

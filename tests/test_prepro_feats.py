@@ -158,7 +158,8 @@ def test_prepro_feats_resnet101_at_full_depth(tmp_path):
     state = random_resnet_weights(str(tmp_path / 'w' / 'resnet101.pth'), resnet.DEPTHS['resnet101'])
     ids = karpathy_json(tmp_path / 'd.json', ['x/grey.png'])
     rc, _, err = run_main(['--input_json', tmp_path / 'd.json', '--output_dir', tmp_path / 'f', '--images_root',
-                           tmp_path / 'images', '--model_root', tmp_path / 'w', '--device', 'cpu'], main=prepro_feats.main)
+                           tmp_path / 'images', '--model_root', tmp_path / 'w', '--device', 'cpu'],
+                          main=prepro_feats.main)
     assert rc == 0, err
     with torch.no_grad():
         want_fc, want_att = functional_features(state, resnet.DEPTHS['resnet101'], reference_pixels(paths[0]), 14)
