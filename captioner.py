@@ -149,14 +149,30 @@ class Captioner:
     # ---- image files -> captions ----
     def extractor(self, cnn_model=None, cnn_weights=None, att_size=None):
         """The ResNet grid-feature extractor (misc.images.load_extractor) on this captioner's device, loaded once;
-        defaults: eval.py's (resnet101, data/imagenet_weights/resnet101.pth relative to the working directory, 14)."""
+        defaults: eval.py's (resnet101, data/imagenet_weights/resnet101.pth relative to the working directory, the
+        grid of the run's training features (trained_grid), else 14)."""
         from misc.images import load_extractor
         key = (cnn_model or getattr(self.eval_opt, 'cnn_model', '') or 'resnet101',
                cnn_weights or getattr(self.eval_opt, 'cnn_weights', '') or None,
-               att_size or getattr(self.eval_opt, 'att_size', 0) or 14)
+               att_size or getattr(self.eval_opt, 'att_size', 0) or self.trained_grid() or 14)
         if key not in self._extractors:
             self._extractors[key] = load_extractor(*key, device=self.device)
         return self._extractors[key]
+
+    def trained_grid(self):
+        """a of the (a, a, D) grid features this run was trained on (one .npz of its --input_att_dir, when that
+        folder is still there), else None (bottom-up regions, or not found)."""
+        from misc.fileio import read_array
+        folder = getattr(self.opt, 'input_att_dir', '')
+        if not folder or not os.path.isdir(folder):
+            return None
+        with os.scandir(folder) as entries:
+            sample = next((e.path for e in entries if e.name.endswith('.npz')), None)
+        try:
+            shape = read_array(sample).shape if sample else ()
+        except Exception:  # a damaged file: the loader names it when it matters
+            return None
+        return shape[0] if len(shape) == 3 and shape[0] == shape[1] else None
 
     def image_features(self, paths, extractor=None, skip_unreadable=False):
         """[(fc (2048,), att (a, a, 2048)) or None] of image files (misc.images.grid_features; as

@@ -366,9 +366,9 @@ def add_image_options(parser):
     group.add_argument('--cnn_weights', type=str, default='',
                        help='(ours) its weights file (default data/imagenet_weights/<cnn_model>.pth, torchvision key '
                             'names, as the reference)')
-    group.add_argument('--att_size', type=int, default=14,
-                       help='(ours) the grid of regions: att_size x att_size (14 as the reference; use the size the '
-                            'model was trained on, scripts/prepro_feats.py --att_size)')
+    group.add_argument('--att_size', type=int, default=0,
+                       help="(ours) the grid of regions: att_size x att_size; 0: the grid of the run's training "
+                            'features (a file of its --input_att_dir), else 14 as the reference')
 
 
 def parse_eval_opt(argv=None, beam_size=1, batch_size=32, language_eval=1, description='Evaluate a SATIC checkpoint.'):
@@ -436,7 +436,7 @@ def check_image_options(eval_opt):
     """--coco_json and the CNN options act only with --image_folder (one-line refusals)."""
     if eval_opt.coco_json and not eval_opt.image_folder:
         raise SaticError('--coco_json lists images of --image_folder: add --image_folder DIR (or drop --coco_json)')
-    _need(eval_opt.att_size >= 1, f'--att_size must be >= 1 (got {eval_opt.att_size})')
+    _need(eval_opt.att_size >= 0, f'--att_size must be >= 1, or 0: the training features\' grid (got {eval_opt.att_size})')
 
 
 def resolve_eval_options(eval_opt, infos, infos_path='infos'):

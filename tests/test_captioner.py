@@ -51,8 +51,9 @@ def test_own_images_same_captions_from_eval_the_api_and_torch_hub(grid_run, monk
     paths = draw_images('mine', ['one.jpg', 'sub/two_grey.png', 'three_rgba.png'], size=(48, 40), seed=5)
     (grid_run / 'mine' / 'notes.txt').write_text('not an image')
     (grid_run / 'mine' / 'broken.jpg').write_bytes(b'\xff\xd8 truncated')
-    rc, out, err = run_main(['--model', 'save/grid/model.pth', '--image_folder', 'mine', '--att_size', 7,
-                             '--dump_images', 1, '--device', 'cpu'], main=eval_script.main)
+    # --att_size: the 7x7 grid of the run's training features (read from its --input_att_dir)
+    rc, out, err = run_main(['--model', 'save/grid/model.pth', '--image_folder', 'mine', '--dump_images', 1,
+                             '--device', 'cpu'], main=eval_script.main)
     assert rc == 0, err
     assert [line for line in err.splitlines() if line.startswith('skipped')] == [
         'skipped: mine/notes.txt: not an image file (by its extension)',
@@ -66,9 +67,10 @@ def test_own_images_same_captions_from_eval_the_api_and_torch_hub(grid_run, monk
     assert all(want) and len(set(want)) == 3  # captions that depend on the image: the comparisons below mean something
 
     api = Captioner.from_run('save/grid', device='cpu', att_size=7)
+    assert api.trained_grid() == 7 and api.extractor().att_size == 7
     assert api.caption_images(paths) == want
     assert api.caption_images(paths[0]) == want[0]
-    hub = torch.hub.load(REPO_ROOT, 'captioner', 'save/grid', source='local', device='cpu', att_size=7)
+    hub = torch.hub.load(REPO_ROOT, 'captioner', 'save/grid', source='local', device='cpu')
     assert hub.caption_images(paths) == want
     # The features prepro_feats.py writes for these images give the same captions.
     with open('mine.json', 'w') as f:
@@ -145,3 +147,11 @@ def test_api_captions_equal_eval_on_the_test_split(tiny_dataset, split_runs, mod
         features = [os.path.join(tiny_dataset.att_dir, f"{p['image_id']}.npz") for p in predictions]
         assert api.caption(features, beam_size=beam) == [p['caption'] for p in predictions]
     assert api.opt.id == {'sat': 'tiny', 'transformer': 'tf'}[model]
+    # Precision as eval.py's: --bf16 1 (autocast) for both.
+    rc, _, err = run_main(['--model', model_path, '--language_eval', 0, '--bf16', 1, '--device', 'cpu',
+                           '--num_workers', 0, '--id', 'bf16'], cwd=tmp_path, main=eval_script.main)
+    assert rc == 0, err
+    predictions = json.loads((tmp_path / 'vis' / 'bf16.json').read_text())
+    features = [os.path.join(tiny_dataset.att_dir, f"{p['image_id']}.npz") for p in predictions]
+    bf16 = Captioner.from_checkpoint(model_path, device='cpu', bf16=1)
+    assert bf16.caption(features) == [p['caption'] for p in predictions]

@@ -26,7 +26,6 @@ def test_example_notebook_runs(tiny_dataset, grid_run, tmp_path, monkeypatch):  
     monkeypatch.setenv('SATIC_ATT_DIR', tiny_dataset.att_dir)
     monkeypatch.setenv('SATIC_IMAGE_RUN', str(grid_run / 'save' / 'grid'))
     monkeypatch.setenv('SATIC_IMAGES', str(tmp_path / 'pictures'))
-    monkeypatch.setenv('SATIC_ATT_SIZE', '7')
     monkeypatch.chdir(grid_run)  # data/imagenet_weights/resnet101.pth, relative to the working directory
     namespace, out = {'__name__': '__notebook__'}, io.StringIO()
     with contextlib.redirect_stdout(out):
