@@ -436,7 +436,8 @@ def check_image_options(eval_opt):
     """--coco_json and the CNN options act only with --image_folder (one-line refusals)."""
     if eval_opt.coco_json and not eval_opt.image_folder:
         raise SaticError('--coco_json lists images of --image_folder: add --image_folder DIR (or drop --coco_json)')
-    _need(eval_opt.att_size >= 0, f'--att_size must be >= 1, or 0: the training features\' grid (got {eval_opt.att_size})')
+    _need(eval_opt.att_size >= 0,
+          f"--att_size must be >= 1, or 0: the training features' grid (got {eval_opt.att_size})")
 
 
 def resolve_eval_options(eval_opt, infos, infos_path='infos'):
