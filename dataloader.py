@@ -204,9 +204,10 @@ class FeatureReader:
             what = 'no regions (0 boxes)' if regions else 'an empty feature vector'
             raise SaticError(f'{where} (image {key}) has {what}, shape {array.shape}: every image needs at least '
                              f'one box; {redo}')
-        if regions and array.ndim != 2:
+        # (N, D) bottom-up regions, or (a, a, D) grid features (scripts/prepro_feats.py): a*a regions
+        if regions and array.ndim not in (2, 3):
             raise SaticError(f'{where} (image {key}) has region features of shape {array.shape}: expected a 2-d '
-                             f'array (regions x feature size); {redo}')
+                             f'array (regions x feature size) or a 3-d grid (prepro_feats.py); {redo}')
         size = array.shape[-1] if regions else array.size
         if dim is not None and size != dim:
             raise SaticError(f'{where} (image {key}) has {size}-d features, shape {array.shape}, but the images read '

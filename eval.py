@@ -1,11 +1,15 @@
 """Evaluate a trained captioner on a split: captions, COCO metrics and decoding latency (README, "Using it on COCO").
 
   python eval.py --model save/X/model-best.pth --infos_path save/X/infos_X-best.pkl --batch_size 1 --beam_size 1
+  python eval.py --model save/X/model-best.pth --image_folder my_pictures   (own images: docs/own_images.md)
 
-Options not on the command line come from the checkpoint's infos; the vocabulary always does. Writes (relative to
+Options not on the command line come from the checkpoint's infos; the vocabulary always does. Without
+--infos_path, the infos saved beside --model are used (infos_X-best.pkl for model-best.pth), and --id and
+--ref_json default to the run's own. Writes (relative to
 the working directory, as the reference) vis/<id>.json ([{image_id, caption}]), with --language_eval 1
 eval_results/<id>_<split>.json, with --seq_kd 1 every image's beams (vis/<id>_seq_kd.json), with --dump_images 1
-the caption viewer vis/index.html.
+the caption viewer vis/index.html. With --image_folder: no split and no metrics; vis/<id>.json
+([{image_id, caption, file_path}]) and with --dump_images 1 vis/index.html with the pictures (caption_folder).
 """
 import os
 import sys
@@ -13,7 +17,7 @@ import sys
 import torch
 
 from dataloader import DataConfig, DataLoader
-from misc.checkpoint import load_for_eval
+from misc.checkpoint import default_infos_path, load_for_eval
 from misc.coco_eval import check_ready, language_eval
 from misc.errors import SaticError
 from misc.evaluation import attach_boxes, evaluate
@@ -22,7 +26,8 @@ from misc.losses import build_criterion
 from misc.utils import resolve_device
 from misc.visualize import write_index_html
 from models.speed import apply_eval_options, int8_kernel, use_cuda_graphs
-from opts import check_eval_split, decode_config, parse_eval_opt, resolve_eval_options
+from opts import (REFERENCE_EVAL_INFOS, REFERENCE_EVAL_MODEL, check_eval_split, check_image_options, decode_config,
+                  parse_eval_opt, resolve_eval_options)
 
 
 def output_folders(eval_opt):
@@ -63,10 +68,23 @@ def check_outputs(folders):
         check_output_folder(folder, what)
 
 
+def infos_path_of(eval_opt):
+    """--infos_path, else (not given, or left at the reference's default while --model names another checkpoint)
+    the infos file saved beside --model (misc.checkpoint.default_infos_path)."""
+    if eval_opt.infos_path and (eval_opt.infos_path != REFERENCE_EVAL_INFOS or eval_opt.model == REFERENCE_EVAL_MODEL):
+        return eval_opt.infos_path
+    if not os.path.isfile(eval_opt.model):
+        raise SaticError(f'--model {eval_opt.model}: file not found; pass a model.pth / model-best.pth of a run '
+                         '(save/<id>/)')
+    return default_infos_path(eval_opt.model, flag='--model', hint='pass --infos_path PATH')
+
+
 def load_checkpoint(eval_opt):
-    """(model in eval mode on its device, resolved options, infos) of --model and --infos_path, checked to agree."""
-    model, opt, infos = load_for_eval(eval_opt.model, eval_opt.infos_path,
-                                      lambda infos: resolve_eval_options(eval_opt, infos, eval_opt.infos_path))
+    """(model in eval mode on its device, resolved options, infos) of --model and --infos_path (infos_path_of),
+    checked to agree: the one way eval.py, eval_ensemble.py and the Captioner API load a run."""
+    infos_path = infos_path_of(eval_opt)
+    model, opt, infos = load_for_eval(eval_opt.model, infos_path,
+                                      lambda infos: resolve_eval_options(eval_opt, infos, infos_path))
     device = resolve_device(opt.device)
     model = model.to(device).eval()
     use_cuda_graphs(model, opt.cuda_graphs)  # (ours, off by default; a GPU only)
@@ -84,6 +102,9 @@ def run_evaluation(eval_opt, loaded=None):
     load_checkpoint(eval_opt). Everything that can be checked before decoding is (checkpoint vs infos, Java and
     references, feature size).
     """
+    if eval_opt.image_folder:
+        raise SaticError('--image_folder captions image files: use eval.py (or eval_ensemble.py) --image_folder, '
+                         'not this script')
     torch.manual_seed(eval_opt.seed)
     model, opt, infos = loaded or load_checkpoint(eval_opt)
     if opt.language_eval:
@@ -135,8 +156,75 @@ def write_outputs(eval_opt, opt, result, lang_stats, img_to_eval):
         print(f'wrote the caption viewer to {path}')
 
 
+def image_entries(eval_opt):
+    """[(image id, path)] of --image_folder: every file under it, numbered 1.. in path order (the reference's ids),
+    or the images --coco_json lists, under their ids. Files without an image extension: one line each, left out."""
+    from misc.images import coco_json_images, folder_images
+    if eval_opt.coco_json:
+        if not os.path.isdir(eval_opt.image_folder):
+            raise SaticError(f'--image_folder {eval_opt.image_folder}: not a folder; pass the folder that holds '
+                             'the images of --coco_json')
+        return coco_json_images(eval_opt.coco_json, eval_opt.image_folder)
+    images, others = folder_images(eval_opt.image_folder)
+    for path in others:
+        print(f'skipped: {path}: not an image file (by its extension)', file=sys.stderr)
+    if not images:
+        raise SaticError(f'--image_folder {eval_opt.image_folder}: no image files (.jpg, .png, ...) under it')
+    return list(enumerate(images, 1))
+
+
+def caption_folder(eval_opt, loaded=None):
+    """--image_folder: caption its image files (their ResNet grid features, computed in memory as
+    scripts/prepro_feats.py computes them) with the checkpoint's model and this command line's decoding options,
+    through the Captioner API; returns (opt, predictions [{image_id, caption, file_path}]). Unreadable files: one
+    line each, skipped. No references, no metrics."""
+    from captioner import Captioner
+    entries = image_entries(eval_opt)
+    torch.manual_seed(eval_opt.seed)
+    model, opt, infos = loaded or load_checkpoint(eval_opt)
+    captioner = Captioner(model, opt, infos, eval_opt)
+    predictions = []
+    paths = [path for _, path in entries]
+    captions = captioner.caption_images(paths, skip_unreadable=True)
+    for (iid, path), caption in zip(entries, captions):
+        if caption is not None:
+            predictions.append({'image_id': iid, 'caption': caption,
+                                'file_path': os.path.relpath(path, eval_opt.image_folder)})
+            if eval_opt.verbose:
+                print(f'image {iid} ({path}): {caption}')
+    skipped = len(entries) - len(predictions)
+    print(f'captioned {len(predictions)} images of {eval_opt.image_folder}' + (f' ({skipped} skipped)' * bool(skipped)))
+    if not predictions:
+        raise SaticError(f'--image_folder {eval_opt.image_folder}: none of its images could be read (listed above)')
+    return opt, predictions
+
+
+def write_image_outputs(eval_opt, opt, predictions):
+    """--image_folder's files: vis/<id>.json, and with --dump_images 1 vis/index.html showing the images."""
+    if eval_opt.dump_json:
+        path = os.path.join('vis', f'{opt.id}.json')
+        write_json(predictions, path)
+        print(f'wrote {len(predictions)} captions to {path}')
+    if eval_opt.dump_images:
+        files = {p['image_id']: os.path.join(eval_opt.image_folder, p['file_path']) for p in predictions}
+        path = write_index_html(predictions, opt, image_files=files)
+        print(f'wrote the caption viewer to {path}')
+
+
+def image_output_folders(eval_opt):
+    """The folders --image_folder writes into (vis/, vis/imgs/), checked before anything is loaded."""
+    return [('vis', 'vis/ (--dump_json 1)')] * bool(eval_opt.dump_json) + \
+        [('vis', 'vis/ (--dump_images 1)'), (os.path.join('vis', 'imgs'), 'vis/imgs/ (--dump_images 1)')] * \
+        bool(eval_opt.dump_images)
+
+
 def main(argv=None):
     def run(eval_opt):
+        check_image_options(eval_opt)
+        if eval_opt.image_folder:  # own images: no split, no references, no metrics
+            check_outputs(image_output_folders(eval_opt))
+            write_image_outputs(eval_opt, *caption_folder(eval_opt))
+            return
         check_eval_split(eval_opt)
         check_attention_options(eval_opt)
         check_outputs(output_folders(eval_opt))

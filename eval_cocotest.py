@@ -39,8 +39,8 @@ def run(eval_opt):
     from eval import check_outputs, run_evaluation  # (imports torch: --help stays light)
     check_eval_split(eval_opt)
     check_outputs([('vis', 'vis/ (the result file)')])  # before any loading or decoding
-    _, result, _, _ = run_evaluation(eval_opt)
-    write_server_results(result.predictions, eval_opt.id)
+    opt, result, _, _ = run_evaluation(eval_opt)
+    write_server_results(result.predictions, opt.id)  # the run's own id unless --id
 
 
 def write_server_results(predictions, run_id):

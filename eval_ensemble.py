@@ -124,6 +124,11 @@ def run(eval_opt):
     if eval_opt.server_json:  # the COCO test images have no references
         eval_opt.language_eval, eval_opt.input_label_h5 = 0, 'none'
     files = member_files(eval_opt)
+    if eval_opt.image_folder:  # own images (eval.py --image_folder), decoded by the ensemble
+        from eval import caption_folder, image_output_folders, write_image_outputs
+        check_outputs(image_output_folders(eval_opt))
+        write_image_outputs(eval_opt, *caption_folder(eval_opt, loaded=load_ensemble(eval_opt, files)))
+        return
     check_outputs(output_folders(eval_opt) + [('vis', 'vis/ (--server_json 1)')] * bool(eval_opt.server_json))
     loaded = load_ensemble(eval_opt, files)
     eval_opt.model = ' + '.join(path for path, _ in files)  # what eval.py's messages name

@@ -15,6 +15,10 @@ from misc.rewards import REWARDS, reward_option
 DEFAULT_INIT_FROM = 'save/nsc-transformer-baseline/model-best.pth'
 DEFAULT_REF_JSON = 'coco-caption/annotations/captions_val2014.json'
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
+# eval.py's reference defaults: the author's run. With another --model, the infos beside it and its id are used.
+REFERENCE_EVAL_MODEL = 'save/nsc-sat-4-from-nsc-seqkd/model-best.pth'
+REFERENCE_EVAL_INFOS = 'save/nsc-sat-4-from-nsc-seqkd/infos_nsc-sat-4-from-nsc-seqkd-best.pkl'
+REFERENCE_EVAL_ID = 'nsc-sat-4-from-nsc-seqkd-cocoval'
 
 
 def str2bool(value):
@@ -315,8 +319,9 @@ def check_train_opt(opt):
 
 def add_eval_options(parser, beam_size=1, batch_size=32):
     """eval.py / eval_cocotest.py options (reference_eval_options.tsv); paths default to '' = take from infos."""
-    parser.add_argument('--model', type=str, default='save/nsc-sat-4-from-nsc-seqkd/model-best.pth')
-    parser.add_argument('--infos_path', type=str, default='save/nsc-sat-4-from-nsc-seqkd/infos_nsc-sat-4-from-nsc-seqkd-best.pkl')
+    parser.add_argument('--model', type=str, default=REFERENCE_EVAL_MODEL)
+    parser.add_argument('--infos_path', type=str, default=REFERENCE_EVAL_INFOS,
+                        help='(default, with another --model: the infos_<id>[-best].pkl saved beside it)')
     parser.add_argument('--batch_size', type=int, default=batch_size, help='images per decoding batch')
     parser.add_argument('--num_images', type=int, default=-1, help='images to evaluate (-1: the whole split)')
     parser.add_argument('--language_eval', type=int, default=1, help='compute COCO metrics (needs Java)')
@@ -327,15 +332,11 @@ def add_eval_options(parser, beam_size=1, batch_size=32):
                         help="(ours) N > 0: vis/<id>.json gets each word's N most attended regions (the last decoder "
                              "layer's cross-attention, heads averaged), and with --input_box_dir their boxes")
     add_decoding_options(parser, beam_size=beam_size)
-    parser.add_argument('--image_folder', type=str, default='',
-                        help="refused: the reference's raw-image mode (a CNN over image files); extract bottom-up "
-                             "features instead (data/README.md)")
     parser.add_argument('--image_root', type=str, default='', help='with --dump_images: copy images from here to vis/imgs/')
     add_data_options(parser, defaults=False)
     parser.add_argument('--split', type=str, default='test', help='train | val | test')
-    parser.add_argument('--coco_json', type=str, default='',
-                        help="refused: the image list of the reference's raw-image mode (see --image_folder)")
-    parser.add_argument('--id', type=str, default='nsc-sat-4-from-nsc-seqkd-cocoval', help='name of the outputs')
+    parser.add_argument('--id', type=str, default=REFERENCE_EVAL_ID,
+                        help="name of the outputs (default, with another --model: the run's own id)")
     parser.add_argument('--seq_kd', type=str2bool, default=False,
                         help='1: also write every beam of every image (input of scripts/prepro_labels_seqKD.py)')
     parser.add_argument('--seq_kd_path', type=str, default='',
@@ -348,6 +349,26 @@ def add_eval_options(parser, beam_size=1, batch_size=32):
     parser.add_argument('--seed', type=int, default=123, help='(ours) random seed for sampling')
     parser.add_argument('--quantize', type=str, default='',
                         help="(ours) 'int8': dynamic int8 linear layers for CPU inference (off by default)")
+    add_image_options(parser)
+
+
+def add_image_options(parser):
+    """eval.py's raw-image mode (the reference's --image_folder/--coco_json/--cnn_model; docs/own_images.md):
+    caption image files through the ResNet grid features of scripts/prepro_feats.py, no references, no metrics."""
+    group = parser.add_argument_group('own images', 'caption image files (docs/own_images.md)')
+    group.add_argument('--image_folder', type=str, default='',
+                       help='caption every image file under this folder (or those --coco_json lists) instead of a '
+                            'split: writes vis/<id>.json, no metrics')
+    group.add_argument('--coco_json', type=str, default='',
+                       help="with --image_folder: caption only the images of this COCO-style json ({'images': "
+                            "[{'id', 'file_name'}]}), under their ids")
+    group.add_argument('--cnn_model', type=str, default='resnet101', help='resnet101 or resnet152 (ImageNet ResNet)')
+    group.add_argument('--cnn_weights', type=str, default='',
+                       help='(ours) its weights file (default data/imagenet_weights/<cnn_model>.pth, torchvision key '
+                            'names, as the reference)')
+    group.add_argument('--att_size', type=int, default=0,
+                       help="(ours) the grid of regions: att_size x att_size; 0: the grid of the run's training "
+                            'features (a file of its --input_att_dir), else 14 as the reference')
 
 
 def parse_eval_opt(argv=None, beam_size=1, batch_size=32, language_eval=1, description='Evaluate a SATIC checkpoint.'):
@@ -411,13 +432,18 @@ def check_eval_split(eval_opt):
         raise SaticError(f"--split {eval_opt.split!r} is not a split: use one of {', '.join(EVAL_SPLITS)}")
 
 
+def check_image_options(eval_opt):
+    """--coco_json and the CNN options act only with --image_folder (one-line refusals)."""
+    if eval_opt.coco_json and not eval_opt.image_folder:
+        raise SaticError('--coco_json lists images of --image_folder: add --image_folder DIR (or drop --coco_json)')
+    _need(eval_opt.att_size >= 0,
+          f"--att_size must be >= 1, or 0: the training features' grid (got {eval_opt.att_size})")
+
+
 def resolve_eval_options(eval_opt, infos, infos_path='infos'):
     """The options one run of eval.py uses: infos['opt'] (defaults filled) overridden by the evaluation's own
     options and its non-empty data paths; vocab_size from infos['vocab']. Bad values -> SaticError, one line."""
-    for flag in ('image_folder', 'coco_json'):
-        if getattr(eval_opt, flag):
-            raise SaticError(f"--{flag}: the reference's raw-image mode (a CNN over image files) is not provided; "
-                             "extract bottom-up features and pass --input_att_dir (data/README.md)")
+    check_image_options(eval_opt)
     check_eval_split(eval_opt)
     opt = fill_defaults(argparse.Namespace(**vars(infos['opt'])))
     for key in decoding_option_names() + EVAL_OWN_BESIDES_DECODING:
@@ -425,6 +451,12 @@ def resolve_eval_options(eval_opt, infos, infos_path='infos'):
     for key in EVAL_PATHS:
         if getattr(eval_opt, key):
             setattr(opt, key, getattr(eval_opt, key))
+    # Defaults of the author's run give way to the checkpoint's own: its references and its id.
+    trained = vars(infos['opt'])
+    if eval_opt.ref_json == DEFAULT_REF_JSON and trained.get('ref_json'):
+        opt.ref_json = trained['ref_json']
+    if eval_opt.id == REFERENCE_EVAL_ID and eval_opt.model != REFERENCE_EVAL_MODEL and trained.get('id'):
+        opt.id = trained['id']
     if opt.ref_json == DEFAULT_REF_JSON and not os.path.isfile(opt.ref_json):
         # The default is relative to the repository (where the reference was always run), not to any cwd.
         opt.ref_json = os.path.join(REPO_ROOT, DEFAULT_REF_JSON)

@@ -24,17 +24,21 @@ def _per_image_cider(lang_stats_path):
     return {}
 
 
-def write_index_html(predictions, opt, lang_stats_path=None, image_root='', out_dir='vis'):
+def write_index_html(predictions, opt, lang_stats_path=None, image_root='', out_dir='vis', image_files=None):
     """Write out_dir/index.html for predictions [{image_id, caption[, file_path]}]; returns its path.
 
-    With image_root, each image (image_root/<file_path>) is copied to out_dir/imgs/ and shown.
+    With image_root, each image (image_root/<file_path>) is copied to out_dir/imgs/ and shown; image_files
+    {image_id: path} (eval.py --image_folder) names the image files directly (no references then).
     """
-    refs = _references(opt.ref_json)
+    refs = {} if image_files else _references(opt.ref_json)
     cider = _per_image_cider(lang_stats_path)
     file_paths = {}
-    if image_root:
+    if image_files:
+        image_root, file_paths = os.sep, {int(k): os.path.abspath(v) for k, v in image_files.items()}
+    elif image_root:
         with open(opt.input_json) as f:
             file_paths = {int(img['id']): img.get('file_path', '') for img in json.load(f).get('images', [])}
+    if image_root:
         os.makedirs(os.path.join(out_dir, 'imgs'), exist_ok=True)
     rows = []
     for p in predictions:
@@ -60,7 +64,7 @@ def write_index_html(predictions, opt, lang_stats_path=None, image_root='', out_
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:6px;vertical-align:top;text-align:left}} th{{background:#eee}}</style></head>
 <body><h1>{html.escape(opt.id)}</h1>
-<p>{len(predictions)} images of split <code>{html.escape(str(opt.split))}</code>,
+<p>{len(predictions)} images{'' if image_files else f' of split <code>{html.escape(str(opt.split))}</code>'},
 beam size {opt.beam_size}.</p>
 <table><tr>{head}</tr>
 {chr(10).join(rows)}

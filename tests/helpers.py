@@ -377,3 +377,44 @@ def assert_option_refused(argv, *fragments):
     for fragment in fragments:
         assert fragment in text, text
     return text
+
+
+# ----------------------------------------------------------------------------------------------- own images (issue 26)
+SMALL_RESNET = (1, 1, 1, 1)  # blocks per stage of the tests' ResNet (prepro_feats offers 101 and 152 only)
+
+
+def random_resnet_weights(path, layers=SMALL_RESNET, seed=0):
+    """A randomly initialised models.resnet.ResNet of `layers`, with random batch-norm statistics (so that every
+    BN term matters), saved as a state_dict in torchvision's key names to path; returns the state_dict."""
+    from models.resnet import ResNet
+    torch.manual_seed(seed)
+    net = ResNet(layers)
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0, 0.1)
+    state = net.state_dict()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save(state, path)
+    return state
+
+
+def draw_images(folder, names, size=(40, 32), seed=0):
+    """Random pictures under folder: names ending .png are saved as PNG, others as JPEG; a name containing 'grey'
+    is mode 'L', 'rgba' mode RGBA, else RGB; each has its own colour, plus noise. Returns their paths."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    paths = []
+    for n, name in enumerate(names):
+        mode = 'L' if 'grey' in name else 'RGBA' if 'rgba' in name else 'RGB'
+        shape = (size[1] + 8 * (n % 2), size[0]) + (() if mode == 'L' else (len(mode),))
+        path = os.path.join(folder, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        base = rng.integers(0, 256, shape[2:] or ())  # each picture its own colour (features that differ), noise
+        pixels = np.clip(base + rng.normal(0, 40, shape), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels, mode).save(path)
+        paths.append(path)
+    return paths

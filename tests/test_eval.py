@@ -57,7 +57,11 @@ def test_options_come_from_infos_with_the_evaluations_overrides(tiny_dataset, wo
     assert opt.input_att_dir == '/elsewhere/att'  # a path given on the command line
     assert (opt.input_json, opt.input_fc_dir) == (infos_opt.input_json, infos_opt.input_fc_dir)  # the infos'
     assert (opt.K, opt.att_feat_size, opt.vocab_size) == (2, infos_opt.att_feat_size, 2)  # the model's, the vocab's
-    # The default references are the repository's, whatever the working directory.
+    # The references of the training run are remembered (issue 26); --ref_json overrides them.
+    assert resolve_eval_options(parse_eval_opt([]), infos).ref_json == infos_opt.ref_json
+    assert resolve_eval_options(parse_eval_opt(['--ref_json', 'mine.json']), infos).ref_json == 'mine.json'
+    # Without them (reference infos), the default references are the repository's, whatever the working directory.
+    del infos_opt.ref_json
     default = resolve_eval_options(parse_eval_opt([]), infos).ref_json
     assert default == os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                    'coco-caption', 'annotations', 'captions_val2014.json')
