@@ -609,7 +609,8 @@ def load_run(folder, run_id, opt, vocab):
     if not os.path.isfile(saved.infos_path):
         raise SaticError(f"--start_from {folder}: no infos_{run_id}.pkl there; --id must name the run "
                          f"saved in that folder (save/copy_model.sh renames it when you copy a run)")
-    saved.infos = read_infos(saved.infos_path)
+    saved.infos = load_infos(saved.infos_path, advice=f'the run in {folder} is damaged; restore its '
+                             f'infos_{run_id}.pkl or start a new run')
     theirs_opt = resolved(saved.infos['opt'])
     for key in MUST_MATCH:
         ours, theirs = vars(resolved(opt))[key], vars(theirs_opt)[key]
@@ -621,8 +622,19 @@ def load_run(folder, run_id, opt, vocab):
                          f"resume with the cocotalk.json the checkpoint was trained with")
     check_infos_match(saved.infos, vocab=vocab, opt=opt, infos_path=saved.infos_path)
     histories_path = os.path.join(folder, f'histories_{run_id}.pkl')
-    saved.histories = read_infos(histories_path) if os.path.isfile(histories_path) else {}
+    saved.histories = read_histories(histories_path) if os.path.isfile(histories_path) else {}
     return saved
+
+
+def read_histories(path):
+    """A histories pickle, checked: a dict whose HISTORIES entries are {iteration: value} dicts (else one line)."""
+    histories = read_infos(path)
+    bad = [key for key in HISTORIES if isinstance(histories, dict) and not isinstance(histories.get(key, {}), dict)]
+    if not isinstance(histories, dict) or bad:
+        what = f'its {bad[0]} is a {type(histories[bad[0]]).__name__}' if bad else f'a {type(histories).__name__}'
+        raise SaticError(f'{path} is not a histories file (a dict of {{iteration: value}} dicts; {what}): restore '
+                         'it, or remove it to resume without the histories')
+    return histories
 
 
 class CheckpointSaver:

@@ -31,7 +31,7 @@ import zipfile
 
 from misc.cider_d import corpus_cider_d
 from misc.errors import SaticError
-from misc.fileio import write_json
+from misc.fileio import check_field, read_json, write_json
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 USER_SPICE_LIB = os.path.join(REPO_ROOT, 'coco-caption', 'spice-lib')
@@ -110,17 +110,31 @@ def ptb_tokenize(captions):
 
 
 def _load_references(ref_json):
-    """COCO-format json -> {image_id: [caption, ..]} in the file's image order (COCO API order)."""
+    """COCO-format json -> {image_id: [caption, ..]} in the file's image order (COCO API order), checked: a dict with
+    images[] of {id} and annotations[] of {image_id, caption string}, else one line naming the file."""
     if not os.path.isfile(ref_json):
         raise SaticError('reference file %s not found: build it with python scripts/prepro_reference_json.py '
                          '(or pass --ref_json PATH)' % ref_json)
-    with open(ref_json) as f:
-        dataset = json.load(f)
-    refs = {img['id']: [] for img in dataset.get('images', [])}
-    for ann in dataset.get('annotations', []):
+    what, fix = 'reference json (--ref_json)', 'build it with python scripts/prepro_reference_json.py'
+    dataset = read_json(ref_json, what, dict, 'a COCO caption json object {images, annotations}')
+    for key, fields in (('images', ('id',)), ('annotations', ('image_id', 'caption'))):
+        entries = dataset.get(key)
+        check_field(isinstance(entries, list), ref_json, what, f'no {key}[] list (a COCO caption json has '
+                    f'images[] and annotations[]): {fix}')
+        for n, entry in enumerate(entries):
+            missing = [f for f in fields if not isinstance(entry, dict) or f not in entry]
+            check_field(not missing, ref_json, what, f'{key}[{n}] has no {"/".join(missing)} '
+                        f'({str(entry)[:60]}): {fix}')
+            if key == 'annotations':
+                check_field(isinstance(entry['caption'], str), ref_json, what, f'annotations[{n}] has a caption '
+                            f'that is a {type(entry["caption"]).__name__}, not a string: {fix}')
+    refs = {img['id']: [] for img in dataset['images']}
+    for ann in dataset['annotations']:
         if ann['image_id'] in refs:
             refs[ann['image_id']].append(ann['caption'])
-    return {image_id: caps for image_id, caps in refs.items() if caps}
+    refs = {image_id: caps for image_id, caps in refs.items() if caps}
+    check_field(refs, ref_json, what, f'no image has a caption: {fix}')
+    return refs
 
 
 class _Meteor:
@@ -427,3 +441,4 @@ def check_ready(ref_json):
     if not ref_json or not os.path.isfile(ref_json):
         raise SaticError(f"--ref_json {ref_json}: reference captions not found; build them with "
                          f"python scripts/prepro_reference_json.py (or pass --language_eval 0)")
+    _load_references(ref_json)  # read and checked now: a truncated or malformed file fails before any work

@@ -25,7 +25,7 @@ import h5py
 import numpy as np
 
 from misc.errors import SaticError
-from misc.fileio import atomic_write, image_id, progress, read_json, run_cli, vocab_sha1, write_json
+from misc.fileio import atomic_write, check_vocabulary, image_id, progress, read_json, run_cli, vocab_sha1, write_json
 
 UNK = 'UNK'
 
@@ -120,18 +120,34 @@ def read_vocabulary(dict_json):
     ix_to_word = vocab_json.get('ix_to_word') if isinstance(vocab_json, dict) else None
     if not ix_to_word:
         raise SaticError(f'{dict_json} has no ix_to_word: pass the cocotalk.json written by prepro_labels.py')
+    check_vocabulary(ix_to_word, f'vocabulary json {dict_json}')
     return vocab_json, ix_to_word
 
 
-def load_dataset_images(path):
-    """images[] of a Karpathy-format dataset json, checked for the fields the scripts need."""
+def load_dataset_images(path, need_tokens=True):
+    """images[] of a Karpathy-format dataset json, checked for the fields the scripts need: split, and sentences[]
+    whose tokens are lists of strings (need_tokens=False: tokens or a raw string)."""
     data = read_json(path, 'dataset json')
     images = data.get('images') if isinstance(data, dict) else None
     if not isinstance(images, list):
         raise SaticError(f'{path} has no images[] list: expected a Karpathy-format dataset_coco.json')
+    karpathy = 'expected a Karpathy-format dataset_coco.json'
     for img in images:
+        if not isinstance(img, dict):
+            raise SaticError(f'{path}: an image entry is a {type(img).__name__} ({str(img)[:40]}): {karpathy}')
         if 'split' not in img:
-            raise SaticError(f'{path}: image {image_id(img, path)} has no split: expected a Karpathy-format dataset_coco.json')
+            raise SaticError(f'{path}: image {image_id(img, path)} has no split: {karpathy}')
+        sentences = img.get('sentences', [])
+        if not isinstance(sentences, list):
+            raise SaticError(f'{path}: image {image_id(img, path)} has sentences that are not a list: {karpathy}')
+        for n, sent in enumerate(sentences):
+            tokens = sent.get('tokens') if isinstance(sent, dict) else None
+            good = isinstance(tokens, list) and all(isinstance(w, str) for w in tokens)
+            if not good and not (not need_tokens and isinstance(sent, dict) and isinstance(sent.get('raw'), str)
+                                 and tokens is None):
+                problem = 'no tokens' if tokens is None else 'tokens that are not a list of words'
+                raise SaticError(f'{path}: image {image_id(img, path)}, sentence {n} has {problem}: {karpathy} '
+                                 '(every sentence: {"tokens": [words], "raw": text})')
     return images
 
 
@@ -146,7 +162,15 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def check_max_length(max_length):
+    """--max_length: the words per caption row of the label h5 (its labels' width), at least 1."""
+    if max_length < 1:
+        raise SaticError(f'--max_length {max_length}: captions are cut to this many words, the width of the label '
+                         'h5; give at least 1 (the reference used 16)')
+
+
 def run(args):
+    check_max_length(args.max_length)
     images = load_dataset_images(args.input_json)
     vocab = build_vocab(images, args.word_count_threshold)
     ix_to_word = {str(i + 1): w for i, w in enumerate(vocab)}
