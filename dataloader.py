@@ -100,15 +100,28 @@ class LmdbFeatures:
     def _check_size(self):
         """A truncated LMDB maps pages past the end of its file: reading them kills the process (SIGBUS). Its
         environment says how many pages it uses; the file must hold them."""
-        data_file = os.path.join(self.path, 'data.mdb') if os.path.isdir(self.path) else self.path
-        need = (self._env.info()['last_pgno'] + 1) * self._env.stat()['psize']
-        size = os.path.getsize(data_file)
-        if size < need:
-            self._env.close()
-            raise SaticError(f'{self.flag} {data_file} is truncated ({size} bytes, its LMDB pages need {need}): '
-                             're-create it with scripts/dump_to_lmdb.py')
+        self._data_file = os.path.join(self.path, 'data.mdb') if os.path.isdir(self.path) else self.path
+        self._need = (self._env.info()['last_pgno'] + 1) * self._env.stat()['psize']
+        self._check_unchanged(opening=True)
+
+    def _check_unchanged(self, opening=False):
+        """Before every read (the file may be cut while a job reads it, e.g. rewritten in place): still every page
+        there, else one line instead of SIGBUS. The value is copied out inside the transaction that follows."""
+        try:
+            size = os.path.getsize(self._data_file)
+        except OSError as e:
+            size, reason = 0, f'cannot be read any more ({e.strerror or e})'
+        else:
+            reason = f'is truncated ({size} bytes, its LMDB pages need {self._need})'
+        if size < self._need:
+            if opening:
+                self._env.close()
+            when = '' if opening else ' while this job was reading it'
+            raise SaticError(f'{self.flag} {self._data_file} {reason}{when}: re-create it with '
+                             'scripts/dump_to_lmdb.py (never in place of a file a job is reading)')
 
     def locate(self, key):
+        self._check_unchanged()
         try:
             with self._env.begin(write=False) as txn:
                 value = txn.get(key.encode('ascii'))

@@ -61,6 +61,34 @@ def _package_dir(*parts):
     return os.path.join(list(pycocoevalcap.__path__)[0], *parts)
 
 
+# Seconds each Java tool may take before it is killed and named as not answering (a java that starts but never
+# answers must not hang an evaluation, or a training run's validation, for ever). Generous: the whole COCO val split
+# tokenizes in seconds, METEOR scores it in about a minute, SPICE parses it in tens of minutes on its first run.
+# SATIC_JAVA_TIMEOUT (seconds) overrides all three.
+JAVA_TIMEOUTS = {'ptb': 600.0, 'meteor': 1800.0, 'spice': 7200.0}
+
+
+def java_timeout(tool):
+    """The timeout (seconds) of tool ('ptb', 'meteor', 'spice'): SATIC_JAVA_TIMEOUT when set, else JAVA_TIMEOUTS."""
+    value = os.environ.get('SATIC_JAVA_TIMEOUT')
+    if value:
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = -1.0
+        if not seconds > 0:
+            raise SaticError(f'SATIC_JAVA_TIMEOUT={value}: give the seconds a Java tool may take (a number > 0)')
+        return seconds
+    return JAVA_TIMEOUTS[tool]
+
+
+def _no_answer(what, seconds):
+    """The one line for a Java tool that started but did not answer in time."""
+    return ('%s did not answer within %g s (java: %s): it was stopped; check that Java works and is not starved of '
+            'memory, set SATIC_JAVA_TIMEOUT=<seconds> for a slower machine, or run with --language_eval 0'
+            % (what, seconds, shutil.which('java') or 'java'))
+
+
 def _java_failed(what, detail):
     """The one line for a Java program that failed to start or crashed: what failed, and what to do."""
     detail = ' '.join(detail.split())[-300:] or 'no error output'
@@ -96,9 +124,12 @@ def ptb_tokenize(captions):
     try:
         cmd = ['java', '-cp', jar, 'edu.stanford.nlp.process.PTBTokenizer', '-preserveLines', '-lowerCase',
                '-encoding', 'utf-8', f.name]
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # killed on Ctrl-C
+        timeout = java_timeout('ptb')
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)  # killed on Ctrl-C
     except OSError as e:  # java not executable
         raise SaticError(_java_failed(what, 'cannot start: %s' % e)) from None
+    except subprocess.TimeoutExpired:  # (subprocess.run has killed it)
+        raise SaticError(_no_answer(what, timeout)) from None
     finally:
         os.remove(f.name)
     if proc.returncode != 0:
@@ -155,10 +186,24 @@ class _Meteor:
             raise SaticError(_java_failed(self.WHAT, 'cannot start: %s' % e)) from None
 
     def compute_score(self, gts, res):
+        """pycocoevalcap's compute_score, with a watchdog: java is killed when it has not answered within
+        java_timeout('meteor') seconds (its pipes then end, and the scorer stops reading)."""
+        seconds, expired = java_timeout('meteor'), threading.Event()
+
+        def stop():
+            expired.set()
+            self.scorer.meteor_p.kill()
+        watchdog = threading.Timer(seconds, stop)
+        watchdog.daemon = True
+        watchdog.start()
         try:
             return self.scorer.compute_score(gts, res)
         except (ValueError, OSError):  # java died: an empty line where a score was due, or a broken pipe
+            if expired.is_set():
+                raise SaticError(_no_answer(self.WHAT, seconds)) from None
             raise SaticError(_java_failed(self.WHAT, self._death())) from None
+        finally:
+            watchdog.cancel()
 
     def _death(self):
         """'exit status N: <its stderr>' of the java process, killed if it has not exited within 5 s."""
@@ -322,10 +367,13 @@ def run_spice(gts, res, setup, cache_dir=None):
         with open(in_json, 'w') as f:  # pycocoevalcap's input format, images in sorted id order
             json.dump([{'image_id': i, 'test': res[i][0], 'refs': gts[i]} for i in sorted(gts)], f)
         cmd = spice_command(in_json, out_json, cache_dir, setup['java_major'], setup['js_jar'])
+        timeout = java_timeout('spice')
         try:
-            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # killed on Ctrl-C
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)  # (Ctrl-C)
         except OSError as e:  # java not executable
             raise SaticError('SPICE could not start java: %s' % e) from None
+        except subprocess.TimeoutExpired:  # (subprocess.run has killed it)
+            raise SaticError(_no_answer('SPICE (%s)' % SPICE_JAR, timeout)) from None
         output = proc.stdout.decode(errors='replace')
         if proc.returncode != 0 or not os.path.isfile(out_json):
             raise SaticError('SPICE (%s) failed with exit status %d: %s (see coco-caption/README.md)'
