@@ -558,6 +558,11 @@ class SavedRun:
     def seed(self):
         return getattr(self.infos.get('opt'), 'seed', None)
 
+    @property
+    def validation_pending(self):
+        """The saved iteration's validation was cut short (CheckpointSaver.save): the resumed run redoes it."""
+        return self.infos.get('validation_pending') == self.iteration and self.iteration is not None
+
     def restore_model(self, model):
         """model.pth's weights into model (sizes checked); refuses a model.pth that is not the one the infos were
         saved with (when the infos record its fingerprint)."""
@@ -652,11 +657,14 @@ class CheckpointSaver:
         self.vocab, self.recorded_options, self.save_history_ckpt = vocab, recorded_options, save_history_ckpt
         self.scaler, self.replace = scaler, replace
 
-    def save(self, point, best_val_score, histories, rng_states, best=False):
+    def save(self, point, best_val_score, histories, rng_states, best=False, validation_pending=False):
         """Save the state at `point` (a ResumePoint); rng_states: every rank's generators, or None when they are
-        not known. Returns the infos written."""
+        not known; validation_pending: the validation of point was due but cut short (infos
+        'validation_pending': its iteration; a resume redoes it). Returns the infos written."""
         infos = make_infos(self.recorded_options, self.vocab, point.iteration, point.epoch, best_val_score,
                            position=point.loader, rng_states=rng_states)
+        if validation_pending:
+            infos['validation_pending'] = point.iteration
         if self.scaler is not None:
             infos['grad_scaler'] = dict(self.scaler.state_dict())
         history_iter = point.iteration if self.save_history_ckpt else None

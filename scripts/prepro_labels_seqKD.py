@@ -18,7 +18,7 @@ if __package__ in (None, ''):  # run as a file: make the repository root importa
 
 from misc.errors import SaticError
 from misc.fileio import image_id, read_json, run_cli
-from scripts.prepro_labels import check_max_length, encode_captions, load_dataset_images, read_vocabulary, write_label_h5
+from scripts.prepro_labels import check_max_length, check_outputs, encode_captions, load_dataset_images, read_vocabulary, write_label_h5
 
 
 def load_teacher(path):
@@ -59,6 +59,7 @@ def parse_args(argv=None):
 
 def run(args):
     check_max_length(args.max_length)
+    check_outputs([args.output_h5 + '_label.h5'], ['--output_h5'])
     images = load_dataset_images(args.input_json)
     vocab_json, ix_to_word = read_vocabulary(args.dict_json)
     dict_images = vocab_json.get('images', [])
