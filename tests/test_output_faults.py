@@ -154,3 +154,41 @@ def test_validation_cut_short_is_redone_on_resume(tiny_dataset, tmp_path, monkey
     infos = [load_pickle(str(folder / 'infos_run-best.pkl')) for folder in (straight, cut)]
     assert infos[0]['iter'] == infos[1]['iter'] and infos[0]['best_val_score'] == infos[1]['best_val_score']
     assert 'validation_pending' not in load_pickle(str(cut / 'infos_run.pkl'))
+
+
+# ---- the viewer: a folder where a file is expected, a file where its pictures go -------------------------------------
+def _viewer_case(tmp_path, case):
+    """(argv, text the one line must hold) of make_viewer.py for a bad path."""
+    (tmp_path / 'images').mkdir()
+    (tmp_path / 'images' / 'a.jpg').write_bytes(b'jpg')
+    (tmp_path / 'run.json').write_text('[{"image_id": 1, "caption": "a dog", "file_path": "a.jpg"}]')
+    (tmp_path / 'folder').mkdir()
+    (tmp_path / 'a_file').write_text('x')
+    run, out = ['--runs', 'run.json'], ['--output', 'out/page.html']
+    pictures = ['--image_root', 'images']
+    if case == 'imgs is a file':
+        (tmp_path / 'out').mkdir()
+        (tmp_path / 'out' / 'imgs').write_text('x')
+    if case == 'a picture path is a folder':
+        (tmp_path / 'out' / 'imgs' / '1.jpg').mkdir(parents=True)
+    return {
+        '--runs a folder': (['--runs', 'folder', *out], 'folder is a folder'),
+        '--scores a folder': ([*run, '--scores', 'folder', *out], 'folder is a folder'),
+        '--ref_json a folder': ([*run, '--ref_json', 'folder', *out], 'folder is a folder'),
+        '--images_json a folder': ([*run, '--images_json', 'folder', *out], 'folder is a folder'),
+        '--output a folder': ([*run, '--output', 'folder'], '--output folder'),
+        '--output under a file': ([*run, '--output', 'a_file/page.html'], 'a_file'),
+        '--image_root a file': ([*run, '--image_root', 'a_file', *out], '--image_root a_file'),
+        'imgs is a file': ([*run, *pictures, *out], 'imgs'),
+        'a picture path is a folder': ([*run, *pictures, *out], '1.jpg is a folder'),
+    }[case]
+
+
+@pytest.mark.parametrize('case', ['--runs a folder', '--scores a folder', '--ref_json a folder',
+                                  '--images_json a folder', '--output a folder', '--output under a file',
+                                  '--image_root a file', 'imgs is a file', 'a picture path is a folder'])
+def test_viewer_bad_paths_are_one_line(tmp_path, case):
+    from scripts import make_viewer
+    argv, fragment = _viewer_case(tmp_path, case)
+    assert_one_line_error(run_main(argv, tmp_path, make_viewer.main), fragment)
+    assert not (tmp_path / 'out' / 'page.html').exists()
