@@ -282,6 +282,11 @@ class DataLoader:
                 or not all(isinstance(img, dict) and 'id' in img for img in self.info['images']):
             raise SaticError(f'--input_json {opt.input_json} has no images[] with ids: expected cocotalk.json from '
                              'scripts/prepro_labels.py')
+        bad = next((img for img in self.info['images'] if isinstance(img['id'], bool)
+                    or not isinstance(img['id'], (int, str))), None)
+        if bad is not None:
+            raise SaticError(f'--input_json {opt.input_json}: image id {bad["id"]!r} is not a number or a string: '
+                             're-create it with scripts/prepro_labels.py')
         self.images = self.info['images']
         self.ix_to_word = self.info.get('ix_to_word') or {}
         check_vocabulary(self.ix_to_word, f'--input_json {opt.input_json}')

@@ -223,6 +223,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 def load_pickle(path):
     """Load an infos/histories pickle safely, with the latin-1 fallback for files written by Python 2."""
+    if os.path.isdir(path):
+        raise SaticError(f"{path} is a folder: pass the .pkl file")
     if not os.path.isfile(path):
         raise SaticError(f"{path}: file not found")
     for encoding in ('ASCII', 'latin1'):
@@ -533,6 +535,8 @@ def save_torch(obj, path):
 def load_torch(path, what='checkpoint'):
     """torch.load(weights_only=True) onto the CPU, with a one-line error for a missing or damaged file."""
     import torch  # (misc.fileio stays torch-free: the data scripts import it)
+    if os.path.isdir(path):
+        raise SaticError(f"{what} {path} is a folder: pass the .pth file")
     if not os.path.isfile(path):
         raise SaticError(f"{what} {path}: file not found")
     try:

@@ -80,6 +80,7 @@ VOCAB_JSON = {
     'ix_to_word numbers as words': lambda d: d.__setitem__('ix_to_word', {k: 1 for k in d['ix_to_word']}),
     'images a dict': lambda d: d.__setitem__('images', {}),
     'an image without id': lambda d: d['images'][0].pop('id'),
+    'an image id a list': lambda d: d['images'][0].__setitem__('id', [1]),
 }
 REF_JSON = {
     'truncated': None,
@@ -126,6 +127,18 @@ for name, obj in {'a list': [1, 2], 'no opt': {'vocab': {}}, 'opt a dict': {'opt
     CASES.append((f'infos: {name}', 'eval --infos_path',
                   lambda ds, folder, o=obj: _pickle(folder, 'infos.pkl', o) if o is not None
                   else _json(folder, 'infos.pkl', None, 'not a pickle')))
+CASES.append(('infos: a folder', 'eval --infos_path', lambda ds, folder: folder))
+FEATURES = {
+    'a json file': lambda ds, folder: ds.input_json,
+    'an .h5 folder': lambda ds, folder: (os.makedirs(os.path.join(folder, 'att.h5')), os.path.join(folder, 'att.h5'))[1],
+    'an .lmdb of junk': lambda ds, folder: _json(folder, 'att.lmdb', None, 'junk' * 100),
+    'an .npz that is not one': lambda ds, folder: (shutil.copytree(ds.att_dir, os.path.join(folder, 'att')),
+                                                    [open(os.path.join(folder, 'att', n), 'w').write('junk')
+                                                     for n in os.listdir(os.path.join(folder, 'att'))],
+                                                    os.path.join(folder, 'att'))[2],
+}
+for name, make in FEATURES.items():
+    CASES.append((f'features: {name}', 'train --input_att_dir', make))
 for name, obj in {'a list': [1], 'no opt': {'vocab': {}, 'iter': 3}}.items():
     CASES.append((f'infos: {name}', 'train --start_from infos', lambda ds, folder, o=obj: o))
 for name, obj in {'a list': [1], 'loss_history a list': {'loss_history': [1.0]}}.items():
