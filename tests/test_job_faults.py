@@ -10,7 +10,7 @@ import pytest
 
 from misc import coco_eval
 from misc.errors import SaticError
-from tests.helpers import PREDICTIONS, java_children, write_reference_json
+from tests.helpers import PREDICTIONS, fake_java, java_children, write_reference_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,14 +52,7 @@ def test_lmdb_cut_while_being_read_is_one_line_not_sigbus(tiny_dataset, tmp_path
 
 
 # ---- Java tools that never answer ----------------------------------------------------------------------------------
-def _fake_java(tmp_path, monkeypatch, body):
-    folder = tmp_path / 'fakebin'
-    folder.mkdir()
-    java = folder / 'java'
-    java.write_text('#!/bin/sh\n' + body + '\n')
-    java.chmod(0o755)
-    monkeypatch.setenv('PATH', '%s%s%s' % (folder, os.pathsep, os.environ.get('PATH', '')))
-    return str(java)
+_fake_java = fake_java
 
 
 def test_tokenizer_that_never_answers_times_out(tmp_path, monkeypatch):
