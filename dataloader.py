@@ -45,7 +45,7 @@ import torch
 
 from misc.defaults import fields_of
 from misc.errors import SaticError
-from misc.fileio import UNFINISHED_MARKER, read_array, read_json, staging_folders, vocab_sha1
+from misc.fileio import UNFINISHED_MARKER, check_vocabulary, read_array, read_json, staging_folders, vocab_sha1
 
 SPLITS = ('train', 'val', 'test')
 DEFAULT_SEQ_LENGTH = 16
@@ -100,15 +100,28 @@ class LmdbFeatures:
     def _check_size(self):
         """A truncated LMDB maps pages past the end of its file: reading them kills the process (SIGBUS). Its
         environment says how many pages it uses; the file must hold them."""
-        data_file = os.path.join(self.path, 'data.mdb') if os.path.isdir(self.path) else self.path
-        need = (self._env.info()['last_pgno'] + 1) * self._env.stat()['psize']
-        size = os.path.getsize(data_file)
-        if size < need:
-            self._env.close()
-            raise SaticError(f'{self.flag} {data_file} is truncated ({size} bytes, its LMDB pages need {need}): '
-                             're-create it with scripts/dump_to_lmdb.py')
+        self._data_file = os.path.join(self.path, 'data.mdb') if os.path.isdir(self.path) else self.path
+        self._need = (self._env.info()['last_pgno'] + 1) * self._env.stat()['psize']
+        self._check_unchanged(opening=True)
+
+    def _check_unchanged(self, opening=False):
+        """Before every read (the file may be cut while a job reads it, e.g. rewritten in place): still every page
+        there, else one line instead of SIGBUS. The value is copied out inside the transaction that follows."""
+        try:
+            size = os.path.getsize(self._data_file)
+        except OSError as e:
+            size, reason = 0, f'cannot be read any more ({e.strerror or e})'
+        else:
+            reason = f'is truncated ({size} bytes, its LMDB pages need {self._need})'
+        if size < self._need:
+            if opening:
+                self._env.close()
+            when = '' if opening else ' while this job was reading it'
+            raise SaticError(f'{self.flag} {self._data_file} {reason}{when}: re-create it with '
+                             'scripts/dump_to_lmdb.py (never in place of a file a job is reading)')
 
     def locate(self, key):
+        self._check_unchanged()
         try:
             with self._env.begin(write=False) as txn:
                 value = txn.get(key.encode('ascii'))
@@ -267,11 +280,17 @@ class DataLoader:
         self._pool, self._readers = None, []
         self.info = read_json(opt.input_json, '--input_json')
         if not isinstance(self.info, dict) or not isinstance(self.info.get('images'), list) \
-                or not all('id' in img for img in self.info['images']):
+                or not all(isinstance(img, dict) and 'id' in img for img in self.info['images']):
             raise SaticError(f'--input_json {opt.input_json} has no images[] with ids: expected cocotalk.json from '
                              'scripts/prepro_labels.py')
+        bad = next((img for img in self.info['images'] if isinstance(img['id'], bool)
+                    or not isinstance(img['id'], (int, str))), None)
+        if bad is not None:
+            raise SaticError(f'--input_json {opt.input_json}: image id {bad["id"]!r} is not a number or a string: '
+                             're-create it with scripts/prepro_labels.py')
         self.images = self.info['images']
         self.ix_to_word = self.info.get('ix_to_word') or {}
+        check_vocabulary(self.ix_to_word, f'--input_json {opt.input_json}')
         self.vocab_size = len(self.ix_to_word)
 
         self.label_h5 = None if str(opt.input_label_h5).lower() == 'none' else opt.input_label_h5
@@ -425,16 +444,23 @@ class DataLoader:
     def _load_labels(self, json_path, h5_path):
         try:
             with h5py.File(h5_path, 'r') as f:
+                for key in ('labels', 'label_start_ix', 'label_end_ix'):
+                    if not isinstance(f.get(key), h5py.Dataset):
+                        raise SaticError(f'label file {h5_path} has no {key} dataset: re-create it with '
+                                         'scripts/prepro_labels.py')
                 self.labels = f['labels'][()]
-                self.label_start_ix = f['label_start_ix'][()].astype(np.int64)
-                self.label_end_ix = f['label_end_ix'][()].astype(np.int64)
+                self.label_start_ix = f['label_start_ix'][()]
+                self.label_end_ix = f['label_end_ix'][()]
                 attrs = dict(f.attrs)
         except FileNotFoundError:
             raise SaticError(f'label file {h5_path} does not exist: run scripts/prepro_labels.py, or pass '
                              '--input_label_h5 none for images without captions') from None
+        except IsADirectoryError:
+            raise SaticError(f'label file {h5_path} is a folder: pass the _label.h5 file') from None
         except (OSError, KeyError) as e:
             raise SaticError(f'label file {h5_path} is unreadable or incomplete ({type(e).__name__}: {e}); '
                              'it may be truncated: re-create it with scripts/prepro_labels.py') from None
+        self._check_label_arrays(h5_path)
         n = len(self.images)
         if len(self.label_start_ix) != n or len(self.label_end_ix) != n:
             raise SaticError(f'label file {h5_path} has {len(self.label_start_ix)} images but {json_path} has {n}: '
@@ -469,6 +495,24 @@ class DataLoader:
             raise SaticError(f'label file {h5_path}: image {self.images[bad[0]].get("id")} has no captions '
                              f'(label_start_ix {self.label_start_ix[bad[0]]}, label_end_ix {self.label_end_ix[bad[0]]}'
                              f', rows 1..{len(self.labels)}): rebuild it with scripts/prepro_labels.py')
+
+    def _check_label_arrays(self, h5_path):
+        """Shapes and dtypes of the label datasets: labels (M, L) of integers, label_start_ix/label_end_ix (N,) of
+        integers; float ids are refused (truncating them would train on other words)."""
+        for key, array, ndim in (('labels', self.labels, 2), ('label_start_ix', self.label_start_ix, 1),
+                                 ('label_end_ix', self.label_end_ix, 1)):
+            if array.dtype.kind not in 'iu':
+                raise SaticError(f'label file {h5_path}: {key} holds {array.dtype} values, not integer ids: '
+                                 're-create it with scripts/prepro_labels.py')
+            if array.ndim != ndim:
+                want = '(captions, words)' if ndim == 2 else '(images,)'
+                raise SaticError(f'label file {h5_path}: {key} has shape {array.shape}, expected {ndim}-d {want}: '
+                                 're-create it with scripts/prepro_labels.py')
+        if self.labels.shape[1] < 1:
+            raise SaticError(f'label file {h5_path}: labels has shape {self.labels.shape}, 0 words per caption: '
+                             're-create it with scripts/prepro_labels.py and --max_length >= 1')
+        self.label_start_ix = self.label_start_ix.astype(np.int64)
+        self.label_end_ix = self.label_end_ix.astype(np.int64)
 
     def _captions(self, ix, rng):
         """(seq_per_img, L) label rows of image ix: a contiguous window at a random offset, else with replacement."""

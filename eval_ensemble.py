@@ -6,13 +6,16 @@
 --ids X (the reference's flag) means save/X/model-best.pth with save/X/infos_X-best.pkl; --models/--infos_paths
 name checkpoints anywhere (both lists comma or space separated). At every decoding step the ensemble's word
 log-probs are the log of the members' weighted mean probabilities (models.ensemble.EnsembleModel; --weights one per
-model, default equal, normalised). Members must share K and the vocabulary. Everything else is eval.py's: its
+model, default equal, normalised; finite and > 0). Members must share K, the vocabulary, the feature size and the
+data files (--input_json, --input_att_dir: pass them to override every member's); each member sees the features as
+it was trained (its own --norm_att_feat). Everything else is eval.py's: its
 decoding and data options (the data paths default to the first model's infos), metrics, vis/<id>.json,
 --dump_attention, --dump_images; --server_json 1 writes vis/<id>.json in the COCO server format instead
 (eval_cocotest.py's), without references.
 """
 import argparse
 import copy
+import math
 import os
 import sys
 
@@ -69,8 +72,10 @@ def member_weights(eval_opt, count):
         raise SaticError(f"--weights {' '.join(texts)}: not numbers") from None
     if len(weights) != count:
         raise SaticError(f'{len(weights)} --weights for {count} models: give one weight per model')
-    if min(weights) < 0 or sum(weights) <= 0:
-        raise SaticError(f"--weights {' '.join(texts)}: weights must be >= 0 with a positive sum")
+    bad = [t for t, w in zip(texts, weights) if not (math.isfinite(w) and w > 0)]
+    if bad:
+        raise SaticError(f"--weights {' '.join(texts)}: {bad[0]} is not a finite number > 0; give each model a "
+                         "positive weight (they are normalised to sum to 1)")
     return weights
 
 
@@ -87,6 +92,28 @@ def check_compatible(first, other):
     if opt_a.att_feat_size != opt_b.att_feat_size:
         raise SaticError(f'{path_a} reads {opt_a.att_feat_size}-d region features but {path_b} '
                          f'{opt_b.att_feat_size}-d: the models of an ensemble read the same features')
+    for flag in DATA_FLAGS:  # one loader reads the data of every member
+        a, b = getattr(opt_a, flag, None), getattr(opt_b, flag, None)
+        if a != b and os.path.realpath(str(a)) != os.path.realpath(str(b)):
+            raise SaticError(f'{path_a} reads --{flag} {a} but {path_b} --{flag} {b}: an ensemble decodes one '
+                             f'set of data; pass --{flag} PATH for all of them (the same features and images)')
+
+
+# The data every member must read the same: one DataLoader feeds them all (norm_att_feat is per member).
+DATA_FLAGS = ('input_json', 'input_att_dir')
+
+
+def data_options(members):
+    """(the loader's options, per-member normalise flags or None): with members of different --norm_att_feat, the
+    loader reads the features un-normalised and the members trained with --norm_att_feat 1 normalise them
+    (EnsembleModel's normalise); otherwise the first member's options as they are."""
+    opts = [opt for _, _, opt, _ in members]
+    norms = [bool(getattr(opt, 'norm_att_feat', 0)) for opt in opts]
+    if len(set(norms)) == 1:
+        return opts[0], None
+    loader_opt = copy.copy(opts[0])
+    loader_opt.norm_att_feat = 0
+    return loader_opt, norms
 
 
 def load_ensemble(eval_opt, files):
@@ -101,11 +128,11 @@ def load_ensemble(eval_opt, files):
         member_opt.model, member_opt.infos_path = model_path, infos_path
         members.append((model_path,) + load_checkpoint(member_opt))
         check_compatible(members[0], members[-1])
-    ensemble = EnsembleModel([model for _, model, _, _ in members], weights).eval()
+    opt, normalise = data_options(members)
+    ensemble = EnsembleModel([model for _, model, _, _ in members], weights, normalise).eval()
     print(f"ensemble of {len(members)} models (K={ensemble.K}), weights "
           f"{', '.join(f'{w:.3g}' for w in ensemble.weights)}: {', '.join(path for path, *_ in members)}")
-    _, _, opt, infos = members[0]
-    return ensemble, opt, infos
+    return ensemble, opt, members[0][3]
 
 
 def default_id(eval_opt):

@@ -207,6 +207,9 @@ class TrainState:
     new_epoch: bool = True  # an epoch starts: set its lr and sc_flag
     stop: bool = False  # a signal asked to stop (on some rank)
     saving: tuple = None  # (iteration, best) while rank 0 saves it: what a second signal abandons
+    # (ours) the validation of this iteration is due and not yet saved: a save made now (a signal or an error cut
+    # the validation short) records it as pending, and the run that resumes from it validates first
+    validation_due: bool = False
 
     @property
     def iteration(self):
@@ -236,8 +239,11 @@ def start_state(run, saved):
             print(f'note: --seed {opt.seed} is not the checkpoint\'s {saved_seed}: the captions drawn per image and '
                   f'the order of the next epochs differ from those of an uninterrupted run', flush=True)
     point = ResumePoint(iteration, epoch, run.loader.state_dict(), rng_state(world.device))
+    pending = bool(saved) and saved.validation_pending
+    if pending and world.is_main:
+        print(f'the validation of iteration {iteration} was interrupted: redoing it', flush=True)
     return TrainState(point, point, best_val_score, histories_of(saved.histories if saved else None),
-                      last_saved=iteration, start_iteration=iteration)
+                      last_saved=iteration, start_iteration=iteration, validation_due=pending)
 
 
 def prepare_folders(opt, cleanup):
@@ -424,6 +430,8 @@ def train_loop(run, state):
     opt, world, signals = run.opt, run.world, run.signals
     signals.phase = 'train'
     try:
+        if state.validation_due:  # resumed from a save whose validation was cut short: as if it had not been
+            validate_and_save(run, state)
         while not state.stop:
             if state.new_epoch:
                 start_epoch(run, state)
@@ -513,6 +521,7 @@ def validate_and_save(run, state):
     --reduce_on_plateau schedule steps on every rank, from the same broadcast score."""
     opt, world = run.opt, run.world
     rng_states = gather_rng_states(world)  # every rank, as after this iteration
+    state.validation_due = True
     with run.signals.during('validate'):  # a signal now cuts the validation short (stop_on saves state.point)
         result = validate(run.model, run.loader, run.loss_wrapper.crit, opt, world)
     with run.signals.during('save'):
@@ -525,6 +534,7 @@ def validate_and_save(run, state):
             state.best_val_score = result['score']
         run_on_main(lambda: record_and_save(run, state, result, rng_states, best), world, 'the checkpoint save')
     state.last_saved = state.iteration
+    state.validation_due = False
     if world.is_main:
         lang_stats = result['lang_stats']
         shown = f"CIDEr {lang_stats['CIDEr']:.4f}" if lang_stats else f"val loss {result['loss']:.4f}"
@@ -544,18 +554,20 @@ def record_and_save(run, state, result, rng_states, best):
     save(run, state, state.point, rng_states, best)
 
 
-def save(run, state, point, rng_states, best=False):
+def save(run, state, point, rng_states, best=False, validation_pending=False):
     """Rank 0: the checkpoint of `point`; state.saving says which while it is written (a second signal may
-    abandon it: stop_on)."""
+    abandon it: stop_on). validation_pending: the infos say that the validation of point is still to be done."""
     state.saving = (point.iteration, best)
-    run.saver.save(point, state.best_val_score, state.histories, rng_states, best)
+    run.saver.save(point, state.best_val_score, state.histories, rng_states, best,
+                   validation_pending=validation_pending)
     state.saving = None
 
 
 def save_point(run, state, point, rng_states):
-    """Save `point` without validating (rank 0)."""
+    """Save `point` without validating (rank 0); when its validation was due (cut short by a signal or an error),
+    the infos record it as pending, and a resume redoes it first (so that model-best is the uninterrupted run's)."""
     with run.signals.during('save'):
-        save(run, state, point, rng_states)
+        save(run, state, point, rng_states, validation_pending=state.validation_due and point is state.point)
 
 
 def finish(run, state):

@@ -558,6 +558,11 @@ class SavedRun:
     def seed(self):
         return getattr(self.infos.get('opt'), 'seed', None)
 
+    @property
+    def validation_pending(self):
+        """The saved iteration's validation was cut short (CheckpointSaver.save): the resumed run redoes it."""
+        return self.infos.get('validation_pending') == self.iteration and self.iteration is not None
+
     def restore_model(self, model):
         """model.pth's weights into model (sizes checked); refuses a model.pth that is not the one the infos were
         saved with (when the infos record its fingerprint)."""
@@ -609,7 +614,8 @@ def load_run(folder, run_id, opt, vocab):
     if not os.path.isfile(saved.infos_path):
         raise SaticError(f"--start_from {folder}: no infos_{run_id}.pkl there; --id must name the run "
                          f"saved in that folder (save/copy_model.sh renames it when you copy a run)")
-    saved.infos = read_infos(saved.infos_path)
+    saved.infos = load_infos(saved.infos_path, advice=f'the run in {folder} is damaged; restore its '
+                             f'infos_{run_id}.pkl or start a new run')
     theirs_opt = resolved(saved.infos['opt'])
     for key in MUST_MATCH:
         ours, theirs = vars(resolved(opt))[key], vars(theirs_opt)[key]
@@ -621,8 +627,19 @@ def load_run(folder, run_id, opt, vocab):
                          f"resume with the cocotalk.json the checkpoint was trained with")
     check_infos_match(saved.infos, vocab=vocab, opt=opt, infos_path=saved.infos_path)
     histories_path = os.path.join(folder, f'histories_{run_id}.pkl')
-    saved.histories = read_infos(histories_path) if os.path.isfile(histories_path) else {}
+    saved.histories = read_histories(histories_path) if os.path.isfile(histories_path) else {}
     return saved
+
+
+def read_histories(path):
+    """A histories pickle, checked: a dict whose HISTORIES entries are {iteration: value} dicts (else one line)."""
+    histories = read_infos(path)
+    bad = [key for key in HISTORIES if isinstance(histories, dict) and not isinstance(histories.get(key, {}), dict)]
+    if not isinstance(histories, dict) or bad:
+        what = f'its {bad[0]} is a {type(histories[bad[0]]).__name__}' if bad else f'a {type(histories).__name__}'
+        raise SaticError(f'{path} is not a histories file (a dict of {{iteration: value}} dicts; {what}): restore '
+                         'it, or remove it to resume without the histories')
+    return histories
 
 
 class CheckpointSaver:
@@ -640,11 +657,14 @@ class CheckpointSaver:
         self.vocab, self.recorded_options, self.save_history_ckpt = vocab, recorded_options, save_history_ckpt
         self.scaler, self.replace = scaler, replace
 
-    def save(self, point, best_val_score, histories, rng_states, best=False):
+    def save(self, point, best_val_score, histories, rng_states, best=False, validation_pending=False):
         """Save the state at `point` (a ResumePoint); rng_states: every rank's generators, or None when they are
-        not known. Returns the infos written."""
+        not known; validation_pending: the validation of point was due but cut short (infos
+        'validation_pending': its iteration; a resume redoes it). Returns the infos written."""
         infos = make_infos(self.recorded_options, self.vocab, point.iteration, point.epoch, best_val_score,
                            position=point.loader, rng_states=rng_states)
+        if validation_pending:
+            infos['validation_pending'] = point.iteration
         if self.scaler is not None:
             infos['grad_scaler'] = dict(self.scaler.state_dict())
         history_iter = point.iteration if self.save_history_ckpt else None

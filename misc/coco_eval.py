@@ -31,7 +31,7 @@ import zipfile
 
 from misc.cider_d import corpus_cider_d
 from misc.errors import SaticError
-from misc.fileio import write_json
+from misc.fileio import check_field, read_json, write_json
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 USER_SPICE_LIB = os.path.join(REPO_ROOT, 'coco-caption', 'spice-lib')
@@ -59,6 +59,34 @@ def _package_dir(*parts):
     """A folder inside the installed pycocoevalcap (a namespace package: no __init__.py at its top)."""
     import pycocoevalcap  # (pycocoevalcap only when scoring: train.py --language_eval 0 never needs it)
     return os.path.join(list(pycocoevalcap.__path__)[0], *parts)
+
+
+# Seconds each Java tool may take before it is killed and named as not answering (a java that starts but never
+# answers must not hang an evaluation, or a training run's validation, for ever). Generous: the whole COCO val split
+# tokenizes in seconds, METEOR scores it in about a minute, SPICE parses it in tens of minutes on its first run.
+# SATIC_JAVA_TIMEOUT (seconds) overrides all three.
+JAVA_TIMEOUTS = {'ptb': 600.0, 'meteor': 1800.0, 'spice': 7200.0}
+
+
+def java_timeout(tool):
+    """The timeout (seconds) of tool ('ptb', 'meteor', 'spice'): SATIC_JAVA_TIMEOUT when set, else JAVA_TIMEOUTS."""
+    value = os.environ.get('SATIC_JAVA_TIMEOUT')
+    if value:
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = -1.0
+        if not seconds > 0:
+            raise SaticError(f'SATIC_JAVA_TIMEOUT={value}: give the seconds a Java tool may take (a number > 0)')
+        return seconds
+    return JAVA_TIMEOUTS[tool]
+
+
+def _no_answer(what, seconds):
+    """The one line for a Java tool that started but did not answer in time."""
+    return ('%s did not answer within %g s (java: %s): it was stopped; check that Java works and is not starved of '
+            'memory, set SATIC_JAVA_TIMEOUT=<seconds> for a slower machine, or run with --language_eval 0'
+            % (what, seconds, shutil.which('java') or 'java'))
 
 
 def _java_failed(what, detail):
@@ -96,9 +124,12 @@ def ptb_tokenize(captions):
     try:
         cmd = ['java', '-cp', jar, 'edu.stanford.nlp.process.PTBTokenizer', '-preserveLines', '-lowerCase',
                '-encoding', 'utf-8', f.name]
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # killed on Ctrl-C
+        timeout = java_timeout('ptb')
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)  # killed on Ctrl-C
     except OSError as e:  # java not executable
         raise SaticError(_java_failed(what, 'cannot start: %s' % e)) from None
+    except subprocess.TimeoutExpired:  # (subprocess.run has killed it)
+        raise SaticError(_no_answer(what, timeout)) from None
     finally:
         os.remove(f.name)
     if proc.returncode != 0:
@@ -110,17 +141,31 @@ def ptb_tokenize(captions):
 
 
 def _load_references(ref_json):
-    """COCO-format json -> {image_id: [caption, ..]} in the file's image order (COCO API order)."""
+    """COCO-format json -> {image_id: [caption, ..]} in the file's image order (COCO API order), checked: a dict with
+    images[] of {id} and annotations[] of {image_id, caption string}, else one line naming the file."""
     if not os.path.isfile(ref_json):
         raise SaticError('reference file %s not found: build it with python scripts/prepro_reference_json.py '
                          '(or pass --ref_json PATH)' % ref_json)
-    with open(ref_json) as f:
-        dataset = json.load(f)
-    refs = {img['id']: [] for img in dataset.get('images', [])}
-    for ann in dataset.get('annotations', []):
+    what, fix = 'reference json (--ref_json)', 'build it with python scripts/prepro_reference_json.py'
+    dataset = read_json(ref_json, what, dict, 'a COCO caption json object {images, annotations}')
+    for key, fields in (('images', ('id',)), ('annotations', ('image_id', 'caption'))):
+        entries = dataset.get(key)
+        check_field(isinstance(entries, list), ref_json, what, f'no {key}[] list (a COCO caption json has '
+                    f'images[] and annotations[]): {fix}')
+        for n, entry in enumerate(entries):
+            missing = [f for f in fields if not isinstance(entry, dict) or f not in entry]
+            check_field(not missing, ref_json, what, f'{key}[{n}] has no {"/".join(missing)} '
+                        f'({str(entry)[:60]}): {fix}')
+            if key == 'annotations':
+                check_field(isinstance(entry['caption'], str), ref_json, what, f'annotations[{n}] has a caption '
+                            f'that is a {type(entry["caption"]).__name__}, not a string: {fix}')
+    refs = {img['id']: [] for img in dataset['images']}
+    for ann in dataset['annotations']:
         if ann['image_id'] in refs:
             refs[ann['image_id']].append(ann['caption'])
-    return {image_id: caps for image_id, caps in refs.items() if caps}
+    refs = {image_id: caps for image_id, caps in refs.items() if caps}
+    check_field(refs, ref_json, what, f'no image has a caption: {fix}')
+    return refs
 
 
 class _Meteor:
@@ -141,10 +186,24 @@ class _Meteor:
             raise SaticError(_java_failed(self.WHAT, 'cannot start: %s' % e)) from None
 
     def compute_score(self, gts, res):
+        """pycocoevalcap's compute_score, with a watchdog: java is killed when it has not answered within
+        java_timeout('meteor') seconds (its pipes then end, and the scorer stops reading)."""
+        seconds, expired = java_timeout('meteor'), threading.Event()
+
+        def stop():
+            expired.set()
+            self.scorer.meteor_p.kill()
+        watchdog = threading.Timer(seconds, stop)
+        watchdog.daemon = True
+        watchdog.start()
         try:
             return self.scorer.compute_score(gts, res)
         except (ValueError, OSError):  # java died: an empty line where a score was due, or a broken pipe
+            if expired.is_set():
+                raise SaticError(_no_answer(self.WHAT, seconds)) from None
             raise SaticError(_java_failed(self.WHAT, self._death())) from None
+        finally:
+            watchdog.cancel()
 
     def _death(self):
         """'exit status N: <its stderr>' of the java process, killed if it has not exited within 5 s."""
@@ -308,10 +367,13 @@ def run_spice(gts, res, setup, cache_dir=None):
         with open(in_json, 'w') as f:  # pycocoevalcap's input format, images in sorted id order
             json.dump([{'image_id': i, 'test': res[i][0], 'refs': gts[i]} for i in sorted(gts)], f)
         cmd = spice_command(in_json, out_json, cache_dir, setup['java_major'], setup['js_jar'])
+        timeout = java_timeout('spice')
         try:
-            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # killed on Ctrl-C
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)  # (Ctrl-C)
         except OSError as e:  # java not executable
             raise SaticError('SPICE could not start java: %s' % e) from None
+        except subprocess.TimeoutExpired:  # (subprocess.run has killed it)
+            raise SaticError(_no_answer('SPICE (%s)' % SPICE_JAR, timeout)) from None
         output = proc.stdout.decode(errors='replace')
         if proc.returncode != 0 or not os.path.isfile(out_json):
             raise SaticError('SPICE (%s) failed with exit status %d: %s (see coco-caption/README.md)'
@@ -427,3 +489,4 @@ def check_ready(ref_json):
     if not ref_json or not os.path.isfile(ref_json):
         raise SaticError(f"--ref_json {ref_json}: reference captions not found; build them with "
                          f"python scripts/prepro_reference_json.py (or pass --language_eval 0)")
+    _load_references(ref_json)  # read and checked now: a truncated or malformed file fails before any work

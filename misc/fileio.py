@@ -114,15 +114,31 @@ def run_cli(parse_args, run, argv=None):
     return 0
 
 
-def read_json(path, what='json file'):
-    """json.load with a one-line SaticError for a missing or malformed file."""
+def read_json(path, what='json file', expect=None, shape=''):
+    """json.load with a one-line SaticError for a missing, unreadable (a folder, no permission) or malformed file;
+    expect: the type the top level must have (dict or list), described by shape in the message."""
     try:
         with open(path) as f:
-            return json.load(f)
+            data = json.load(f)
     except FileNotFoundError:
         raise SaticError(f'{what} {path} does not exist: check the path') from None
+    except IsADirectoryError:
+        raise SaticError(f'{what} {path} is a folder, not a json file: pass the file') from None
+    except OSError as e:
+        raise SaticError(f'{what} {path} cannot be read ({e.strerror or e}): check the path and its '
+                         'permissions') from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SaticError(f'{what} {path} is not valid json ({e}): re-create it') from None
+        raise SaticError(f'{what} {path} is not valid json ({e}); it may be truncated: re-create it') from None
+    if expect is not None and not isinstance(data, expect):
+        raise SaticError(f'{what} {path} holds a json {type(data).__name__}, not {shape or expect.__name__}: '
+                         'pass the right file or re-create it')
+    return data
+
+
+def check_field(ok, path, what, problem):
+    """One line '<what> <path>: <problem>' (SaticError) unless ok: the schema checks of the readers of input files."""
+    if not ok:
+        raise SaticError(f'{what} {path}: {problem}')
 
 
 def write_json(obj, path):
@@ -130,6 +146,17 @@ def write_json(obj, path):
     the folder."""
     text = json.dumps(obj)  # json.dumps runs the C encoder; json.dump the (slow) Python one
     atomic_write(path, lambda f: f.write(text.encode('utf-8')))
+
+
+def check_vocabulary(ix_to_word, where):
+    """ix_to_word must be {"1": word, ..}: string keys 1..V, string words (one line naming `where` otherwise)."""
+    if not isinstance(ix_to_word, dict):
+        raise SaticError(f'{where}: ix_to_word is a json {type(ix_to_word).__name__}, not an object '
+                         '{"1": word, ..}: re-create the json with scripts/prepro_labels.py')
+    keys = sorted(int(k) if str(k).isdigit() else -1 for k in ix_to_word)
+    if keys != list(range(1, len(keys) + 1)) or not all(isinstance(w, str) for w in ix_to_word.values()):
+        raise SaticError(f'{where}: ix_to_word must map "1".."{len(keys)}" to words (found keys or words of another '
+                         'kind): re-create the json with scripts/prepro_labels.py')
 
 
 def vocab_sha1(ix_to_word):
@@ -196,6 +223,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 def load_pickle(path):
     """Load an infos/histories pickle safely, with the latin-1 fallback for files written by Python 2."""
+    if os.path.isdir(path):
+        raise SaticError(f"{path} is a folder: pass the .pkl file")
     if not os.path.isfile(path):
         raise SaticError(f"{path}: file not found")
     for encoding in ('ASCII', 'latin1'):
@@ -506,6 +535,8 @@ def save_torch(obj, path):
 def load_torch(path, what='checkpoint'):
     """torch.load(weights_only=True) onto the CPU, with a one-line error for a missing or damaged file."""
     import torch  # (misc.fileio stays torch-free: the data scripts import it)
+    if os.path.isdir(path):
+        raise SaticError(f"{what} {path} is a folder: pass the .pth file")
     if not os.path.isfile(path):
         raise SaticError(f"{what} {path}: file not found")
     try:

@@ -9,7 +9,7 @@ import shutil
 import sys
 
 from misc.errors import SaticError
-from misc.fileio import atomic_write, read_json
+from misc.fileio import atomic_write, check_output_folder, read_json
 
 TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'viewer_template.html')
 DATA_MARK = '__VIEWER_DATA__'
@@ -134,13 +134,20 @@ def _place_image(image_root, rel, key, out_dir, link):
         return None
     name = f'{key}{os.path.splitext(rel)[1] or ".jpg"}'
     dst = os.path.join(out_dir, 'imgs', name)
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    if os.path.lexists(dst):
-        os.remove(dst)
-    if link:
-        os.symlink(os.path.abspath(src), dst)
-    else:
-        shutil.copyfile(src, dst)
+    if os.path.isdir(dst) and not os.path.islink(dst):
+        raise SaticError(f'{dst} is a folder, where the viewer puts the picture of image {key}: remove it or choose '
+                         'another --output folder')
+    try:
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        if os.path.lexists(dst):
+            os.remove(dst)
+        if link:
+            os.symlink(os.path.abspath(src), dst)
+        else:
+            shutil.copyfile(src, dst)
+    except OSError as e:
+        raise SaticError(f'cannot {"link" if link else "copy"} {src} to {dst} ({e.strerror or e}): check that '
+                         'folder, or choose another --output folder') from None
     return f'imgs/{name}'
 
 
@@ -182,6 +189,8 @@ def build_data(run_paths, score_paths=(), names=(), ref_json='', image_root='', 
                          "in the same order ('-' for a run without scores)")
     if image_root and not os.path.isdir(image_root):
         raise SaticError(f'--image_root {image_root} is not a folder: pass the folder the file paths are relative to')
+    if image_root:  # the pictures go to imgs/ beside the page: a file there stops that before any work
+        check_output_folder(os.path.join(out_dir, 'imgs'), f'the pictures of --image_root (beside the page)')
     loaded = [load_run(p) for p in run_paths]
     scores = [load_scores(p) if p and p != '-' else (None, {}) for p in (score_paths or [''] * len(run_paths))]
     refs, ref_names = load_references(ref_json) if ref_json else ({}, {})
@@ -276,6 +285,7 @@ def write_viewer(output, run_paths, **kwargs):
     out_dir = os.path.dirname(os.path.abspath(output))
     if os.path.isdir(output):
         raise SaticError(f'--output {output} is a folder: pass the html file to write, e.g. {output}/compare.html')
+    check_output_folder(out_dir, f'--output {output}')
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:

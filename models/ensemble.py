@@ -8,7 +8,10 @@ the weighted mean of the members' word probabilities, log(sum_i w_i p_i) with th
 its cache holds one decoding cache per member and `reorder` reorders each.
 
 Members must share K (the same words per step) and the vocabulary (the same word ids), which the caller checks
-with the files' names (eval_ensemble.py); their sizes (layers, d_model) may differ.
+with the files' names (eval_ensemble.py); their sizes (layers, d_model) may differ. Each member sees the region
+features as it was trained on them: with `normalise` (one flag per member, its --norm_att_feat), the loader reads
+them un-normalised and the members trained on L2-normalised features normalise them themselves (the loader's
+normalisation, per region, padding left zero), so the members' order changes nothing.
 
 Shapes: B images, S decoding rows, N regions, K group size, V vocabulary + 1, T positions.
 """
@@ -47,21 +50,27 @@ class EnsembleCache:
 class EnsembleModel(nn.Module):
     """Several SATModels of one K and vocabulary, their word probabilities averaged with `weights` at each step."""
 
-    def __init__(self, members, weights=None):
+    def __init__(self, members, weights=None, normalise=None):
+        """normalise: per member, whether it L2-normalises the (un-normalised) region features it is given (None:
+        no member does: the features arrive as every member was trained on them)."""
         super().__init__()
         if not members:
             raise ValueError('an ensemble needs at least one model')
         weights = [1.0] * len(members) if weights is None else [float(w) for w in weights]
         if len(weights) != len(members):
             raise ValueError(f'{len(weights)} weights for {len(members)} models: give one weight per model')
-        if min(weights) < 0 or sum(weights) <= 0:
-            raise ValueError(f'weights must be >= 0 with a positive sum (got {weights})')
+        if not all(math.isfinite(w) and w >= 0 for w in weights) or max(weights) <= 0:
+            raise ValueError(f'weights must be finite, >= 0 and not all 0 (got {weights})')
+        self.normalise = [False] * len(members) if normalise is None else [bool(n) for n in normalise]
+        if len(self.normalise) != len(members):
+            raise ValueError(f'{len(self.normalise)} normalise flags for {len(members)} models')
         for member in members[1:]:
             if (member.K, member.vocab_size) != (members[0].K, members[0].vocab_size):
                 raise ValueError(f'members decode K={member.K} over {member.vocab_size} words and '
                                  f'K={members[0].K} over {members[0].vocab_size}: an ensemble needs one K and one '
                                  'vocabulary')
         self.members = nn.ModuleList(members)
+        weights = [w / max(weights) for w in weights]  # (1e308 1e308 would overflow the sum)
         self.weights = [w / sum(weights) for w in weights]  # normalised
         # log w_i: log(sum_i w_i p_i) = logsumexp_i(log p_i + log w_i); a one-model ensemble is that model exactly.
         self.log_weights = [math.log(w) if w > 0 else float('-inf') for w in self.weights]
@@ -75,12 +84,22 @@ class EnsembleModel(nn.Module):
         log_weights = stacked.new_tensor(self.log_weights).view(-1, *[1] * (stacked.dim() - 1))
         return torch.logsumexp(stacked + log_weights, dim=0)
 
+    def member_features(self, att_feats):
+        """[(B, N, D)] region features as each member takes them: L2-normalised per region where normalise says
+        (as the loader's --norm_att_feat 1; all-zero padding regions stay zero)."""
+        if not any(self.normalise):
+            return [att_feats] * len(self.members)
+        norm = att_feats.norm(p=2, dim=-1, keepdim=True)  # (B, N, 1)
+        normalised = att_feats / torch.where(norm > 0, norm, torch.ones_like(norm))
+        return [normalised if n else att_feats for n in self.normalise]
+
     # ---- decoding primitives (SATModel's surface) --------------------------------------------------------------
     def encode(self, att_feats, att_masks=None):
         """-> (the first member's memory (B, N, D), for the searches' shapes and device; EnsembleEncoding of all).
 
         The searches pass the second value on to init_cache untouched, as they do SATModel's memory mask."""
-        encoded = [member.encode(att_feats, att_masks) for member in self.members]
+        encoded = [member.encode(feats, att_masks)
+                   for member, feats in zip(self.members, self.member_features(att_feats))]
         return encoded[0][0], EnsembleEncoding([m for m, _ in encoded], [mask for _, mask in encoded])
 
     def init_cache(self, memory, encoding, rows_per_image=1, use_cache=None, max_length=None):
@@ -101,11 +120,13 @@ class EnsembleModel(nn.Module):
     def region_attention(self, att_feats, att_masks, seq):
         """The members' SATModel.region_attention for the ensemble's caption seq (B, T): their attention weights
         (B, T, N) averaged with the ensemble's weights (rows still sum to one), and the ensemble's log-probs."""
-        attention, logprobs = zip(*(member.region_attention(att_feats, att_masks, seq) for member in self.members))
+        attention, logprobs = zip(*(member.region_attention(feats, att_masks, seq)
+                                    for member, feats in zip(self.members, self.member_features(att_feats))))
         weights = sum(w * a for w, a in zip(self.weights, attention))
         return weights, self.combine(logprobs)
 
     # ---- teacher forcing (eval.py --verbose_loss) ----------------------------------------------------------------
     def forward(self, fc_feats, att_feats, labels, att_masks=None):
         """model(fc, att, labels, att_masks) -> the ensemble's teacher-forced log-probs (S, L-1, V)."""
-        return self.combine([member.forward_xe(att_feats, labels, att_masks) for member in self.members])
+        return self.combine([member.forward_xe(feats, labels, att_masks)
+                             for member, feats in zip(self.members, self.member_features(att_feats))])

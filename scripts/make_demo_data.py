@@ -32,7 +32,7 @@ import numpy as np
 import opts
 from misc.errors import SaticError
 from scripts import make_bu_data, prepro_cocotest, prepro_labels, prepro_ngrams, prepro_reference_json
-from misc.fileio import run_cli, write_json
+from misc.fileio import read_json, run_cli, write_json
 
 VERSION = 1  # bump when the generated data changes, so existing demo folders are rebuilt
 STAMP = '.demo_stamp.json'
@@ -247,14 +247,24 @@ def build_args(args):
     return {'version': VERSION, **{k: getattr(args, k) for k in keys}}
 
 
+def read_stamp(path):
+    """The stamp of a finished build ({'args', 'summary'}); {} (so the demo is rebuilt, with a note) when it is
+    damaged: it is only this script's record that the outputs are complete."""
+    try:
+        stamp = read_json(path, 'demo stamp', dict, 'an object {args, summary}')
+    except SaticError as e:
+        print(f'note: {e}; rebuilding the demo data', file=sys.stderr)
+        return {}
+    return stamp
+
+
 def run(args):
     if not 1 <= args.min_boxes <= args.max_boxes:
         raise SaticError(f'need 1 <= --min_boxes <= --max_boxes (got {args.min_boxes}, {args.max_boxes})')
     out = args.output_dir
     stamp_path = os.path.join(out, STAMP)
     if not args.force and os.path.exists(stamp_path):
-        with open(stamp_path) as f:
-            stamp = json.load(f)
+        stamp = read_stamp(stamp_path)
         if stamp.get('args') == build_args(args) and all(os.path.exists(os.path.join(out, o)) for o in OUTPUTS):
             print(f'{out} is up to date (use --force to rebuild)')
             print(stamp.get('summary', ''))

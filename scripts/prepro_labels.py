@@ -15,6 +15,7 @@ vocab_sha1, so the loader can refuse a label file built with another vocabulary.
 """
 import argparse
 import io
+import json
 import os
 import sys
 
@@ -25,7 +26,8 @@ import h5py
 import numpy as np
 
 from misc.errors import SaticError
-from misc.fileio import atomic_write, image_id, progress, read_json, run_cli, vocab_sha1, write_json
+from misc.fileio import (atomic_write, atomic_write_many, check_output_folder, check_vocabulary, image_id, progress,
+                         read_json, run_cli, vocab_sha1)
 
 UNK = 'UNK'
 
@@ -90,6 +92,12 @@ def encode_captions(captions_per_image, wtoi, max_length, where):
 def write_label_h5(path, labels, start_ix, end_ix, lengths, ix_to_word):
     """Write the label h5 (uint32 datasets) with the vocabulary attrs; atomically (built in memory: about 40 MB on
     COCO, then misc.fileio.atomic_write)."""
+    buffer = label_h5_bytes(labels, start_ix, end_ix, lengths, ix_to_word)
+    atomic_write(path, lambda out: out.write(buffer.getbuffer()))
+
+
+def label_h5_bytes(labels, start_ix, end_ix, lengths, ix_to_word):
+    """The label h5 file (uint32 datasets, vocabulary attrs) in memory: a BytesIO."""
     buffer = io.BytesIO()
     with h5py.File(buffer, 'w') as f:
         f.create_dataset('labels', dtype='uint32', data=labels)
@@ -98,7 +106,16 @@ def write_label_h5(path, labels, start_ix, end_ix, lengths, ix_to_word):
         f.create_dataset('label_length', dtype='uint32', data=lengths)
         f.attrs['vocab_size'] = len(ix_to_word)
         f.attrs['vocab_sha1'] = vocab_sha1(ix_to_word)
-    atomic_write(path, lambda out: out.write(buffer.getbuffer()))
+    return buffer
+
+
+def check_outputs(paths, flags):
+    """Each output path's folder writable (or creatable) and the path not a folder: before any work, so that no
+    output is written when another cannot be."""
+    for path, flag in zip(paths, flags):
+        check_output_folder(os.path.dirname(os.path.abspath(path)), f'{flag} {path}')
+        if os.path.isdir(path):
+            raise SaticError(f'{flag} {path} is a folder: give a file path')
 
 
 def image_entry(img, images_root='', path='the dataset json'):
@@ -120,18 +137,34 @@ def read_vocabulary(dict_json):
     ix_to_word = vocab_json.get('ix_to_word') if isinstance(vocab_json, dict) else None
     if not ix_to_word:
         raise SaticError(f'{dict_json} has no ix_to_word: pass the cocotalk.json written by prepro_labels.py')
+    check_vocabulary(ix_to_word, f'vocabulary json {dict_json}')
     return vocab_json, ix_to_word
 
 
-def load_dataset_images(path):
-    """images[] of a Karpathy-format dataset json, checked for the fields the scripts need."""
+def load_dataset_images(path, need_tokens=True):
+    """images[] of a Karpathy-format dataset json, checked for the fields the scripts need: split, and sentences[]
+    whose tokens are lists of strings (need_tokens=False: tokens or a raw string)."""
     data = read_json(path, 'dataset json')
     images = data.get('images') if isinstance(data, dict) else None
     if not isinstance(images, list):
         raise SaticError(f'{path} has no images[] list: expected a Karpathy-format dataset_coco.json')
+    karpathy = 'expected a Karpathy-format dataset_coco.json'
     for img in images:
+        if not isinstance(img, dict):
+            raise SaticError(f'{path}: an image entry is a {type(img).__name__} ({str(img)[:40]}): {karpathy}')
         if 'split' not in img:
-            raise SaticError(f'{path}: image {image_id(img, path)} has no split: expected a Karpathy-format dataset_coco.json')
+            raise SaticError(f'{path}: image {image_id(img, path)} has no split: {karpathy}')
+        sentences = img.get('sentences', [])
+        if not isinstance(sentences, list):
+            raise SaticError(f'{path}: image {image_id(img, path)} has sentences that are not a list: {karpathy}')
+        for n, sent in enumerate(sentences):
+            tokens = sent.get('tokens') if isinstance(sent, dict) else None
+            good = isinstance(tokens, list) and all(isinstance(w, str) for w in tokens)
+            if not good and not (not need_tokens and isinstance(sent, dict) and isinstance(sent.get('raw'), str)
+                                 and tokens is None):
+                problem = 'no tokens' if tokens is None else 'tokens that are not a list of words'
+                raise SaticError(f'{path}: image {image_id(img, path)}, sentence {n} has {problem}: {karpathy} '
+                                 '(every sentence: {"tokens": [words], "raw": text})')
     return images
 
 
@@ -146,7 +179,17 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def check_max_length(max_length):
+    """--max_length: the words per caption row of the label h5 (its labels' width), at least 1."""
+    if max_length < 1:
+        raise SaticError(f'--max_length {max_length}: captions are cut to this many words, the width of the label '
+                         'h5; give at least 1 (the reference used 16)')
+
+
 def run(args):
+    check_max_length(args.max_length)
+    h5_path = args.output_h5 + '_label.h5'
+    check_outputs([args.output_json, h5_path], ['--output_json', '--output_h5'])
     images = load_dataset_images(args.input_json)
     vocab = build_vocab(images, args.word_count_threshold)
     ix_to_word = {str(i + 1): w for i, w in enumerate(vocab)}
@@ -154,15 +197,18 @@ def run(args):
     captions = [[s['tokens'] for s in img.get('sentences', [])] for img in images]
     labels, start_ix, end_ix, lengths = encode_captions(
         captions, wtoi, args.max_length, lambda i: f'{args.input_json}: image {image_id(images[i])}')
-    h5_path = args.output_h5 + '_label.h5'
-    write_label_h5(h5_path, labels, start_ix, end_ix, lengths, ix_to_word)
+    h5 = label_h5_bytes(labels, start_ix, end_ix, lengths, ix_to_word)
     if args.images_root:  # reads every image: slow
         images_iter = progress(images, desc=f'reading image sizes in {args.images_root}', unit='images')
     else:
         images_iter = images
     out = {'ix_to_word': ix_to_word,
            'images': [image_entry(img, args.images_root, args.input_json) for img in images_iter]}
-    write_json(out, args.output_json)
+    text = json.dumps(out)
+    # The two files belong together (the h5 records the json's vocabulary): both written to temp files first,
+    # then both renamed; a failure before the renames leaves the previous pair whole.
+    atomic_write_many([(h5_path, lambda f: f.write(h5.getbuffer())),
+                       (args.output_json, lambda f: f.write(text.encode('utf-8')))])
     print(f'wrote {args.output_json} ({len(images)} images, vocabulary {len(ix_to_word)}) and '
           f'{h5_path} ({labels.shape[0]} captions)')
 

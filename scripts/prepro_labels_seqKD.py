@@ -18,7 +18,7 @@ if __package__ in (None, ''):  # run as a file: make the repository root importa
 
 from misc.errors import SaticError
 from misc.fileio import image_id, read_json, run_cli
-from scripts.prepro_labels import encode_captions, load_dataset_images, read_vocabulary, write_label_h5
+from scripts.prepro_labels import check_max_length, check_outputs, encode_captions, load_dataset_images, read_vocabulary, write_label_h5
 
 
 def load_teacher(path):
@@ -30,12 +30,18 @@ def load_teacher(path):
     for entry in data:
         if not isinstance(entry, dict) or 'image_id' not in entry or 'caption' not in entry:
             raise SaticError(f'{path}: entry {str(entry)[:60]} lacks image_id/caption (expected eval.py --seq_kd 1 output)')
-        caps = entry['caption']
-        caps = [caps] if isinstance(caps, str) else list(caps)
-        token_lists = [c.split() for c in caps]
-        if not token_lists:
-            raise SaticError(f'{path}: image {entry["image_id"]} has an empty caption list')
-        teacher[int(entry['image_id'])] = token_lists
+        iid, caps = entry['image_id'], entry['caption']
+        if isinstance(iid, str) and iid.isdigit():
+            iid = int(iid)
+        if isinstance(iid, bool) or not isinstance(iid, int):
+            raise SaticError(f'{path}: image_id {iid!r} is not an integer (expected eval.py --seq_kd 1 output)')
+        caps = [caps] if isinstance(caps, str) else caps
+        if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
+            raise SaticError(f'{path}: image {iid} has a caption that is not a string or a list of strings '
+                             f'({str(caps)[:40]}; expected eval.py --seq_kd 1 output)')
+        if not caps:
+            raise SaticError(f'{path}: image {iid} has an empty caption list')
+        teacher[iid] = [c.split() for c in caps]
     return teacher
 
 
@@ -52,6 +58,8 @@ def parse_args(argv=None):
 
 
 def run(args):
+    check_max_length(args.max_length)
+    check_outputs([args.output_h5 + '_label.h5'], ['--output_h5'])
     images = load_dataset_images(args.input_json)
     vocab_json, ix_to_word = read_vocabulary(args.dict_json)
     dict_images = vocab_json.get('images', [])

@@ -65,7 +65,7 @@ def reference_json(images, splits, path):
         for sent in img.get('sentences', []):
             sid = sent.get('sentid', next_id)
             next_id = max(next_id, sid) + 1
-            caption = sent.get('raw') or ' '.join(sent['tokens'])
+            caption = sent.get('raw') or ' '.join(sent.get('tokens') or [])
             annotations.append({'image_id': iid, 'id': sid, 'caption': caption})
     return {'info': {'description': f'reference captions built from {os.path.basename(path)}'},
             'licenses': [], 'type': 'captions', 'images': out_images, 'annotations': annotations}
@@ -86,7 +86,7 @@ def run(args):
         extract(args.coco_file, args.output_json)
         print(f'wrote {args.output_json} (COCO {args.coco_file} from the pycocoevalcap package)')
         return
-    images = load_dataset_images(args.input_json)
+    images = load_dataset_images(args.input_json, need_tokens=False)
     splits = set(s.strip() for s in args.splits.split(',') if s.strip()) or None
     ref = reference_json(images, splits, args.input_json)
     if not ref['images']:

@@ -225,6 +225,17 @@ def share_one_meteor(monkeypatch):
     return started
 
 
+def fake_java(tmp_path, monkeypatch, body):
+    """A `java` first on PATH running the shell `body` ("$@" holds java's arguments); returns its path."""
+    folder = tmp_path / 'fakebin'
+    folder.mkdir()
+    java = folder / 'java'
+    java.write_text('#!/bin/sh\n' + body + '\n')
+    java.chmod(0o755)
+    monkeypatch.setenv('PATH', '%s%s%s' % (folder, os.pathsep, os.environ.get('PATH', '')))
+    return str(java)
+
+
 def java_children():
     """Live or zombie java processes whose parent is this test process."""
     found = []

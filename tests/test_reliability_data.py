@@ -24,7 +24,7 @@ from models.sat import SATModel
 from misc import fileio
 from scripts import dump_to_lmdb
 from tests.helpers import make_tiny_dataset
-from tests.helpers import PREDICTIONS, copy_dataset, java_children, one_line_error, tiny_checkpoint, write_reference_json
+from tests.helpers import PREDICTIONS, copy_dataset, fake_java, java_children, one_line_error, tiny_checkpoint, write_reference_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_java = pytest.mark.skipif(not coco_eval.java_available(), reason='java not installed')
@@ -151,15 +151,7 @@ def test_ctrl_c_during_meteor_exits_at_once(tmp_path):
     assert 'KeyboardInterrupt' in err and proc.returncode != 0
 
 
-def _fake_java(tmp_path, monkeypatch, body):
-    """A `java` first on PATH running the shell `body` ("$@" holds java's arguments)."""
-    folder = tmp_path / 'fakebin'
-    folder.mkdir()
-    java = folder / 'java'
-    java.write_text('#!/bin/sh\n' + body + '\n')
-    java.chmod(0o755)
-    monkeypatch.setenv('PATH', '%s%s%s' % (folder, os.pathsep, os.environ.get('PATH', '')))
-    return str(java)
+_fake_java = fake_java
 
 
 def test_broken_java_is_one_line(tmp_path, monkeypatch):
