@@ -40,10 +40,11 @@ def _duration(seconds):
 class Progress:
     """Progress of a long loop on stderr: a tqdm bar when stderr is a terminal; otherwise (a log file, a cluster
     job) one plain line every PROGRESS_SECONDS: "<desc>: 12,000/123,287 images (9.7%), 402 images/s, 0m30s elapsed,
-    about 4m36s left". Nothing at all for a loop shorter than that. Use as a context manager; update(n) per step."""
+    about 4m36s left". Nothing at all for a loop shorter than that, unless final: then one last line at close (the
+    rate of the whole loop; evaluation and validation). Use as a context manager; update(n) per step."""
 
-    def __init__(self, total=None, desc='', unit='it'):
-        self.total, self.desc, self.unit = total, desc, unit
+    def __init__(self, total=None, desc='', unit='it', final=False):
+        self.total, self.desc, self.unit, self.final = total, desc, unit, final
         self.n = 0
         self.start = self.last = time.monotonic()
         self.bar = None
@@ -80,6 +81,9 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+        elif self.final and self.n:
+            print(self.line(), file=sys.stderr, flush=True)
+            self.final = False
 
     def __enter__(self):
         return self

@@ -226,6 +226,7 @@ def test_an_interrupted_evaluation_leaves_the_previous_json(checkpoint, workdir,
     capsys.readouterr()
     assert run_eval(checkpoint, '--language_eval', '0', '--id', 'run', '--num_images', '1') == 130  # another json
     err = capsys.readouterr().err.strip()
+    err = '\n'.join(line for line in err.splitlines() if not line.startswith('decoding test: '))  # its progress
     assert len(err.splitlines()) == 1 and err.startswith('interrupted')
     assert (workdir / 'vis' / 'run.json').read_bytes() == before
     assert os.listdir(workdir / 'vis') == ['run.json']  # no temp file left
@@ -269,3 +270,32 @@ def test_verbose_prints_the_beams_only_with_verbose_beam(checkpoint, workdir, ca
                     '--verbose_beam', verbose_beam, '--id', 'v') == 0
     out = capsys.readouterr().out
     assert 'image ' in out and ('  beam: ' in out) == (verbose_beam == '1')
+
+
+# ---- progress (issue 29): a bar on a terminal, lines with a rate in a log file ----
+
+def test_eval_into_a_file_prints_progress_lines_with_a_rate(tiny_dataset, checkpoint, workdir):
+    """eval.py with its output in a file (not a terminal, as a cluster job's log): a line with the images done,
+    their rate and the elapsed time; no tqdm bar (no carriage returns)."""
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(workdir / 'eval.log', 'w') as log:
+        proc = subprocess.run([sys.executable, os.path.join(repo, 'eval.py'), '--model', checkpoint[0],
+                               '--infos_path', checkpoint[1], '--language_eval', '0', '--batch_size', '1',
+                               '--id', 'logged'], stdout=log, stderr=subprocess.STDOUT, cwd=workdir, timeout=300)
+    text = (workdir / 'eval.log').read_text()
+    assert proc.returncode == 0, text
+    assert re.search(r'^decoding test: 3/3 images \(100\.0%\), [\d.,]+ images/s, 0m\d\ds elapsed$', text, re.M), text
+    assert '\r' not in text
+
+
+def test_progress_lines_every_interval_with_time_left(tiny_dataset, checkpoint, workdir, capsys, monkeypatch):
+    from misc import fileio
+    monkeypatch.setattr(fileio, 'PROGRESS_SECONDS', 0.0)  # a line per batch
+    assert run_eval(checkpoint, '--language_eval', '0', '--batch_size', '1', '--id', 'every') == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith('decoding test: ')]
+    assert [line.split(' images')[0] for line in lines] == ['decoding test: 1/3', 'decoding test: 2/3',
+                                                             'decoding test: 3/3', 'decoding test: 3/3']
+    assert all(re.search(r'images/s, 0m\d\ds elapsed', line) for line in lines)
+    assert 'left' in lines[0] and 'left' not in lines[-1]
