@@ -8,6 +8,7 @@ decodes whole batches.
 """
 import dataclasses
 import itertools
+import sys
 import time
 
 import torch
@@ -44,7 +45,7 @@ def evaluate(model, loader, split, config, *, num_images=-1, batch_size=None, re
     those of one process); bf16 / fp16: autocast type; verbose: print each caption, and with verbose_beam (eval.py
     --verbose_beam, the reference's option) its beams; attention_top N > 0 (eval.py --dump_attention): each
     prediction also gets 'words' and 'attention', the N regions each word attended to most (region_attention);
-    progress: a name, to show the images done, their rate and the time left on stderr (misc.fileio.Progress: a bar
+    progress: a name, to show the images done, their rate and the time left on stdout (misc.fileio.Progress: a bar
     on a terminal, else a line every minute and one at the end; rank 0 only, counting every rank's batches).
     Returns an EvalResult."""
     print_beams = verbose and verbose_beam
@@ -70,7 +71,7 @@ def evaluate(model, loader, split, config, *, num_images=-1, batch_size=None, re
         # A batch that runs past the limit (or wraps to the split's start) decodes only the images still due.
         n = min(len(data['infos']), limit - seen)
         if bar is None and progress and rank == 0:
-            bar = Progress(limit, progress, 'images', final=True)
+            bar = Progress(limit, progress, 'images', final=True, file=sys.stdout)
         if mine and n > 0:
             att = data['att_feats'].to(device, non_blocking=True)[:n]  # (B, N, F): one copy of each image
             att_masks = data['att_masks']

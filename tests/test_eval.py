@@ -201,6 +201,18 @@ def test_no_java_fails_before_decoding(checkpoint, workdir, capsys, monkeypatch,
     assert len(err.strip().splitlines()) == 1 and 'Java not found' in err
 
 
+def test_spice_1_fails_before_decoding_where_it_cannot_run(checkpoint, workdir, capsys, monkeypatch, tiny_dataset):
+    monkeypatch.setattr(coco_eval, 'check_java', lambda: None)
+    monkeypatch.setattr(coco_eval, 'spice_setup', lambda: (None, 'Stanford CoreNLP 3.6.0 jars not found'))
+
+    def must_not_decode(*args, **kwargs):
+        raise AssertionError('decoding started before the SPICE check')
+    monkeypatch.setattr(SATModel, 'decode', must_not_decode)
+    assert run_eval(checkpoint, '--language_eval', '1', '--ref_json', tiny_dataset.ref_json, '--spice', '1') == 2
+    err = capsys.readouterr().err.strip()
+    assert err == 'error: --spice 1: SPICE cannot run here: Stanford CoreNLP 3.6.0 jars not found (or pass --spice auto)'
+
+
 def test_missing_features_name_the_file_and_image(tiny_dataset, checkpoint, workdir, capsys):
     att_dir = workdir / 'att'
     shutil.copytree(tiny_dataset.att_dir, att_dir)
@@ -226,7 +238,6 @@ def test_an_interrupted_evaluation_leaves_the_previous_json(checkpoint, workdir,
     capsys.readouterr()
     assert run_eval(checkpoint, '--language_eval', '0', '--id', 'run', '--num_images', '1') == 130  # another json
     err = capsys.readouterr().err.strip()
-    err = '\n'.join(line for line in err.splitlines() if not line.startswith('decoding test: '))  # its progress
     assert len(err.splitlines()) == 1 and err.startswith('interrupted')
     assert (workdir / 'vis' / 'run.json').read_bytes() == before
     assert os.listdir(workdir / 'vis') == ['run.json']  # no temp file left
@@ -276,7 +287,7 @@ def test_verbose_prints_the_beams_only_with_verbose_beam(checkpoint, workdir, ca
 
 def test_eval_into_a_file_prints_progress_lines_with_a_rate(tiny_dataset, checkpoint, workdir):
     """eval.py with its output in a file (not a terminal, as a cluster job's log): a line with the images done,
-    their rate and the elapsed time; no tqdm bar (no carriage returns)."""
+    their rate and the elapsed time, in order with the run's other lines; no tqdm bar (no carriage returns)."""
     import subprocess
     import sys
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -294,7 +305,9 @@ def test_progress_lines_every_interval_with_time_left(tiny_dataset, checkpoint, 
     from misc import fileio
     monkeypatch.setattr(fileio, 'PROGRESS_SECONDS', 0.0)  # a line per batch
     assert run_eval(checkpoint, '--language_eval', '0', '--batch_size', '1', '--id', 'every') == 0
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith('decoding test: ')]
+    out, err = capsys.readouterr()
+    assert 'decoding test' not in err  # stderr: warnings and errors only
+    lines = [line for line in out.splitlines() if line.startswith('decoding test: ')]
     assert [line.split(' images')[0] for line in lines] == ['decoding test: 1/3', 'decoding test: 2/3',
                                                              'decoding test: 3/3', 'decoding test: 3/3']
     assert all(re.search(r'images/s, 0m\d\ds elapsed', line) for line in lines)

@@ -198,6 +198,9 @@ def test_stage1_learns_then_self_critical_raises_val_cider(scene, stage1, tmp_pa
     final = load_pickle(os.path.join(nsc, 'histories_nsc-scene.pkl'))['val_result_history'][STAGE1_ITERS + 60]
     if language_eval == '1':  # train.py's own validation (pycocoevalcap) agrees with our CIDEr-D
         assert final['lang_stats']['CIDEr'] == pytest.approx(stage2_cider, rel=1e-3)
+        # --spice auto: validation leaves SPICE out, and says so once per run (not at every validation)
+        assert out.count('SPICE') == 1 and 'SPICE: not computed at validation (--spice auto;' in out
+        assert 'SPICE' not in final['lang_stats']
         infos = load_pickle(os.path.join(nsc, 'infos_nsc-scene.pkl'))
         assert infos['best_val_score'] == final['lang_stats']['CIDEr']
         with open(tmp_path / 'eval_results' / 'nsc-scene_val.json') as f:  # as the reference: the last validation
