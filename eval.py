@@ -108,7 +108,7 @@ def run_evaluation(eval_opt, loaded=None):
     torch.manual_seed(eval_opt.seed)
     model, opt, infos = loaded or load_checkpoint(eval_opt)
     if opt.language_eval:
-        check_ready(opt.ref_json)
+        check_ready(opt.ref_json, opt.spice)
     with DataLoader(DataConfig.from_opt(opt)) as loader:
         loader.check_att_feat_size(opt.att_feat_size, f'the checkpoint {eval_opt.model} (att_feat_size)')
         loader.ix_to_word = infos['vocab']  # the vocabulary always comes from the checkpoint
@@ -117,7 +117,7 @@ def run_evaluation(eval_opt, loaded=None):
                           crit=build_criterion(0) if eval_opt.verbose_loss else None, bf16=opt.bf16,
                           keep_beams=eval_opt.seq_kd, with_paths=bool(eval_opt.dump_path),
                           verbose=bool(eval_opt.verbose), verbose_beam=bool(eval_opt.verbose_beam),
-                          attention_top=eval_opt.dump_attention)
+                          attention_top=eval_opt.dump_attention, progress=f'decoding {opt.split}')
     if eval_opt.dump_attention and eval_opt.input_box_dir:
         attach_boxes(result.predictions, eval_opt.input_box_dir, opt.input_json)
     if result.loss is not None:
@@ -125,7 +125,7 @@ def run_evaluation(eval_opt, loaded=None):
     lang_stats = img_to_eval = None
     if opt.language_eval:  # prints each metric ("CIDEr: 1.234", as the reference) and SPICE's availability
         lang_stats, img_to_eval = language_eval(result.predictions, opt.ref_json, split_name=opt.split,
-                                                toolkit_verbose=bool(eval_opt.verbose))
+                                                spice=opt.spice, toolkit_verbose=bool(eval_opt.verbose))
     timing = result.timing
     timing['device'] = next(model.parameters()).device.type
     print(f"decoding: {timing['ms_per_image']:.2f} ms per image at batch size {timing['batch_size']}, "

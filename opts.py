@@ -142,6 +142,8 @@ def add_training_options(parser):
     parser.add_argument('--save_history_ckpt', type=int, default=0, help='also keep model-<iter>.pth at every save')
     parser.add_argument('--checkpoint_path', type=str, default='save/nsc-sat-6-from-nsc-seqkd-without-init')
     parser.add_argument('--language_eval', type=int, default=1, help='compute COCO metrics at validation')
+    add_spice_option(parser, 'auto: not at validation (eval.py computes it); 0: never; 1: at every validation, '
+                             'failing in one line where it cannot run')
     parser.add_argument('--losses_log_every', type=int, default=25)
     parser.add_argument('--load_best_score', type=int, default=1)
     parser.add_argument('--id', type=str, default='nsc-sat-6-from-nsc-seqkd-without-init')
@@ -317,6 +319,12 @@ def check_train_opt(opt):
                  f'--{flag} is used only with --kd_weight > 0 (word-level distillation); add --kd_weight or drop it')
 
 
+def add_spice_option(parser, help):
+    """--spice auto|0|1 (ours): the SPICE metric of --language_eval (8 GB of Java; Stanford CoreNLP 3.6.0 jars)."""
+    parser.add_argument('--spice', type=str, default='auto', choices=('auto', '0', '1'),
+                        help=f'(ours) SPICE with the COCO metrics: {help} (default: %(default)s)')
+
+
 def add_eval_options(parser, beam_size=1, batch_size=32):
     """eval.py / eval_cocotest.py options (reference_eval_options.tsv); paths default to '' = take from infos."""
     parser.add_argument('--model', type=str, default=REFERENCE_EVAL_MODEL)
@@ -325,6 +333,8 @@ def add_eval_options(parser, beam_size=1, batch_size=32):
     parser.add_argument('--batch_size', type=int, default=batch_size, help='images per decoding batch')
     parser.add_argument('--num_images', type=int, default=-1, help='images to evaluate (-1: the whole split)')
     parser.add_argument('--language_eval', type=int, default=1, help='compute COCO metrics (needs Java)')
+    add_spice_option(parser, "auto: where its jars work, saying once why not; 0: never; 1: required, failing in "
+                             "one line where it cannot run")
     parser.add_argument('--dump_images', type=int, default=0, help='write vis/index.html with captions and scores')
     parser.add_argument('--dump_json', type=int, default=1, help='write vis/<id>.json')
     parser.add_argument('--dump_path', type=int, default=0, help='include file paths in vis/<id>.json')
@@ -418,7 +428,7 @@ def decoding_option_names():
 # Options besides the decoding ones that eval.py takes from its own command line (reference_eval_options.tsv and
 # our additions); everything else comes from the checkpoint's infos.
 EVAL_OWN_BESIDES_DECODING = ('id', 'batch_size', 'language_eval', 'quantize', 'num_images', 'split', 'ref_json',
-                             'num_workers', 'seed')
+                             'num_workers', 'seed', 'spice')
 # Data paths: the command line's when given, else the infos' (the reference's `opt.x or infos['opt'].x`).
 EVAL_PATHS = ('input_json', 'input_fc_dir', 'input_att_dir', 'input_box_dir', 'input_label_h5')
 

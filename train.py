@@ -162,15 +162,28 @@ def total_iterations(opt, loader, world):
 
 
 class ProgressLine:
-    """A periodic line: iteration, epoch, loss or reward, lr, it/s, ETA."""
+    """A periodic line: iteration, epoch, loss or reward, lr, it/s, ETA. it/s counts training time only (the time
+    of validations and saves is excluded); the ETA adds the validations still due at their mean duration."""
 
-    def __init__(self, start_iter, total_iters):
-        self.start_iter, self.total_iters = start_iter, total_iters
+    def __init__(self, start_iter, total_iters, validate_every=0):
+        self.start_iter, self.total_iters, self.validate_every = start_iter, total_iters, validate_every
         self.t0 = time.time()
+        self.excluded, self.validations = 0.0, 0  # seconds spent validating and saving, and how many times
+
+    def exclude(self, seconds):
+        """Leave out of the rate seconds spent outside training steps (one validation and save)."""
+        self.excluded += seconds
+        self.validations += 1
 
     def __call__(self, iteration, epoch, stats, lr):
-        rate = (iteration - self.start_iter) / max(time.time() - self.t0, 1e-9)
-        eta = format_duration((self.total_iters - iteration) / rate) if self.total_iters and rate > 0 else '?'
+        rate = (iteration - self.start_iter) / max(time.time() - self.t0 - self.excluded, 1e-9)
+        eta = '?'
+        if self.total_iters and rate > 0:
+            left = (self.total_iters - iteration) / rate
+            if self.validations and self.validate_every > 0:
+                due = self.total_iters // self.validate_every - iteration // self.validate_every
+                left += max(due, 0) * self.excluded / self.validations
+            eta = format_duration(left)
         what = f"reward {stats['reward']:.4f} loss {stats['loss']:.4f}" if 'reward' in stats else f"loss {stats['loss']:.4f}"
         print(f'iter {iteration} (epoch {epoch}) {what} lr {lr:.3g} {rate:.2f} it/s ETA {eta}', flush=True)
 
@@ -199,6 +212,7 @@ class TrainState:
     point: ResumePoint  # after the last completed iteration
     good_point: ResumePoint  # after the last iteration whose update ran
     best_val_score: float = None
+    best_iteration: int = None  # the iteration of best_val_score (None: unknown, from a run resumed)
     histories: dict = dataclasses.field(default_factory=histories_of)
     last_saved: int = 0  # the iteration of the last completed save (at first: the one resumed)
     start_iteration: int = 0
@@ -232,8 +246,9 @@ def start_state(run, saved):
         print(f'note: {opt.start_from} holds no random-number state for {world.size} rank(s): the random draws '
               f'(dropout, sampling) restart from --seed {opt.seed}', flush=True)
     if saved and world.is_main:
-        print(f'resuming {opt.start_from} at iteration {iteration} (epoch {epoch}), '
-              f'train position {run.loader.iterators["train"]}, best score {best_val_score}', flush=True)
+        print(f'resuming {opt.start_from} at iteration {iteration} (epoch {epoch}), train position '
+              f'{run.loader.iterators["train"]}, best score {score_text(best_val_score, opt.language_eval)}',
+              flush=True)
         saved_seed = opt.seed if saved.seed is None else saved.seed
         if saved_seed != opt.seed:  # the loader's caption draws and epoch orders are functions of the seed
             print(f'note: --seed {opt.seed} is not the checkpoint\'s {saved_seed}: the captions drawn per image and '
@@ -242,8 +257,31 @@ def start_state(run, saved):
     pending = bool(saved) and saved.validation_pending
     if pending and world.is_main:
         print(f'the validation of iteration {iteration} was interrupted: redoing it', flush=True)
-    return TrainState(point, point, best_val_score, histories_of(saved.histories if saved else None),
+    histories = histories_of(saved.histories if saved else None)
+    return TrainState(point, point, best_val_score, best_of(histories, best_val_score), histories,
                       last_saved=iteration, start_iteration=iteration, validation_due=pending)
+
+
+def best_of(histories, best_val_score):
+    """The iteration whose validation scored best_val_score in val_result_history (CIDEr, or minus the val loss),
+    None when none did."""
+    if best_val_score is None:
+        return None
+    for iteration, result in sorted(histories['val_result_history'].items()):
+        lang_stats = result.get('lang_stats') or {}
+        score = lang_stats['CIDEr'] if 'CIDEr' in lang_stats else \
+            (-result['loss'] if result.get('loss') is not None else None)
+        if score == best_val_score:
+            return iteration
+    return None
+
+
+def score_text(score, language_eval=True):
+    """best_val_score for people: 'CIDEr 0.1741' (language_eval), else 'val loss 2.3456' (the score is minus it);
+    'none yet' before any validation."""
+    if score is None:
+        return 'none yet'
+    return f'CIDEr {score:.4f}' if language_eval else f'val loss {-score:.4f}'
 
 
 def prepare_folders(opt, cleanup):
@@ -278,7 +316,11 @@ def build_run(opt, world, signals, cleanup):
     if saved is not None and saved.loader_state is not None:
         loader.load_state_dict(saved.loader_state)
     if opt.language_eval:
-        run_on_main(lambda: check_ready(opt.ref_json), world, 'the set-up')  # Java and references: rank 0's job
+        # Java, the references and (--spice 1) SPICE: rank 0's job
+        run_on_main(lambda: check_ready(opt.ref_json, opt.spice), world, 'the set-up')
+        if opt.spice == 'auto' and world.is_main:  # said once per run, not at every validation
+            print('SPICE: not computed at validation (--spice auto; --spice 1 computes it there, eval.py computes it '
+                  'where its jars work)', flush=True)
     model = build_model(run_opt, world.device, saved, vocab)
     teacher = build_teacher(run_opt, vocab, world.device)
     loss_wrapper = LossWrapper(model, LossConfig.from_opt(run_opt), teacher=teacher)
@@ -297,7 +339,7 @@ def build_run(opt, world, signals, cleanup):
                                     scaler=run.scaler, replace=replace)
         print(global_batch_line(opt, loader, world), flush=True)
     state = start_state(run, saved)
-    run.progress = ProgressLine(state.iteration, total_iterations(opt, loader, world))
+    run.progress = ProgressLine(state.iteration, total_iterations(opt, loader, world), opt.save_checkpoint_every)
     return run, state
 
 
@@ -393,7 +435,7 @@ def validate(model, loader, crit, opt, world=World()):
     shard = run_everywhere(lambda: evaluate(
         model, loader, 'val', config, num_images=opt.val_images_use, batch_size=opt.val_batch_size or opt.batch_size,
         remove_bad_endings=bool(opt.remove_bad_endings), crit=crit, bf16=opt.bf16, fp16=opt.fp16,
-        shard=(world.rank, world.size)), world, 'validation')
+        shard=(world.rank, world.size), progress='validation'), world, 'validation')
     shards = all_gather_objects((shard.predictions, shard.positions, shard.loss, shard.loss_parts), world)
     return run_on_main(lambda: score_validation(shards, opt), world, 'validation')
 
@@ -404,10 +446,15 @@ def score_validation(shards, opt):
     lang_stats = None
     if opt.language_eval:
         # as the reference, every validation also writes eval_results/<id>_val.json (the latest one's scores)
-        lang_stats, _ = language_eval(predictions, opt.ref_json, split_name='val',
+        lang_stats, _ = language_eval(predictions, opt.ref_json, split_name='val', spice=spice_at_validation(opt),
                                       out_path=os.path.join('eval_results', f'{opt.id}_val.json'))
     return {'loss': loss, 'predictions': predictions, 'lang_stats': lang_stats,
             'score': lang_stats['CIDEr'] if lang_stats else -loss}
+
+
+def spice_at_validation(opt):
+    """--spice at validation: only with --spice 1 (SPICE takes 8 GB and minutes; eval.py computes it with auto)."""
+    return '1' if opt.spice == '1' else '0'
 
 
 def merge_shards(shards):
@@ -520,6 +567,7 @@ def validate_and_save(run, state):
     """Every --save_checkpoint_every iterations and at the end: every rank validates its share, rank 0 saves. The
     --reduce_on_plateau schedule steps on every rank, from the same broadcast score."""
     opt, world = run.opt, run.world
+    started = time.time()
     rng_states = gather_rng_states(world)  # every rank, as after this iteration
     state.validation_due = True
     with run.signals.during('validate'):  # a signal now cuts the validation short (stop_on saves state.point)
@@ -531,7 +579,7 @@ def validate_and_save(run, state):
             run.optimizer.scheduler_step(-result['lang_stats']['CIDEr'] if result['lang_stats'] else result['loss'])
         best = state.best_val_score is None or result['score'] > state.best_val_score
         if best:
-            state.best_val_score = result['score']
+            state.best_val_score, state.best_iteration = result['score'], state.iteration
         run_on_main(lambda: record_and_save(run, state, result, rng_states, best), world, 'the checkpoint save')
     state.last_saved = state.iteration
     state.validation_due = False
@@ -540,6 +588,7 @@ def validate_and_save(run, state):
         shown = f"CIDEr {lang_stats['CIDEr']:.4f}" if lang_stats else f"val loss {result['loss']:.4f}"
         print(f"validation at iter {state.iteration}: {shown}{' (best so far)' if best else ''}; "
               f"checkpoint written to {opt.checkpoint_path}", flush=True)
+    run.progress.exclude(time.time() - started)  # it/s counts training steps only
 
 
 def record_and_save(run, state, result, rng_states, best):
@@ -586,6 +635,21 @@ def finish(run, state):
     if signals.requested:  # a signal during the final validation's save: the run is complete
         raise Interrupted(signals.signum, f'the run had finished; the state after iteration {state.iteration} is '
                                           f'saved in {opt.checkpoint_path}')
+    if world.is_main:
+        print(summary_line(opt, state), flush=True)
+
+
+def summary_line(opt, state):
+    """The one line that ends a completed run: where it stopped, the best score (rounded), its iteration and
+    where the model is."""
+    best = score_text(state.best_val_score, opt.language_eval)
+    line = f'done: {state.iteration} iterations (epoch {state.epoch}); best {best}'
+    if state.best_iteration is not None:
+        line += f' at iteration {state.best_iteration}'
+    if state.best_val_score is None:
+        return f'{line}; last model in {os.path.join(opt.checkpoint_path, "model.pth")}'
+    return (f'{line}; best model {os.path.join(opt.checkpoint_path, "model-best.pth")} '
+            f'(infos {os.path.join(opt.checkpoint_path, f"infos_{opt.id}-best.pkl")})')
 
 
 def stop_on(error, run, state):

@@ -14,10 +14,12 @@ in how, not what:
   spice-1.0.jar's main class with --add-opens for its cache serializer (Java 9+) and, on Java 15+ (no Nashorn), a
   JavaScript engine's jar on the class path (Debian's librhino-java, or a js.jar in coco-caption/spice-lib/); its
   output captured; its parse cache in coco-caption/spice-cache/; nothing written inside the installed package;
-- SPICE only when the Stanford CoreNLP 3.6.0 jars are installed (coco-caption/README.md); otherwise, without a
-  JavaScript engine on Java 15+, or when SPICE fails, it is reported unavailable in one line saying what to do, and
-  the other metrics stand. Its per-image scores are matched to images by id (COCOEvalCap pairs its image-id-sorted
-  scores with unsorted ids, misplacing per-image SPICE).
+- SPICE only when the Stanford CoreNLP 3.6.0 jars are installed (coco-caption/README.md) and open as jars (a
+  zero-byte or truncated download fails the check); otherwise, without a JavaScript engine on Java 15+, or when
+  SPICE fails, it is reported unavailable in one line saying what to do, and the other metrics stand. The switch
+  --spice (ours; SPICE_MODES): auto = that; 0 = never; 1 = required: check_ready fails in one line before any
+  decoding where it cannot run, and a failed SPICE run is an error. Its per-image scores are matched to images by
+  id (COCOEvalCap pairs its image-id-sorted scores with unsorted ids, misplacing per-image SPICE).
 """
 import json
 import os
@@ -46,6 +48,7 @@ SCRIPT_ENGINE_SERVICE = 'META-INF/services/javax.script.ScriptEngineFactory'
 # punctuation tokens that pycocoevalcap's PTBTokenizer wrapper removes
 PUNCTUATIONS = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...",
                 ";"}
+SPICE_MODES = ('auto', '0', '1')  # --spice
 JAVA_MISSING = ('Java not found: install a JRE (Debian: apt-get install default-jre-headless) '
                 'or run with --language_eval 0')
 
@@ -280,19 +283,38 @@ def _spice_lib_dirs():
     return [d for d in (_package_dir('spice', 'lib'), USER_SPICE_LIB) if os.path.isdir(d)]
 
 
+def jar_opens(path):
+    """True when path is a zip archive with at least one entry (its central directory read: a zero-byte,
+    truncated or HTML-instead-of-jar download is not)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return bool(z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
 def spice_setup():
     """(setup, reason): what SPICE needs to run here, or None and one line saying what is missing and what to do.
     setup = {'java_major': int, 'js_jar': path or None (Java < 15 has its own engine, Nashorn)}."""
     if not java_available():
         return None, 'Java not found'
-    if not os.path.isfile(_package_dir('spice', SPICE_JAR)):
-        return None, '%s not found: reinstall pycocoevalcap (make setup)' % _package_dir('spice', SPICE_JAR)
-    missing = [jar for jar in SPICE_JARS
-               if not any(os.path.isfile(os.path.join(d, jar)) for d in _spice_lib_dirs())]
+    spice_jar = _package_dir('spice', SPICE_JAR)
+    if not os.path.isfile(spice_jar):
+        return None, '%s not found: reinstall pycocoevalcap (make setup)' % spice_jar
+    if not jar_opens(spice_jar):
+        return None, '%s does not open as a jar: reinstall pycocoevalcap (make setup)' % spice_jar
+    found = {jar: [os.path.join(d, jar) for d in _spice_lib_dirs() if os.path.isfile(os.path.join(d, jar))]
+             for jar in SPICE_JARS}
+    missing = [jar for jar in SPICE_JARS if not found[jar]]
     if missing:
         return None, ('Stanford CoreNLP 3.6.0 jars not found (%s): put them in %s/ (from stanford-corenlp-full-'
                       '2015-12-09.zip, Stanford CoreNLP 3.6.0; see coco-caption/README.md)'
                       % (', '.join(missing), USER_SPICE_LIB))
+    broken = [path for jar in SPICE_JARS for path in found[jar] if not jar_opens(path)]
+    if broken:
+        return None, ('%s %s not open as a jar (empty or truncated download): replace %s with the jar from '
+                      'stanford-corenlp-full-2015-12-09.zip (see coco-caption/README.md)'
+                      % (', '.join(broken), 'does' if len(broken) == 1 else 'do', 'it' if len(broken) == 1 else 'them'))
     java_major = java_major_version()
     if java_major is None:
         return None, 'cannot tell the Java version from `java -version`: check that Java starts'
@@ -393,14 +415,31 @@ def run_spice(gts, res, setup, cache_dir=None):
     return mean, per_image
 
 
-def _spice(gts, res, verbose):
-    """(mean, {image_id: per-category scores}) or None with the reason printed when SPICE cannot run or fails."""
+def spice_mode(spice):
+    """--spice's value ('auto', '0', '1'; also True = 'auto', False/None/0 = '0', 1 = '1') -> one of SPICE_MODES."""
+    if spice is True:
+        return 'auto'
+    if spice in (False, None):
+        return '0'
+    mode = str(spice)
+    if mode not in SPICE_MODES:
+        raise SaticError("--spice %s: use auto (where its jars work), 0 (never) or 1 (required)" % spice)
+    return mode
+
+
+def _spice(gts, res, verbose, mode='auto'):
+    """(mean, {image_id: per-category scores}) or None with the reason printed when SPICE cannot run or fails
+    (mode 'auto'); mode '1': a SaticError instead."""
     setup, reason = spice_setup()
     if setup is not None:
         try:
             return run_spice(gts, res, setup)
         except SaticError as e:  # SPICE is optional: its failure must not lose the other metrics
+            if mode == '1':
+                raise
             reason = str(e)
+    if mode == '1':
+        raise SaticError('--spice 1: SPICE cannot run here: %s (or pass --spice auto)' % reason)
     if verbose:
         print('SPICE: unavailable (%s)' % reason)
     return None
@@ -410,7 +449,8 @@ def language_eval(predictions, ref_json, split_name=None, out_path=None, spice='
                   toolkit_verbose=False):
     """COCO caption metrics of predictions ([{"image_id": int, "caption": str}]) against ref_json.
 
-    Only images present in ref_json are scored. spice: 'auto'/True to compute it when available, False to skip.
+    Only images present in ref_json are scored. spice (--spice, spice_mode): 'auto'/True to compute it when
+    available (saying why not), '0'/False to skip, '1' to require it (a SaticError where it cannot run).
     verbose: print the count of predictions used, SPICE's availability and each metric ("CIDEr: 1.234").
     toolkit_verbose: also pycocoevalcap's own debug output (Bleu's {'testlen': ..} and "ratio: .." lines; eval.py
     --verbose 1), silenced otherwise.
@@ -419,6 +459,7 @@ def language_eval(predictions, ref_json, split_name=None, out_path=None, spice='
     from pycocoevalcap.bleu.bleu import Bleu  # (pycocoevalcap: as _package_dir)
     from pycocoevalcap.rouge.rouge import Rouge  # (as Bleu)
 
+    spice = spice_mode(spice)
     references = _load_references(ref_json)
     if not java_available():
         raise SaticError(JAVA_MISSING)
@@ -462,7 +503,7 @@ def language_eval(predictions, ref_json, split_name=None, out_path=None, spice='
     overall['ROUGE_L'], per_image['ROUGE_L'] = Rouge().compute_score(gts, res)
     overall['CIDEr'], per_image['CIDEr'] = corpus_cider_d([res[i][0] for i in image_ids],
                                                           [gts[i] for i in image_ids])
-    spice_result = _spice(gts, res, verbose) if spice not in (False, 0, None) else None
+    spice_result = _spice(gts, res, verbose, spice) if spice != '0' else None
 
     img_to_eval = {i: {'image_id': i} for i in image_ids}
     for metric, scores in per_image.items():
@@ -483,9 +524,14 @@ def language_eval(predictions, ref_json, split_name=None, out_path=None, spice='
     return overall, img_to_eval
 
 
-def check_ready(ref_json):
-    """Fail before decoding, not after, when the COCO metrics cannot run (no or broken Java, no reference file)."""
+def check_ready(ref_json, spice='auto'):
+    """Fail before decoding, not after, when the COCO metrics cannot run (no or broken Java, no reference file), or
+    SPICE with --spice 1."""
     check_java()
+    if spice_mode(spice) == '1':
+        setup, reason = spice_setup()
+        if setup is None:
+            raise SaticError('--spice 1: SPICE cannot run here: %s (or pass --spice auto)' % reason)
     if not ref_json or not os.path.isfile(ref_json):
         raise SaticError(f"--ref_json {ref_json}: reference captions not found; build them with "
                          f"python scripts/prepro_reference_json.py (or pass --language_eval 0)")

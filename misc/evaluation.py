@@ -8,13 +8,14 @@ decodes whole batches.
 """
 import dataclasses
 import itertools
+import sys
 import time
 
 import torch
 
 from dataloader import FeatureReader
 from misc.errors import SaticError
-from misc.fileio import read_json
+from misc.fileio import Progress, read_json
 from misc.utils import autocast, decode_sequence, synchronize
 
 
@@ -36,14 +37,16 @@ class EvalResult:
 @torch.no_grad()
 def evaluate(model, loader, split, config, *, num_images=-1, batch_size=None, remove_bad_endings=False, crit=None,
              bf16=False, fp16=False, keep_beams=False, with_paths=False, verbose=False, verbose_beam=True,
-             shard=(0, 1), attention_top=0):
+             shard=(0, 1), attention_top=0, progress=None):
     """Decode `split` with `config` (models.decode_config.DecodeConfig).
 
     num_images: the first images of the split (-1: all); shard (rank, world_size): this process reads and decodes
     the batches whose number is rank modulo world_size (whole batches: the per-batch losses, and so their mean, are
     those of one process); bf16 / fp16: autocast type; verbose: print each caption, and with verbose_beam (eval.py
     --verbose_beam, the reference's option) its beams; attention_top N > 0 (eval.py --dump_attention): each
-    prediction also gets 'words' and 'attention', the N regions each word attended to most (region_attention).
+    prediction also gets 'words' and 'attention', the N regions each word attended to most (region_attention);
+    progress: a name, to show the images done, their rate and the time left on stdout (misc.fileio.Progress: a bar
+    on a terminal, else a line every minute and one at the end; rank 0 only, counting every rank's batches).
     Returns an EvalResult."""
     print_beams = verbose and verbose_beam
     if num_images == 0:
@@ -59,6 +62,7 @@ def evaluate(model, loader, split, config, *, num_images=-1, batch_size=None, re
     loader.reset_iterator(split)
     predictions, positions, beams = [], [], []
     losses, loss_parts, seen, decode_seconds = [], [], 0, 0.0  # losses: one device scalar per batch, read at the end
+    bar = None  # the Progress, once the first batch tells the split's size
     for number in itertools.count():
         mine = number % world_size == rank  # this shard's batch: read and decoded here
         data = loader.get_batch(split, batch_size, load=mine)
@@ -66,6 +70,8 @@ def evaluate(model, loader, split, config, *, num_images=-1, batch_size=None, re
         limit = it_max if num_images < 0 else min(num_images, it_max)
         # A batch that runs past the limit (or wraps to the split's start) decodes only the images still due.
         n = min(len(data['infos']), limit - seen)
+        if bar is None and progress and rank == 0:
+            bar = Progress(limit, progress, 'images', final=True, file=sys.stdout)
         if mine and n > 0:
             att = data['att_feats'].to(device, non_blocking=True)[:n]  # (B, N, F): one copy of each image
             att_masks = data['att_masks']
@@ -94,8 +100,12 @@ def evaluate(model, loader, split, config, *, num_images=-1, batch_size=None, re
                 positions.append(seen + i)
                 beams.append(caption_beams if keep_beams else None)
         seen += n
+        if bar is not None:
+            bar.update(n)
         if seen >= limit:
             break
+    if bar is not None:
+        bar.close()
     if was_training:
         model.train()
     timing = {'seconds': decode_seconds, 'images': len(predictions), 'batch_size': batch_size,

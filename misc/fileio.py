@@ -38,18 +38,22 @@ def _duration(seconds):
 
 
 class Progress:
-    """Progress of a long loop on stderr: a tqdm bar when stderr is a terminal; otherwise (a log file, a cluster
+    """Progress of a long loop on stderr (or file): a tqdm bar when it is a terminal; otherwise (a log file, a cluster
     job) one plain line every PROGRESS_SECONDS: "<desc>: 12,000/123,287 images (9.7%), 402 images/s, 0m30s elapsed,
-    about 4m36s left". Nothing at all for a loop shorter than that. Use as a context manager; update(n) per step."""
+    about 4m36s left". Nothing at all for a loop shorter than that, unless final: then one last line at close (the
+    rate of the whole loop; evaluation and validation). file: the stream (default stderr; evaluation and
+    validation write to stdout, beside the run's other lines, so that `> log` keeps them in order and stderr holds
+    only warnings and errors). Use as a context manager; update(n) per step."""
 
-    def __init__(self, total=None, desc='', unit='it'):
-        self.total, self.desc, self.unit = total, desc, unit
+    def __init__(self, total=None, desc='', unit='it', final=False, file=None):
+        self.total, self.desc, self.unit, self.final = total, desc, unit, final
+        self.file = file or sys.stderr
         self.n = 0
         self.start = self.last = time.monotonic()
         self.bar = None
-        if sys.stderr.isatty():
+        if self.file.isatty():
             self.bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == 'B', unit_divisor=1024,
-                            dynamic_ncols=True)
+                            dynamic_ncols=True, file=self.file)
 
     def update(self, n=1):
         self.n += n
@@ -59,7 +63,7 @@ class Progress:
         now = time.monotonic()
         if now - self.last >= PROGRESS_SECONDS:
             self.last = now
-            print(self.line(now), file=sys.stderr, flush=True)
+            print(self.line(now), file=self.file, flush=True)
 
     def line(self, now=None):
         elapsed = max((now or time.monotonic()) - self.start, 1e-9)
@@ -80,6 +84,9 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+        elif self.final and self.n:
+            print(self.line(), file=self.file, flush=True)
+            self.final = False
 
     def __enter__(self):
         return self

@@ -81,8 +81,9 @@ def load_run(path):
     return run
 
 
-def load_scores(path):
-    """(overall {metric: float}, {image key: {metric: float}}) of eval.py's eval_results/<id>_<split>.json."""
+def load_scores(path, run=None, run_path=''):
+    """(overall {metric: float}, {image key: {metric: float}}) of eval.py's eval_results/<id>_<split>.json; with
+    run (load_run of run_path), checked to be that run's scores (check_scores_belong)."""
     data = read_json(path, 'scores file (--scores)')
     if not isinstance(data, dict) or not isinstance(data.get('imgToEval'), dict):
         raise SaticError(f"{path}: expected eval.py's eval_results/<id>_<split>.json ({{overall, imgToEval}}): "
@@ -92,7 +93,29 @@ def load_scores(path):
     for image_id, scores in data['imgToEval'].items():
         if isinstance(scores, dict):
             per_image[_key(image_id)] = {m: float(v) for m, v in scores.items() if m != 'image_id' and _number(v)}
+    if run is not None:
+        check_scores_belong(path, data['imgToEval'], run, run_path)
     return overall, per_image
+
+
+def check_scores_belong(path, img_to_eval, run, run_path):
+    """SaticError (one line) unless the scores file's captions (imgToEval's 'caption', which eval.py writes) are the
+    run's: scores given in the wrong --scores order would show one run's scores on another's captions. A scores
+    file without captions (not eval.py's) is not checked."""
+    scored = {_key(image_id): e['caption'] for image_id, e in img_to_eval.items()
+              if isinstance(e, dict) and isinstance(e.get('caption'), str)}
+    if not scored:
+        return
+    common = [key for key in scored if key in run]
+    if not common:
+        raise SaticError(f'--scores {path} does not belong to --runs {run_path}: no image in common; give the scores '
+                         "files in --runs order ('-' for a run without scores)")
+    differ = [key for key in common if scored[key] != run[key]['c']]
+    if differ:
+        key = differ[0]
+        raise SaticError(f'--scores {path} does not belong to --runs {run_path}: {len(differ)} of {len(common)} '
+                         f'captions differ (image {key}: {scored[key]!r} there, {run[key]["c"]!r} here); give the '
+                         "scores files in --runs order ('-' for a run without scores)")
 
 
 def load_references(path):
@@ -192,7 +215,8 @@ def build_data(run_paths, score_paths=(), names=(), ref_json='', image_root='', 
     if image_root:  # the pictures go to imgs/ beside the page: a file there stops that before any work
         check_output_folder(os.path.join(out_dir, 'imgs'), f'the pictures of --image_root (beside the page)')
     loaded = [load_run(p) for p in run_paths]
-    scores = [load_scores(p) if p and p != '-' else (None, {}) for p in (score_paths or [''] * len(run_paths))]
+    scores = [load_scores(p, run, run_path) if p and p != '-' else (None, {})
+              for p, run, run_path in zip(score_paths or [''] * len(run_paths), loaded, run_paths)]
     refs, ref_names = load_references(ref_json) if ref_json else ({}, {})
     paths = {}
     if images_json:

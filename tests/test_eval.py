@@ -205,6 +205,18 @@ def test_no_java_fails_before_decoding(checkpoint, workdir, capsys, monkeypatch,
     assert len(err.strip().splitlines()) == 1 and 'Java not found' in err
 
 
+def test_spice_1_fails_before_decoding_where_it_cannot_run(checkpoint, workdir, capsys, monkeypatch, tiny_dataset):
+    monkeypatch.setattr(coco_eval, 'check_java', lambda: None)
+    monkeypatch.setattr(coco_eval, 'spice_setup', lambda: (None, 'Stanford CoreNLP 3.6.0 jars not found'))
+
+    def must_not_decode(*args, **kwargs):
+        raise AssertionError('decoding started before the SPICE check')
+    monkeypatch.setattr(SATModel, 'decode', must_not_decode)
+    assert run_eval(checkpoint, '--language_eval', '1', '--ref_json', tiny_dataset.ref_json, '--spice', '1') == 2
+    err = capsys.readouterr().err.strip()
+    assert err == 'error: --spice 1: SPICE cannot run here: Stanford CoreNLP 3.6.0 jars not found (or pass --spice auto)'
+
+
 def test_missing_features_name_the_file_and_image(tiny_dataset, checkpoint, workdir, capsys):
     att_dir = workdir / 'att'
     shutil.copytree(tiny_dataset.att_dir, att_dir)
@@ -273,3 +285,34 @@ def test_verbose_prints_the_beams_only_with_verbose_beam(checkpoint, workdir, ca
                     '--verbose_beam', verbose_beam, '--id', 'v') == 0
     out = capsys.readouterr().out
     assert 'image ' in out and ('  beam: ' in out) == (verbose_beam == '1')
+
+
+# ---- progress (issue 29): a bar on a terminal, lines with a rate in a log file ----
+
+def test_eval_into_a_file_prints_progress_lines_with_a_rate(tiny_dataset, checkpoint, workdir):
+    """eval.py with its output in a file (not a terminal, as a cluster job's log): a line with the images done,
+    their rate and the elapsed time, in order with the run's other lines; no tqdm bar (no carriage returns)."""
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(workdir / 'eval.log', 'w') as log:
+        proc = subprocess.run([sys.executable, os.path.join(repo, 'eval.py'), '--model', checkpoint[0],
+                               '--infos_path', checkpoint[1], '--language_eval', '0', '--batch_size', '1',
+                               '--id', 'logged'], stdout=log, stderr=subprocess.STDOUT, cwd=workdir, timeout=300)
+    text = (workdir / 'eval.log').read_text()
+    assert proc.returncode == 0, text
+    assert re.search(r'^decoding test: 3/3 images \(100\.0%\), [\d.,]+ images/s, 0m\d\ds elapsed$', text, re.M), text
+    assert '\r' not in text
+
+
+def test_progress_lines_every_interval_with_time_left(tiny_dataset, checkpoint, workdir, capsys, monkeypatch):
+    from misc import fileio
+    monkeypatch.setattr(fileio, 'PROGRESS_SECONDS', 0.0)  # a line per batch
+    assert run_eval(checkpoint, '--language_eval', '0', '--batch_size', '1', '--id', 'every') == 0
+    out, err = capsys.readouterr()
+    assert 'decoding test' not in err  # stderr: warnings and errors only
+    lines = [line for line in out.splitlines() if line.startswith('decoding test: ')]
+    assert [line.split(' images')[0] for line in lines] == ['decoding test: 1/3', 'decoding test: 2/3',
+                                                             'decoding test: 3/3', 'decoding test: 3/3']
+    assert all(re.search(r'images/s, 0m\d\ds elapsed', line) for line in lines)
+    assert 'left' in lines[0] and 'left' not in lines[-1]

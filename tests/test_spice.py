@@ -227,3 +227,69 @@ def test_unusable_cache_folder_is_one_line(tmp_path):
     with pytest.raises(SaticError, match="cannot create SPICE's cache folder .*file/cache"):
         coco_eval.run_spice({1: ['a dog']}, {1: ['a dog']}, {'java_major': 17, 'js_jar': None},
                             cache_dir=str(tmp_path / 'file' / 'cache'))
+
+
+# ---- --spice auto|0|1 and the jar check (issue 29) -------------------------------------------------------------
+def test_zero_byte_or_truncated_jars_fail_the_check(monkeypatch, corenlp_in_spice_lib):
+    """A jar that does not open (a failed download) is named, before any SPICE run; whole jars pass."""
+    monkeypatch.setattr(coco_eval, 'java_major_version', lambda: 11)
+    assert coco_eval.spice_status()[0]
+    empty = corenlp_in_spice_lib / coco_eval.SPICE_JARS[1]
+    empty.write_bytes(b'')
+    available, reason = coco_eval.spice_status()
+    assert not available and '\n' not in reason
+    assert reason.startswith('%s does not open as a jar (empty or truncated download): replace it' % empty)
+    whole = (corenlp_in_spice_lib / coco_eval.SPICE_JARS[0]).read_bytes()
+    empty.write_bytes(whole[:len(whole) // 2])  # truncated: no central directory
+    assert not coco_eval.jar_opens(str(empty))
+    assert coco_eval.jar_opens(str(corenlp_in_spice_lib / coco_eval.SPICE_JARS[0]))
+    assert not coco_eval.spice_status()[0]
+
+
+@pytest.mark.parametrize('value, mode', [('auto', 'auto'), ('0', '0'), ('1', '1'), (True, 'auto'), (False, '0'),
+                                         (None, '0'), (1, '1')])
+def test_spice_mode(value, mode):
+    assert coco_eval.spice_mode(value) == mode
+
+
+def test_spice_mode_refuses_other_values():
+    with pytest.raises(SaticError, match='--spice yes: use auto'):
+        coco_eval.spice_mode('yes')
+
+
+def test_spice_1_fails_before_decoding_where_it_cannot_run(monkeypatch, tmp_path):
+    ref_json = str(tmp_path / 'refs.json')
+    write_reference_json(ref_json)
+    monkeypatch.setattr(coco_eval, 'check_java', lambda: None)
+    monkeypatch.setattr(coco_eval, 'spice_setup', lambda: (None, 'Stanford CoreNLP 3.6.0 jars not found'))
+    for mode in ('auto', '0'):
+        coco_eval.check_ready(ref_json, mode)  # SPICE optional: nothing to say yet
+    with pytest.raises(SaticError) as error:
+        coco_eval.check_ready(ref_json, '1')
+    assert str(error.value) == ('--spice 1: SPICE cannot run here: Stanford CoreNLP 3.6.0 jars not found '
+                                '(or pass --spice auto)')
+
+
+@needs_java
+@pytest.mark.parametrize('mode', ['auto', '0', '1'])
+def test_spice_modes_in_language_eval(monkeypatch, tmp_path, capsys, mode):
+    """auto: one line saying why not, the other metrics stand; 0: not a word about SPICE; 1: an error."""
+    from tests.test_coco_eval import FakeMeteor
+    monkeypatch.setattr(coco_eval, '_Meteor', FakeMeteor)
+    monkeypatch.setattr(coco_eval, 'spice_setup', lambda: (None, 'CoreNLP jars are not installed'))
+    ref_json = str(tmp_path / 'refs.json')
+    write_reference_json(ref_json)
+    if mode == '1':
+        with pytest.raises(SaticError, match=r'^--spice 1: SPICE cannot run here: CoreNLP jars are not installed'):
+            coco_eval.language_eval(PREDICTIONS, ref_json, spice=mode)
+        return
+    overall, _ = coco_eval.language_eval(PREDICTIONS, ref_json, spice=mode)
+    spice_lines = [line for line in capsys.readouterr().out.splitlines() if 'SPICE' in line]
+    assert spice_lines == (['SPICE: unavailable (CoreNLP jars are not installed)'] if mode == 'auto' else [])
+    assert 'CIDEr' in overall and 'SPICE' not in overall
+
+
+def test_validation_computes_spice_only_with_spice_1():
+    import argparse
+    import train
+    assert [train.spice_at_validation(argparse.Namespace(spice=m)) for m in ('auto', '0', '1')] == ['0', '0', '1']

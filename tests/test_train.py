@@ -13,6 +13,7 @@ import glob
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -197,6 +198,9 @@ def test_stage1_learns_then_self_critical_raises_val_cider(scene, stage1, tmp_pa
     final = load_pickle(os.path.join(nsc, 'histories_nsc-scene.pkl'))['val_result_history'][STAGE1_ITERS + 60]
     if language_eval == '1':  # train.py's own validation (pycocoevalcap) agrees with our CIDEr-D
         assert final['lang_stats']['CIDEr'] == pytest.approx(stage2_cider, rel=1e-3)
+        # --spice auto: validation leaves SPICE out, and says so once per run (not at every validation)
+        assert out.count('SPICE') == 1 and 'SPICE: not computed at validation (--spice auto;' in out
+        assert 'SPICE' not in final['lang_stats']
         infos = load_pickle(os.path.join(nsc, 'infos_nsc-scene.pkl'))
         assert infos['best_val_score'] == final['lang_stats']['CIDEr']
         with open(tmp_path / 'eval_results' / 'nsc-scene_val.json') as f:  # as the reference: the last validation
@@ -290,7 +294,11 @@ def test_kill_9_then_start_from_continues_exactly(scene, tmp_path):
                                                        '--save_checkpoint_every', '20', '--start_from', killed))
         assert rc == 0, err
         assert (f"resuming {killed} at iteration {n} (epoch {infos['epoch']}), train position {position}, "
-                f"best score {infos['best_val_score']}") in out
+                f"best score val loss {-infos['best_val_score']:.4f}") in out  # rounded for people
+        done = [line for line in out.splitlines() if line.startswith('done: ')]  # one summary line, at the end
+        assert len(done) == 1 and out.rstrip().endswith(done[0]), out[-500:]
+        assert re.match(rf'done: {n + 15} iterations \(epoch \d+\); best val loss \d+\.\d{{4}} at iteration \d+; '
+                        rf'best model {re.escape(killed)}/model-best.pth', done[0]), done[0]
         uninterrupted = str(tmp_path / 'uninterrupted')
         rc, _, err = run_main(scene.args(uninterrupted, 'run', '--max_iters', str(n + 15),
                                                      '--save_checkpoint_every', '20'))
@@ -589,3 +597,42 @@ def test_data_without_val_images_is_refused_before_training(scene, tmp_path):
     args = scene.args(tmp_path / 'ck', 'run')
     args[args.index('--input_json') + 1] = str(tmp_path / 'no_val.json')
     assert_one_line_error(run_main(args), 'no_val.json has no val images')
+
+
+# ---- what a person sees (issue 29): it/s of training alone, one summary line, rounded numbers ----
+
+def test_progress_rate_counts_training_time_only(monkeypatch, capsys):
+    now = [100.0]
+    monkeypatch.setattr(train.time, 'time', lambda: now[0])
+    line = train.ProgressLine(0, 100, validate_every=25)
+    now[0] = 102.0
+    line(20, 0, {'loss': 2.0}, 5e-4)  # 20 iterations in 2 s
+    assert ' 10.00 it/s ETA 0:08' in capsys.readouterr().out
+    line.exclude(6.0)  # a validation and save of 6 s
+    now[0] = 110.0
+    line(40, 0, {'loss': 2.0}, 5e-4)  # 40 iterations in 10 s, 6 of them validating: 4 s of training
+    out = capsys.readouterr().out
+    # 10 it/s as before the validation; ETA: 60 iterations (6 s) and 3 validations still due (18 s)
+    assert ' 10.00 it/s ETA 0:24' in out, out
+
+
+def test_summary_line_rounds_the_best_score_and_names_the_model():
+    import argparse
+    opt = argparse.Namespace(checkpoint_path='save/demo', id='demo', language_eval=1)
+    point = train.ResumePoint(3000, 30, None, None)
+    state = train.TrainState(point, point, 0.17409540565054418, 2500)
+    assert train.summary_line(opt, state) == ('done: 3000 iterations (epoch 30); best CIDEr 0.1741 at iteration '
+                                              '2500; best model save/demo/model-best.pth (infos '
+                                              'save/demo/infos_demo-best.pkl)')
+    opt.language_eval = 0
+    state.best_val_score = -2.345678
+    assert 'best val loss 2.3457 at iteration 2500' in train.summary_line(opt, state)
+
+
+def test_best_iteration_of_a_resumed_run_comes_from_its_history():
+    histories = train.histories_of(None)
+    histories['val_result_history'] = {20: {'loss': 2.5, 'lang_stats': {'CIDEr': 0.1}},
+                                       40: {'loss': 2.0, 'lang_stats': {'CIDEr': 0.3}},
+                                       60: {'loss': 2.2, 'lang_stats': None}}
+    assert train.best_of(histories, 0.3) == 40 and train.best_of(histories, -2.2) == 60
+    assert train.best_of(histories, None) is None and train.best_of(histories, 0.7) is None

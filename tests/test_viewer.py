@@ -170,6 +170,70 @@ def test_bad_input_is_one_line_naming_the_file(files, tmp_path, capsys, case):
     assert not out.exists()
 
 
+@pytest.mark.parametrize('case', ['swapped', 'another_split'])
+def test_scores_of_another_run_are_refused_in_one_line(files, tmp_path, capsys, case):
+    """The scores files hold the captions they scored: scores given in the wrong order (or of other images) would
+    show one run's CIDEr on the other's captions."""
+    out = tmp_path / 'v.html'
+    argv = _argv(files, out)
+    if case == 'swapped':
+        argv[3], named, which = f"{files['sat_scores']},{files['base_scores']}", 'sat_test.json', '5 of 5 captions'
+    else:
+        other = _write(tmp_path / 'eval_results' / 'val.json', {'overall': {}, 'imgToEval': {
+            '7': {'image_id': 7, 'CIDEr': 0.5, 'caption': 'a dog'}}})
+        argv[3], named, which = f"{files['base_scores']},{other}", 'val.json', 'no image in common'
+    assert make_viewer.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith('error: --scores ') and named in err, err
+    assert 'does not belong to --runs' in err and which in err and '--runs order' in err
+    assert not out.exists()
+
+
+def test_scores_without_captions_are_not_checked(files, tmp_path):
+    """A scores file that names no captions (not eval.py's) cannot be checked: it is taken as given."""
+    bare = _write(tmp_path / 'eval_results' / 'bare.json', {'overall': {}, 'imgToEval': {
+        str(i): {'image_id': i, 'CIDEr': s} for i, s in zip(IDS, SAT_CIDER)}})
+    _, data = write_viewer(str(tmp_path / 'v.html'), [files['base'], files['sat']],
+                           score_paths=[files['base_scores'], bare])
+    assert data['images'][1]['caps'][1]['s'] == {'CIDEr': SAT_CIDER[1]}
+
+
+def test_url_state_keeps_the_selected_word(tmp_path):
+    """The template's URL logic (node, no browser): a clicked word's select= is written into the #hash with the
+    rest of the state, and read back into the selection; a run whose name holds ':' is named by its number."""
+    node = shutil.which('node') or shutil.which('nodejs')
+    if node is None:
+        pytest.skip('node not installed')
+    with open(os.path.join(REPO, 'misc', 'viewer_template.html'), encoding='utf-8') as f:
+        template = f.read()
+    start, end = template.index('  function runIndex('), template.index('  // ---- controls')
+    select_value = re.search(r'  function selectValue\(.*?\n  }\n', template, re.S).group(0)
+    script = r"""
+var runs = [{name: 'baseline'}, {name: 'SAT'}, {name: 'a:b'}], metrics = ['CIDEr'], D = {default: {}};
+var location = {search: '', hash: ''}, written = [];
+var history = {replaceState: function (s, t, url) { written.push(url); }};
+function fresh() { return {metric: 'CIDEr', run: 1, minus: 0, order: 'desc', word: '', repeats: '', scope: -1,
+                           sel: {}, clicked: '', limit: 50}; }
+var state = fresh();
+""" + template[start:end] + select_value + r"""
+var out = {};
+writeHash(); out.before = written.pop();
+state.clicked = selectValue('102', 1, 2); writeHash(); out.clicked = written.pop();
+state = fresh(); readParams(new URLSearchParams(out.clicked.slice(1))); out.read = state.sel; out.kept = state.clicked;
+out.colon = selectValue('7', 2, 0);
+state = fresh(); readParams(new URLSearchParams('select=7:3:0')); out.colonRead = state.sel;
+console.log(JSON.stringify(out));
+"""
+    (tmp_path / 'url.js').write_text(script)
+    proc = subprocess.run([node, str(tmp_path / 'url.js')], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert 'select' not in out['before']
+    assert out['clicked'] == '#sort=CIDEr&run=SAT&minus=baseline&order=desc&select=102%3ASAT%3A2'
+    assert out['read'] == {'102': {'run': 1, 'word': 2}} and out['kept'] == '102:SAT:2'
+    assert out['colon'] == '7:3:0' and out['colonRead'] == {'7': {'run': 2, 'word': 0}}
+
+
 def test_cli_as_a_file_exits_2_with_one_line(tmp_path):
     proc = subprocess.run([sys.executable, 'scripts/make_viewer.py', '--runs', str(tmp_path / 'missing.json'),
                            '--output', str(tmp_path / 'v.html')], cwd=REPO, capture_output=True, text=True,
@@ -454,3 +518,21 @@ def test_browser_hover_and_typing_like_a_person(page, tmp_path):
         assert 'filter=grass' in tools.js('location.hash')  # the state is in the URL, to bookmark or share
     finally:
         tools.close()
+
+
+@browser
+def test_browser_click_puts_the_selected_word_in_the_url(page, tmp_path):
+    """A click on a word (not a hover) writes select= into the URL; opening that URL selects the same word."""
+    tools = DevTools(tmp_path, f'file://{page}#sort=id&order=asc')
+    try:
+        tools.wait_for("document.body.getAttribute('data-rendered') === '5'")
+        x, y = tools.center('tr[data-image-id="102"] td.caption[data-run="1"] .w[data-word="2"]')
+        tools.mouse('mouseMoved', x, y)
+        assert 'select=' not in tools.js('location.hash')  # a hover shows, it does not bookmark
+        tools.mouse('mousePressed', x, y, button='left', clickCount=1)
+        tools.mouse('mouseReleased', x, y, button='left', clickCount=1)
+        hash_ = tools.wait_for("location.hash.indexOf('select=') >= 0 && location.hash")
+        assert 'select=102%3ASAT%3A2' in hash_ and 'sort=id' in hash_
+    finally:
+        tools.close()
+    assert view(tmp_path, page, hash_[1:]).selected == [('102', '2')]
