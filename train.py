@@ -34,7 +34,7 @@ from misc import optim
 from misc.checkpoint import (CheckpointError, CheckpointSaver, ResumePoint, check_writable_dir, histories_of,
                              load_init_from, load_run, recover_checkpoint, rng_state)
 from misc.coco_eval import check_ready, language_eval
-from misc.defaults import fields_of
+from misc.configs import StepConfig  # noqa: F401 (train.StepConfig)
 from misc.distributed import World, all_gather_objects, run_everywhere, run_on_main, setup_distributed, shutdown
 from misc.errors import SaticError
 from misc.evaluation import evaluate
@@ -300,21 +300,6 @@ def set_epoch_lr(optimizer, opt, epoch):
     """Plain optimisers get the step-decayed lr at each epoch start (Noam and plateau manage their own)."""
     if not opt.noamopt and not opt.reduce_on_plateau:
         optim.set_lr(optimizer, optim.step_decay_rate(epoch, opt))
-
-
-@dataclasses.dataclass(frozen=True)
-class StepConfig:
-    """What a training step reads of train.py's options, at opts.py's defaults (tests/test_defaults.py checks them):
-    the autocast precision (--bf16, --fp16) and the element-wise gradient clamp (--grad_clip)."""
-    bf16: int = 0
-    fp16: int = 0
-    grad_clip: float = 0.1
-
-    @classmethod
-    def from_opt(cls, opt):
-        """The config of an options Namespace (train.py's resolved options; bench's and tests' partial ones: the
-        defaults above for what they lack)."""
-        return cls(**fields_of(cls, opt))
 
 
 def train_step(loss_module, optimizer, batch, sc_flag, config, stop=False, world_size=1, scaler=None):
