@@ -22,14 +22,18 @@ from misc.configs import EnsembleOptions
 from opts import OptionParser, add_cfg_option, add_eval_options, add_options, check_eval_split, parse_with_cfg
 
 
-def parse_args(argv=None):
+def build_parser():
     parser = OptionParser(description='Evaluate an ensemble of SATIC checkpoints (same K and vocabulary).')
     add_cfg_option(parser)
     add_eval_options(parser)
     add_options(parser, EnsembleOptions)
     # One model's --model/--infos_path do not apply; the output id defaults to the members' (the reference's).
     parser.set_defaults(model='', infos_path='', id='')
-    return parse_with_cfg(parser, argv)
+    return parser
+
+
+def parse_args(argv=None):
+    return parse_with_cfg(build_parser(), argv)
 
 
 def split_list(values):

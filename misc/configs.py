@@ -63,7 +63,9 @@ class ModelConfig(FromOpt):
     drop_prob_lm: float = option(0.5, 'dropout probability after att_embed and in the layers', MODEL,
                                  in_range(0, 1))
     use_box: int = option(0, 'must be 0: the reference appended 5 box features to every region; refused here',
-                          MODEL, one_of(0, 1))
+                          MODEL, Check(lambda v: v == 0, 'refused, use 0: the reference appended 5 normalised box '
+                                       'features to every region (needing image sizes in --input_json); SATIC reads '
+                                       'region features only', 1, 0))
     use_cache: int = option(1, '(ours) 1: key/value cache while decoding; 0: re-decode the prefix (the reference)',
                             DEVICES, boolean())
     max_length: int = 20  # the decoding option's (DecodingOptions.max_length)
