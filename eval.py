@@ -131,7 +131,8 @@ def write_outputs(eval_opt, opt, result, lang_stats, img_to_eval):
         print(f'wrote {len(result.predictions)} captions to {path}')
     if eval_opt.dump_images:
         scores = os.path.join('eval_results', f'{opt.id}_{opt.split}.json') if lang_stats else None
-        path = write_index_html(result.predictions, opt, lang_stats_path=scores, image_root=eval_opt.image_root)
+        path = write_index_html(result.predictions, opt.id, opt.split, opt.beam_size, opt.ref_json, opt.input_json,
+                                lang_stats_path=scores, image_root=eval_opt.image_root)
         print(f'wrote the caption viewer to {path}')
 
 

@@ -94,7 +94,8 @@ def build_teacher(opt, vocab, device):
     """The frozen --teacher_model of word-level distillation (--kd_weight > 0), or None (misc/teacher.py)."""
     if not opt.kd_weight > 0:
         return None
-    teacher = load_teacher(opt, vocab, device)
+    teacher = load_teacher(opt.teacher_model, vocab, opt.att_feat_size, opt.teacher_infos, opt.teacher_caption_model,
+                           bool(opt.teacher_eval_mode), opt.input_json, device)
     print(f"distillation: teacher {opt.teacher_model} (K={teacher.K}), "
           f"kd_weight {opt.kd_weight}, teacher in {'eval' if opt.teacher_eval_mode else 'train'} mode", flush=True)
     return teacher
@@ -247,7 +248,7 @@ def prepare_folders(opt, cleanup):
     renames is completed. Returns whether the first save replaces the folder's checkpoint (--overwrite_run 1)."""
     check_writable_dir(opt.checkpoint_path)
     cleanup.enter_context(RunFolderLock(opt.checkpoint_path))
-    replaced = check_owner(opt)
+    replaced = check_owner(opt.checkpoint_path, opt.id, opt.start_from, opt.overwrite_run)
     if opt.start_from:
         if not same_folder(opt.start_from, opt.checkpoint_path):
             check_not_busy(opt.start_from)
@@ -621,7 +622,7 @@ def kept_line(opt, state):
 # ----------------------------------------------------------------------------------------------- main
 def train(opt):
     """Both stages (README, "Using it on COCO"); returns {'iter', 'epoch', 'best_val_score'} of the end of the run."""
-    world = setup_distributed(opt)
+    world = setup_distributed(opt.device, opt.dist_timeout_minutes)
     with contextlib.ExitStack() as cleanup:
         signals = Signals().install()
         cleanup.callback(signals.restore)

@@ -120,4 +120,16 @@ def check_value(name, value, check):
     """None when allowed, else the one-line refusal naming the flag, the value and what is allowed."""
     if check.ok(value):
         return None
-    return f'--{name} {value}: {check.text}'
+    shown = repr(value) if isinstance(value, str) else value
+    return f'--{name} {shown}: {check.text}'
+
+
+def checked(args, **checks):
+    """A script's parsed args, each named option checked (its one-line refusal: SaticError); returns args.
+    e.g. `return checked(p.parse_args(argv), max_length=at_least(1))`."""
+    from misc.errors import SaticError
+    for name, check in checks.items():
+        problem = check_value(name, getattr(args, name), check)
+        if problem:
+            raise SaticError(problem)
+    return args

@@ -33,6 +33,7 @@ import opts
 from misc.errors import SaticError
 from scripts import make_bu_data, prepro_cocotest, prepro_labels, prepro_ngrams, prepro_reference_json
 from misc.fileio import run_cli, write_json
+from misc.optspec import at_least, checked
 
 VERSION = 1  # bump when the generated data changes, so existing demo folders are rebuilt
 STAMP = '.demo_stamp.json'
@@ -237,7 +238,10 @@ def parse_args(argv=None):
     p.add_argument('--num_workers', default=min(2, os.cpu_count() or 1), type=int,
                    help='processes for make_bu_data.py')
     p.add_argument('--force', action='store_true', help='rebuild even if the outputs are up to date')
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    return checked(args, num_train=at_least(1), num_restval=at_least(0), num_val=at_least(1), num_test=at_least(1),
+                   num_online_test=at_least(0), feat_dim=at_least(1), min_boxes=at_least(1),
+                   max_boxes=at_least(max(1, args.min_boxes)), seed=at_least(0), num_workers=at_least(1))
 
 
 def build_args(args):

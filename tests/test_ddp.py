@@ -29,7 +29,7 @@ from misc.loss_wrapper import LossWrapper
 
 out, argv = sys.argv[1], sys.argv[2:]
 opt = opts.parse_opt(argv)
-world = train.setup_distributed(opt)
+world = train.setup_distributed(opt.device, opt.dist_timeout_minutes)
 rank, world_size, device = world.rank, world.size, world.device
 with DataLoader(opt, rank=rank, world_size=world_size) as loader:
     opt.vocab_size = loader.vocab_size

@@ -35,7 +35,7 @@ from misc.loss_wrapper import LossWrapper
 
 out, argv, plateau_argv = sys.argv[1], sys.argv[2:sys.argv.index('--')], sys.argv[sys.argv.index('--') + 1:]
 opt = opts.parse_opt(argv)
-world = train.setup_distributed(opt)
+world = train.setup_distributed(opt.device, opt.dist_timeout_minutes)
 result = {{}}
 with DataLoader(opt, rank=world.rank, world_size=world.size) as loader:
     run_opt = train.run_options(opt, loader)

@@ -46,6 +46,12 @@ def kd_opt(teacher_model=None, **overrides):
     return argparse.Namespace(**opt)
 
 
+def teacher_of(opt):
+    """misc.teacher.load_teacher for the options of kd_opt (as train.py calls it)."""
+    return load_teacher(opt.teacher_model, VOCAB, opt.att_feat_size, opt.teacher_infos, opt.teacher_caption_model,
+                        bool(opt.teacher_eval_mode), opt.input_json)
+
+
 def kd_batch(S=4, N=5, seed=3):
     g = torch.Generator().manual_seed(seed)
     labels = torch.zeros(S, 18, dtype=torch.long)
@@ -84,7 +90,7 @@ def student():
 
 def test_kd_loss_is_xe_plus_weighted_kl_teacher_eval_mode(teacher_path):
     opt = kd_opt(teacher_path, teacher_eval_mode=1)
-    teacher = load_teacher(opt, VOCAB)
+    teacher = teacher_of(opt)
     wrapper = LossWrapper(student(), opt, teacher=teacher)
     batch = kd_batch()
     out = wrapper(batch)
@@ -105,7 +111,7 @@ def test_kd_loss_is_xe_plus_weighted_kl_teacher_eval_mode(teacher_path):
 def test_teacher_runs_in_train_mode_by_default(teacher_path):
     """reference quirk: the teacher's dropout is on (--teacher_eval_mode 0)."""
     opt = kd_opt(teacher_path)
-    teacher = load_teacher(opt, VOCAB)
+    teacher = teacher_of(opt)
     wrapper = LossWrapper(student(), opt, teacher=teacher)
     batch = kd_batch()
     torch.manual_seed(5)
@@ -123,7 +129,7 @@ def test_teacher_runs_in_train_mode_by_default(teacher_path):
 
 def test_teacher_is_frozen_and_outside_the_student(teacher_path):
     opt = kd_opt(teacher_path)
-    teacher = load_teacher(opt, VOCAB)
+    teacher = teacher_of(opt)
     model = student()
     model.train()
     wrapper = LossWrapper(model, opt, teacher=teacher)
@@ -142,7 +148,7 @@ def test_teacher_is_frozen_and_outside_the_student(teacher_path):
 def test_kd_only_in_the_xe_stage(teacher_path, cached_tokens):
     opt = kd_opt(teacher_path, cached_tokens=cached_tokens)
     calls = []
-    teacher = load_teacher(opt, VOCAB)
+    teacher = teacher_of(opt)
     teacher.register_forward_hook(lambda *a: calls.append(1))
     model = student()
     model.train()
@@ -174,20 +180,20 @@ def test_teacher_of_another_vocabulary_is_refused(tmp_path):
     other = dict(VOCAB, **{'20': 'zebra'})
     path = save_run(str(tmp_path / 'other'), 'other', vocab=other)
     with pytest.raises(SaticError) as error:
-        load_teacher(kd_opt(path), VOCAB)
+        teacher_of(kd_opt(path))
     assert path in one_line(error) and 'vocabulary' in one_line(error)
 
 
 def test_show_tell_teacher_is_refused(tmp_path):
     path = save_run(str(tmp_path / 'st'), 'st', caption_model='show_tell')
     with pytest.raises(SaticError) as error:
-        load_teacher(kd_opt(path), VOCAB)
+        teacher_of(kd_opt(path))
     assert 'infos_st.pkl' in one_line(error) and "'show_tell'" in one_line(error)
     path = save_run(str(tmp_path / 'tr'), 'tr', caption_model='transformer', K=1)
     with pytest.raises(SaticError) as error:  # --teacher_caption_model, when given, must be the teacher's
-        load_teacher(kd_opt(path, teacher_caption_model='sat'), VOCAB)
+        teacher_of(kd_opt(path, teacher_caption_model='sat'))
     assert 'infos_tr.pkl' in one_line(error)
-    assert load_teacher(kd_opt(path, teacher_caption_model='transformer'), VOCAB).K == 1
+    assert teacher_of(kd_opt(path, teacher_caption_model='transformer')).K == 1
 
 
 
