@@ -34,7 +34,7 @@ from misc import optim
 from misc.checkpoint import (CheckpointError, CheckpointSaver, ResumePoint, check_writable_dir, histories_of,
                              load_init_from, load_run, recover_checkpoint, rng_state)
 from misc.coco_eval import check_ready, language_eval
-from misc.configs import StepConfig  # noqa: F401 (train.StepConfig)
+from misc.configs import OptimConfig, StepConfig  # (StepConfig: train.StepConfig too)
 from misc.distributed import World, all_gather_objects, run_everywhere, run_on_main, setup_distributed, shutdown
 from misc.errors import SaticError
 from misc.evaluation import evaluate
@@ -104,7 +104,8 @@ def build_teacher(opt, vocab, device):
 def build_optimizer(model, opt, saved=None):
     """optim.build, with the state of --start_from's optimizer.pth when there is one (Noam's step otherwise
     continues from the saved run's updates, as the reference)."""
-    optimizer = optim.build(model, opt, step=saved.optimizer_step if saved else 0)
+    optimizer = optim.build(model, OptimConfig.from_opt(opt), opt.input_encoding_size,
+                            step=saved.optimizer_step if saved else 0)
     if saved is not None:
         saved.restore_optimizer(optimizer)
     return optimizer
@@ -300,7 +301,7 @@ def build_run(opt, world, signals, cleanup):
 def set_epoch_lr(optimizer, opt, epoch):
     """Plain optimisers get the step-decayed lr at each epoch start (Noam and plateau manage their own)."""
     if not opt.noamopt and not opt.reduce_on_plateau:
-        optim.set_lr(optimizer, optim.step_decay_rate(epoch, opt))
+        optim.set_lr(optimizer, optim.step_decay_rate(epoch, OptimConfig.from_opt(opt)))
 
 
 def train_step(loss_module, optimizer, batch, sc_flag, config, stop=False, world_size=1, scaler=None):

@@ -77,6 +77,7 @@ def timed(fn, iters, warmup):
 def train_job(args, model, torch):
     import opts
     from misc import optim
+    from misc.configs import OptimConfig
     from misc.loss_wrapper import LossWrapper
     batch = torch.load(f'{args.inputs}/train_batch.pt', weights_only=False)
     flags = ['--caption_model', 'sat', '--K', str(args.K), '--cached_tokens', f'{args.inputs}/train-idxs.p',
@@ -103,7 +104,7 @@ def train_job(args, model, torch):
         out['sample_seq_sum'] = int(seq.sum())
         out['sample_logprob_sum'] = float((logprobs * (seq > 0)).sum())
     model.train()
-    optimizer = optim.build(model, opt)
+    optimizer = optim.build(model, OptimConfig.from_opt(opt), opt.input_encoding_size)
 
     def iteration():
         optimizer.zero_grad()

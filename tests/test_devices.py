@@ -27,6 +27,7 @@ import train
 from dataloader import DataLoader
 from misc import optim
 from misc.evaluation import evaluate
+from misc.configs import OptimConfig
 from misc.loss_wrapper import LossWrapper
 from misc.losses import LabelSmoothing, LanguageModelCriterion, self_critical_loss
 from models.decode_config import DecodeConfig
@@ -102,7 +103,7 @@ def trained_pieces(tiny_dataset):
     torch.manual_seed(0)
     model = without_dropout(models.setup(opt))
     wrapper = LossWrapper(model, opt)
-    optimizer = optim.build(model, opt)
+    optimizer = optim.build(model, OptimConfig.from_opt(opt), opt.input_encoding_size)
     # torch's Adam makes its step counters on the default device by design: created here, outside
     train.train_step(wrapper, optimizer, batch, False, train.StepConfig.from_opt(opt))
     return opt, batch, wrapper, optimizer
@@ -209,7 +210,7 @@ def test_pinned_batches_train_on_cuda(tiny_dataset):
         model = models.setup(run).to(device)
         wrapper = LossWrapper(model, run)
         scaler = torch.amp.GradScaler('cuda') if run.fp16 else None
-        stats = train.train_step(wrapper, optim.build(model, run), batch, False, train.StepConfig.from_opt(run),
+        stats = train.train_step(wrapper, optim.build(model, OptimConfig.from_opt(run), run.input_encoding_size), batch, False, train.StepConfig.from_opt(run),
                                  scaler=scaler)
         assert stats['loss'] > 0 and (not stats['skipped'] or 'overflow' in stats)
 

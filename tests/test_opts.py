@@ -59,7 +59,8 @@ def test_inert_reference_options_are_accepted_and_change_nothing():
     b = models.setup(plain).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     from misc import optim
-    noam = optim.build(models.setup(opt), opt)  # --optim/--weight_decay are inert with --noamopt, as the reference
+    from misc.configs import OptimConfig
+    noam = optim.build(models.setup(opt), OptimConfig.from_opt(opt), opt.input_encoding_size)  # --optim/--weight_decay are inert with --noamopt, as the reference
     assert isinstance(noam, optim.NoamOpt)
 
 
