@@ -39,3 +39,15 @@ def test_the_library_does_not_import_opts():
     importing = [str(p.relative_to(REPO)) for p in files
                  if re.search(r'^\s*(import opts\b|from opts import)', p.read_text(), re.M)]
     assert importing == []
+
+
+def test_the_k_rule_lives_in_model_config_only():
+    from misc.configs import ModelConfig
+    assert ModelConfig(caption_model='transformer', K=6).K == 1 and ModelConfig(K=3).K == 3
+    assert defaults.model_k(argparse.Namespace(caption_model='transformer', K=4)) == 1
+    files = [REPO / name for name in ('train.py', 'eval.py', 'eval_cocotest.py', 'eval_ensemble.py', 'opts.py',
+                                      'dataloader.py')]
+    files += sorted((REPO / 'misc').glob('*.py')) + sorted((REPO / 'models').rglob('*.py'))
+    applying = [str(p.relative_to(REPO)) for p in files
+                if re.search(r"caption_model\s*==\s*'transformer'", p.read_text())]
+    assert applying == ['misc/configs.py']

@@ -141,3 +141,12 @@ def test_scripts_check_their_numeric_flags(tmp_path):
             (prepro_labels_seqKD, ['--max_length', '-1'], 'error: --max_length -1: must be >= 1')):
         rc, _, err = run_main(argv, tmp_path, module.main)
         assert rc == 2 and err.startswith(line) and err.count('\n') == 1, (module.__name__, err)
+
+
+def test_make_viewer_help_keeps_its_example_lines(capsys):
+    from scripts import make_viewer
+    with pytest.raises(SystemExit):
+        make_viewer.parse_args(['--help'])
+    text = capsys.readouterr().out
+    assert '--runs vis/a.json,vis/b.json \\\n      --scores' in text
+    assert not re.search(r'\S {3,}--', text.split('\n\n', 2)[-1].split('--runs vis/a.json')[-1])
