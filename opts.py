@@ -67,7 +67,8 @@ def add_options(parser, config_class, only=None, defaults=None, groups=None):
         if only is not None and field.name not in only:
             continue
         meta = field.metadata
-        text = meta['help'] if meta['check'] in optspec.UNCHECKED else f"{meta['help']}; {meta['check'].text}"
+        shown = meta['check'] not in optspec.UNCHECKED and not meta['action']  # (a flag needs no range)
+        text = f"{meta['help']}; {meta['check'].text}" if shown else meta['help']
         kwargs = {'help': text.replace('%', '%%'), 'default': defaults.get(field.name, field.default)}
         if meta['action']:
             kwargs['action'] = meta['action']

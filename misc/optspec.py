@@ -59,7 +59,7 @@ def at_least(low):
 def greater_than(low):
     bad = low if isinstance(low, int) else low
     good = low + 1 if isinstance(low, int) else (low + 1e-6 if low == 0 else low * 1.000001)
-    return Check(lambda v: _finite(v) and v > low, f'must be > {low}', bad, good)
+    return Check(lambda v: _finite(v) and v > low, f'must be > {low:g}', bad, good)
 
 
 def in_range(low, high, high_open=True):
