@@ -71,7 +71,7 @@ def load_checkpoint(eval_opt):
     model = model.to(device).eval()
     use_cuda_graphs(model, opt.cuda_graphs)  # (ours, off by default; a GPU only)
     if opt.quantize or opt.compile:
-        model = apply_eval_options(model, opt)  # --quantize int8, --compile 1 (both off by default)
+        model = apply_eval_options(model, opt.quantize, bool(opt.compile))  # (both off by default)
         if opt.quantize == 'int8':
             print(int8_kernel(), flush=True)  # which int8 path this CPU gets (README, "Speed options")
     return model, opt, infos

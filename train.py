@@ -34,7 +34,7 @@ from misc import optim
 from misc.checkpoint import (CheckpointError, CheckpointSaver, ResumePoint, check_writable_dir, histories_of,
                              load_init_from, load_run, recover_checkpoint, rng_state)
 from misc.coco_eval import check_ready, language_eval
-from misc.configs import OptimConfig, StepConfig  # (StepConfig: train.StepConfig too)
+from misc.configs import ModelConfig, OptimConfig, StepConfig  # (StepConfig: train.StepConfig too)
 from misc.distributed import World, all_gather_objects, run_everywhere, run_on_main, setup_distributed, shutdown
 from misc.errors import SaticError
 from misc.evaluation import evaluate
@@ -73,7 +73,7 @@ def run_options(opt, loader):
 def build_model(opt, device, saved=None, vocab=None):
     """The model, its weights from --start_from (saved: a misc.checkpoint.SavedRun), or (SAT, K > 1) from the
     autoregressive --init_from (checked against the infos beside it, when there is one, and this data's vocab)."""
-    model = models.setup(opt)
+    model = models.setup(ModelConfig.from_opt(opt), opt.vocab_size)
     if saved is not None:
         saved.restore_model(model)
     elif opt.K > 1 and opt.init_from and opt.init_from.lower() != 'none':

@@ -34,11 +34,12 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     import models
+    from misc.configs import ModelConfig
 
     opt = argparse.Namespace(caption_model='sat', K=args.K, drop_prob_lm=0.5, use_bn=0, max_length=20, use_cache=1,
                              input_encoding_size=512, rnn_size=2048, num_layers=6, att_feat_size=2048,
                              vocab_size=9487)
-    model = models.setup(opt)
+    model = models.setup(ModelConfig.from_opt(opt), opt.vocab_size)
     weights = f'weights_train_K{args.K}.pt' if args.job == 'train' else f'weights_K{args.K}.pt'
     model.load_state_dict(torch.load(f'{args.inputs}/{weights}', weights_only=True), strict=True)
     result = {'root': args.root, 'job': args.job, 'K': args.K, 'threads': torch.get_num_threads()}

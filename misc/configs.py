@@ -31,16 +31,17 @@ def str2bool(value):
     raise argparse.ArgumentTypeError(f"expected a boolean (1/0/true/false), got {value!r}")
 
 
-def fields_of(config_class, opt):
-    """{field: opt's value} of config_class's fields that the options Namespace opt has."""
-    return {f.name: getattr(opt, f.name) for f in dataclasses.fields(config_class) if hasattr(opt, f.name)}
+def fields_of(config_class, options):
+    """{field: value} of config_class's fields that the parsed options (a Namespace: the edge) have."""
+    return {f.name: getattr(options, f.name) for f in dataclasses.fields(config_class) if hasattr(options, f.name)}
 
 
 class FromOpt:
     @classmethod
-    def from_opt(cls, opt):
-        """The config of an options Namespace (the defaults for what it lacks, e.g. a test's partial one)."""
-        return cls(**fields_of(cls, opt))
+    def from_opt(cls, options):
+        """The config of parsed options, a Namespace (the defaults for what it lacks, e.g. a reference infos' or a
+        test's partial one): the one conversion, at the edge."""
+        return cls(**fields_of(cls, options))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,11 +131,11 @@ class LossConfig:
     reward_weights: dict = dataclasses.field(default_factory=lambda: _default_reward_weights())
 
     @classmethod
-    def from_opt(cls, opt):
-        """The config of an options Namespace; reward_weights from its --<name>_reward_weight options."""
+    def from_opt(cls, options):
+        """The config of parsed options (a Namespace); reward_weights from its --<name>_reward_weight options."""
         from misc.rewards import reward_option
-        values = fields_of(cls, opt)
-        values['reward_weights'] = {name: getattr(opt, reward_option(name), weight)
+        values = fields_of(cls, options)
+        values['reward_weights'] = {name: getattr(options, reward_option(name), weight)
                                     for name, weight in _default_reward_weights().items()}
         return cls(**values)
 
@@ -354,7 +355,7 @@ class EvalConfig(FromOpt):
     verbose_beam: int = option(1, 'with --verbose: also print the beams of each image', EVALUATION, boolean())
     verbose_loss: int = option(0, 'also compute the loss on the labels', EVALUATION, boolean())
     quantize: str = option('', "(ours) 'int8': dynamic int8 linear layers for CPU inference (off by default)",
-                           DEVICES, one_of('', 'int8'))
+                           DEVICES, one_of('', 'none', 'int8'))
 
 
 @dataclasses.dataclass(frozen=True)

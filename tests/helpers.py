@@ -296,7 +296,7 @@ def tiny_checkpoint(ds, folder, vocab=None, model_overrides=None, train_steps=0,
     opt.vocab_size = len(ds_vocab)
     model_opt = argparse.Namespace(**dict(vars(opt), **(model_overrides or {})))
     torch.manual_seed(0)
-    model = models.setup(model_opt)
+    model = setup_model(model_opt)
     if train_steps:
         train_briefly(model, ds, train_steps)
     else:
@@ -339,6 +339,13 @@ def working_dir(path):
         yield
     finally:
         os.chdir(old)
+
+
+def setup_model(opt):
+    """models.setup for an options Namespace, as the entry scripts call it at the edge: its ModelConfig (the options
+    it lacks at their defaults, the K rule applied) and vocab_size."""
+    from misc.configs import ModelConfig
+    return models.setup(ModelConfig.from_opt(opt), opt.vocab_size)
 
 
 def run_main(argv, cwd=None, main=None):

@@ -51,3 +51,17 @@ def test_the_k_rule_lives_in_model_config_only():
     applying = [str(p.relative_to(REPO)) for p in files
                 if re.search(r"caption_model\s*==\s*'transformer'", p.read_text())]
     assert applying == ['misc/configs.py']
+
+
+def test_models_setup_takes_a_model_config_and_the_reference_call():
+    import torch
+    import models
+    from misc.configs import ModelConfig
+    sizes = dict(rnn_size=16, num_layers=1, input_encoding_size=16, att_feat_size=8)
+    torch.manual_seed(0)
+    typed = models.setup(ModelConfig(caption_model='transformer', K=6, **sizes), 10)
+    torch.manual_seed(0)
+    reference = models.setup(argparse.Namespace(caption_model='transformer', K=6, vocab_size=10, **sizes))
+    assert typed.K == reference.K == 1 and typed.vocab_size == 10
+    a, b = typed.state_dict(), reference.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -21,7 +21,6 @@ import traceback
 import pytest
 import torch
 
-import models
 import opts
 import train
 from dataloader import DataLoader
@@ -32,6 +31,7 @@ from misc.loss_wrapper import LossWrapper
 from misc.losses import LabelSmoothing, LanguageModelCriterion, self_critical_loss
 from models.decode_config import DecodeConfig
 from models.sat import SATModel
+from tests.helpers import setup_model
 
 META = torch.device('meta')
 
@@ -101,7 +101,7 @@ def trained_pieces(tiny_dataset):
     with DataLoader(opt) as loader:
         batch = loader.get_batch('train')
     torch.manual_seed(0)
-    model = without_dropout(models.setup(opt))
+    model = without_dropout(setup_model(opt))
     wrapper = LossWrapper(model, opt)
     optimizer = optim.build(model, OptimConfig.from_opt(opt), opt.input_encoding_size)
     # torch's Adam makes its step counters on the default device by design: created here, outside
@@ -207,7 +207,7 @@ def test_pinned_batches_train_on_cuda(tiny_dataset):
     for precision in ({}, {'bf16': 1}, {'fp16': 1}):
         run = argparse.Namespace(**{**vars(opt), **precision})
         torch.manual_seed(0)
-        model = models.setup(run).to(device)
+        model = setup_model(run).to(device)
         wrapper = LossWrapper(model, run)
         scaler = torch.amp.GradScaler('cuda') if run.fp16 else None
         stats = train.train_step(wrapper, optim.build(model, OptimConfig.from_opt(run), run.input_encoding_size), batch, False, train.StepConfig.from_opt(run),

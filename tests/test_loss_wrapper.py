@@ -6,10 +6,10 @@ import argparse
 import pytest
 import torch
 
-import models
 import opts
 from dataloader import DataLoader, repeat_per_caption
 from misc.loss_wrapper import LossWrapper
+from tests.helpers import setup_model
 
 
 @pytest.mark.parametrize('sc_flag, encode_per_image', [(False, 0), (True, 0), (False, 1), (True, 1)])
@@ -22,7 +22,7 @@ def test_per_image_batches_give_the_numbers_of_per_caption_batches(tiny_dataset,
         opt = argparse.Namespace(**{**vars(opt), 'vocab_size': loader.vocab_size, 'seq_length': loader.seq_length})
     assert batch['att_feats'].shape[0] == 3 and batch['labels'].shape[0] == 15
     torch.manual_seed(0)
-    wrapper = LossWrapper(models.setup(opt).train(), opt)  # dropout on
+    wrapper = LossWrapper(setup_model(opt).train(), opt)  # dropout on
     results = []
     for layout in (batch, repeat_per_caption(batch)):
         torch.manual_seed(1)

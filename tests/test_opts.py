@@ -9,10 +9,9 @@ import shlex
 import pytest
 import torch
 
-import models
 import opts
 from misc.errors import SaticError
-from tests.helpers import REPO_ROOT, assert_option_refused, needs_shared, shared_path
+from tests.helpers import assert_option_refused, needs_shared, REPO_ROOT, setup_model, shared_path
 
 REFERENCE_OPTIONS = shared_path('conformance', 'reference_options.tsv')
 
@@ -54,13 +53,13 @@ def test_inert_reference_options_are_accepted_and_change_nothing():
     for o in (opt, plain):
         o.vocab_size = 20
     torch.manual_seed(0)
-    a = models.setup(opt).state_dict()
+    a = setup_model(opt).state_dict()
     torch.manual_seed(0)
-    b = models.setup(plain).state_dict()
+    b = setup_model(plain).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     from misc import optim
     from misc.configs import OptimConfig
-    noam = optim.build(models.setup(opt), OptimConfig.from_opt(opt), opt.input_encoding_size)  # --optim/--weight_decay are inert with --noamopt, as the reference
+    noam = optim.build(setup_model(opt), OptimConfig.from_opt(opt), opt.input_encoding_size)  # --optim/--weight_decay are inert with --noamopt, as the reference
     assert isinstance(noam, optim.NoamOpt)
 
 

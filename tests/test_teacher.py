@@ -7,7 +7,6 @@ import os
 import pytest
 import torch
 
-import models
 import opts
 from misc.checkpoint import make_infos, write_checkpoint_files
 from misc.errors import SaticError
@@ -15,7 +14,7 @@ from misc.fileio import load_pickle, load_torch, save_pickle
 from misc.loss_wrapper import LossWrapper
 from misc.losses import LanguageModelCriterion
 from misc.teacher import default_infos_path, load_teacher
-from tests.helpers import REWARD_GTS as GTS, assert_option_refused, run_main, targs
+from tests.helpers import assert_option_refused, REWARD_GTS as GTS, run_main, setup_model, targs
 
 
 VOCAB = {str(i): f'w{i}' for i in range(1, 21)}  # 20 words, V = 21
@@ -33,7 +32,7 @@ def save_run(folder, run_id, vocab=VOCAB, best=False, seed=0, **overrides):
     """A checkpoint folder as train.py writes it: model.pth + infos_<id>.pkl (and the -best copies)."""
     opt = tiny_model_opt(**overrides)
     torch.manual_seed(seed)
-    model = models.setup(opt) if opt.caption_model in ('sat', 'transformer') else models.setup(tiny_model_opt())
+    model = setup_model(opt) if opt.caption_model in ('sat', 'transformer') else setup_model(tiny_model_opt())
     infos = make_infos(opt, vocab, iteration=10, epoch=1)
     return write_checkpoint_files(folder, run_id, model.state_dict(), infos, best=best)
 
@@ -83,7 +82,7 @@ def teacher_path(tmp_path):
 
 def student():
     torch.manual_seed(1)
-    model = models.setup(tiny_model_opt())
+    model = setup_model(tiny_model_opt())
     model.eval()  # deterministic student: the only dropout left is the teacher's
     return model
 
@@ -232,7 +231,7 @@ def test_train_with_kd_end_to_end(tiny_dataset, tmp_path, monkeypatch):
         runs[name] = load_torch(str(tmp_path / name / 'model.pth'))
         if name != 'xe':
             assert 'distillation: teacher' in out and ('eval mode' in out) == (name == 'kd-eval')
-    student_model = models.setup(tiny_model_opt(vocab_size=len(vocab), att_feat_size=tiny_dataset.feat_dim,
+    student_model = setup_model(tiny_model_opt(vocab_size=len(vocab), att_feat_size=tiny_dataset.feat_dim,
                                                 input_encoding_size=16, rnn_size=24))
     assert set(runs['kd']) == set(student_model.state_dict())  # the teacher is not saved with the student
     optimizer = load_torch(str(tmp_path / 'kd' / 'optimizer.pth'))

@@ -26,7 +26,6 @@ import pytest
 import torch
 
 import eval as eval_script
-import models
 import train
 from dataloader import DataLoader
 from misc.fileio import load_pickle, load_torch
@@ -37,7 +36,7 @@ from misc.optim import noam_rate
 from models.decode_config import DecodeConfig
 from scripts import make_bu_data, prepro_labels, prepro_labels_seqKD, prepro_ngrams, prepro_reference_json
 from scripts.make_demo_data import ConceptFeatures
-from tests.helpers import assert_one_line_error, needs_shared, run_main, shared_path, working_dir
+from tests.helpers import assert_one_line_error, needs_shared, run_main, setup_model, shared_path, working_dir
 
 REPO = Path(__file__).resolve().parents[1]
 CONFORMANCE = Path(shared_path('conformance'))
@@ -130,7 +129,7 @@ def val_cider(scene, opt, model):
 
 def checkpoint_cider(scene, folder, run_id, model_file='model.pth'):
     opt = load_pickle(os.path.join(folder, f'infos_{run_id}.pkl'))['opt']
-    model = models.setup(opt)
+    model = setup_model(opt)
     model.load_state_dict(load_torch(os.path.join(folder, model_file)))
     return val_cider(scene, opt, model)
 
@@ -159,7 +158,7 @@ def test_stage1_learns_then_self_critical_raises_val_cider(scene, stage1, tmp_pa
     losses = [histories['loss_history'][k] for k in sorted(histories['loss_history'])]
     opt = load_pickle(os.path.join(folder, f'infos_{run_id}.pkl'))['opt']
     torch.manual_seed(opt.seed)
-    untrained, _ = val_cider(scene, opt, models.setup(opt))
+    untrained, _ = val_cider(scene, opt, setup_model(opt))
     stage1_cider, stage1_captions = checkpoint_cider(scene, folder, run_id)
 
     # Stage 2 as the README: copy_model.sh, then self-critical from the copy (epoch 15 >= --self_critical_after 15);
@@ -555,7 +554,7 @@ def test_cider_reward_weight_scales_the_reward(scene):
         opt.vocab_size = loader.vocab_size
         batch = loader.get_batch('train')
     torch.manual_seed(0)
-    model = models.setup(opt)
+    model = setup_model(opt)
     rewards = []
     for weight in (1.0, 2.5):
         opt.cider_reward_weight = weight
