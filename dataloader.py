@@ -221,10 +221,11 @@ class DataLoader:
     """Splits, caption sampling, batching and prefetching over one dataset (cocotalk.json + label h5 + features)."""
 
     def __init__(self, config, rank=0, world_size=1, pin_memory=False):
-        """config: a DataConfig (train.py and eval.py build it once), or an options Namespace read by
-        DataConfig.from_opt; pin_memory: features in page-locked memory (only when a CUDA device will receive
-        them)."""
-        opt = config if isinstance(config, DataConfig) else DataConfig.from_opt(config)
+        """config: a DataConfig (train.py and eval.py build it once, at the edge: DataConfig.from_opt);
+        pin_memory: features in page-locked memory (only when a CUDA device will receive them)."""
+        if not isinstance(config, DataConfig):
+            raise TypeError(f'DataLoader takes a DataConfig (DataConfig.from_opt(options)), not {type(config).__name__}')
+        opt = config
         self.opt = opt
         self.batch_size = opt.batch_size
         self.seq_per_img = opt.seq_per_img

@@ -79,14 +79,14 @@ def train_job(args, model, torch):
     import opts
     from misc import optim
     from misc.configs import OptimConfig
-    from misc.loss_wrapper import LossWrapper
+    from misc.loss_wrapper import LossConfig, LossWrapper
     batch = torch.load(f'{args.inputs}/train_batch.pt', weights_only=False)
     flags = ['--caption_model', 'sat', '--K', str(args.K), '--cached_tokens', f'{args.inputs}/train-idxs.p',
              '--seq_per_img', '5', '--input_encoding_size', '512', '--rnn_size', '2048', '--num_layers', '6']
     flags += ['--noamopt'] if args.mode == 'xe' else ['--learning_rate', '2e-5']
     opt = opts.parse_opt(flags)
     sc = args.mode == 'sc'
-    wrapper = LossWrapper(model, opt)
+    wrapper = LossWrapper(model, LossConfig.from_opt(opt))
     out = {'mode': args.mode}
     # The same loss on the same batch and weights: eval mode (no dropout); self-critical with one seed (the
     # samples are then the same when the log-probs are, and the reward with them).

@@ -3,7 +3,7 @@ self-critical, one call."""
 import torch
 from torch import nn
 
-from misc.configs import LossConfig  # noqa: F401 (declared with its options; misc.loss_wrapper.LossConfig)
+from misc.configs import LossConfig  # (declared with its options; misc.loss_wrapper.LossConfig too)
 from misc.losses import build_criterion, self_critical_loss
 from misc.rewards import SelfCriticalReward, default_reward_weights, reward_option
 
@@ -13,10 +13,12 @@ class LossWrapper(nn.Module):
     'kd_loss': the KL part, before its weight (XE with a teacher only)}."""
 
     def __init__(self, model, config, teacher=None):
-        """config: a LossConfig (train.py builds it once), or an options Namespace read by LossConfig.from_opt;
-        teacher: the frozen model of --kd_weight (misc.teacher.load_teacher) or None."""
+        """config: a LossConfig (train.py builds it once, at the edge); teacher: the frozen model of --kd_weight
+        (misc.teacher.load_teacher) or None."""
         super().__init__()
-        opt = config if isinstance(config, LossConfig) else LossConfig.from_opt(config)
+        if not isinstance(config, LossConfig):
+            raise TypeError(f'LossWrapper takes a LossConfig (LossConfig.from_opt(options)), not {type(config).__name__}')
+        opt = config
         self.model = model
         self.crit = build_criterion(opt.label_smoothing)
         self.seq_per_img = opt.seq_per_img

@@ -190,7 +190,7 @@ def run_step(module, argv):
 
 def summary(out, box_counts, seed):
     """Dataset summary text: images per split, vocabulary, boxes per image, one decoded batch."""
-    from dataloader import DataLoader  # (torch and h5py: only the summary reads a batch)
+    from dataloader import DataConfig, DataLoader  # (torch and h5py: only the summary reads a batch)
     with open(os.path.join(out, 'dataset_coco.json')) as f:
         dataset = json.load(f)
     splits = {}
@@ -203,7 +203,7 @@ def summary(out, box_counts, seed):
                           '--input_fc_dir', os.path.join(out, 'cocobu_fc'),
                           '--input_att_dir', os.path.join(out, 'cocobu_att'),
                           '--batch_size', '2', '--seq_per_img', '5', '--num_workers', '0', '--seed', str(seed)])
-    loader = DataLoader(opt)
+    loader = DataLoader(DataConfig.from_opt(opt))
     try:
         batch = loader.get_batch('val')
     finally:

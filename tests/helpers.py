@@ -1,7 +1,7 @@
 """Tiny datasets for tests, built through the real data scripts (dataset_coco.json -> prepro -> TSV -> features).
 
     ds = make_tiny_dataset(tmp_path, n_train=8, n_val=3, n_test=3, feat_dim=8)
-    loader = DataLoader(ds.opt(batch_size=2))
+    loader = DataLoader(DataConfig.from_opt(ds.opt(batch_size=2)))
 
 `ds` holds every path (dataset_json, input_json = cocotalk.json, label_h5, fc_dir, att_dir, box_dir, cached_tokens =
 coco-train-idxs.p, ref_json = COCO-format references of every image, and fc/att .lmdb and .h5 copies when asked for
@@ -267,11 +267,11 @@ def pycocoevalcap_scores(ref_json, predictions, tmp_path, monkeypatch):
 
 def train_briefly(model, ds, steps=60):
     """A few XE steps on the tiny train split, so that captions (and their metrics) are not degenerate."""
-    from dataloader import DataLoader, repeat_per_caption
+    from dataloader import DataConfig, DataLoader, repeat_per_caption
     from misc.losses import LanguageModelCriterion
     crit, optimizer = LanguageModelCriterion(), torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
-    with DataLoader(ds.opt(batch_size=5)) as loader:
+    with DataLoader(DataConfig.from_opt(ds.opt(batch_size=5))) as loader:
         for _ in range(steps):
             b = repeat_per_caption(loader.get_batch('train'))
             loss = crit(model(b['fc_feats'], b['att_feats'], b['labels'], b['att_masks']), b['labels'][:, 1:],

@@ -439,7 +439,7 @@ def test_encode_once_per_image_equals_encoding_every_copy():
 def test_loss_wrapper_encode_per_image_gives_the_same_xe_loss():
     """--encode_per_image 1 changes only where the encoder runs: in eval mode the XE loss is identical."""
     import argparse
-    from misc.loss_wrapper import LossWrapper
+    from misc.loss_wrapper import LossConfig, LossWrapper
     from models.sat import SATModel
     torch.manual_seed(0)
     model = SATModel(vocab_size=12, K=2, d_model=16, d_ff=32, num_layers=1, att_feat_size=8).eval()
@@ -452,5 +452,5 @@ def test_loss_wrapper_encode_per_image_gives_the_same_xe_loss():
     losses = []
     for flag in (0, 1):
         opt = argparse.Namespace(label_smoothing=0, seq_per_img=S, cached_tokens='', encode_per_image=flag)
-        losses.append(float(LossWrapper(model, opt)(batch)['loss'].detach()))
+        losses.append(float(LossWrapper(model, LossConfig.from_opt(opt))(batch)['loss'].detach()))
     assert abs(losses[0] - losses[1]) < 1e-6

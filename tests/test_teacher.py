@@ -11,7 +11,7 @@ import opts
 from misc.checkpoint import make_infos, write_checkpoint_files
 from misc.errors import SaticError
 from misc.fileio import load_pickle, load_torch, save_pickle
-from misc.loss_wrapper import LossWrapper
+from misc.loss_wrapper import LossConfig, LossWrapper
 from misc.losses import LanguageModelCriterion
 from misc.teacher import default_infos_path, load_teacher
 from tests.helpers import assert_option_refused, REWARD_GTS as GTS, run_main, setup_model, targs
@@ -90,7 +90,7 @@ def student():
 def test_kd_loss_is_xe_plus_weighted_kl_teacher_eval_mode(teacher_path):
     opt = kd_opt(teacher_path, teacher_eval_mode=1)
     teacher = teacher_of(opt)
-    wrapper = LossWrapper(student(), opt, teacher=teacher)
+    wrapper = LossWrapper(student(), LossConfig.from_opt(opt), teacher=teacher)
     batch = kd_batch()
     out = wrapper(batch)
     assert not teacher.training
@@ -104,14 +104,14 @@ def test_kd_loss_is_xe_plus_weighted_kl_teacher_eval_mode(teacher_path):
     torch.manual_seed(123)
     assert float(wrapper(batch)['loss'].detach()) == pytest.approx(float(out['loss'].detach()), rel=1e-6)  # no dropout: the same
     # without a teacher (kd_weight 0) it is the XE alone
-    assert float(LossWrapper(wrapper.model, kd_opt(kd_weight=0))(batch)['loss'].detach()) == pytest.approx(xe, rel=1e-6)
+    assert float(LossWrapper(wrapper.model, LossConfig.from_opt(kd_opt(kd_weight=0)))(batch)['loss'].detach()) == pytest.approx(xe, rel=1e-6)
 
 
 def test_teacher_runs_in_train_mode_by_default(teacher_path):
     """reference quirk: the teacher's dropout is on (--teacher_eval_mode 0)."""
     opt = kd_opt(teacher_path)
     teacher = teacher_of(opt)
-    wrapper = LossWrapper(student(), opt, teacher=teacher)
+    wrapper = LossWrapper(student(), LossConfig.from_opt(opt), teacher=teacher)
     batch = kd_batch()
     torch.manual_seed(5)
     first = wrapper(batch)
@@ -131,7 +131,7 @@ def test_teacher_is_frozen_and_outside_the_student(teacher_path):
     teacher = teacher_of(opt)
     model = student()
     model.train()
-    wrapper = LossWrapper(model, opt, teacher=teacher)
+    wrapper = LossWrapper(model, LossConfig.from_opt(opt), teacher=teacher)
     assert all(not p.requires_grad for p in teacher.parameters())
     teacher_ids = {id(p) for p in teacher.parameters()}
     assert not teacher_ids & {id(p) for p in wrapper.parameters()}
@@ -151,7 +151,7 @@ def test_kd_only_in_the_xe_stage(teacher_path, cached_tokens):
     teacher.register_forward_hook(lambda *a: calls.append(1))
     model = student()
     model.train()
-    wrapper = LossWrapper(model, opt, teacher=teacher)
+    wrapper = LossWrapper(model, LossConfig.from_opt(opt), teacher=teacher)
     batch = dict(kd_batch(), gts=[GTS[0], GTS[1]], infos=None)
     out = wrapper(batch, sc_flag=True)
     assert 'kd_loss' not in out and not calls

@@ -27,7 +27,7 @@ import torch
 
 import eval as eval_script
 import train
-from dataloader import DataLoader
+from dataloader import DataConfig, DataLoader
 from misc.fileio import load_pickle, load_torch
 from misc.cider_d import corpus_cider_d
 from misc.coco_eval import java_available
@@ -120,7 +120,7 @@ def scene(tmp_path_factory):
 def val_cider(scene, opt, model):
     """Val CIDEr-D of greedy captions (misc.cider_d, document frequencies of the val references as in
     pycocoevalcap) -> (score, captions)."""
-    with DataLoader(opt) as loader:
+    with DataLoader(DataConfig.from_opt(opt)) as loader:
         predictions = evaluate(model, loader, 'val', DecodeConfig()).predictions
     captions = [p['caption'] for p in predictions]
     score, _ = corpus_cider_d(captions, [scene.refs[p['image_id']] for p in predictions])
@@ -548,9 +548,9 @@ def test_plateau_optimizer_keeps_the_options_lr_over_a_plain_state():
 
 def test_cider_reward_weight_scales_the_reward(scene):
     import opts
-    from misc.loss_wrapper import LossWrapper
+    from misc.loss_wrapper import LossConfig, LossWrapper
     opt = opts.parse_opt(scene.args('unused', 'run'))
-    with DataLoader(opt) as loader:
+    with DataLoader(DataConfig.from_opt(opt)) as loader:
         opt.vocab_size = loader.vocab_size
         batch = loader.get_batch('train')
     torch.manual_seed(0)
@@ -559,7 +559,7 @@ def test_cider_reward_weight_scales_the_reward(scene):
     for weight in (1.0, 2.5):
         opt.cider_reward_weight = weight
         torch.manual_seed(1)
-        rewards.append(LossWrapper(model, opt)(batch, sc_flag=True)['reward'])
+        rewards.append(LossWrapper(model, LossConfig.from_opt(opt))(batch, sc_flag=True)['reward'])
     assert rewards[0] > 0 and rewards[1] == pytest.approx(2.5 * rewards[0])
 
 
