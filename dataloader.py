@@ -31,7 +31,6 @@ raised in a prefetch thread, it reaches the caller unchanged from the get_batch 
 """
 import collections
 import concurrent.futures
-import dataclasses
 import hashlib
 import io
 import os
@@ -43,12 +42,11 @@ import h5py
 import numpy as np
 import torch
 
-from misc.defaults import fields_of
+from misc.configs import DEFAULT_SEQ_LENGTH, DataConfig  # noqa: F401 (declared with its options, misc/configs.py)
 from misc.errors import SaticError
 from misc.fileio import UNFINISHED_MARKER, check_vocabulary, read_array, read_json, staging_folders, vocab_sha1
 
 SPLITS = ('train', 'val', 'test')
-DEFAULT_SEQ_LENGTH = 16
 
 
 class FolderFeatures:
@@ -233,40 +231,15 @@ class FeatureReader:
         self.backend.close()
 
 
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """What the loader reads of the options (train.py's and eval.py's), at opts.py's defaults
-    (tests/test_defaults.py checks them). seq_length: the caption length without a label file (else the file's)."""
-    input_json: str = 'data/cocotalk.json'
-    input_label_h5: str = 'data/cocotalk_label.h5'
-    input_fc_dir: str = 'data/mscoco/cocobu_fc'
-    input_att_dir: str = 'data/mscoco/cocobu_att'
-    batch_size: int = 32
-    seq_per_img: int = 5
-    norm_att_feat: int = 0
-    train_only: int = 0
-    num_images: int = -1
-    num_workers: int = 2
-    seed: int = 123
-    seq_length: int = DEFAULT_SEQ_LENGTH
-    # (ours) read the --input_fc_dir features: off for SATIC's models, which take none (SATModel.forward ignores
-    # fc_feats; batches then hold fc_feats None, and the folder need not exist); on for tools that want them.
-    use_fc_feats: bool = False
-
-    @classmethod
-    def from_opt(cls, opt):
-        """The config of an options Namespace (the defaults above for what it lacks, e.g. a test's partial one)."""
-        return cls(**fields_of(cls, opt))
-
-
 class DataLoader:
     """Splits, caption sampling, batching and prefetching over one dataset (cocotalk.json + label h5 + features)."""
 
     def __init__(self, config, rank=0, world_size=1, pin_memory=False):
-        """config: a DataConfig (train.py and eval.py build it once), or an options Namespace read by
-        DataConfig.from_opt; pin_memory: features in page-locked memory (only when a CUDA device will receive
-        them)."""
-        opt = config if isinstance(config, DataConfig) else DataConfig.from_opt(config)
+        """config: a DataConfig (train.py and eval.py build it once, at the edge: DataConfig.from_opt);
+        pin_memory: features in page-locked memory (only when a CUDA device will receive them)."""
+        if not isinstance(config, DataConfig):
+            raise TypeError(f'DataLoader takes a DataConfig (DataConfig.from_opt(options)), not {type(config).__name__}')
+        opt = config
         self.opt = opt
         self.batch_size = opt.batch_size
         self.seq_per_img = opt.seq_per_img

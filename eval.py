@@ -89,7 +89,7 @@ def load_checkpoint(eval_opt):
     model = model.to(device).eval()
     use_cuda_graphs(model, opt.cuda_graphs)  # (ours, off by default; a GPU only)
     if opt.quantize or opt.compile:
-        model = apply_eval_options(model, opt)  # --quantize int8, --compile 1 (both off by default)
+        model = apply_eval_options(model, opt.quantize, bool(opt.compile))  # (both off by default)
         if opt.quantize == 'int8':
             print(int8_kernel(), flush=True)  # which int8 path this CPU gets (README, "Speed options")
     return model, opt, infos
@@ -152,7 +152,8 @@ def write_outputs(eval_opt, opt, result, lang_stats, img_to_eval):
         print(f'wrote {len(result.predictions)} captions to {path}')
     if eval_opt.dump_images:
         scores = os.path.join('eval_results', f'{opt.id}_{opt.split}.json') if lang_stats else None
-        path = write_index_html(result.predictions, opt, lang_stats_path=scores, image_root=eval_opt.image_root)
+        path = write_index_html(result.predictions, opt.id, opt.split, opt.beam_size, opt.ref_json, opt.input_json,
+                                lang_stats_path=scores, image_root=eval_opt.image_root)
         print(f'wrote the caption viewer to {path}')
 
 
@@ -207,7 +208,7 @@ def write_image_outputs(eval_opt, opt, predictions):
         print(f'wrote {len(predictions)} captions to {path}')
     if eval_opt.dump_images:
         files = {p['image_id']: os.path.join(eval_opt.image_folder, p['file_path']) for p in predictions}
-        path = write_index_html(predictions, opt, image_files=files)
+        path = write_index_html(predictions, opt.id, opt.split, opt.beam_size, opt.ref_json, image_files=files)
         print(f'wrote the caption viewer to {path}')
 
 

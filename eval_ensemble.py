@@ -13,7 +13,6 @@ decoding and data options (the data paths default to the first model's infos), m
 --dump_attention, --dump_images; --server_json 1 writes vis/<id>.json in the COCO server format instead
 (eval_cocotest.py's), without references.
 """
-import argparse
 import copy
 import math
 import os
@@ -22,23 +21,22 @@ import sys
 from eval_cocotest import write_server_results
 from misc.errors import SaticError
 from misc.fileio import run_cli
-from opts import add_eval_options, check_eval_split
+from misc.configs import EnsembleOptions
+from opts import OptionParser, add_cfg_option, add_eval_options, add_options, check_eval_split, parse_with_cfg
+
+
+def build_parser():
+    parser = OptionParser(description='Evaluate an ensemble of SATIC checkpoints (same K and vocabulary).')
+    add_cfg_option(parser)
+    add_eval_options(parser)
+    add_options(parser, EnsembleOptions)
+    # One model's --model/--infos_path do not apply; the output id defaults to the members' (the reference's).
+    parser.set_defaults(model='', infos_path='', id='')
+    return parser
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description='Evaluate an ensemble of SATIC checkpoints (same K and vocabulary).')
-    add_eval_options(parser)
-    parser.add_argument('--ids', nargs='+', default=[],
-                        help='run ids: save/<id>/model-best.pth with save/<id>/infos_<id>-best.pkl (the reference)')
-    parser.add_argument('--weights', nargs='+', default=[],
-                        help='one weight per model (--ids first, then --models), default equal; normalised')
-    parser.add_argument('--models', nargs='+', default=[], help='(ours) model.pth files outside save/<id>/')
-    parser.add_argument('--infos_paths', nargs='+', default=[], help='(ours) their infos pkl files, in order')
-    parser.add_argument('--server_json', type=int, default=0,
-                        help="(ours) 1: vis/<id>.json in the COCO server format (eval_cocotest.py's), no references")
-    # One model's --model/--infos_path do not apply; the output id defaults to the members' (the reference's).
-    parser.set_defaults(model='', infos_path='', id='')
-    return parser.parse_args(argv)
+    return parse_with_cfg(build_parser(), argv)
 
 
 def split_list(values):

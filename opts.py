@@ -1,195 +1,220 @@
-"""Command-line options: defined once, with the reference's names, types and defaults.
+"""Command-line options, generated from the typed configs (misc/configs.py: each option's default, type, help,
+group and allowed values, declared once) with the reference's names, types and defaults.
 
-`parse_opt()` is train.py's parser; `parse_eval_opt()` is eval.py's / eval_cocotest.py's.
-Every reference option is accepted (see ../shared/conformance/reference_options.tsv); options marked
-"(ours)" are additions whose defaults keep the reference behaviour, so old infos files keep working
-(`fill_defaults` gives an old `opt` Namespace the options it lacks).
+`parse_opt()` is train.py's parser; `parse_eval_opt()` is eval.py's / eval_cocotest.py's; eval_ensemble.py adds its
+own. Every parser shows the same groups (misc.optspec.GROUPS) with each option's default, checks every value once
+(a bad one: SaticError, one line naming the flag, the value and what is allowed), and reads `--cfg FILE.yml`
+(a recipe: keys are option names; the command line overrides the file). Every reference option is accepted (see
+../shared/conformance/reference_options.tsv); options marked "(ours)" are additions whose defaults keep the
+reference behaviour, so old infos files keep working (`fill_defaults` gives an old `opt` Namespace the options it
+lacks).
 """
 import argparse
 import os
+import sys
 
+from misc import optspec
+from misc.configs import (DataConfig, DecodingOptions, DeviceConfig, EvalConfig, EvaluationConfig,
+                          InertReferenceOptions, LossConfig, ModelConfig, OptimConfig, RunConfig, StepConfig,
+                          TrainConfig, ValidationConfig, reward_options, str2bool)  # noqa: F401 (str2bool: API)
 from misc.defaults import MODEL, model_k  # noqa: F401 (model_k: the K rule, opts.model_k)
 from misc.errors import SaticError
-from misc.rewards import REWARDS, reward_option
 
-DEFAULT_INIT_FROM = 'save/nsc-transformer-baseline/model-best.pth'
-DEFAULT_REF_JSON = 'coco-caption/annotations/captions_val2014.json'
+DEFAULT_INIT_FROM = RunConfig.init_from
+DEFAULT_REF_JSON = EvaluationConfig.ref_json
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
+EVAL_PATHS = ('input_json', 'input_fc_dir', 'input_att_dir', 'input_box_dir', 'input_label_h5')
 # eval.py's reference defaults: the author's run. With another --model, the infos beside it and its id are used.
-REFERENCE_EVAL_MODEL = 'save/nsc-sat-4-from-nsc-seqkd/model-best.pth'
-REFERENCE_EVAL_INFOS = 'save/nsc-sat-4-from-nsc-seqkd/infos_nsc-sat-4-from-nsc-seqkd-best.pkl'
-REFERENCE_EVAL_ID = 'nsc-sat-4-from-nsc-seqkd-cocoval'
+REFERENCE_EVAL_MODEL = EvalConfig.model
+REFERENCE_EVAL_INFOS = EvalConfig.infos_path
+REFERENCE_EVAL_ID = EvalConfig.id
 
 
-def str2bool(value):
-    """Parse '1'/'0'/'true'/'false' (the reference used type=bool, so any non-empty string was True)."""
-    if isinstance(value, bool):
+class OptionParser(argparse.ArgumentParser):
+    """argparse with every default shown in --help and its errors as one-line SaticErrors (no usage block)."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault('formatter_class', argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault('usage', '%(prog)s [-h] [--cfg FILE.yml] [--OPTION VALUE ...]')
+        super().__init__(**kwargs)
+        self.option_fields = {}  # option name -> its config field (checked after parsing)
+
+    def error(self, message):
+        raise SaticError(message)
+
+    def format_help(self):
+        groups = self._action_groups
+        self._action_groups = [g for g in groups if g._group_actions]  # the groups this entry point has
+        try:
+            return super().format_help()
+        finally:
+            self._action_groups = groups
+
+
+def _group(parser, name):
+    """The argument group `name` of parser; every group of GROUPS made up front, in their order (empty ones are
+    not shown)."""
+    groups = getattr(parser, '_satic_groups', None)
+    if groups is None:
+        groups = {group: parser.add_argument_group(group, optspec.GROUP_DESCRIPTIONS[group])
+                  for group in optspec.GROUPS}
+        parser._satic_groups = groups
+    return groups[name]
+
+
+def add_options(parser, config_class, only=None, defaults=None, groups=None):
+    """Add config_class's options (those in `only`, when given) to parser in their groups; defaults: {name: value}
+    replacing the config's (e.g. eval.py's data paths default to '', take them from infos); groups: {name: group}
+    where an entry point shows an option elsewhere (eval.py's --batch_size is not a training option)."""
+    defaults, groups = defaults or {}, groups or {}
+    for field in optspec.option_fields(config_class):
+        if only is not None and field.name not in only:
+            continue
+        meta = field.metadata
+        shown = meta['check'] not in optspec.UNCHECKED and not meta['action']  # (a flag needs no range)
+        text = f"{meta['help']}; {meta['check'].text}" if shown else meta['help']
+        kwargs = {'help': text.replace('%', '%%'), 'default': defaults.get(field.name, field.default)}
+        if meta['action']:
+            kwargs['action'] = meta['action']
+        else:
+            kwargs['type'] = meta['flag_type'] or field.type
+            if meta['nargs']:
+                kwargs['nargs'] = meta['nargs']
+                kwargs['default'] = list(kwargs['default'])
+        _group(parser, groups.get(field.name, meta['group'])).add_argument(f'--{field.name}', **kwargs)
+        if hasattr(parser, 'option_fields'):
+            parser.option_fields[field.name] = field
+
+
+def add_cfg_option(parser):
+    parser.add_argument('--cfg', type=str, default=None,
+                        help='a recipe: YAML file of option names and values (configs/*.yml); the command line '
+                             'overrides it')
+
+
+def check_declared(opt, fields):
+    """Every option's declared range or choice set (misc/configs.py), once: SaticError naming the first bad one."""
+    for name, field in fields.items():
+        if not hasattr(opt, name):
+            continue
+        meta = field.metadata
+        if meta.get('when') is not None and not meta['when'][0](opt):
+            continue
+        problem = optspec.check_value(name, getattr(opt, name), meta['check'])
+        if problem:
+            raise SaticError(problem + (f" ({meta['when'][1]})" if meta.get('when') else ''))
+
+
+def load_cfg(path, parser):
+    """{dest: value} of a recipe file, each value read as its option's type; unknown keys refused in one line."""
+    import yaml  # (PyYAML, requirements.txt)
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise SaticError(f'--cfg {path}: no such file') from None
+    except IsADirectoryError:
+        raise SaticError(f'--cfg {path}: a folder, not a YAML file') from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        reason = str(e).replace('\n', ' ')
+        raise SaticError(f'--cfg {path}: not valid YAML ({reason})') from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SaticError(f'--cfg {path}: expected a mapping of option names to values, got a {type(data).__name__}')
+    actions = {action.dest: action for action in parser._actions if action.option_strings}
+    values = {}
+    for key, value in data.items():
+        action = actions.get(str(key).lstrip('-'))
+        if action is None or action.dest in ('help', 'cfg'):
+            raise SaticError(f'{path}: unknown option {key!r} (keys are option names, as in --help)')
+        values[action.dest] = _cfg_value(path, key, value, action)
+    return values
+
+
+def _cfg_value(path, key, value, action):
+    if value is None:
+        return None
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            raise SaticError(f'{path}: {key}: {value!r} is not true or false')
         return value
-    text = str(value).strip().lower()
-    if text in ('1', 'true', 'yes', 'y', 't'):
-        return True
-    if text in ('0', 'false', 'no', 'n', 'f', ''):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (1/0/true/false), got {value!r}")
+    convert = action.type or str
+    items = value if isinstance(value, list) else [value]
+    if isinstance(value, list) and not action.nargs:
+        raise SaticError(f'{path}: {key}: a list, but --{action.dest} takes one value')
+    out = []
+    for item in items:
+        if isinstance(item, (dict, list)):
+            raise SaticError(f'{path}: {key}: {item!r} is not a value')
+        text = str(item).lower() if isinstance(item, bool) else str(item)
+        if convert is int and isinstance(item, float) and not item.is_integer():
+            raise SaticError(f'{path}: {key}: {item!r} is not an integer')
+        try:
+            out.append(convert(str(int(item)) if convert is int and isinstance(item, float) else text))
+        except (ValueError, argparse.ArgumentTypeError) as e:
+            raise SaticError(f'{path}: {key}: {item!r} is not a valid {getattr(convert, "__name__", "value")} '
+                             f'({e})') from None
+    return out if isinstance(value, list) else out[0]
+
+
+def parse_with_cfg(parser, argv):
+    """parser.parse_args(argv), with --cfg's file as defaults under the command line; the cfg key is dropped, so
+    the options are exactly those the file's flags would give."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument('--cfg', type=str, default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.cfg:
+        parser.set_defaults(**load_cfg(known.cfg, parser))
+    opt = parser.parse_args(argv)
+    if hasattr(opt, 'cfg'):
+        del opt.cfg
+    check_declared(opt, getattr(parser, 'option_fields', {}))
+    return opt
+
+
+def warn(message):
+    print(f'warning: {message}', file=sys.stderr)
 
 
 def add_data_options(parser, defaults=True):
     """Input files (data/README.md). With defaults=False the paths default to '' (eval: take them from infos)."""
-    d = (lambda value: value) if defaults else (lambda value: '')
-    parser.add_argument('--input_json', type=str, default=d('data/cocotalk.json'),
-                        help='cocotalk.json from scripts/prepro_labels.py (vocabulary and image list)')
-    parser.add_argument('--input_fc_dir', type=str, default=d('data/mscoco/cocobu_fc'),
-                        help='fc features: a directory of <id>.npy, an .lmdb or an .h5 file (accepted as in the '
-                             'reference, not read: no model uses them)')
-    parser.add_argument('--input_att_dir', type=str, default=d('data/mscoco/cocobu_att'),
-                        help='region features: a directory of <id>.npz, an .lmdb or an .h5 file')
-    parser.add_argument('--input_box_dir', type=str, default=d('data/mscoco/cocobu_box'),
-                        help='box files: inert in training, as in the reference (it read them only with --use_box 1, '
-                             'which SATIC refuses); eval.py --dump_attention writes their boxes')
-    parser.add_argument('--input_label_h5', type=str, default=d('data/cocotalk_label.h5'),
-                        help="label h5 from prepro_labels(_seqKD).py, or 'none' for images without captions")
-    parser.add_argument('--ref_json', type=str, default=DEFAULT_REF_JSON,
-                        help='(ours) COCO-format reference captions for language evaluation')
-    parser.add_argument('--num_workers', type=int, default=2,
-                        help='(ours) feature-loading worker threads per split (0: load in the main thread)')
+    add_options(parser, DataConfig, only=EVAL_PATHS + ('num_workers',),
+                defaults=None if defaults else {name: '' for name in EVAL_PATHS})
+    add_options(parser, EvaluationConfig, only=('ref_json',))
 
 
 def add_model_options(parser):
     """Model hyper-parameters (README, "Reference quirks kept")."""
-    parser.add_argument('--caption_model', type=str, default=MODEL['caption_model'], help="'sat' (K words per step) or 'transformer' (K=1)")
-    parser.add_argument('--rnn_size', type=int, default=MODEL['rnn_size'], help='d_ff: the feed-forward inner size')
-    parser.add_argument('--num_layers', type=int, default=MODEL['num_layers'], help='N: encoder and decoder layers')
-    parser.add_argument('--input_encoding_size', type=int, default=MODEL['input_encoding_size'], help='D: d_model')
-    parser.add_argument('--att_feat_size', type=int, default=MODEL['att_feat_size'], help='region feature size')
-    parser.add_argument('--use_bn', type=int, default=MODEL['use_bn'], help='BatchNorm1d on region features before att_embed (2: also after)')
-    parser.add_argument('--norm_att_feat', type=int, default=0, help='L2-normalise region features')
-    parser.add_argument('--use_box', type=int, default=0,
-                        help='must be 0: the reference appended 5 box features to every region; refused here')
-    parser.add_argument('--drop_prob_lm', type=float, default=MODEL['drop_prob_lm'], help='dropout after att_embed')
-    parser.add_argument('--K', type=int, default=MODEL['K'], help='K: words per decoding step (group size)')
-    parser.add_argument('--use_cache', type=int, default=1,
-                        help='(ours) 1: key/value cache while decoding; 0: re-decode the prefix (the reference)')
+    add_options(parser, ModelConfig)
+    add_options(parser, DataConfig, only=('norm_att_feat',))
 
 
 def add_decoding_options(parser, beam_size=1):
-    """How captions are decoded (README, "Decoding options"): eval.py, and train.py's validation. Their own
-    argument group; eval.py takes every option of it from its command line (`decoding_option_names`)."""
-    # Every option below goes to the group (eval.py always takes them from its command line, never from infos).
-    parser = parser.add_argument_group('decoding options', 'how captions are decoded')
-    parser.add_argument('--beam_size', type=int, default=beam_size, help='beam width (1: greedy)')
-    parser.add_argument('--max_length', type=int, default=20, help='maximum caption length when decoding')
-    parser.add_argument('--length_penalty', type=str, default='', help="e.g. 'wu_0.5' or 'avg_0' ('' = none)")
-    parser.add_argument('--block_trigrams', type=int, default=0,
-                        help='1: soft penalty on repeated trigrams (greedy and sampling; README, decoding options)')
-    parser.add_argument('--remove_bad_endings', type=int, default=0,
-                        help="1: drop trailing 'a', 'the', 'with', ... from the decoded captions")
-    parser.add_argument('--group_size', type=int, default=1,
-                        help='diverse beam search: beam_size is split into this many groups (1: plain beam search)')
-    parser.add_argument('--diversity_lambda', type=float, default=0.5,
-                        help='diverse beam search: penalty per earlier group choosing the same word at a position')
-    parser.add_argument('--decoding_constraint', type=int, default=0,
-                        help='1: a word never repeats the word just before it (greedy, sampling and beams)')
-    parser.add_argument('--sample_max', type=int, default=1,
-                        help='1: argmax; 0: sample (eval.py; training validation is always greedy)')
-    parser.add_argument('--temperature', type=float, default=1.0, help='sampling temperature (with --sample_max 0)')
-    parser.add_argument('--device', type=str, default='',
-                        help="(ours) 'cuda', 'cpu', 'cuda:1'...; default: cuda when available")
-    parser.add_argument('--bf16', type=int, default=0,
-                        help='(ours) bfloat16 autocast for training and decoding (off: fp32, as the reference)')
-    parser.add_argument('--compile', type=int, default=0,
-                        help='(ours) 1: torch.compile the training forward/backward and the decoding step '
-                             '(minutes of compilation up front; README, "Speed options")')
-    parser.add_argument('--cuda_graphs', type=int, default=0,
-                        help='(ours) 1: on a GPU, the steps of eval-mode decoding (eval.py, validation) replayed from '
-                             'CUDA graphs (README, "Speed options"; off until measured on a GPU); ignored on the CPU')
+    """How captions are decoded: eval.py, and train.py's validation. eval.py takes every option of it from its
+    command line (`decoding_option_names`)."""
+    add_options(parser, DecodingOptions, defaults={'beam_size': beam_size})
+
+
+EVAL_DEVICE_OPTIONS = ('device', 'bf16', 'compile', 'cuda_graphs')
+
+
+def add_device_options(parser, only=None):
+    add_options(parser, DeviceConfig, only=only)
+    add_options(parser, StepConfig, only=tuple(o for o in ('bf16', 'fp16') if only is None or o in only))
 
 
 def add_training_options(parser):
-    """Optimisation, self-critical, checkpointing (README, "Using it on COCO")."""
-    parser.add_argument('--start_from', type=str, default=None,
-                        help='resume from this folder (model.pth, optimizer.pth, infos_<id>.pkl)')
-    parser.add_argument('--init_from', type=str, default=DEFAULT_INIT_FROM,
-                        help="(ours) SAT (K>1) without --start_from starts from this autoregressive checkpoint; "
-                             "'none' to train from scratch")
-    parser.add_argument('--cached_tokens', type=str, default='data/coco-train-idxs',
-                        help='document frequencies for the CIDEr-D reward (scripts/prepro_ngrams.py; .p optional)')
-    parser.add_argument('--max_epochs', type=int, default=30)
-    parser.add_argument('--max_iters', type=int, default=-1, help='(ours) stop after this many iterations (-1: no limit)')
-    parser.add_argument('--batch_size', type=int, default=32, help='images per batch (each with seq_per_img captions)')
-    parser.add_argument('--grad_clip', type=float, default=0.1, help='element-wise gradient clamp (not norm clipping)')
-    parser.add_argument('--self_critical_after', type=int, default=-1,
-                        help='epoch from which self-critical training is used (-1: never)')
-    parser.add_argument('--seq_per_img', type=int, default=5, help='S: captions (or samples) per image')
-    parser.add_argument('--optim', type=str, default='adam',
-                        help='adam|adamw|sgd|sgdm|sgdmom|rmsprop|adagrad (inert with --noamopt, as in the reference)')
-    parser.add_argument('--learning_rate', type=float, default=5e-4, help='(inert with --noamopt, as in the reference)')
-    parser.add_argument('--learning_rate_decay_start', type=int, default=-1,
-                        help='epoch to start step decay (-1: off); inert with --noamopt or --reduce_on_plateau, '
-                             'as in the reference')
-    parser.add_argument('--learning_rate_decay_every', type=int, default=3, help='(see --learning_rate_decay_start)')
-    parser.add_argument('--learning_rate_decay_rate', type=float, default=0.8, help='(see --learning_rate_decay_start)')
-    parser.add_argument('--optim_alpha', type=float, default=0.9, help='(inert with --noamopt, as in the reference)')
-    parser.add_argument('--optim_beta', type=float, default=0.999, help='(inert with --noamopt, as in the reference)')
-    parser.add_argument('--optim_epsilon', type=float, default=1e-8, help='(inert with --noamopt, as in the reference)')
-    parser.add_argument('--weight_decay', type=float, default=0, help='(inert with --noamopt, as in the reference)')
-    parser.add_argument('--label_smoothing', type=float, default=0)
-    parser.add_argument('--noamopt', action='store_true', help='Noam schedule: factor * D^-0.5 * min(t^-0.5, t * warmup^-1.5)')
-    parser.add_argument('--noamopt_warmup', type=int, default=2000)
-    parser.add_argument('--noamopt_factor', type=float, default=1)
-    parser.add_argument('--reduce_on_plateau', action='store_true', help='halve the lr after 3 validations without gain')
-    parser.add_argument('--val_images_use', type=int, default=-1, help='val images per validation (-1: all)')
-    parser.add_argument('--save_checkpoint_every', type=int, default=2500)
-    parser.add_argument('--save_history_ckpt', type=int, default=0, help='also keep model-<iter>.pth at every save')
-    parser.add_argument('--checkpoint_path', type=str, default='save/nsc-sat-6-from-nsc-seqkd-without-init')
-    parser.add_argument('--language_eval', type=int, default=1, help='compute COCO metrics at validation')
-    add_spice_option(parser, 'auto: not at validation (eval.py computes it); 0: never; 1: at every validation, '
-                             'failing in one line where it cannot run')
-    parser.add_argument('--losses_log_every', type=int, default=25)
-    parser.add_argument('--load_best_score', type=int, default=1)
-    parser.add_argument('--id', type=str, default='nsc-sat-6-from-nsc-seqkd-without-init')
-    parser.add_argument('--overwrite_run', type=int, default=0,
-                        help="(ours) 1: start over on purpose in a --checkpoint_path that holds another run's "
-                             "checkpoint (a run without --start_from, another --id, or a resume from another "
-                             "folder): this run's first save replaces the folder's checkpoint (its model*.pth, "
-                             "optimizer.pth, infos/histories and manifest); 0: such a run is refused (README, "
-                             "\"Interrupts and resume\")")
-    parser.add_argument('--train_only', type=int, default=0, help='1: train on train only, without restval')
-    parser.add_argument('--num_images', type=int, default=-1, help='(ours) cut every split to this many images')
-    for name, scorer_class in REWARDS.items():  # --cider_reward_weight, --bleu_reward_weight (misc/rewards.py)
-        parser.add_argument(f'--{reward_option(name)}', type=float, default=scorer_class.default_weight,
-                            help=scorer_class.help)
-    parser.add_argument('--kd_weight', type=float, default=0,
-                        help='word-level distillation (XE stage): loss = XE + kd_weight * KL(teacher || student) '
-                             'over the masked positions; needs --teacher_model')
-    parser.add_argument('--teacher_caption_model', type=str, default='show_tell',
-                        help="the reference's teacher type; here the teacher's caption model comes from its infos "
-                             "(sat or transformer): a value other than show_tell must match it. Inert without "
-                             "--kd_weight, as in the reference")
-    parser.add_argument('--teacher_model', type=str, default=None,
-                        help='(ours) with --kd_weight > 0: the teacher checkpoint (model.pth / model-best.pth of a '
-                             'sat or transformer run of this project, same vocabulary)')
-    parser.add_argument('--teacher_infos', type=str, default=None,
-                        help='(ours) the teacher\'s infos pkl (default: infos_*.pkl beside --teacher_model, '
-                             'infos_*-best.pkl for model-best.pth)')
-    parser.add_argument('--teacher_eval_mode', type=int, default=0,
-                        help='(ours) 0: the teacher runs in train mode, dropout on (reference quirk); 1: eval mode')
-    parser.add_argument('--seed', type=int, default=123, help='(ours) random seed')
-    parser.add_argument('--encode_per_image', type=int, default=0,
-                        help="(ours) 1: run the encoder once per image, not once per caption: 2-3x faster "
-                             "iterations, but the image's seq_per_img rows share one encoder dropout draw, which "
-                             "learned measurably slower per iteration on the demo; 0 (default): the reference")
-    parser.add_argument('--val_batch_size', type=int, default=0,
-                        help='(ours) images per validation batch (0: --batch_size); validation keeps no gradients, '
-                             'so a GPU takes larger batches there')
-    parser.add_argument('--fp16', type=int, default=0,
-                        help='(ours) float16 autocast with a gradient scaler (torch.amp.GradScaler) for training and '
-                             'validation; off: fp32 (README, "Several GPUs")')
-    parser.add_argument('--tf32', type=int, default=0,
-                        help='(ours) 1: TensorFloat-32 matrix products and convolutions on CUDA (Ampere and later); '
-                             '0: full fp32 (README, "Several GPUs")')
-    parser.add_argument('--dist_timeout_minutes', type=float, default=60,
-                        help='(ours) with torchrun: a collective that waits longer than this for a rank fails the run '
-                             '(README, "Several GPUs")')
+    """Optimisation, self-critical, checkpointing, validation (README, "Using it on COCO")."""
+    add_options(parser, DataConfig, only=('batch_size', 'seq_per_img', 'train_only', 'num_images', 'seed'))
+    add_options(parser, OptimConfig)
+    add_options(parser, StepConfig, only=('grad_clip',))
+    add_options(parser, LossConfig)
+    add_options(parser, TrainConfig)
+    add_options(parser, reward_options())  # --cider_reward_weight, --bleu_reward_weight (misc/rewards.py)
+    add_options(parser, RunConfig)
+    add_options(parser, EvaluationConfig, only=('language_eval', 'spice'))
+    add_options(parser, ValidationConfig)
 
 
 def add_inert_reference_options(parser):
@@ -198,22 +223,7 @@ def add_inert_reference_options(parser):
     but inert". (Also inert, as in the reference, but defined with their groups: --input_box_dir without
     --use_box; --learning_rate_decay_* with --noamopt or --reduce_on_plateau; --optim, --optim_alpha/beta/epsilon,
     --weight_decay, --learning_rate with --noamopt; --teacher_caption_model without --kd_weight.)"""
-    inert = 'inert, as in the reference'
-    group = parser.add_argument_group('reference options accepted but inert', 'they change nothing, as in the '
-                                      "reference's transformer model")
-    group.add_argument('--rnn_type', type=str, default='lstm', help=f'{inert} (no RNN in the transformer)')
-    group.add_argument('--att_hid_size', type=int, default=512, help=f'{inert} (its ctx2att layer was deleted)')
-    group.add_argument('--fc_feat_size', type=int, default=2048,
-                       help=f'{inert} (fc features are not used by the model; its fc_embed was deleted)')
-    group.add_argument('--logit_layers', type=int, default=1, help=f'{inert} (its logit layers were deleted)')
-    group.add_argument('--norm_box_feat', type=int, default=0, help=f'{inert} (only acted with --use_box 1)')
-    group.add_argument('--scheduled_sampling_start', type=int, default=-1,
-                       help=f'{inert} (the transformer ignores ss_prob); the original README passes 0')
-    group.add_argument('--scheduled_sampling_increase_every', type=int, default=5, help=inert)
-    group.add_argument('--scheduled_sampling_increase_prob', type=float, default=0.05, help=inert)
-    group.add_argument('--scheduled_sampling_max_prob', type=float, default=0.25, help=inert)
-    group.add_argument('--nsc', type=str2bool, default=True,
-                       help=f'{inert}: reference quirk, always True (leave-one-out baseline) whatever its value')
+    add_options(parser, InertReferenceOptions)
 
 
 def _need(cond, message):
@@ -223,18 +233,21 @@ def _need(cond, message):
 
 
 def _train_parser():
-    parser = argparse.ArgumentParser(description='Train a SATIC captioner (XE / seq-KD, then self-critical).')
+    parser = OptionParser(description='Train a SATIC captioner (XE / seq-KD, then self-critical).')
+    add_cfg_option(parser)
     add_data_options(parser)
     add_model_options(parser)
     add_decoding_options(parser)
     add_training_options(parser)
+    add_device_options(parser)
     add_inert_reference_options(parser)
     return parser
 
 
 def parse_opt(argv=None):
-    """train.py options, resolved (the K rule applied) and checked: nothing changes them afterwards."""
-    opt = _train_parser().parse_args(argv)
+    """train.py options (--cfg file, then the command line), resolved (the K rule applied) and checked: every
+    declared range, then the combinations; nothing changes them afterwards."""
+    opt = parse_with_cfg(_train_parser(), argv)
     opt.K = model_k(opt)
     check_opt(opt)
     check_train_opt(opt)
@@ -243,42 +256,28 @@ def parse_opt(argv=None):
 
 
 def check_schedule_opt(opt):
-    """train.py: lengths, periods and sizes of the run that make no sense (a one-line refusal, exit 2)."""
-    _need(opt.max_epochs == -1 or opt.max_epochs > 0,
-         f'--max_epochs must be -1 (no limit) or > 0 (got {opt.max_epochs}: 0 trains nothing)')
-    _need(opt.max_iters == -1 or opt.max_iters > 0, f'--max_iters must be -1 (no limit) or > 0 (got {opt.max_iters})')
-    _need(opt.save_checkpoint_every > 0, f'--save_checkpoint_every must be > 0 (got {opt.save_checkpoint_every})')
-    _need(opt.losses_log_every > 0, f'--losses_log_every must be > 0 (got {opt.losses_log_every})')
-    _need(opt.val_images_use == -1 or opt.val_images_use > 0,
-         f'--val_images_use must be -1 (all) or > 0 (got {opt.val_images_use})')
-    _need(opt.self_critical_after >= -1, f'--self_critical_after must be -1 (never) or >= 0 (got {opt.self_critical_after})')
-    _need(opt.grad_clip > 0, f'--grad_clip must be > 0 (got {opt.grad_clip})')
-    _need(opt.learning_rate >= 0, f'--learning_rate must be >= 0 (got {opt.learning_rate})')
-    _need(opt.noamopt_warmup > 0, f'--noamopt_warmup must be > 0 (got {opt.noamopt_warmup})')
-    # Learning-rate options are checked where they act (README, "Reference training and model options"): inert
-    # values stay accepted at any value, as in the reference.
-    if opt.noamopt:
-        _need(opt.noamopt_factor >= 0, f'--noamopt_factor must be >= 0 (got {opt.noamopt_factor}: a negative '
-                                       'learning rate climbs the loss)')
-    elif not opt.reduce_on_plateau:
-        _need(opt.learning_rate_decay_rate >= 0,
-             f'--learning_rate_decay_rate must be >= 0 (got {opt.learning_rate_decay_rate}: a negative learning rate '
-             'climbs the loss)')
-        _need(opt.learning_rate_decay_every > 0,
-             f'--learning_rate_decay_every must be > 0 epochs (got {opt.learning_rate_decay_every})')
-    if not opt.noamopt:
-        for flag in ('optim_alpha', 'optim_beta'):
-            _need(0 <= vars(opt)[flag] < 1, f'--{flag} must be in [0, 1) (got {vars(opt)[flag]})')
-        _need(opt.optim_epsilon >= 0, f'--optim_epsilon must be >= 0 (got {opt.optim_epsilon})')
-        _need(opt.weight_decay >= 0, f'--weight_decay must be >= 0 (got {opt.weight_decay})')
-    _need(0 <= opt.seed < 2 ** 31, f'--seed must be in [0, 2^31) (got {opt.seed})')
-    _need(opt.val_batch_size >= 0, f'--val_batch_size must be >= 0 (0: --batch_size; got {opt.val_batch_size})')
-    _need(opt.overwrite_run in (0, 1), f'--overwrite_run must be 0 or 1 (got {opt.overwrite_run})')
-    _need(opt.dist_timeout_minutes > 0, f'--dist_timeout_minutes must be > 0 (got {opt.dist_timeout_minutes})')
+    """train.py: combinations of options that train nothing or mean nothing (one-line refusal, exit 2); those the
+    reference accepted and recipes use are warned about instead. Single values are checked by their declared
+    ranges (misc/configs.py)."""
     _need(not (opt.bf16 and opt.fp16), '--bf16 and --fp16 exclude each other: choose one autocast type')
     _need(not (opt.noamopt and opt.reduce_on_plateau),
          '--reduce_on_plateau cannot be combined with --noamopt: Noam sets the lr at every step (the reference '
          'crashed at the first validation); choose one')
+    _need(opt.beam_size == 1 or opt.group_size <= opt.beam_size,
+         f'--group_size {opt.group_size}: must be <= --beam_size {opt.beam_size} (groups of beams)')
+    if opt.self_critical_after >= 0:
+        from misc.rewards import REWARDS, reward_option
+        weights = {reward_option(name): getattr(opt, reward_option(name), 0) for name in REWARDS}
+        _need(any(weight > 0 for weight in weights.values()),
+             f'--self_critical_after {opt.self_critical_after} with every reward weight 0 '
+             f"({', '.join(f'--{k} {v}' for k, v in weights.items())}): self-critical training would learn nothing; "
+             'give a reward a weight > 0')
+        if opt.max_epochs != -1 and opt.self_critical_after >= opt.max_epochs:
+            warn(f'--self_critical_after {opt.self_critical_after} >= --max_epochs {opt.max_epochs}: self-critical '
+                 'training never starts in this run (accepted, as in the reference: a later --start_from run with '
+                 'more epochs reaches it)')
+    if opt.kd_weight > 0 and opt.self_critical_after == 0:
+        warn(f'--kd_weight {opt.kd_weight} acts in XE epochs only, and --self_critical_after 0 leaves none')
 
 
 def check_opt(opt):
@@ -319,79 +318,34 @@ def check_train_opt(opt):
                  f'--{flag} is used only with --kd_weight > 0 (word-level distillation); add --kd_weight or drop it')
 
 
-def add_spice_option(parser, help):
-    """--spice auto|0|1 (ours): the SPICE metric of --language_eval (8 GB of Java; Stanford CoreNLP 3.6.0 jars)."""
-    parser.add_argument('--spice', type=str, default='auto', choices=('auto', '0', '1'),
-                        help=f'(ours) SPICE with the COCO metrics: {help} (default: %(default)s)')
-
-
 def add_eval_options(parser, beam_size=1, batch_size=32):
     """eval.py / eval_cocotest.py options (reference_eval_options.tsv); paths default to '' = take from infos."""
-    parser.add_argument('--model', type=str, default=REFERENCE_EVAL_MODEL)
-    parser.add_argument('--infos_path', type=str, default=REFERENCE_EVAL_INFOS,
-                        help='(default, with another --model: the infos_<id>[-best].pkl saved beside it)')
-    parser.add_argument('--batch_size', type=int, default=batch_size, help='images per decoding batch')
-    parser.add_argument('--num_images', type=int, default=-1, help='images to evaluate (-1: the whole split)')
-    parser.add_argument('--language_eval', type=int, default=1, help='compute COCO metrics (needs Java)')
-    add_spice_option(parser, "auto: where its jars work, saying once why not; 0: never; 1: required, failing in "
-                             "one line where it cannot run")
-    parser.add_argument('--dump_images', type=int, default=0, help='write vis/index.html with captions and scores')
-    parser.add_argument('--dump_json', type=int, default=1, help='write vis/<id>.json')
-    parser.add_argument('--dump_path', type=int, default=0, help='include file paths in vis/<id>.json')
-    parser.add_argument('--dump_attention', type=int, default=0,
-                        help="(ours) N > 0: vis/<id>.json gets each word's N most attended regions (the last decoder "
-                             "layer's cross-attention, heads averaged), and with --input_box_dir their boxes")
+    add_options(parser, EvalConfig)
+    add_options(parser, DataConfig, only=('batch_size', 'num_images', 'seed'), defaults={'batch_size': batch_size},
+                groups={'batch_size': optspec.EVALUATION, 'seed': optspec.DECODING})
+    add_options(parser, EvaluationConfig, only=('language_eval', 'spice'))
     add_decoding_options(parser, beam_size=beam_size)
-    parser.add_argument('--image_root', type=str, default='', help='with --dump_images: copy images from here to vis/imgs/')
+    add_device_options(parser, only=EVAL_DEVICE_OPTIONS)
     add_data_options(parser, defaults=False)
-    parser.add_argument('--split', type=str, default='test', help='train | val | test')
-    parser.add_argument('--id', type=str, default=REFERENCE_EVAL_ID,
-                        help="name of the outputs (default, with another --model: the run's own id)")
-    parser.add_argument('--seq_kd', type=str2bool, default=False,
-                        help='1: also write every beam of every image (input of scripts/prepro_labels_seqKD.py)')
-    parser.add_argument('--seq_kd_path', type=str, default='',
-                        help='(ours) where --seq_kd writes its beams (default vis/<id>_seq_kd.json)')
-    parser.add_argument('--timing_json', type=str, default='',
-                        help='(ours) also write the decoding time (ms per image, batch, beam) to this JSON file')
-    parser.add_argument('--verbose', type=int, default=0, help='(ours) print every caption as it is decoded')
-    parser.add_argument('--verbose_beam', type=int, default=1, help='with --verbose: also print the beams of each image')
-    parser.add_argument('--verbose_loss', type=int, default=0, help='also compute the loss on the labels')
-    parser.add_argument('--seed', type=int, default=123, help='(ours) random seed for sampling')
-    parser.add_argument('--quantize', type=str, default='',
-                        help="(ours) 'int8': dynamic int8 linear layers for CPU inference (off by default)")
-    add_image_options(parser)
 
 
-def add_image_options(parser):
-    """eval.py's raw-image mode (the reference's --image_folder/--coco_json/--cnn_model; docs/own_images.md):
-    caption image files through the ResNet grid features of scripts/prepro_feats.py, no references, no metrics."""
-    group = parser.add_argument_group('own images', 'caption image files (docs/own_images.md)')
-    group.add_argument('--image_folder', type=str, default='',
-                       help='caption every image file under this folder (or those --coco_json lists) instead of a '
-                            'split: writes vis/<id>.json, no metrics')
-    group.add_argument('--coco_json', type=str, default='',
-                       help="with --image_folder: caption only the images of this COCO-style json ({'images': "
-                            "[{'id', 'file_name'}]}), under their ids")
-    group.add_argument('--cnn_model', type=str, default='resnet101', help='resnet101 or resnet152 (ImageNet ResNet)')
-    group.add_argument('--cnn_weights', type=str, default='',
-                       help='(ours) its weights file (default data/imagenet_weights/<cnn_model>.pth, torchvision key '
-                            'names, as the reference)')
-    group.add_argument('--att_size', type=int, default=0,
-                       help="(ours) the grid of regions: att_size x att_size; 0: the grid of the run's training "
-                            'features (a file of its --input_att_dir), else 14 as the reference')
+def eval_parser(beam_size=1, batch_size=32, language_eval=1, description='Evaluate a SATIC checkpoint.'):
+    parser = OptionParser(description=description)
+    add_cfg_option(parser)
+    add_eval_options(parser, beam_size=beam_size, batch_size=batch_size)
+    parser.set_defaults(language_eval=language_eval)
+    return parser
 
 
 def parse_eval_opt(argv=None, beam_size=1, batch_size=32, language_eval=1, description='Evaluate a SATIC checkpoint.'):
-    parser = argparse.ArgumentParser(description=description)
-    add_eval_options(parser, beam_size=beam_size, batch_size=batch_size)
-    parser.set_defaults(language_eval=language_eval)
-    return parser.parse_args(argv)
+    return parse_with_cfg(eval_parser(beam_size, batch_size, language_eval, description), argv)
 
 
 def fill_defaults(opt):
     """Resolve the options of an infos file: every option it lacks at its default (reference infos lack ours),
     then the K rule (model_k). Returns opt, changed in place (pass a copy to keep the original)."""
     defaults = vars(_train_parser().parse_args([]))
+    defaults.pop('cfg', None)
     for key, value in defaults.items():
         if not hasattr(opt, key):
             setattr(opt, key, value)
@@ -428,9 +382,9 @@ def decoding_option_names():
 # Options besides the decoding ones that eval.py takes from its own command line (reference_eval_options.tsv and
 # our additions); everything else comes from the checkpoint's infos.
 EVAL_OWN_BESIDES_DECODING = ('id', 'batch_size', 'language_eval', 'quantize', 'num_images', 'split', 'ref_json',
-                             'num_workers', 'seed', 'spice')
-# Data paths: the command line's when given, else the infos' (the reference's `opt.x or infos['opt'].x`).
-EVAL_PATHS = ('input_json', 'input_fc_dir', 'input_att_dir', 'input_box_dir', 'input_label_h5')
+                             'num_workers', 'seed', 'spice') + EVAL_DEVICE_OPTIONS
+# Data paths (EVAL_PATHS): the command line's when given, else the infos' (the reference's `opt.x or
+# infos['opt'].x`).
 
 
 EVAL_SPLITS = ('train', 'val', 'test')  # dataloader.SPLITS
@@ -446,8 +400,6 @@ def check_image_options(eval_opt):
     """--coco_json and the CNN options act only with --image_folder (one-line refusals)."""
     if eval_opt.coco_json and not eval_opt.image_folder:
         raise SaticError('--coco_json lists images of --image_folder: add --image_folder DIR (or drop --coco_json)')
-    _need(eval_opt.att_size >= 0,
-          f"--att_size must be >= 1, or 0: the training features' grid (got {eval_opt.att_size})")
 
 
 def resolve_eval_options(eval_opt, infos, infos_path='infos'):

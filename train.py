@@ -34,7 +34,7 @@ from misc import optim
 from misc.checkpoint import (CheckpointError, CheckpointSaver, ResumePoint, check_writable_dir, histories_of,
                              load_init_from, load_run, recover_checkpoint, rng_state)
 from misc.coco_eval import check_ready, language_eval
-from misc.defaults import fields_of
+from misc.configs import ModelConfig, OptimConfig, StepConfig  # (StepConfig: train.StepConfig too)
 from misc.distributed import World, all_gather_objects, run_everywhere, run_on_main, setup_distributed, shutdown
 from misc.errors import SaticError
 from misc.evaluation import evaluate
@@ -73,7 +73,7 @@ def run_options(opt, loader):
 def build_model(opt, device, saved=None, vocab=None):
     """The model, its weights from --start_from (saved: a misc.checkpoint.SavedRun), or (SAT, K > 1) from the
     autoregressive --init_from (checked against the infos beside it, when there is one, and this data's vocab)."""
-    model = models.setup(opt)
+    model = models.setup(ModelConfig.from_opt(opt), opt.vocab_size)
     if saved is not None:
         saved.restore_model(model)
     elif opt.K > 1 and opt.init_from and opt.init_from.lower() != 'none':
@@ -94,7 +94,8 @@ def build_teacher(opt, vocab, device):
     """The frozen --teacher_model of word-level distillation (--kd_weight > 0), or None (misc/teacher.py)."""
     if not opt.kd_weight > 0:
         return None
-    teacher = load_teacher(opt, vocab, device)
+    teacher = load_teacher(opt.teacher_model, vocab, opt.att_feat_size, opt.teacher_infos, opt.teacher_caption_model,
+                           bool(opt.teacher_eval_mode), opt.input_json, device)
     print(f"distillation: teacher {opt.teacher_model} (K={teacher.K}), "
           f"kd_weight {opt.kd_weight}, teacher in {'eval' if opt.teacher_eval_mode else 'train'} mode", flush=True)
     return teacher
@@ -103,7 +104,8 @@ def build_teacher(opt, vocab, device):
 def build_optimizer(model, opt, saved=None):
     """optim.build, with the state of --start_from's optimizer.pth when there is one (Noam's step otherwise
     continues from the saved run's updates, as the reference)."""
-    optimizer = optim.build(model, opt, step=saved.optimizer_step if saved else 0)
+    optimizer = optim.build(model, OptimConfig.from_opt(opt), opt.input_encoding_size,
+                            step=saved.optimizer_step if saved else 0)
     if saved is not None:
         saved.restore_optimizer(optimizer)
     return optimizer
@@ -291,7 +293,7 @@ def prepare_folders(opt, cleanup):
     renames is completed. Returns whether the first save replaces the folder's checkpoint (--overwrite_run 1)."""
     check_writable_dir(opt.checkpoint_path)
     cleanup.enter_context(RunFolderLock(opt.checkpoint_path))
-    replaced = check_owner(opt)
+    replaced = check_owner(opt.checkpoint_path, opt.id, opt.start_from, opt.overwrite_run)
     if opt.start_from:
         if not same_folder(opt.start_from, opt.checkpoint_path):
             check_not_busy(opt.start_from)
@@ -347,22 +349,7 @@ def build_run(opt, world, signals, cleanup):
 def set_epoch_lr(optimizer, opt, epoch):
     """Plain optimisers get the step-decayed lr at each epoch start (Noam and plateau manage their own)."""
     if not opt.noamopt and not opt.reduce_on_plateau:
-        optim.set_lr(optimizer, optim.step_decay_rate(epoch, opt))
-
-
-@dataclasses.dataclass(frozen=True)
-class StepConfig:
-    """What a training step reads of train.py's options, at opts.py's defaults (tests/test_defaults.py checks them):
-    the autocast precision (--bf16, --fp16) and the element-wise gradient clamp (--grad_clip)."""
-    bf16: int = 0
-    fp16: int = 0
-    grad_clip: float = 0.1
-
-    @classmethod
-    def from_opt(cls, opt):
-        """The config of an options Namespace (train.py's resolved options; bench's and tests' partial ones: the
-        defaults above for what they lack)."""
-        return cls(**fields_of(cls, opt))
+        optim.set_lr(optimizer, optim.step_decay_rate(epoch, OptimConfig.from_opt(opt)))
 
 
 def train_step(loss_module, optimizer, batch, sc_flag, config, stop=False, world_size=1, scaler=None):
@@ -712,7 +699,7 @@ def kept_line(opt, state):
 # ----------------------------------------------------------------------------------------------- main
 def train(opt):
     """Both stages (README, "Using it on COCO"); returns {'iter', 'epoch', 'best_val_score'} of the end of the run."""
-    world = setup_distributed(opt)
+    world = setup_distributed(opt.device, opt.dist_timeout_minutes)
     with contextlib.ExitStack() as cleanup:
         signals = Signals().install()
         cleanup.callback(signals.restore)

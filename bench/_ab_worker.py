@@ -34,11 +34,12 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     import models
+    from misc.configs import ModelConfig
 
     opt = argparse.Namespace(caption_model='sat', K=args.K, drop_prob_lm=0.5, use_bn=0, max_length=20, use_cache=1,
                              input_encoding_size=512, rnn_size=2048, num_layers=6, att_feat_size=2048,
                              vocab_size=9487)
-    model = models.setup(opt)
+    model = models.setup(ModelConfig.from_opt(opt), opt.vocab_size)
     weights = f'weights_train_K{args.K}.pt' if args.job == 'train' else f'weights_K{args.K}.pt'
     model.load_state_dict(torch.load(f'{args.inputs}/{weights}', weights_only=True), strict=True)
     result = {'root': args.root, 'job': args.job, 'K': args.K, 'threads': torch.get_num_threads()}
@@ -77,14 +78,15 @@ def timed(fn, iters, warmup):
 def train_job(args, model, torch):
     import opts
     from misc import optim
-    from misc.loss_wrapper import LossWrapper
+    from misc.configs import OptimConfig
+    from misc.loss_wrapper import LossConfig, LossWrapper
     batch = torch.load(f'{args.inputs}/train_batch.pt', weights_only=False)
     flags = ['--caption_model', 'sat', '--K', str(args.K), '--cached_tokens', f'{args.inputs}/train-idxs.p',
              '--seq_per_img', '5', '--input_encoding_size', '512', '--rnn_size', '2048', '--num_layers', '6']
     flags += ['--noamopt'] if args.mode == 'xe' else ['--learning_rate', '2e-5']
     opt = opts.parse_opt(flags)
     sc = args.mode == 'sc'
-    wrapper = LossWrapper(model, opt)
+    wrapper = LossWrapper(model, LossConfig.from_opt(opt))
     out = {'mode': args.mode}
     # The same loss on the same batch and weights: eval mode (no dropout); self-critical with one seed (the
     # samples are then the same when the log-probs are, and the reward with them).
@@ -103,7 +105,7 @@ def train_job(args, model, torch):
         out['sample_seq_sum'] = int(seq.sum())
         out['sample_logprob_sum'] = float((logprobs * (seq > 0)).sum())
     model.train()
-    optimizer = optim.build(model, opt)
+    optimizer = optim.build(model, OptimConfig.from_opt(opt), opt.input_encoding_size)
 
     def iteration():
         optimizer.zero_grad()

@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import models  # noqa: E402
+from misc.configs import ModelConfig  # noqa: E402
 from misc.fileio import atomic_write  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results.json')
@@ -39,7 +40,8 @@ def paper_model(K, seed=0, full_length=True, device='cpu', **overrides):
     longest captions do (random weights would otherwise stop at arbitrary lengths and make timings meaningless).
     """
     torch.manual_seed(seed)
-    model = models.setup(paper_opt(K, **overrides))
+    opt = paper_opt(K, **overrides)
+    model = models.setup(ModelConfig.from_opt(opt), opt.vocab_size)
     if full_length:
         with torch.no_grad():
             model.model.generator.proj.bias[0] = -1e4

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import merge_results  # noqa: E402
 
 import opts  # noqa: E402
-from dataloader import DataLoader  # noqa: E402
+from dataloader import DataConfig, DataLoader  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_STAMP = '.demo_stamp.json'  # written by scripts/make_demo_data.py when the demo data is complete
@@ -53,7 +53,7 @@ def measure(demo_dir, backend, args):
                           '--input_fc_dir', paths['fc'], '--input_att_dir', paths['att'],
                           '--batch_size', str(args.batch_size), '--seq_per_img', str(args.seq_per_img),
                           '--num_workers', str(args.num_workers)])
-    with DataLoader(opt) as loader:
+    with DataLoader(DataConfig.from_opt(opt)) as loader:
         for _ in range(5):  # warm up: threads, page cache
             loader.get_batch('train')
         start = time.perf_counter()

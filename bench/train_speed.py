@@ -34,7 +34,8 @@ from reward import label_rows, write_cached_tokens  # noqa: E402
 from misc import optim  # noqa: E402
 from misc.distributed import World  # noqa: E402
 from misc.utils import to_device  # noqa: E402
-from misc.loss_wrapper import LossWrapper  # noqa: E402
+from misc.configs import OptimConfig  # noqa: E402
+from misc.loss_wrapper import LossConfig, LossWrapper  # noqa: E402
 import train  # noqa: E402
 from models.decode_config import DecodeConfig  # noqa: E402
 
@@ -79,8 +80,8 @@ def time_iterations(model, batch, args, size, cached, precision, device):
             flags += [f'--{name}', str(value)]
         opt = opts.parse_opt(flags)
         step_config = train.StepConfig.from_opt(opt)
-        wrapper = LossWrapper(model, opt)
-        optimizer = optim.build(model, opt)
+        wrapper = LossWrapper(model, LossConfig.from_opt(opt))
+        optimizer = optim.build(model, OptimConfig.from_opt(opt), opt.input_encoding_size)
         scaler = train.precision(opt, World(device=device))  # --tf32 switches; --fp16's GradScaler
         sc = mode == 'sc'
 

@@ -51,6 +51,7 @@ import torch
 
 import models
 from misc import fileio, optim
+from misc.configs import ModelConfig
 from misc.defaults import model_options
 from misc.errors import CheckpointError, SaticError
 from misc.fileio import load_pickle, load_torch, vocab_sha1
@@ -241,8 +242,10 @@ def load_init_from(path, vocab):
 
 
 def load_model(model_path, opt, what='model'):
-    """models.setup(opt) with the weights of model_path (safe loading, sizes checked), on the CPU."""
-    return models.load_weights(models.setup(opt), load_model_state(model_path, what), model_path)
+    """models.setup of opt's ModelConfig with the weights of model_path (safe loading, sizes checked), on the
+    CPU."""
+    model = models.setup(ModelConfig.from_opt(opt), opt.vocab_size)
+    return models.load_weights(model, load_model_state(model_path, what), model_path)
 
 
 def load_for_eval(model_path, infos_path, resolve):

@@ -1,30 +1,23 @@
 """The defaults the library applies itself, to options Namespaces that may lack some: a reference infos' opt (older
 than our options), a test's partial one. Torch-free; models/ and misc/ import this, never opts.py.
 
-opts.py defines every option, once, and resolves a run's options at the edge (parse_opt, fill_defaults,
-resolve_eval_options); its model options take their defaults from MODEL below, and model_k is the K rule it applies.
-tests/test_defaults.py checks that these values are opts.py's defaults.
+misc/configs.py declares every option once (default, type, help, group, range); opts.py generates argparse from it
+and resolves a run's options at the edge (parse_opt, fill_defaults, resolve_eval_options). MODEL below is
+ModelConfig's defaults as a mapping, and model_k applies ModelConfig's K rule to a Namespace.
 """
 import argparse
 import dataclasses
 
-# The options models.setup reads (SATModel's hyper-parameters), at opts.py's defaults.
-MODEL = {'caption_model': 'sat', 'K': 6, 'rnn_size': 1024, 'num_layers': 1, 'input_encoding_size': 512,
-         'att_feat_size': 2048, 'use_bn': 0, 'drop_prob_lm': 0.5, 'max_length': 20, 'use_cache': 1}
+from misc.configs import ModelConfig, fields_of  # noqa: F401 (fields_of: the configs' from_opt)
+
+# The options models.setup reads (SATModel's hyper-parameters), at their defaults (ModelConfig's).
+MODEL = {name: value for name, value in dataclasses.asdict(ModelConfig()).items() if name != 'use_box'}
 
 
 def model_k(opt):
-    """K of the model the options build: 'transformer' is SAT with K = 1 whatever --K says (the reference's
-    transformer infos carry its default K = 6). The one place this rule lives; opts.py applies it when it resolves
-    options, model_options here, so everything below reads opt.K."""
-    return 1 if opt.caption_model == 'transformer' else opt.K
-
-
-def fields_of(config_class, opt):
-    """{field: opt's value} of a config dataclass's fields that the options Namespace opt has (the typed configs
-    built once at the edge, e.g. dataloader.DataConfig: a partial Namespace leaves the other fields at their
-    defaults)."""
-    return {f.name: getattr(opt, f.name) for f in dataclasses.fields(config_class) if hasattr(opt, f.name)}
+    """K of the model the options build: ModelConfig.resolve_k (the K rule's one place) on opt's caption_model and
+    K. opts.py applies it when it resolves options, model_options here, so everything below reads opt.K."""
+    return ModelConfig.resolve_k(opt.caption_model, opt.K)
 
 
 def model_options(opt):

@@ -40,21 +40,22 @@ class World:
         return self.size > 1
 
 
-def setup_distributed(opt):
-    """This process's World; initialises torch.distributed when launched by torchrun (WORLD_SIZE > 1), with
-    --dist_timeout_minutes as the timeout of every collective (a rank that never arrives fails the others then)."""
+def setup_distributed(device_name='', timeout_minutes=60):
+    """This process's World on device_name (--device; '' or 'auto': cuda when available); initialises
+    torch.distributed when launched by torchrun (WORLD_SIZE > 1), with timeout_minutes (--dist_timeout_minutes) as
+    the timeout of every collective (a rank that never arrives fails the others then)."""
     world_size = int(os.environ.get('WORLD_SIZE', '1'))
     if world_size == 1:
-        return World(0, 1, resolve_device(opt.device))
+        return World(0, 1, resolve_device(device_name))
     rank, local_rank = int(os.environ['RANK']), int(os.environ.get('LOCAL_RANK', '0'))
-    device = resolve_device(opt.device)
+    device = resolve_device(device_name)
     if device.type == 'cuda':
         device = torch.device('cuda', local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():  # (a caller may have initialised it already)
         importlib.import_module('torch.distributed.nn.functional')  # torch quirk: before init (see shutdown)
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo',
-                                timeout=datetime.timedelta(minutes=opt.dist_timeout_minutes))
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
     return World(rank, world_size, device)
 
 

@@ -1,35 +1,11 @@
 """The training loss as a module around the model: XE (or label smoothing, plus word-level distillation) or
 self-critical, one call."""
-import dataclasses
-
 import torch
 from torch import nn
 
-from misc.defaults import fields_of
+from misc.configs import LossConfig  # (declared with its options; misc.loss_wrapper.LossConfig too)
 from misc.losses import build_criterion, self_critical_loss
 from misc.rewards import SelfCriticalReward, default_reward_weights, reward_option
-
-
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-    """What the loss reads of train.py's options, at opts.py's defaults (tests/test_defaults.py checks them)."""
-    label_smoothing: float = 0
-    seq_per_img: int = 5
-    encode_per_image: int = 0
-    cached_tokens: str = 'data/coco-train-idxs'
-    kd_weight: float = 0
-    teacher_eval_mode: int = 0
-    # {reward name: weight} of misc.rewards.REWARDS (--cider_reward_weight, --bleu_reward_weight, ...)
-    reward_weights: dict = dataclasses.field(default_factory=default_reward_weights)
-
-    @classmethod
-    def from_opt(cls, opt):
-        """The config of an options Namespace (train.py's resolved options; a test's partial one: the defaults
-        above for what it lacks); reward_weights from its --<name>_reward_weight options."""
-        values = fields_of(cls, opt)
-        values['reward_weights'] = {name: getattr(opt, reward_option(name), weight)
-                                    for name, weight in default_reward_weights().items()}
-        return cls(**values)
 
 
 class LossWrapper(nn.Module):
@@ -37,10 +13,12 @@ class LossWrapper(nn.Module):
     'kd_loss': the KL part, before its weight (XE with a teacher only)}."""
 
     def __init__(self, model, config, teacher=None):
-        """config: a LossConfig (train.py builds it once), or an options Namespace read by LossConfig.from_opt;
-        teacher: the frozen model of --kd_weight (misc.teacher.load_teacher) or None."""
+        """config: a LossConfig (train.py builds it once, at the edge); teacher: the frozen model of --kd_weight
+        (misc.teacher.load_teacher) or None."""
         super().__init__()
-        opt = config if isinstance(config, LossConfig) else LossConfig.from_opt(config)
+        if not isinstance(config, LossConfig):
+            raise TypeError(f'LossWrapper takes a LossConfig (LossConfig.from_opt(options)), not {type(config).__name__}')
+        opt = config
         self.model = model
         self.crit = build_criterion(opt.label_smoothing)
         self.seq_per_img = opt.seq_per_img

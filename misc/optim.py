@@ -16,16 +16,20 @@ def noam_rate(step, d_model, factor=1.0, warmup=2000):
     return factor * d_model ** -0.5 * min(step ** -0.5, step * warmup ** -1.5)
 
 
-def step_decay_rate(epoch, opt):
-    """The reference's per-epoch step decay: lr * decay_rate ** ((epoch - start) // every) once epoch > start."""
+def step_decay_rate(epoch, config):
+    """The reference's per-epoch step decay: lr * decay_rate ** ((epoch - start) // every) once epoch > start
+    (config: misc.configs.OptimConfig)."""
+    opt = config
     start = opt.learning_rate_decay_start
     if start >= 0 and epoch > start:
         return opt.learning_rate * opt.learning_rate_decay_rate ** ((epoch - start) // opt.learning_rate_decay_every)
     return opt.learning_rate
 
 
-def build_optimizer(params, opt):
-    """The torch optimiser named by --optim, with the reference's hyper-parameter options."""
+def build_optimizer(params, config):
+    """The torch optimiser named by --optim, with the reference's hyper-parameter options (config:
+    misc.configs.OptimConfig)."""
+    opt = config
     name, lr, wd = opt.optim, opt.learning_rate, opt.weight_decay
     if name == 'adam':
         return torch.optim.Adam(params, lr, (opt.optim_alpha, opt.optim_beta), opt.optim_epsilon, weight_decay=wd)
@@ -119,14 +123,15 @@ class PlateauOpt:
         set_lr(self.optimizer, state['current_lr'])
 
 
-def build(model, opt, step=0):
+def build(model, config, d_model, step=0):
     """The optimiser train.py uses, by the reference's rules (noamopt, then reduce_on_plateau, then --optim);
-    step: Noam's updates so far (a resumed run's)."""
+    config: misc.configs.OptimConfig; d_model: the model's (--input_encoding_size: Noam's scale); step: Noam's
+    updates so far (a resumed run's)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    if opt.noamopt:
-        return NoamOpt(params, opt.input_encoding_size, opt.noamopt_factor, opt.noamopt_warmup, step)
-    optimizer = build_optimizer(params, opt)
-    if opt.reduce_on_plateau:
+    if config.noamopt:
+        return NoamOpt(params, d_model, config.noamopt_factor, config.noamopt_warmup, step)
+    optimizer = build_optimizer(params, config)
+    if config.reduce_on_plateau:
         return PlateauOpt(optimizer)
     return optimizer
 

@@ -168,29 +168,29 @@ def held_checkpoint(folder, files):
     return shown
 
 
-def check_owner(opt):
-    """The run-folder rule (module docstring) for opt.checkpoint_path; returns the checkpoint files that
-    --overwrite_run 1 lets this run replace ([] when there are none)."""
-    folder = opt.checkpoint_path
+def check_owner(folder, run_id, start_from=None, overwrite_run=0):
+    """The run-folder rule (module docstring) for the run `run_id` (--id) saving into folder (--checkpoint_path),
+    resumed from start_from (--start_from) or not; returns the checkpoint files that --overwrite_run 1 lets this run
+    replace ([] when there are none)."""
     files = checkpoint_files(folder)
     if not files:
         return []
-    if getattr(opt, 'overwrite_run', 0):
+    if overwrite_run:
         print(f'--overwrite_run 1: the checkpoint in {folder} ({held_checkpoint(folder, files)}) is replaced by '
               f"this run's first save", flush=True)
         return files
     held = held_checkpoint(folder, files)
-    others = [name for name in run_ids(folder) if not _is_ours(name, opt.id)]
+    others = [name for name in run_ids(folder) if not _is_ours(name, run_id)]
     override = "or pass --overwrite_run 1 to replace that checkpoint (at this run's first save)"
     if others:
         raise SaticError(f"--checkpoint_path {folder} holds another run's checkpoint (infos_{others[0]}.pkl, "
-                         f"{held}): --id {opt.id} would overwrite its model.pth and optimizer.pth (their names carry "
+                         f"{held}): --id {run_id} would overwrite its model.pth and optimizer.pth (their names carry "
                          f"no id); choose another --checkpoint_path, {override}")
-    if not opt.start_from:
+    if not start_from:
         raise SaticError(f'--checkpoint_path {folder} holds the checkpoint of a run ({held}): resume it with '
                          f'--start_from {folder}, choose another --checkpoint_path, {override}')
-    if not same_folder(opt.start_from, folder):
+    if not same_folder(start_from, folder):
         raise SaticError(f'--checkpoint_path {folder} holds the checkpoint of another run ({held}) than '
-                         f'--start_from {opt.start_from}: resume into an empty folder (or into {opt.start_from} '
+                         f'--start_from {start_from}: resume into an empty folder (or into {start_from} '
                          f'itself), continue that run with --start_from {folder}, {override}')
     return []

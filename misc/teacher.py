@@ -14,34 +14,35 @@ from misc.errors import SaticError
 __all__ = ['default_infos_path', 'load_teacher']
 
 
-def load_teacher(opt, vocab, device=None):
-    """The frozen teacher model for opt (--teacher_model, --teacher_infos, --teacher_caption_model,
-    --teacher_eval_mode), checked against the student's vocabulary and region feature size."""
-    path = opt.teacher_model
+def load_teacher(path, vocab, att_feat_size, infos_path=None, caption_model='show_tell', eval_mode=False,
+                 input_json='the cocotalk.json', device=None):
+    """The frozen teacher model of path (--teacher_model) and infos_path (--teacher_infos; default beside path),
+    checked against the student's vocabulary (of input_json) and region feature size att_feat_size; caption_model
+    (--teacher_caption_model): 'show_tell' (the reference's default: any) or the teacher's; eval_mode
+    (--teacher_eval_mode): the teacher without dropout."""
     if not os.path.isfile(path):
         raise SaticError(f"--teacher_model {path}: file not found")
-    infos_path = opt.teacher_infos or default_infos_path(path)
+    infos_path = infos_path or default_infos_path(path)
     infos = load_infos(infos_path, name=f'teacher infos {infos_path}',
                        advice=f'pass the infos_<id>.pkl saved with {path} as --teacher_infos')
     t_opt = model_options(infos['opt'])  # a reference-era infos lacks our options: their defaults
-    caption_model = t_opt.caption_model
+    wanted, caption_model = caption_model, t_opt.caption_model
     if caption_model not in ('sat', 'transformer'):
         raise SaticError(f"teacher {infos_path}: caption_model {caption_model!r}; only this project's sat/transformer "
                          f"checkpoints can teach (the reference's show_tell/topdown teachers do not exist here)")
-    wanted = opt.teacher_caption_model
     if wanted not in ('show_tell', caption_model):
         raise SaticError(f"--teacher_caption_model {wanted}, but the teacher {infos_path} is a {caption_model!r} model")
     if infos['vocab'] != vocab:
         raise SaticError(f"teacher {path} (infos {infos_path}) has another vocabulary ({len(infos['vocab'])} words) "
-                         f"than {opt.input_json} ({len(vocab)} words): the teacher must be trained on the same "
+                         f"than {input_json} ({len(vocab)} words): the teacher must be trained on the same "
                          f"cocotalk.json")
-    if t_opt.att_feat_size != opt.att_feat_size:
+    if t_opt.att_feat_size != att_feat_size:
         raise SaticError(f"teacher {path} (infos {infos_path}) takes {t_opt.att_feat_size}-d region features, the "
-                         f"student {opt.att_feat_size}-d: the teacher must be trained on the same features")
+                         f"student {att_feat_size}-d: the teacher must be trained on the same features")
     t_opt.vocab_size = len(infos['vocab'])
     teacher = load_model(path, t_opt, 'teacher model')
     teacher.requires_grad_(False)
-    teacher.train(not opt.teacher_eval_mode)
+    teacher.train(not eval_mode)
     if device is not None:
         teacher.to(device)
     return teacher

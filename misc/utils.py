@@ -32,8 +32,8 @@ def decode_sequence(ix_to_word, seq, remove_bad_endings=False):
 
 
 def resolve_device(name=''):
-    """'' -> cuda when available, else cpu; anything else is passed to torch.device."""
-    if not name:
+    """'' or 'auto' -> cuda when available, else cpu; anything else is passed to torch.device."""
+    if not name or name == 'auto':
         return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     device = torch.device(name)
     if device.type == 'cuda' and not torch.cuda.is_available():

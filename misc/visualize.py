@@ -24,19 +24,21 @@ def _per_image_cider(lang_stats_path):
     return {}
 
 
-def write_index_html(predictions, opt, lang_stats_path=None, image_root='', out_dir='vis', image_files=None):
-    """Write out_dir/index.html for predictions [{image_id, caption[, file_path]}]; returns its path.
+def write_index_html(predictions, run_id, split, beam_size, ref_json, input_json='', lang_stats_path=None,
+                     image_root='', out_dir='vis', image_files=None):
+    """Write out_dir/index.html for predictions [{image_id, caption[, file_path]}] of the run `run_id` (--id) on
+    `split` at `beam_size`, with the references of ref_json; returns its path.
 
-    With image_root, each image (image_root/<file_path>) is copied to out_dir/imgs/ and shown; image_files
-    {image_id: path} (eval.py --image_folder) names the image files directly (no references then).
+    With image_root, each image (image_root/<file_path of input_json>) is copied to out_dir/imgs/ and shown;
+    image_files {image_id: path} (eval.py --image_folder) names the image files directly (no references then).
     """
-    refs = {} if image_files else _references(opt.ref_json)
+    refs = {} if image_files else _references(ref_json)
     cider = _per_image_cider(lang_stats_path)
     file_paths = {}
     if image_files:
         image_root, file_paths = os.sep, {int(k): os.path.abspath(v) for k, v in image_files.items()}
     elif image_root:
-        with open(opt.input_json) as f:
+        with open(input_json) as f:
             file_paths = {int(img['id']): img.get('file_path', '') for img in json.load(f).get('images', [])}
     if image_root:
         os.makedirs(os.path.join(out_dir, 'imgs'), exist_ok=True)
@@ -60,12 +62,12 @@ def write_index_html(predictions, opt, lang_stats_path=None, image_root='', out_
     head = '<th>image</th>' + ('<th>picture</th>' if image_root else '') + \
         '<th>generated caption</th><th>references</th><th>CIDEr</th>'
     page = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>{html.escape(opt.id)}: captions</title>
+<html><head><meta charset="utf-8"><title>{html.escape(run_id)}: captions</title>
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:6px;vertical-align:top;text-align:left}} th{{background:#eee}}</style></head>
-<body><h1>{html.escape(opt.id)}</h1>
-<p>{len(predictions)} images{'' if image_files else f' of split <code>{html.escape(str(opt.split))}</code>'},
-beam size {opt.beam_size}.</p>
+<body><h1>{html.escape(run_id)}</h1>
+<p>{len(predictions)} images{'' if image_files else f' of split <code>{html.escape(str(split))}</code>'},
+beam size {beam_size}.</p>
 <table><tr>{head}</tr>
 {chr(10).join(rows)}
 </table></body></html>

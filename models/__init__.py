@@ -1,4 +1,4 @@
-"""Captioning models: `setup(opt)` builds one, `load_weights` puts a checkpoint's weights into it (checked first);
+"""Captioning models: `setup(config, vocab_size)` builds one, `load_weights` puts a checkpoint's weights into it (checked first);
 misc.checkpoint reads the files (load_model does both from a model.pth).
 
 'transformer' is the autoregressive baseline, 'sat' the semi-autoregressive SATIC model (K words per step); they
@@ -6,22 +6,25 @@ are one class, SATModel, with K = 1 for 'transformer'.
 """
 import re
 
-from misc.defaults import model_options
+from misc.configs import ModelConfig
 from misc.errors import SaticError
 from models.sat import SATModel, build_model
 
 __all__ = ['SATModel', 'setup', 'load_weights']
 
 
-def setup(opt):
-    """The captioner described by opt (caption_model, K, vocab_size, input_encoding_size, rnn_size, ...).
+def setup(config, vocab_size=None):
+    """The captioner of config (a misc.configs.ModelConfig: caption_model, K with its rule applied, sizes, ...)
+    over a vocabulary of vocab_size words. The entry scripts build the config at the edge
+    (ModelConfig.from_opt: the options it lacks, e.g. a reference infos', at their defaults).
 
-    opt may be a reference infos' options, or a test's partial ones: a copy gets the model options it lacks at
-    their defaults and the K rule (misc.defaults.model_options)."""
-    opt = model_options(opt)
-    if opt.caption_model in ('sat', 'transformer'):
-        return build_model(opt)
-    raise SaticError(f"unknown --caption_model {opt.caption_model!r}: SATIC provides 'sat' and 'transformer'")
+    The reference's call `models.setup(opt)` (an options object holding vocab_size) is still understood: it is
+    converted here, once (../shared/tools/check_decoding.py and reference-era code call it so)."""
+    if not isinstance(config, ModelConfig):
+        config, vocab_size = ModelConfig.from_opt(config), config.vocab_size
+    if config.caption_model in ('sat', 'transformer'):
+        return build_model(config, vocab_size)
+    raise SaticError(f"unknown --caption_model {config.caption_model!r}: SATIC provides 'sat' and 'transformer'")
 
 
 def _layer_count(state_dict, part):

@@ -326,9 +326,9 @@ class SATModel(nn.Module):
         return self.decode(att_feats, att_masks, config, seq_per_img=seq_per_img)
 
 
-def build_model(opt):
-    """SATModel from resolved options (misc.defaults.model_options: models.setup does it)."""
-    return SATModel(vocab_size=opt.vocab_size, K=opt.K,
-                    d_model=opt.input_encoding_size, d_ff=opt.rnn_size, num_layers=opt.num_layers,
-                    att_feat_size=opt.att_feat_size, drop_prob_lm=opt.drop_prob_lm, use_bn=opt.use_bn,
-                    max_length=opt.max_length or 20, use_cache=opt.use_cache)
+def build_model(config, vocab_size):
+    """SATModel of a misc.configs.ModelConfig (models.setup) over vocab_size words."""
+    return SATModel(vocab_size=vocab_size, K=config.K,
+                    d_model=config.input_encoding_size, d_ff=config.rnn_size, num_layers=config.num_layers,
+                    att_feat_size=config.att_feat_size, drop_prob_lm=config.drop_prob_lm, use_bn=config.use_bn,
+                    max_length=config.max_length or 20, use_cache=config.use_cache)

@@ -246,16 +246,16 @@ def use_cuda_graphs(model, enabled):
     return on
 
 
-def apply_eval_options(model, opt):
-    """eval.py / eval_cocotest.py after loading the checkpoint: --quantize int8, then --compile 1 (decoding step
-    and encoder). Returns the model to evaluate (a quantized copy, or model itself)."""
-    quantize = opt.quantize or ''
+def apply_eval_options(model, quantize='', compile=False):
+    """eval.py / eval_cocotest.py after loading the checkpoint: quantize 'int8' (--quantize), then compile
+    (--compile 1: decoding step and encoder). Returns the model to evaluate (a quantized copy, or model itself)."""
+    quantize = quantize or ''
     if quantize not in ('', 'none', 'int8'):
         raise SaticError(f"--quantize {quantize!r}: use int8 (dynamic int8 linear layers, CPU) or leave it out")
     if quantize == 'int8':
         if next(model.parameters()).device.type != 'cpu':
             raise SaticError('--quantize int8 runs on the CPU only: add --device cpu')
         model = quantize_int8(model)
-    if opt.compile:
+    if compile:
         compile_model(model, training=False)
     return model

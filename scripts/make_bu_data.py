@@ -28,6 +28,7 @@ import numpy as np
 from misc.errors import SaticError
 from misc.fileio import (UNFINISHED_MARKER, Progress, check_output_folder, fault_point, fsync_dir, pid_alive, run_cli,
                          staging_folders)
+from misc.optspec import at_least, checked
 
 FIELDNAMES = ['image_id', 'image_w', 'image_h', 'num_boxes', 'boxes', 'features']
 
@@ -154,7 +155,7 @@ def parse_args(argv=None):
     p.add_argument('--output_dir', default='data/cocobu', help="output prefix ('_att', '_fc', '_box' appended)")
     p.add_argument('--num_workers', default=min(8, os.cpu_count() or 1), type=int,
                    help='(ours) processes writing files (1: in this process)')
-    return p.parse_args(argv)
+    return checked(p.parse_args(argv), num_workers=at_least(1))
 
 
 def convert_all(files, folders, num_workers):

@@ -33,6 +33,7 @@ import opts
 from misc.errors import SaticError
 from scripts import make_bu_data, prepro_cocotest, prepro_labels, prepro_ngrams, prepro_reference_json
 from misc.fileio import read_json, run_cli, write_json
+from misc.optspec import at_least, checked
 
 VERSION = 1  # bump when the generated data changes, so existing demo folders are rebuilt
 STAMP = '.demo_stamp.json'
@@ -189,7 +190,7 @@ def run_step(module, argv):
 
 def summary(out, box_counts, seed):
     """Dataset summary text: images per split, vocabulary, boxes per image, one decoded batch."""
-    from dataloader import DataLoader  # (torch and h5py: only the summary reads a batch)
+    from dataloader import DataConfig, DataLoader  # (torch and h5py: only the summary reads a batch)
     with open(os.path.join(out, 'dataset_coco.json')) as f:
         dataset = json.load(f)
     splits = {}
@@ -202,7 +203,7 @@ def summary(out, box_counts, seed):
                           '--input_fc_dir', os.path.join(out, 'cocobu_fc'),
                           '--input_att_dir', os.path.join(out, 'cocobu_att'),
                           '--batch_size', '2', '--seq_per_img', '5', '--num_workers', '0', '--seed', str(seed)])
-    loader = DataLoader(opt)
+    loader = DataLoader(DataConfig.from_opt(opt))
     try:
         batch = loader.get_batch('val')
     finally:
@@ -237,7 +238,10 @@ def parse_args(argv=None):
     p.add_argument('--num_workers', default=min(2, os.cpu_count() or 1), type=int,
                    help='processes for make_bu_data.py')
     p.add_argument('--force', action='store_true', help='rebuild even if the outputs are up to date')
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    return checked(args, num_train=at_least(1), num_restval=at_least(0), num_val=at_least(1), num_test=at_least(1),
+                   num_online_test=at_least(0), feat_dim=at_least(1), min_boxes=at_least(1),
+                   max_boxes=at_least(max(1, args.min_boxes)), seed=at_least(0), num_workers=at_least(1))
 
 
 def build_args(args):

@@ -1,4 +1,4 @@
-"""One self-contained HTML page comparing caption runs side by side (README, "Viewer").
+r"""One self-contained HTML page comparing caption runs side by side (README, "Viewer").
 
   python scripts/make_viewer.py --runs vis/a.json,vis/b.json \
       --scores eval_results/a_test.json,eval_results/b_test.json \
@@ -19,6 +19,7 @@ if __package__ in (None, ''):  # run as a file: make the repository root importa
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from misc.fileio import run_cli
+from misc.optspec import checked, one_of
 from misc.viewer import write_viewer
 
 
@@ -47,7 +48,7 @@ def parse_args(argv=None):
                         'minus the first')
     p.add_argument('--title', default='', help='page title (default: "Captions: <name> vs <name>")')
     p.add_argument('--output', default='vis/compare.html', help='the html file to write')
-    return p.parse_args(argv)
+    return checked(p.parse_args(argv), link_images=one_of(0, 1))
 
 
 def run(args):

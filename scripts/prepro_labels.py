@@ -28,6 +28,7 @@ import numpy as np
 from misc.errors import SaticError
 from misc.fileio import (atomic_write, atomic_write_many, check_output_folder, check_vocabulary, image_id, progress,
                          read_json, run_cli, vocab_sha1)
+from misc.optspec import at_least, checked
 
 UNK = 'UNK'
 
@@ -176,7 +177,7 @@ def parse_args(argv=None):
     p.add_argument('--images_root', default='', help='if set, record each image width/height (reads the images)')
     p.add_argument('--max_length', default=16, type=int, help='captions are cut to this many words')
     p.add_argument('--word_count_threshold', default=5, type=int, help='words seen this many times or fewer -> UNK')
-    return p.parse_args(argv)
+    return checked(p.parse_args(argv), max_length=at_least(1), word_count_threshold=at_least(0))
 
 
 def check_max_length(max_length):

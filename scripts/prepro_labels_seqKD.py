@@ -18,6 +18,7 @@ if __package__ in (None, ''):  # run as a file: make the repository root importa
 
 from misc.errors import SaticError
 from misc.fileio import image_id, read_json, run_cli
+from misc.optspec import at_least, checked
 from scripts.prepro_labels import check_max_length, check_outputs, encode_captions, load_dataset_images, read_vocabulary, write_label_h5
 
 
@@ -54,7 +55,7 @@ def parse_args(argv=None):
     p.add_argument('--output_h5', default='data/cocotalk_seq-kd-from-nsc-transformer-baseline-b5',
                    help="label file prefix ('_label.h5' is appended)")
     p.add_argument('--max_length', default=16, type=int, help='captions are cut to this many words')
-    return p.parse_args(argv)
+    return checked(p.parse_args(argv), max_length=at_least(1))
 
 
 def run(args):

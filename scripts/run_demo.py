@@ -50,7 +50,7 @@ def feature_size(att_dir):
         return int(z['feat'].shape[1])
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--data_dir', default='data/demo')
     parser.add_argument('--num_layers', type=int, default=2)
@@ -65,19 +65,32 @@ def main(argv=None):
     parser.add_argument('--eval_only', action='store_true', help='only steps 5-6: evaluate the trained demo models')
     parser.add_argument('--options_only', action='store_true',
                         help='only step 6: the decoding options on the trained SAT model')
-    args = parser.parse_args(argv)
-    py = sys.executable
-    d = args.data_dir
-    os.makedirs('save/logs', exist_ok=True)
-    data = ['--input_json', f'{d}/cocotalk.json', '--input_fc_dir', f'{d}/cocobu_fc',
+    return parser.parse_args(argv)
+
+
+def data_options(d):
+    return ['--input_json', f'{d}/cocotalk.json', '--input_fc_dir', f'{d}/cocobu_fc',
             '--input_att_dir', f'{d}/cocobu_att', '--cached_tokens', f'{d}/coco-train-idxs',
             '--ref_json', f'{d}/captions_demo.json']
+
+
+def run_ids(args):
+    """(base, nsc_base, sat, nsc_sat): the demo's four run ids."""
+    return ('demo-transformer-baseline', 'demo-nsc-transformer-baseline', f'demo-sat-{args.K}-from-nsc-seqkd',
+            f'demo-nsc-sat-{args.K}-from-nsc-seqkd')
+
+
+def train_commands(args, att_size):
+    """{stage: train.py's argv} of the demo's four training runs (baseline XE, baseline self-critical, SAT stage 1,
+    SAT stage 2); att_size: the demo features' size. configs/demo_*.yml hold them at the default arguments
+    (tests/test_cfg.py checks that they resolve to the same options)."""
+    d = args.data_dir
     model = ['--num_layers', str(args.num_layers), '--input_encoding_size', str(args.d_model),
-             '--rnn_size', str(args.d_ff), '--att_feat_size', str(feature_size(f'{d}/cocobu_att')),
-             '--fc_feat_size', str(feature_size(f'{d}/cocobu_att'))]
-    common = data + model + ['--seq_per_img', '5', '--batch_size', str(args.batch_size), '--beam_size', '1',
-                             '--language_eval', '1', '--val_images_use', '250', '--save_checkpoint_every', '800',
-                             '--losses_log_every', '100']
+             '--rnn_size', str(args.d_ff), '--att_feat_size', str(att_size), '--fc_feat_size', str(att_size)]
+    common = data_options(d) + model + ['--seq_per_img', '5', '--batch_size', str(args.batch_size),
+                                        '--beam_size', '1', '--language_eval', '1', '--val_images_use', '250',
+                                        '--save_checkpoint_every', '800', '--losses_log_every', '100']
+
     def xe(epochs):
         return ['--noamopt', '--noamopt_warmup', '1000', '--label_smoothing', '0.0', '--learning_rate', '5e-4',
                 '--learning_rate_decay_start', '0', '--scheduled_sampling_start', '0', '--max_epochs', str(epochs)]
@@ -85,8 +98,31 @@ def main(argv=None):
     def sc(after):
         return ['--learning_rate', str(args.sc_learning_rate), '--self_critical_after', str(after),
                 '--max_epochs', str(after + args.sc_epochs)]
-    base, nsc_base = 'demo-transformer-baseline', 'demo-nsc-transformer-baseline'
-    sat, nsc_sat = f'demo-sat-{args.K}-from-nsc-seqkd', f'demo-nsc-sat-{args.K}-from-nsc-seqkd'
+    base, nsc_base, sat, nsc_sat = run_ids(args)
+    kd_h5 = f'{d}/cocotalk_seq-kd-from-nsc-transformer-baseline-b5'
+    return {
+        'transformer_xe': [*common, *xe(args.xe_epochs), '--caption_model', 'transformer', '--K', '1',
+                           '--input_label_h5', f'{d}/cocotalk_label.h5', '--checkpoint_path', f'save/{base}',
+                           '--id', base, '--overwrite_run', '1'],  # (the demo rebuilds its own folders)
+        'transformer_sc': [*common, *sc(args.xe_epochs), '--caption_model', 'transformer', '--K', '1',
+                           '--input_label_h5', f'{d}/cocotalk_label.h5', '--start_from', f'save/{nsc_base}',
+                           '--checkpoint_path', f'save/{nsc_base}', '--id', nsc_base],
+        'sat_xe': [*common, *xe(args.sat_xe_epochs), '--caption_model', 'sat', '--K', str(args.K),
+                   '--init_from', f'save/{nsc_base}/model-best.pth', '--input_label_h5', f'{kd_h5}_label.h5',
+                   '--checkpoint_path', f'save/{sat}', '--id', sat, '--overwrite_run', '1'],
+        'sat_sc': [*common, *sc(args.sat_xe_epochs), '--caption_model', 'sat', '--K', str(args.K),
+                   '--input_label_h5', f'{d}/cocotalk_label.h5', '--start_from', f'save/{nsc_sat}',
+                   '--checkpoint_path', f'save/{nsc_sat}', '--id', nsc_sat],
+    }
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    py = sys.executable
+    d = args.data_dir
+    os.makedirs('save/logs', exist_ok=True)
+    data = data_options(d)
+    base, nsc_base, sat, nsc_sat = run_ids(args)
     t0 = time.time()
 
     kd_json = f'vis/{nsc_base}_seq_kd.json'
@@ -94,15 +130,11 @@ def main(argv=None):
     if args.options_only:
         return decoding_options_table(py, nsc_sat, data, d)
     if not args.eval_only:  # steps 1-4: training
+        train = train_commands(args, feature_size(f'{d}/cocobu_att'))
         print('== 1. autoregressive baseline: XE, then self-critical')
-        run([py, 'train.py', *common, *xe(args.xe_epochs), '--caption_model', 'transformer', '--K', '1',
-             '--input_label_h5', f'{d}/cocotalk_label.h5', '--checkpoint_path', f'save/{base}', '--id', base,
-             '--overwrite_run', '1'],  # (the demo rebuilds its own folders: a second `make demo` starts over)
-            log=f'save/logs/{base}.log')
+        run([py, 'train.py', *train['transformer_xe']], log=f'save/logs/{base}.log')
         run(['bash', 'save/copy_model.sh', base, nsc_base])
-        run([py, 'train.py', *common, *sc(args.xe_epochs), '--caption_model', 'transformer', '--K', '1',
-             '--input_label_h5', f'{d}/cocotalk_label.h5', '--start_from', f'save/{nsc_base}',
-             '--checkpoint_path', f'save/{nsc_base}', '--id', nsc_base], log=f'save/logs/{nsc_base}.log')
+        run([py, 'train.py', *train['transformer_sc']], log=f'save/logs/{nsc_base}.log')
 
         print('== 2. sequence-level KD labels from the baseline (beam 5 over the training images)')
         run([py, 'eval.py', '--model', f'save/{nsc_base}/model-best.pth',
@@ -114,15 +146,11 @@ def main(argv=None):
              '--dict_json', f'{d}/cocotalk.json', '--teacher_json', kd_json, '--output_h5', kd_h5])
 
         print(f'== 3. SAT K={args.K}, stage 1: XE on the seq-KD labels, initialised from the baseline')
-        run([py, 'train.py', *common, *xe(args.sat_xe_epochs), '--caption_model', 'sat', '--K', str(args.K),
-             '--init_from', f'save/{nsc_base}/model-best.pth', '--input_label_h5', f'{kd_h5}_label.h5',
-             '--checkpoint_path', f'save/{sat}', '--id', sat, '--overwrite_run', '1'], log=f'save/logs/{sat}.log')
+        run([py, 'train.py', *train['sat_xe']], log=f'save/logs/{sat}.log')
 
         print(f'== 4. SAT K={args.K}, stage 2: self-critical')
         run(['bash', 'save/copy_model.sh', sat, nsc_sat])
-        run([py, 'train.py', *common, *sc(args.sat_xe_epochs), '--caption_model', 'sat', '--K', str(args.K),
-             '--input_label_h5', f'{d}/cocotalk_label.h5', '--start_from', f'save/{nsc_sat}',
-             '--checkpoint_path', f'save/{nsc_sat}', '--id', nsc_sat], log=f'save/logs/{nsc_sat}.log')
+        run([py, 'train.py', *train['sat_sc']], log=f'save/logs/{nsc_sat}.log')
 
     print('== 5. evaluation on the demo test split (batch size 1); the ensemble of the two K=1 baselines (XE, then '
           'self-critical) against each of them')

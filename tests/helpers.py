@@ -1,7 +1,7 @@
 """Tiny datasets for tests, built through the real data scripts (dataset_coco.json -> prepro -> TSV -> features).
 
     ds = make_tiny_dataset(tmp_path, n_train=8, n_val=3, n_test=3, feat_dim=8)
-    loader = DataLoader(ds.opt(batch_size=2))
+    loader = DataLoader(DataConfig.from_opt(ds.opt(batch_size=2)))
 
 `ds` holds every path (dataset_json, input_json = cocotalk.json, label_h5, fc_dir, att_dir, box_dir, cached_tokens =
 coco-train-idxs.p, ref_json = COCO-format references of every image, and fc/att .lmdb and .h5 copies when asked for
@@ -278,11 +278,11 @@ def pycocoevalcap_scores(ref_json, predictions, tmp_path, monkeypatch):
 
 def train_briefly(model, ds, steps=60):
     """A few XE steps on the tiny train split, so that captions (and their metrics) are not degenerate."""
-    from dataloader import DataLoader, repeat_per_caption
+    from dataloader import DataConfig, DataLoader, repeat_per_caption
     from misc.losses import LanguageModelCriterion
     crit, optimizer = LanguageModelCriterion(), torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
-    with DataLoader(ds.opt(batch_size=5)) as loader:
+    with DataLoader(DataConfig.from_opt(ds.opt(batch_size=5))) as loader:
         for _ in range(steps):
             b = repeat_per_caption(loader.get_batch('train'))
             loss = crit(model(b['fc_feats'], b['att_feats'], b['labels'], b['att_masks']), b['labels'][:, 1:],
@@ -307,7 +307,7 @@ def tiny_checkpoint(ds, folder, vocab=None, model_overrides=None, train_steps=0,
     opt.vocab_size = len(ds_vocab)
     model_opt = argparse.Namespace(**dict(vars(opt), **(model_overrides or {})))
     torch.manual_seed(0)
-    model = models.setup(model_opt)
+    model = setup_model(model_opt)
     if train_steps:
         train_briefly(model, ds, train_steps)
     else:
@@ -350,6 +350,13 @@ def working_dir(path):
         yield
     finally:
         os.chdir(old)
+
+
+def setup_model(opt):
+    """models.setup for an options Namespace, as the entry scripts call it at the edge: its ModelConfig (the options
+    it lacks at their defaults, the K rule applied) and vocab_size."""
+    from misc.configs import ModelConfig
+    return models.setup(ModelConfig.from_opt(opt), opt.vocab_size)
 
 
 def run_main(argv, cwd=None, main=None):

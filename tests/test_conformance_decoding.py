@@ -13,7 +13,7 @@ import torch
 
 import models
 from misc.utils import decode_sequence
-from tests.helpers import needs_shared, shared_path
+from tests.helpers import needs_shared, setup_model, shared_path
 
 CASES_PT = shared_path('conformance', 'decoding', 'cases.pt')
 BAD_ENDINGS = shared_path('conformance', 'decoding', 'bad_endings.json')
@@ -30,7 +30,7 @@ CASES = load_cases()
 
 
 def build(case):
-    model = models.setup(argparse.Namespace(**case['opt']))
+    model = setup_model(argparse.Namespace(**case['opt']))
     model.load_state_dict(case['state_dict'], strict=True)
     return model.eval()
 

@@ -14,7 +14,7 @@ import torch
 import models
 from misc.fileio import load_pickle
 from models.sat import SATModel
-from tests.helpers import needs_shared, shared_path
+from tests.helpers import needs_shared, setup_model, shared_path
 
 CONFORMANCE = Path(shared_path('conformance'))
 NAMES = ('transformer', 'sat-2', 'sat-4')
@@ -40,7 +40,7 @@ def load_infos(name):
 def fixture_model(request):
     name = request.param
     infos = load_infos(name)
-    model = models.setup(infos['opt'])
+    model = setup_model(infos['opt'])
     state = torch.load(CONFORMANCE / name / 'model.pth', weights_only=True)
     models.load_weights(model, state, str(CONFORMANCE / name / 'model.pth'))
     return name, model.eval(), infos

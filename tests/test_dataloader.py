@@ -39,7 +39,7 @@ def assert_same_batch(a, b):
 def test_batch_dict(tiny_dataset):
     ds = tiny_dataset
     labels, start, end = label_rows(ds)
-    with DataLoader(ds.opt(batch_size=3, use_fc_feats=True)) as loader:
+    with DataLoader(DataConfig.from_opt(ds.opt(batch_size=3, use_fc_feats=True))) as loader:
         assert loader.vocab_size == ds.vocab_size and loader.seq_length == 16
         assert loader.fc_feat_size == loader.att_feat_size == ds.feat_dim
         with open(ds.input_json) as f:
@@ -77,7 +77,7 @@ def test_batch_dict(tiny_dataset):
 
 def test_caption_windows_and_replacement(tiny_dataset):
     labels, start, end = label_rows(tiny_dataset)
-    with DataLoader(tiny_dataset.opt(batch_size=13)) as loader:
+    with DataLoader(DataConfig.from_opt(tiny_dataset.opt(batch_size=13))) as loader:
         batch = loader.get_batch('train')
     for b, info in enumerate(batch['infos']):
         ix = info['ix']
@@ -91,7 +91,7 @@ def test_caption_windows_and_replacement(tiny_dataset):
 def test_backends_identical(tiny_dataset):
     got = {}
     for backend in ('dir', 'lmdb', 'h5'):
-        with DataLoader(tiny_dataset.opt(backend, batch_size=4, num_workers=2)) as loader:
+        with DataLoader(DataConfig.from_opt(tiny_dataset.opt(backend, batch_size=4, num_workers=2))) as loader:
             got[backend] = batches(loader, 'train', 5) + batches(loader, 'val', 2)
     for backend in ('lmdb', 'h5'):
         for a, b in zip(got['dir'], got[backend]):
@@ -100,27 +100,27 @@ def test_backends_identical(tiny_dataset):
 
 def test_att_masks_none_when_box_counts_equal(tmp_path, tiny_dataset):
     equal = make_tiny_dataset(tmp_path, n_train=4, n_val=2, n_test=2, boxes=(5, 5))
-    with DataLoader(equal.opt(batch_size=3)) as loader:
+    with DataLoader(DataConfig.from_opt(equal.opt(batch_size=3))) as loader:
         assert all(b['att_masks'] is None for b in batches(loader, 'train', 3))
-    with DataLoader(tiny_dataset.opt(batch_size=10)) as loader:
+    with DataLoader(DataConfig.from_opt(tiny_dataset.opt(batch_size=10))) as loader:
         batch = loader.get_batch('train')
     assert batch['att_masks'] is not None and batch['att_masks'].shape == batch['att_feats'].shape[:2]
     assert batch['att_masks'].dtype == torch.float32 and set(batch['att_masks'].unique().tolist()) == {0.0, 1.0}
 
 
 def test_restval_in_train_unless_train_only(tiny_dataset):
-    with DataLoader(tiny_dataset.opt()) as loader:
+    with DataLoader(DataConfig.from_opt(tiny_dataset.opt())) as loader:
         split_of = {ix: img['split'] for ix, img in enumerate(loader.images)}
         assert sorted(split_of[ix] for ix in loader.split_ix['train']).count('restval') == 2
         assert len(loader.split_ix['train']) == 10 and len(loader.split_ix['val']) == 3
-    with DataLoader(tiny_dataset.opt(train_only=1)) as loader:
+    with DataLoader(DataConfig.from_opt(tiny_dataset.opt(train_only=1))) as loader:
         assert {split_of[ix] for ix in loader.split_ix['train']} == {'train'} and len(loader.split_ix['train']) == 8
-    with DataLoader(tiny_dataset.opt(num_images=2)) as loader:
+    with DataLoader(DataConfig.from_opt(tiny_dataset.opt(num_images=2))) as loader:
         assert [len(loader.split_ix[s]) for s in ('train', 'val', 'test')] == [2, 2, 2]
 
 
 def test_epochs_wrap_and_shuffle(tiny_dataset):
-    with DataLoader(tiny_dataset.opt(batch_size=4)) as loader:
+    with DataLoader(DataConfig.from_opt(tiny_dataset.opt(batch_size=4))) as loader:
         seen = []
         for _ in range(5):  # 20 images = 2 epochs of 10
             b = loader.get_batch('train')
@@ -138,13 +138,13 @@ def test_epochs_wrap_and_shuffle(tiny_dataset):
 @pytest.mark.parametrize('workers', [0, 2])
 def test_resume_exact(tiny_dataset, workers):
     opt = tiny_dataset.opt(batch_size=3, num_workers=workers)
-    with DataLoader(opt) as a:
+    with DataLoader(DataConfig.from_opt(opt)) as a:
         batches(a, 'train', 2)
         a.get_batch('val')
         state = copy.deepcopy(a.state_dict())
         assert set(state) == {'iterators', 'split_ix'}
         expect = batches(a, 'train', 9) + batches(a, 'val', 2)  # crosses epoch boundaries
-    with DataLoader(opt) as b:
+    with DataLoader(DataConfig.from_opt(opt)) as b:
         b.load_state_dict(state)
         got = batches(b, 'train', 9) + batches(b, 'val', 2)
     for x, y in zip(expect, got):
@@ -154,14 +154,14 @@ def test_resume_exact(tiny_dataset, workers):
 def test_prefetch_does_not_change_content(tiny_dataset):
     runs = []
     for workers in (0, 3):
-        with DataLoader(tiny_dataset.opt(batch_size=3, num_workers=workers)) as loader:
+        with DataLoader(DataConfig.from_opt(tiny_dataset.opt(batch_size=3, num_workers=workers))) as loader:
             runs.append(batches(loader, 'train', 8) + batches(loader, 'test', 2, batch_size=2))
     for x, y in zip(*runs):
         assert_same_batch(x, y)
 
 
 def test_sharding(tiny_dataset):
-    loaders = [DataLoader(tiny_dataset.opt(batch_size=5), rank=r, world_size=2) for r in range(2)]
+    loaders = [DataLoader(DataConfig.from_opt(tiny_dataset.opt(batch_size=5)), rank=r, world_size=2) for r in range(2)]
     try:
         assert loaders[0].split_ix['train'] == loaders[1].split_ix['train']  # same shuffled order everywhere
         first = [[i['ix'] for i in l.get_batch('train')['infos']] for l in loaders]
@@ -173,7 +173,7 @@ def test_sharding(tiny_dataset):
 
 
 def test_label_h5_none(tiny_dataset):
-    with DataLoader(tiny_dataset.opt(input_label_h5='none', batch_size=2)) as loader:
+    with DataLoader(DataConfig.from_opt(tiny_dataset.opt(input_label_h5='none', batch_size=2))) as loader:
         batch = loader.get_batch('test')
         assert loader.seq_length == 16
     assert batch['labels'] is None and batch['masks'] is None and batch['gts'] is None
@@ -183,7 +183,7 @@ def test_label_h5_none(tiny_dataset):
 # ---- bad input: one line naming the file (and image) ----
 
 def train_image_id(ds, k=3):
-    with DataLoader(ds.opt()) as loader:
+    with DataLoader(DataConfig.from_opt(ds.opt())) as loader:
         return loader.images[loader.split_ix['train'][k]]['id']
 
 
@@ -192,7 +192,7 @@ def test_error_missing_feature_file(tmp_path, tiny_dataset):
     iid = train_image_id(tiny_dataset)
     os.remove(os.path.join(root, 'cocobu_att', f'{iid}.npz'))
     opt = tiny_dataset.opt(input_att_dir=os.path.join(root, 'cocobu_att'), batch_size=10, num_workers=2)
-    with DataLoader(opt) as loader, pytest.raises(SaticError) as e:
+    with DataLoader(DataConfig.from_opt(opt)) as loader, pytest.raises(SaticError) as e:
         loader.get_batch('train')
     one_line_error(e, os.path.join(root, 'cocobu_att', f'{iid}.npz'), f'image {iid}')
 
@@ -204,7 +204,7 @@ def test_error_image_absent_from_h5(tmp_path, tiny_dataset):
         for key in src:
             if key != str(iid):
                 dst.create_dataset(key, data=src[key][()])
-    with DataLoader(tiny_dataset.opt('h5', input_att_dir=path, batch_size=10)) as loader, \
+    with DataLoader(DataConfig.from_opt(tiny_dataset.opt('h5', input_att_dir=path, batch_size=10))) as loader, \
             pytest.raises(SaticError) as e:
         loader.get_batch('train')
     one_line_error(e, path, f'image {iid}')
@@ -215,7 +215,7 @@ def test_error_truncated_feature_h5(tmp_path, tiny_dataset):
     data = open(tiny_dataset.att_h5, 'rb').read()
     open(path, 'wb').write(data[:len(data) // 2])
     with pytest.raises(SaticError) as e:
-        DataLoader(tiny_dataset.opt('h5', input_att_dir=path))
+        DataLoader(DataConfig.from_opt(tiny_dataset.opt('h5', input_att_dir=path)))
     one_line_error(e, path, 'image ')
 
 
@@ -225,7 +225,7 @@ def test_error_truncated_feature_file(tmp_path, tiny_dataset):
     path = os.path.join(root, 'cocobu_att', f'{iid}.npz')
     data = open(path, 'rb').read()
     open(path, 'wb').write(data[:len(data) // 2])
-    with DataLoader(tiny_dataset.opt(input_att_dir=os.path.join(root, 'cocobu_att'), batch_size=10)) as loader, \
+    with DataLoader(DataConfig.from_opt(tiny_dataset.opt(input_att_dir=os.path.join(root, 'cocobu_att'), batch_size=10))) as loader, \
             pytest.raises(SaticError) as e:
         loader.get_batch('train')
     one_line_error(e, path, f'image {iid}')
@@ -238,7 +238,7 @@ def test_error_missing_lmdb_entry(tmp_path, tiny_dataset):
     os.remove(os.path.join(root, 'cocobu_fc', f'{iid}.npy'))
     path = str(tmp_path / 'fc.lmdb')
     dump_to_lmdb.run(dump_to_lmdb.parse_args(['--folder', os.path.join(root, 'cocobu_fc'), '--output_file', path]))
-    with DataLoader(tiny_dataset.opt('lmdb', input_fc_dir=path, batch_size=10, use_fc_feats=True)) as loader, \
+    with DataLoader(DataConfig.from_opt(tiny_dataset.opt('lmdb', input_fc_dir=path, batch_size=10, use_fc_feats=True))) as loader, \
             pytest.raises(SaticError) as e:
         loader.get_batch('train')
     one_line_error(e, path, f'image {iid}')
@@ -249,14 +249,14 @@ def test_error_truncated_label_h5(tmp_path, tiny_dataset):
     data = open(tiny_dataset.label_h5, 'rb').read()
     open(path, 'wb').write(data[:len(data) // 2])
     with pytest.raises(SaticError) as e:
-        DataLoader(tiny_dataset.opt(input_label_h5=path))
+        DataLoader(DataConfig.from_opt(tiny_dataset.opt(input_label_h5=path)))
     one_line_error(e, path)
 
 
 def test_error_label_h5_from_other_dataset(tmp_path, tiny_dataset):
     other = make_tiny_dataset(tmp_path, n_train=3, n_val=1, n_test=1)
     with pytest.raises(SaticError) as e:
-        DataLoader(tiny_dataset.opt(input_label_h5=other.label_h5))
+        DataLoader(DataConfig.from_opt(tiny_dataset.opt(input_label_h5=other.label_h5)))
     one_line_error(e, other.label_h5, tiny_dataset.input_json)
 
 
@@ -269,13 +269,13 @@ def test_error_label_vocabulary(tmp_path, tiny_dataset):
         labels[4, 0] = tiny_dataset.vocab_size + 1
         f['labels'][...] = labels
     with pytest.raises(SaticError) as e:
-        DataLoader(tiny_dataset.opt(input_label_h5=path))
+        DataLoader(DataConfig.from_opt(tiny_dataset.opt(input_label_h5=path)))
     one_line_error(e, path, f'word id {tiny_dataset.vocab_size + 1}')
     shutil.copy(tiny_dataset.label_h5, path)
     with h5py.File(path, 'a') as f:
         f.attrs['vocab_sha1'] = '0' * 40
     with pytest.raises(SaticError, match='another vocabulary'):
-        DataLoader(tiny_dataset.opt(input_label_h5=path))
+        DataLoader(DataConfig.from_opt(tiny_dataset.opt(input_label_h5=path)))
 
 
 def test_fc_features_are_read_only_when_asked(tmp_path, tiny_dataset, monkeypatch):
@@ -290,8 +290,8 @@ def test_fc_features_are_read_only_when_asked(tmp_path, tiny_dataset, monkeypatc
     monkeypatch.setattr(dataloader, 'FeatureReader', reader)
     assert DataConfig().use_fc_feats is False
     missing = str(tmp_path / 'no_fc_here')
-    with DataLoader(tiny_dataset.opt(input_fc_dir=missing, batch_size=3, num_workers=2)) as without, \
-            DataLoader(tiny_dataset.opt(batch_size=3, num_workers=2, use_fc_feats=True)) as with_fc:
+    with DataLoader(DataConfig.from_opt(tiny_dataset.opt(input_fc_dir=missing, batch_size=3, num_workers=2))) as without, \
+            DataLoader(DataConfig.from_opt(tiny_dataset.opt(batch_size=3, num_workers=2, use_fc_feats=True))) as with_fc:
         assert without.fc_feat_size is None and with_fc.fc_feat_size == without.att_feat_size == tiny_dataset.feat_dim
         for split in ('train', 'val', 'train', 'test'):
             a, b = without.get_batch(split), with_fc.get_batch(split)
@@ -303,8 +303,8 @@ def test_fc_features_are_read_only_when_asked(tmp_path, tiny_dataset, monkeypatc
 
 def test_error_missing_paths(tmp_path, tiny_dataset):
     with pytest.raises(SaticError) as e:
-        DataLoader(tiny_dataset.opt(input_fc_dir=str(tmp_path / 'nope'), use_fc_feats=True))
+        DataLoader(DataConfig.from_opt(tiny_dataset.opt(input_fc_dir=str(tmp_path / 'nope'), use_fc_feats=True)))
     one_line_error(e, str(tmp_path / 'nope'), '--input_fc_dir')
     with pytest.raises(SaticError) as e:
-        DataLoader(tiny_dataset.opt(input_json=str(tmp_path / 'nope.json')))
+        DataLoader(DataConfig.from_opt(tiny_dataset.opt(input_json=str(tmp_path / 'nope.json'))))
     one_line_error(e, str(tmp_path / 'nope.json'))

@@ -23,20 +23,20 @@ import torch
 import torch.distributed as dist
 import opts
 import train
-from dataloader import DataLoader
+from dataloader import DataConfig, DataLoader
 from misc import checkpoint
-from misc.loss_wrapper import LossWrapper
+from misc.loss_wrapper import LossConfig, LossWrapper
 
 out, argv = sys.argv[1], sys.argv[2:]
 opt = opts.parse_opt(argv)
-world = train.setup_distributed(opt)
+world = train.setup_distributed(opt.device, opt.dist_timeout_minutes)
 rank, world_size, device = world.rank, world.size, world.device
-with DataLoader(opt, rank=rank, world_size=world_size) as loader:
+with DataLoader(DataConfig.from_opt(opt), rank=rank, world_size=world_size) as loader:
     opt.vocab_size = loader.vocab_size
     batch = loader.get_batch('train')
 torch.manual_seed(0)
 model = train.build_model(opt, device).eval()  # eval: no dropout, so a gradient depends on the batch alone
-wrapper = LossWrapper(model, opt)
+wrapper = LossWrapper(model, LossConfig.from_opt(opt))
 
 
 def gradient():

@@ -28,23 +28,23 @@ import json, os, sys
 sys.path.insert(0, {repo!r})
 import torch
 import opts, train
-from dataloader import DataLoader
+from dataloader import DataConfig, DataLoader
 from misc import optim
 from misc.distributed import World
-from misc.loss_wrapper import LossWrapper
+from misc.loss_wrapper import LossConfig, LossWrapper
 
 out, argv, plateau_argv = sys.argv[1], sys.argv[2:sys.argv.index('--')], sys.argv[sys.argv.index('--') + 1:]
 opt = opts.parse_opt(argv)
-world = train.setup_distributed(opt)
+world = train.setup_distributed(opt.device, opt.dist_timeout_minutes)
 result = {{}}
-with DataLoader(opt, rank=world.rank, world_size=world.size) as loader:
+with DataLoader(DataConfig.from_opt(opt), rank=world.rank, world_size=world.size) as loader:
     run_opt = train.run_options(opt, loader)
     torch.manual_seed(0)
     model = train.build_model(run_opt, world.device)
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(3)
-    crit = LossWrapper(model, run_opt).crit
+    crit = LossWrapper(model, LossConfig.from_opt(run_opt)).crit
     sharded = train.validate(model, loader, crit, run_opt, world)
     result['sharded'] = {{k: sharded[k] for k in ('loss', 'predictions', 'score')}}
     if world.is_main:

@@ -39,3 +39,29 @@ def test_the_library_does_not_import_opts():
     importing = [str(p.relative_to(REPO)) for p in files
                  if re.search(r'^\s*(import opts\b|from opts import)', p.read_text(), re.M)]
     assert importing == []
+
+
+def test_the_k_rule_lives_in_model_config_only():
+    from misc.configs import ModelConfig
+    assert ModelConfig(caption_model='transformer', K=6).K == 1 and ModelConfig(K=3).K == 3
+    assert defaults.model_k(argparse.Namespace(caption_model='transformer', K=4)) == 1
+    files = [REPO / name for name in ('train.py', 'eval.py', 'eval_cocotest.py', 'eval_ensemble.py', 'opts.py',
+                                      'dataloader.py')]
+    files += sorted((REPO / 'misc').glob('*.py')) + sorted((REPO / 'models').rglob('*.py'))
+    applying = [str(p.relative_to(REPO)) for p in files
+                if re.search(r"caption_model\s*==\s*'transformer'", p.read_text())]
+    assert applying == ['misc/configs.py']
+
+
+def test_models_setup_takes_a_model_config_and_the_reference_call():
+    import torch
+    import models
+    from misc.configs import ModelConfig
+    sizes = dict(rnn_size=16, num_layers=1, input_encoding_size=16, att_feat_size=8)
+    torch.manual_seed(0)
+    typed = models.setup(ModelConfig(caption_model='transformer', K=6, **sizes), 10)
+    torch.manual_seed(0)
+    reference = models.setup(argparse.Namespace(caption_model='transformer', K=6, vocab_size=10, **sizes))
+    assert typed.K == reference.K == 1 and typed.vocab_size == 10
+    a, b = typed.state_dict(), reference.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

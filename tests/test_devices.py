@@ -21,16 +21,17 @@ import traceback
 import pytest
 import torch
 
-import models
 import opts
 import train
-from dataloader import DataLoader
+from dataloader import DataConfig, DataLoader
 from misc import optim
 from misc.evaluation import evaluate
-from misc.loss_wrapper import LossWrapper
+from misc.configs import OptimConfig
+from misc.loss_wrapper import LossConfig, LossWrapper
 from misc.losses import LabelSmoothing, LanguageModelCriterion, self_critical_loss
 from models.decode_config import DecodeConfig
 from models.sat import SATModel
+from tests.helpers import setup_model
 
 META = torch.device('meta')
 
@@ -39,7 +40,7 @@ def run_opt(ds, **overrides):
     opt = ds.opt(caption_model='sat', K=2, init_from='none', num_layers=1, input_encoding_size=16, rnn_size=32,
                  batch_size=3, **overrides)
     opt.K = opts.model_k(opt)
-    with DataLoader(opt) as loader:
+    with DataLoader(DataConfig.from_opt(opt)) as loader:
         return argparse.Namespace(**{**vars(opt), 'vocab_size': loader.vocab_size, 'seq_length': loader.seq_length})
 
 
@@ -97,12 +98,12 @@ def on_default_meta(fn):
 def trained_pieces(tiny_dataset):
     """(options, loader batch, LossWrapper, optimiser with its state created) for the tiny dataset, dropout 0."""
     opt = run_opt(tiny_dataset)
-    with DataLoader(opt) as loader:
+    with DataLoader(DataConfig.from_opt(opt)) as loader:
         batch = loader.get_batch('train')
     torch.manual_seed(0)
-    model = without_dropout(models.setup(opt))
-    wrapper = LossWrapper(model, opt)
-    optimizer = optim.build(model, opt)
+    model = without_dropout(setup_model(opt))
+    wrapper = LossWrapper(model, LossConfig.from_opt(opt))
+    optimizer = optim.build(model, OptimConfig.from_opt(opt), opt.input_encoding_size)
     # torch's Adam makes its step counters on the default device by design: created here, outside
     train.train_step(wrapper, optimizer, batch, False, train.StepConfig.from_opt(opt))
     return opt, batch, wrapper, optimizer
@@ -135,7 +136,7 @@ def test_decoding_creates_nothing_on_the_default_device(trained_pieces, config):
 
 def test_evaluation_creates_nothing_on_the_default_device(tiny_dataset, trained_pieces):
     opt, _, wrapper, _ = trained_pieces
-    with DataLoader(opt) as loader:
+    with DataLoader(DataConfig.from_opt(opt)) as loader:
         result = on_default_meta(lambda: evaluate(wrapper.model, loader, 'val', DecodeConfig(), crit=wrapper.crit,
                                                   batch_size=1, shard=(1, 2)))
     assert result.positions == [1] and [start for start, _ in result.loss_parts] == [1]
@@ -199,17 +200,17 @@ def test_pinned_batches_train_on_cuda(tiny_dataset):
     """On a GPU: pinned loader memory, asynchronous copies, a step in each precision (fp32, bf16, fp16 + scaler)."""
     opt = run_opt(tiny_dataset)
     device = torch.device('cuda')
-    with DataLoader(opt, pin_memory=True) as loader:
+    with DataLoader(DataConfig.from_opt(opt), pin_memory=True) as loader:
         batch = loader.get_batch('train')
     assert batch['att_feats'].is_pinned() and batch['fc_feats'] is None  # (no model reads fc features)
     batch = train.to_device(batch, device)
     for precision in ({}, {'bf16': 1}, {'fp16': 1}):
         run = argparse.Namespace(**{**vars(opt), **precision})
         torch.manual_seed(0)
-        model = models.setup(run).to(device)
-        wrapper = LossWrapper(model, run)
+        model = setup_model(run).to(device)
+        wrapper = LossWrapper(model, LossConfig.from_opt(run))
         scaler = torch.amp.GradScaler('cuda') if run.fp16 else None
-        stats = train.train_step(wrapper, optim.build(model, run), batch, False, train.StepConfig.from_opt(run),
+        stats = train.train_step(wrapper, optim.build(model, OptimConfig.from_opt(run), run.input_encoding_size), batch, False, train.StepConfig.from_opt(run),
                                  scaler=scaler)
         assert stats['loss'] > 0 and (not stats['skipped'] or 'overflow' in stats)
 

@@ -270,7 +270,7 @@ def test_reference_decoding_options_reach_the_captions(checkpoint, workdir, caps
     (['--coco_json', 'x.json'], '--coco_json'),
     (['--beam_size', '5000'], '--beam_size 5000'),
     (['--beam_size', '3', '--group_size', '4'], 'group_size'),
-    (['--length_penalty', 'bogus'], 'length penalty'),
+    (['--length_penalty', 'bogus'], "--length_penalty 'bogus'"),
 ])
 def test_unusable_decoding_options_are_one_line(checkpoint, workdir, capsys, args, words):
     assert run_eval(checkpoint, '--language_eval', '0', *args) == 2

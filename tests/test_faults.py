@@ -13,7 +13,7 @@ import pytest
 
 import eval as eval_script
 import eval_cocotest
-from dataloader import DataLoader
+from dataloader import DataConfig, DataLoader
 from misc.cider_d import load_cached_tokens
 from misc.errors import SaticError
 from misc.fileio import UNFINISHED_MARKER
@@ -198,7 +198,7 @@ def test_seq_per_img_above_the_captions_is_noted_once(tmp_path, tiny_dataset):
     assert rc == 0, err
     notes = [line for line in (out + err).splitlines() if line.startswith('note:')]
     assert len(notes) == 1 and '--seq_per_img 12' in notes[0] and 'with replacement' in notes[0], notes
-    with DataLoader(tiny_dataset.opt(seq_per_img=3)) as loader:  # every image has 3 or more captions
+    with DataLoader(DataConfig.from_opt(tiny_dataset.opt(seq_per_img=3))) as loader:  # every image has 3 or more captions
         assert loader.caption_sampling_note() is None
 
 
@@ -207,13 +207,13 @@ def test_seq_per_img_above_the_captions_is_noted_once(tmp_path, tiny_dataset):
 def test_one_dimensional_region_features_are_refused(tmp_path, tiny_dataset):
     """Was: read as one region of D features."""
     root = copy_dataset(tiny_dataset, tmp_path)
-    with DataLoader(tiny_dataset.opt()) as loader:
+    with DataLoader(DataConfig.from_opt(tiny_dataset.opt())) as loader:
         iid = loader.images[loader.split_ix['val'][0]]['id']  # read when the loader opens
     path = os.path.join(root, 'cocobu_att', f'{iid}.npz')
     with np.load(path) as z:
         np.savez_compressed(path, feat=z['feat'].mean(0))  # (D,)
     with pytest.raises(SaticError) as err:
-        DataLoader(tiny_dataset.opt(input_att_dir=os.path.join(root, 'cocobu_att')))
+        DataLoader(DataConfig.from_opt(tiny_dataset.opt(input_att_dir=os.path.join(root, 'cocobu_att'))))
     one_line_error(err, path, f'image {iid}', '2-d', f'({tiny_dataset.feat_dim},)')
 
 
@@ -304,13 +304,13 @@ def test_killed_make_bu_data_first_run(tmp_path, tiny_dataset):
     assert not [n for n in os.listdir(tmp_path) if not n.startswith('.')]
     assert len(temps(tmp_path)) == 3  # .bu_att.<pid>-partial, _fc, _box
     with pytest.raises(SaticError) as err:
-        DataLoader(tiny_dataset.opt(input_att_dir=f'{out}_att'))
+        DataLoader(DataConfig.from_opt(tiny_dataset.opt(input_att_dir=f'{out}_att')))
     one_line_error(err, '--input_att_dir', f'{out}_att', 'interrupted', 'run it again')
     rc, printed, _ = run_main(args, tmp_path, make_bu_data.main)
     assert rc == 0 and printed.count('left by an interrupted run') == 3
     assert sorted(os.listdir(tmp_path)) == ['bu_att', 'bu_box', 'bu_fc']
     assert len(os.listdir(f'{out}_att')) == _tsv_rows(tiny_dataset)
-    with DataLoader(tiny_dataset.opt(input_att_dir=f'{out}_att', input_fc_dir=f'{out}_fc')) as loader:
+    with DataLoader(DataConfig.from_opt(tiny_dataset.opt(input_att_dir=f'{out}_att', input_fc_dir=f'{out}_fc'))) as loader:
         loader.get_batch('train')
 
 
@@ -320,19 +320,19 @@ def test_killed_make_bu_data_adding_to_a_folder(tmp_path, tiny_dataset):
     marker (the original code's) loads."""
     root = copy_dataset(tiny_dataset, tmp_path)
     att = os.path.join(root, 'cocobu_att')
-    with DataLoader(tiny_dataset.opt(input_att_dir=att)):
+    with DataLoader(DataConfig.from_opt(tiny_dataset.opt(input_att_dir=att))):
         pass  # no marker: loads
     args = ['--downloaded_feats', os.path.join(root, 'tsv'), '--output_dir', os.path.join(root, 'cocobu'),
             '--num_workers', '1']
     run_until_blocked('make_bu_data.py', args, 'make_bu_data:moving@2')
     assert os.path.exists(os.path.join(att, UNFINISHED_MARKER))
     with pytest.raises(SaticError) as err:
-        DataLoader(tiny_dataset.opt(input_att_dir=att))
+        DataLoader(DataConfig.from_opt(tiny_dataset.opt(input_att_dir=att)))
     one_line_error(err, att, 'unfinished', 'interrupted', 'run it again')
     assert run_main(args, tmp_path, make_bu_data.main)[0] == 0
     assert not [n for n in os.listdir(root) if n.startswith('.')]
     assert sorted(os.listdir(att)) == sorted(os.listdir(tiny_dataset.att_dir))
-    with DataLoader(tiny_dataset.opt(input_att_dir=att)) as loader:
+    with DataLoader(DataConfig.from_opt(tiny_dataset.opt(input_att_dir=att))) as loader:
         loader.get_batch('train')
 
 

@@ -14,7 +14,7 @@ from models.beam_search import beam_search
 from models.decode_config import DecodeConfig
 from models.masks import group_mask, subsequent_mask, target_mask
 from models.transformer import LayerNorm
-from tests.helpers import masked_batch
+from tests.helpers import masked_batch, setup_model
 
 VOCAB = 20  # words; V = 21 outputs
 
@@ -28,7 +28,7 @@ def tiny_opt(**overrides):
 
 def tiny_model(seed=0, **overrides):
     torch.manual_seed(seed)
-    model = models.setup(tiny_opt(**overrides))
+    model = setup_model(tiny_opt(**overrides))
     model.eval()
     # Random weights give near-uniform outputs: sharpen the generator, then shift the end token's bias so that
     # the greedy captions of masked_batch(seed=seed) end at as many different lengths as possible.
@@ -102,16 +102,16 @@ def test_state_dict_layout_and_positional_buffer():
     assert state['model.tgt_embed.1.pe'].shape == (1, 5000, 32)
     assert state['model.generator.proj.weight'].shape == (VOCAB + 1, 32)
     assert all(key.startswith(('att_embed.', 'model.')) for key in state)
-    bn = models.setup(tiny_opt(use_bn=1)).state_dict()
+    bn = setup_model(tiny_opt(use_bn=1)).state_dict()
     assert bn['att_embed.0.running_mean'].shape == (12,) and bn['att_embed.1.weight'].shape == (32, 12)
-    assert models.setup(tiny_opt(use_bn=2)).state_dict()['att_embed.4.weight'].shape == (32,)
+    assert setup_model(tiny_opt(use_bn=2)).state_dict()['att_embed.4.weight'].shape == (32,)
     assert model.vocab_size == VOCAB and model.K == 2 and model.max_length == 20
 
 
 @pytest.mark.parametrize('use_bn', [1, 2])
 def test_batch_norm_sees_only_valid_regions(use_bn):
     torch.manual_seed(0)
-    model = models.setup(tiny_opt(use_bn=use_bn)).eval()
+    model = setup_model(tiny_opt(use_bn=use_bn)).eval()
     with torch.no_grad():
         model.att_embed[0].running_mean.uniform_()
     att, masks = masked_batch()
@@ -124,8 +124,8 @@ def test_batch_norm_sees_only_valid_regions(use_bn):
 
 def test_transformer_is_sat_with_k1():
     opt = tiny_opt(caption_model='transformer', K=6)
-    assert models.setup(opt).K == 1
-    sat, transformer = tiny_model(K=1), models.setup(opt).eval()
+    assert setup_model(opt).K == 1
+    sat, transformer = tiny_model(K=1), setup_model(opt).eval()
     transformer.load_state_dict(sat.state_dict())
     att, masks = masked_batch()
     labels = labels_batch()
@@ -414,7 +414,7 @@ def test_load_weights_loads_strict():
 def test_load_weights_mismatch_is_one_line(overrides, words):
     state = tiny_model().state_dict()
     with pytest.raises(SaticError) as error:
-        models.load_weights(models.setup(tiny_opt(**overrides)), state, 'save/x/model.pth')
+        models.load_weights(setup_model(tiny_opt(**overrides)), state, 'save/x/model.pth')
     message = str(error.value)
     assert '\n' not in message and 'save/x/model.pth' in message and words in message
 
@@ -439,7 +439,7 @@ def test_encode_once_per_image_equals_encoding_every_copy():
 def test_loss_wrapper_encode_per_image_gives_the_same_xe_loss():
     """--encode_per_image 1 changes only where the encoder runs: in eval mode the XE loss is identical."""
     import argparse
-    from misc.loss_wrapper import LossWrapper
+    from misc.loss_wrapper import LossConfig, LossWrapper
     from models.sat import SATModel
     torch.manual_seed(0)
     model = SATModel(vocab_size=12, K=2, d_model=16, d_ff=32, num_layers=1, att_feat_size=8).eval()
@@ -452,5 +452,5 @@ def test_loss_wrapper_encode_per_image_gives_the_same_xe_loss():
     losses = []
     for flag in (0, 1):
         opt = argparse.Namespace(label_smoothing=0, seq_per_img=S, cached_tokens='', encode_per_image=flag)
-        losses.append(float(LossWrapper(model, opt)(batch)['loss'].detach()))
+        losses.append(float(LossWrapper(model, LossConfig.from_opt(opt))(batch)['loss'].detach()))
     assert abs(losses[0] - losses[1]) < 1e-6

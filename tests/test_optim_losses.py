@@ -5,6 +5,7 @@ import math
 import torch
 
 from misc import optim
+from misc.configs import OptimConfig
 from misc.losses import LabelSmoothing, LanguageModelCriterion
 
 
@@ -35,9 +36,9 @@ def test_noam_opt_sets_lr_each_step_and_saves_step():
 def test_step_decay_matches_reference_rule():
     opt = argparse.Namespace(learning_rate=1.0, learning_rate_decay_start=0, learning_rate_decay_every=3,
                              learning_rate_decay_rate=0.5)
-    assert [optim.step_decay_rate(e, opt) for e in range(8)] == [1, 1, 1, 0.5, 0.5, 0.5, 0.25, 0.25]
+    assert [optim.step_decay_rate(e, OptimConfig.from_opt(opt)) for e in range(8)] == [1, 1, 1, 0.5, 0.5, 0.5, 0.25, 0.25]
     opt.learning_rate_decay_start = -1
-    assert optim.step_decay_rate(10, opt) == 1.0
+    assert optim.step_decay_rate(10, OptimConfig.from_opt(opt)) == 1.0
 
 
 def test_gradient_clamp_is_elementwise():

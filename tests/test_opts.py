@@ -9,10 +9,9 @@ import shlex
 import pytest
 import torch
 
-import models
 import opts
 from misc.errors import SaticError
-from tests.helpers import REPO_ROOT, assert_option_refused, needs_shared, shared_path
+from tests.helpers import assert_option_refused, needs_shared, REPO_ROOT, setup_model, shared_path
 
 REFERENCE_OPTIONS = shared_path('conformance', 'reference_options.tsv')
 
@@ -54,12 +53,13 @@ def test_inert_reference_options_are_accepted_and_change_nothing():
     for o in (opt, plain):
         o.vocab_size = 20
     torch.manual_seed(0)
-    a = models.setup(opt).state_dict()
+    a = setup_model(opt).state_dict()
     torch.manual_seed(0)
-    b = models.setup(plain).state_dict()
+    b = setup_model(plain).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     from misc import optim
-    noam = optim.build(models.setup(opt), opt)  # --optim/--weight_decay are inert with --noamopt, as the reference
+    from misc.configs import OptimConfig
+    noam = optim.build(setup_model(opt), OptimConfig.from_opt(opt), opt.input_encoding_size)  # --optim/--weight_decay are inert with --noamopt, as the reference
     assert isinstance(noam, optim.NoamOpt)
 
 
@@ -77,3 +77,39 @@ def test_readme_train_commands_are_accepted():
         opt = opts.parse_opt(argv)
         assert opt.K == 2
     assert opts.parse_opt(stage1).scheduled_sampling_start == 0
+
+
+def _reference_rows(name):
+    with open(shared_path('conformance', name)) as f:
+        return list(csv.DictReader([line for line in f if not line.startswith('#')], delimiter='\t'))
+
+
+def _assert_same_option(parser, row):
+    """The reference's option row (option, type, default) is parser's option with that type and default."""
+    name = row['option'].lstrip('-')
+    action = next((a for a in parser._actions if a.dest == name), None)
+    assert action is not None, name
+    default, kind = row['default'].strip(), row['type']
+    if kind == 'bool':
+        assert action.default is (default == 'True') and action.type is opts.str2bool, name
+    elif default == 'None':
+        assert action.default is None, name
+    elif kind == 'str':
+        assert action.type is str and action.default == default.strip("'"), name
+    elif action.const is True:  # store_true: the reference's action='store_true' flags
+        assert action.default is False, name
+    else:
+        assert action.type is {'int': int, 'float': float}[kind] and action.default == float(default), name
+        assert type(action.default) is {'int': int, 'float': float}[kind] or kind == 'float', name
+
+
+@needs_shared('conformance', 'reference_eval_options.tsv')
+def test_every_reference_option_keeps_its_name_type_and_default():
+    for row in _reference_rows('reference_options.tsv'):
+        _assert_same_option(opts._train_parser(), row)
+    for beam_size, batch_size in ((1, 32), (3, 2)):  # eval.py; eval_cocotest.py (beam 3, batch 2)
+        parser = opts.eval_parser(beam_size=beam_size, batch_size=batch_size)
+        for row in _reference_rows('reference_eval_options.tsv'):
+            if row['option'] in ('--beam_size', '--batch_size'):
+                row = dict(row, default=str({'--beam_size': beam_size, '--batch_size': batch_size}[row['option']]))
+            _assert_same_option(parser, row)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import eval as eval_script
-from dataloader import DataLoader
+from dataloader import DataConfig, DataLoader
 from misc import coco_eval
 from misc.fileio import atomic_write
 from misc.cider_d import CiderD, load_cached_tokens
@@ -217,7 +217,7 @@ def test_pycocoevalcap_debug_prints_only_when_verbose(tmp_path, monkeypatch, cap
 
 def _later_image(ds, split='train', k=3):
     """Image id and position of the k-th image of a split (not the first: that one is read when the loader opens)."""
-    with DataLoader(ds.opt(num_workers=0)) as loader:
+    with DataLoader(DataConfig.from_opt(ds.opt(num_workers=0))) as loader:
         return loader.images[loader.split_ix[split][k]]['id']
 
 
@@ -247,7 +247,7 @@ def test_nan_region_feature_is_named(tmp_path, tiny_dataset, value):
         return feat
     path = _rewrite_att(root, iid, poison)
     opt = tiny_dataset.opt(input_att_dir=os.path.join(root, 'cocobu_att'), num_workers=2)  # through the prefetch
-    with DataLoader(opt) as loader:
+    with DataLoader(DataConfig.from_opt(opt)) as loader:
         err = _read_until_error(loader, 'train')
     one_line_error(err, path, f'image {iid}', 'NaN/inf', 'regenerate')
 
@@ -260,7 +260,7 @@ def test_nan_fc_feature_in_lmdb_is_named(tmp_path, tiny_dataset):
     lmdb_path = str(tmp_path / 'fc.lmdb')
     dump_to_lmdb.run(dump_to_lmdb.parse_args(['--folder', os.path.join(root, 'cocobu_fc'),
                                               '--output_file', lmdb_path]))
-    with DataLoader(tiny_dataset.opt('lmdb', input_fc_dir=lmdb_path, num_workers=2, use_fc_feats=True)) as loader:
+    with DataLoader(DataConfig.from_opt(tiny_dataset.opt('lmdb', input_fc_dir=lmdb_path, num_workers=2, use_fc_feats=True))) as loader:
         err = _read_until_error(loader, 'train')
     one_line_error(err, lmdb_path, f"entry '{iid}'", f'image {iid}', 'NaN/inf')
 
@@ -275,7 +275,7 @@ def test_nan_first_image_fails_when_the_loader_opens(tmp_path, tiny_dataset):
                 data[0, 0] = np.nan
             dst.create_dataset(key, data=data)
     with pytest.raises(SaticError) as err:
-        DataLoader(tiny_dataset.opt('h5', input_att_dir=path))
+        DataLoader(DataConfig.from_opt(tiny_dataset.opt('h5', input_att_dir=path)))
     one_line_error(err, path, f"dataset '{iid}'", f'image {iid}', 'NaN/inf')
 
 
@@ -292,7 +292,7 @@ def test_wrong_dimension_in_a_later_image_is_named(tmp_path, tiny_dataset, kind)
         np.save(path, np.ones(D + 1, dtype=np.float32))
     opt = tiny_dataset.opt(input_att_dir=os.path.join(root, 'cocobu_att'), input_fc_dir=os.path.join(root, 'cocobu_fc'),
                            num_workers=2, use_fc_feats=kind == 'fc')
-    with DataLoader(opt) as loader:
+    with DataLoader(DataConfig.from_opt(opt)) as loader:
         err = _read_until_error(loader, 'train')
     one_line_error(err, path, f'image {iid}', f'{D}-d', f'has {D - 1 if kind == "att" else D + 1}-d')
 
@@ -305,7 +305,7 @@ def test_zero_box_image_is_named(tmp_path, tiny_dataset):
     np.save(os.path.join(root, 'cocobu_fc', f'{iid}.npy'), np.zeros(0, dtype=np.float32))
     opt = tiny_dataset.opt(input_att_dir=os.path.join(root, 'cocobu_att'), input_fc_dir=os.path.join(root, 'cocobu_fc'),
                            num_workers=1)
-    with DataLoader(opt) as loader:
+    with DataLoader(DataConfig.from_opt(opt)) as loader:
         err = _read_until_error(loader, 'test', batch_size=1)
     one_line_error(err, path, f'image {iid}', '0 boxes', 'regenerate')
 

@@ -424,14 +424,14 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tiny_dataset, tmp
 
 
 @pytest.mark.parametrize('argv, fragment', [
-    (['--max_epochs', '-5'], '--max_epochs must be -1'),
-    (['--max_iters', '0'], '--max_iters must be -1'),
-    (['--save_checkpoint_every', '0'], '--save_checkpoint_every must be > 0'),
-    (['--losses_log_every', '-1'], '--losses_log_every must be > 0'),
-    (['--K', '0'], '--K must be >= 1'),
+    (['--max_epochs', '-5'], '--max_epochs -5: must be -1'),
+    (['--max_iters', '0'], '--max_iters 0: must be -1'),
+    (['--save_checkpoint_every', '0'], '--save_checkpoint_every 0: must be > 0'),
+    (['--losses_log_every', '-1'], '--losses_log_every -1: must be > 0'),
+    (['--K', '0'], '--K 0: must be >= 1'),
     (['--noamopt', '--reduce_on_plateau'], '--reduce_on_plateau cannot be combined with --noamopt'),
-    (['--val_batch_size', '-1'], '--val_batch_size must be >= 0'),
-    (['--dist_timeout_minutes', '0'], '--dist_timeout_minutes must be > 0'),
+    (['--val_batch_size', '-1'], '--val_batch_size -1: must be >= 0'),
+    (['--dist_timeout_minutes', '0'], '--dist_timeout_minutes 0.0: must be > 0'),
 ])
 def test_nonsense_options_exit_2_with_one_line(argv, fragment, tmp_path):
     assert_one_line_error(run_main(argv, tmp_path), fragment)

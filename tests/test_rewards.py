@@ -9,7 +9,7 @@ import torch
 
 from misc.cider_d import CiderD
 from misc.errors import SaticError
-from misc.loss_wrapper import LossWrapper
+from misc.loss_wrapper import LossConfig, LossWrapper
 from misc.losses import self_critical_loss
 from misc.rewards import SelfCriticalReward, ids_to_str
 from tests.helpers import REWARD_GTS as GTS
@@ -127,7 +127,7 @@ def test_bleu_is_not_computed_at_weight_0(cached_tokens, monkeypatch):
 def test_loss_wrapper_passes_the_bleu_weight(cached_tokens):
     opt = argparse.Namespace(label_smoothing=0, seq_per_img=3, cached_tokens=cached_tokens, cider_reward_weight=0.5,
                              bleu_reward_weight=1.5)
-    reward = LossWrapper(torch.nn.Linear(1, 1), opt).load_reward()
+    reward = LossWrapper(torch.nn.Linear(1, 1), LossConfig.from_opt(opt)).load_reward()
     assert reward.weights == {'cider': 0.5, 'bleu': 1.5}
 
 
@@ -137,7 +137,6 @@ def test_a_registered_reward_is_an_option_a_loss_config_weight_and_a_part_of_the
     in LossConfig.reward_weights and is added to the reward after the reference's parts, only at weight > 0."""
     import opts
     from misc import rewards
-    from misc.loss_wrapper import LossConfig
 
     class LengthReward(rewards.RewardScorer):  # the number of words before the end token
         name, default_weight, help = 'toy', 0, 'a toy reward: caption length'

@@ -194,7 +194,7 @@ def test_sampled_rows_share_their_images_memory():
 @pytest.mark.parametrize('smoothing', [0.0, 0.1])
 def test_loss_wrapper_xe_scores_only_the_masked_positions(smoothing):
     """LossWrapper's XE (scored positions only) == the criterion over the reference call's full log-probs."""
-    from misc.loss_wrapper import LossWrapper
+    from misc.loss_wrapper import LossConfig, LossWrapper
     from misc.losses import build_criterion
     att, masks, labels, label_masks = batch(seq_per_img=2)
     model = tiny().eval()
@@ -202,7 +202,7 @@ def test_loss_wrapper_xe_scores_only_the_masked_positions(smoothing):
     data = {'fc_feats': None, 'att_feats': att.repeat_interleave(2, 0), 'att_masks': masks.repeat_interleave(2, 0),
             'labels': labels, 'masks': label_masks}
     with torch.no_grad():
-        got = float(LossWrapper(model, opt)(data)['loss'])
+        got = float(LossWrapper(model, LossConfig.from_opt(opt))(data)['loss'])
         want = float(build_criterion(smoothing)(model(None, data['att_feats'], labels, data['att_masks']),
                                                 labels[:, 1:], label_masks[:, 1:]))
     assert abs(got - want) < 1e-6

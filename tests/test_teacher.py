@@ -7,15 +7,14 @@ import os
 import pytest
 import torch
 
-import models
 import opts
 from misc.checkpoint import make_infos, write_checkpoint_files
 from misc.errors import SaticError
 from misc.fileio import load_pickle, load_torch, save_pickle
-from misc.loss_wrapper import LossWrapper
+from misc.loss_wrapper import LossConfig, LossWrapper
 from misc.losses import LanguageModelCriterion
 from misc.teacher import default_infos_path, load_teacher
-from tests.helpers import REWARD_GTS as GTS, assert_option_refused, run_main, targs
+from tests.helpers import assert_option_refused, REWARD_GTS as GTS, run_main, setup_model, targs
 
 
 VOCAB = {str(i): f'w{i}' for i in range(1, 21)}  # 20 words, V = 21
@@ -33,7 +32,7 @@ def save_run(folder, run_id, vocab=VOCAB, best=False, seed=0, **overrides):
     """A checkpoint folder as train.py writes it: model.pth + infos_<id>.pkl (and the -best copies)."""
     opt = tiny_model_opt(**overrides)
     torch.manual_seed(seed)
-    model = models.setup(opt) if opt.caption_model in ('sat', 'transformer') else models.setup(tiny_model_opt())
+    model = setup_model(opt) if opt.caption_model in ('sat', 'transformer') else setup_model(tiny_model_opt())
     infos = make_infos(opt, vocab, iteration=10, epoch=1)
     return write_checkpoint_files(folder, run_id, model.state_dict(), infos, best=best)
 
@@ -44,6 +43,12 @@ def kd_opt(teacher_model=None, **overrides):
                att_feat_size=FEAT, encode_per_image=0)
     opt.update(overrides)
     return argparse.Namespace(**opt)
+
+
+def teacher_of(opt):
+    """misc.teacher.load_teacher for the options of kd_opt (as train.py calls it)."""
+    return load_teacher(opt.teacher_model, VOCAB, opt.att_feat_size, opt.teacher_infos, opt.teacher_caption_model,
+                        bool(opt.teacher_eval_mode), opt.input_json)
 
 
 def kd_batch(S=4, N=5, seed=3):
@@ -77,15 +82,15 @@ def teacher_path(tmp_path):
 
 def student():
     torch.manual_seed(1)
-    model = models.setup(tiny_model_opt())
+    model = setup_model(tiny_model_opt())
     model.eval()  # deterministic student: the only dropout left is the teacher's
     return model
 
 
 def test_kd_loss_is_xe_plus_weighted_kl_teacher_eval_mode(teacher_path):
     opt = kd_opt(teacher_path, teacher_eval_mode=1)
-    teacher = load_teacher(opt, VOCAB)
-    wrapper = LossWrapper(student(), opt, teacher=teacher)
+    teacher = teacher_of(opt)
+    wrapper = LossWrapper(student(), LossConfig.from_opt(opt), teacher=teacher)
     batch = kd_batch()
     out = wrapper(batch)
     assert not teacher.training
@@ -99,14 +104,14 @@ def test_kd_loss_is_xe_plus_weighted_kl_teacher_eval_mode(teacher_path):
     torch.manual_seed(123)
     assert float(wrapper(batch)['loss'].detach()) == pytest.approx(float(out['loss'].detach()), rel=1e-6)  # no dropout: the same
     # without a teacher (kd_weight 0) it is the XE alone
-    assert float(LossWrapper(wrapper.model, kd_opt(kd_weight=0))(batch)['loss'].detach()) == pytest.approx(xe, rel=1e-6)
+    assert float(LossWrapper(wrapper.model, LossConfig.from_opt(kd_opt(kd_weight=0)))(batch)['loss'].detach()) == pytest.approx(xe, rel=1e-6)
 
 
 def test_teacher_runs_in_train_mode_by_default(teacher_path):
     """reference quirk: the teacher's dropout is on (--teacher_eval_mode 0)."""
     opt = kd_opt(teacher_path)
-    teacher = load_teacher(opt, VOCAB)
-    wrapper = LossWrapper(student(), opt, teacher=teacher)
+    teacher = teacher_of(opt)
+    wrapper = LossWrapper(student(), LossConfig.from_opt(opt), teacher=teacher)
     batch = kd_batch()
     torch.manual_seed(5)
     first = wrapper(batch)
@@ -123,10 +128,10 @@ def test_teacher_runs_in_train_mode_by_default(teacher_path):
 
 def test_teacher_is_frozen_and_outside_the_student(teacher_path):
     opt = kd_opt(teacher_path)
-    teacher = load_teacher(opt, VOCAB)
+    teacher = teacher_of(opt)
     model = student()
     model.train()
-    wrapper = LossWrapper(model, opt, teacher=teacher)
+    wrapper = LossWrapper(model, LossConfig.from_opt(opt), teacher=teacher)
     assert all(not p.requires_grad for p in teacher.parameters())
     teacher_ids = {id(p) for p in teacher.parameters()}
     assert not teacher_ids & {id(p) for p in wrapper.parameters()}
@@ -142,11 +147,11 @@ def test_teacher_is_frozen_and_outside_the_student(teacher_path):
 def test_kd_only_in_the_xe_stage(teacher_path, cached_tokens):
     opt = kd_opt(teacher_path, cached_tokens=cached_tokens)
     calls = []
-    teacher = load_teacher(opt, VOCAB)
+    teacher = teacher_of(opt)
     teacher.register_forward_hook(lambda *a: calls.append(1))
     model = student()
     model.train()
-    wrapper = LossWrapper(model, opt, teacher=teacher)
+    wrapper = LossWrapper(model, LossConfig.from_opt(opt), teacher=teacher)
     batch = dict(kd_batch(), gts=[GTS[0], GTS[1]], infos=None)
     out = wrapper(batch, sc_flag=True)
     assert 'kd_loss' not in out and not calls
@@ -174,20 +179,20 @@ def test_teacher_of_another_vocabulary_is_refused(tmp_path):
     other = dict(VOCAB, **{'20': 'zebra'})
     path = save_run(str(tmp_path / 'other'), 'other', vocab=other)
     with pytest.raises(SaticError) as error:
-        load_teacher(kd_opt(path), VOCAB)
+        teacher_of(kd_opt(path))
     assert path in one_line(error) and 'vocabulary' in one_line(error)
 
 
 def test_show_tell_teacher_is_refused(tmp_path):
     path = save_run(str(tmp_path / 'st'), 'st', caption_model='show_tell')
     with pytest.raises(SaticError) as error:
-        load_teacher(kd_opt(path), VOCAB)
+        teacher_of(kd_opt(path))
     assert 'infos_st.pkl' in one_line(error) and "'show_tell'" in one_line(error)
     path = save_run(str(tmp_path / 'tr'), 'tr', caption_model='transformer', K=1)
     with pytest.raises(SaticError) as error:  # --teacher_caption_model, when given, must be the teacher's
-        load_teacher(kd_opt(path, teacher_caption_model='sat'), VOCAB)
+        teacher_of(kd_opt(path, teacher_caption_model='sat'))
     assert 'infos_tr.pkl' in one_line(error)
-    assert load_teacher(kd_opt(path, teacher_caption_model='transformer'), VOCAB).K == 1
+    assert teacher_of(kd_opt(path, teacher_caption_model='transformer')).K == 1
 
 
 
@@ -226,7 +231,7 @@ def test_train_with_kd_end_to_end(tiny_dataset, tmp_path, monkeypatch):
         runs[name] = load_torch(str(tmp_path / name / 'model.pth'))
         if name != 'xe':
             assert 'distillation: teacher' in out and ('eval mode' in out) == (name == 'kd-eval')
-    student_model = models.setup(tiny_model_opt(vocab_size=len(vocab), att_feat_size=tiny_dataset.feat_dim,
+    student_model = setup_model(tiny_model_opt(vocab_size=len(vocab), att_feat_size=tiny_dataset.feat_dim,
                                                 input_encoding_size=16, rnn_size=24))
     assert set(runs['kd']) == set(student_model.state_dict())  # the teacher is not saved with the student
     optimizer = load_torch(str(tmp_path / 'kd' / 'optimizer.pth'))

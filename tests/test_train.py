@@ -27,9 +27,8 @@ import pytest
 import torch
 
 import eval as eval_script
-import models
 import train
-from dataloader import DataLoader
+from dataloader import DataConfig, DataLoader
 from misc.fileio import load_pickle, load_torch
 from misc.cider_d import corpus_cider_d
 from misc.coco_eval import java_available
@@ -38,7 +37,7 @@ from misc.optim import noam_rate
 from models.decode_config import DecodeConfig
 from scripts import make_bu_data, prepro_labels, prepro_labels_seqKD, prepro_ngrams, prepro_reference_json
 from scripts.make_demo_data import ConceptFeatures
-from tests.helpers import assert_one_line_error, needs_shared, run_main, shared_path, working_dir
+from tests.helpers import assert_one_line_error, needs_shared, run_main, setup_model, shared_path, working_dir
 
 REPO = Path(__file__).resolve().parents[1]
 CONFORMANCE = Path(shared_path('conformance'))
@@ -122,7 +121,7 @@ def scene(tmp_path_factory):
 def val_cider(scene, opt, model):
     """Val CIDEr-D of greedy captions (misc.cider_d, document frequencies of the val references as in
     pycocoevalcap) -> (score, captions)."""
-    with DataLoader(opt) as loader:
+    with DataLoader(DataConfig.from_opt(opt)) as loader:
         predictions = evaluate(model, loader, 'val', DecodeConfig()).predictions
     captions = [p['caption'] for p in predictions]
     score, _ = corpus_cider_d(captions, [scene.refs[p['image_id']] for p in predictions])
@@ -131,7 +130,7 @@ def val_cider(scene, opt, model):
 
 def checkpoint_cider(scene, folder, run_id, model_file='model.pth'):
     opt = load_pickle(os.path.join(folder, f'infos_{run_id}.pkl'))['opt']
-    model = models.setup(opt)
+    model = setup_model(opt)
     model.load_state_dict(load_torch(os.path.join(folder, model_file)))
     return val_cider(scene, opt, model)
 
@@ -160,7 +159,7 @@ def test_stage1_learns_then_self_critical_raises_val_cider(scene, stage1, tmp_pa
     losses = [histories['loss_history'][k] for k in sorted(histories['loss_history'])]
     opt = load_pickle(os.path.join(folder, f'infos_{run_id}.pkl'))['opt']
     torch.manual_seed(opt.seed)
-    untrained, _ = val_cider(scene, opt, models.setup(opt))
+    untrained, _ = val_cider(scene, opt, setup_model(opt))
     stage1_cider, stage1_captions = checkpoint_cider(scene, folder, run_id)
 
     # Stage 2 as the README: copy_model.sh, then self-critical from the copy (epoch 15 >= --self_critical_after 15);
@@ -557,18 +556,18 @@ def test_plateau_optimizer_keeps_the_options_lr_over_a_plain_state():
 
 def test_cider_reward_weight_scales_the_reward(scene):
     import opts
-    from misc.loss_wrapper import LossWrapper
+    from misc.loss_wrapper import LossConfig, LossWrapper
     opt = opts.parse_opt(scene.args('unused', 'run'))
-    with DataLoader(opt) as loader:
+    with DataLoader(DataConfig.from_opt(opt)) as loader:
         opt.vocab_size = loader.vocab_size
         batch = loader.get_batch('train')
     torch.manual_seed(0)
-    model = models.setup(opt)
+    model = setup_model(opt)
     rewards = []
     for weight in (1.0, 2.5):
         opt.cider_reward_weight = weight
         torch.manual_seed(1)
-        rewards.append(LossWrapper(model, opt)(batch, sc_flag=True)['reward'])
+        rewards.append(LossWrapper(model, LossConfig.from_opt(opt))(batch, sc_flag=True)['reward'])
     assert rewards[0] > 0 and rewards[1] == pytest.approx(2.5 * rewards[0])
 
 
