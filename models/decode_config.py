@@ -12,7 +12,7 @@ included.
 """
 import dataclasses
 
-from models.beam_search import length_penalty_fn
+from models.search import length_penalty_fn
 
 # Keys of the reference's opt dict read beside the fields: 'remove_bad_endings' is a post-processing of the decoded
 # strings (misc.utils.decode_sequence), so the model accepts the key and leaves the tokens alone; 'seq_per_img' is

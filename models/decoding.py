@@ -10,7 +10,7 @@ Shapes: B images, K group size, V vocabulary + 1, T = max_length.
 """
 import torch
 
-from models.beam_search import beam_search
+from models.search import beam_search
 from models.decode_config import DecodeConfig
 from models.logits_processors import GREEDY, History, Steps
 
@@ -21,7 +21,7 @@ def decode_batch(model, att_feats, att_masks=None, config=None, seq_per_img=1):
     (B, max_length)), zero padded.
 
     config: models.decode_config.DecodeConfig (default: greedy). Greedy / sampling (greedy_or_sample) for
-    beam_size 1, else beam search (models.beam_search, which also sets model.done_beams). seq_per_img: rows per
+    beam_size 1, else beam search (models.search, which also sets model.done_beams). seq_per_img: rows per
     image of att_feats (greedy / sampling only). Gradients flow into seqLogprobs in train mode only; in eval mode
     decoding runs under torch.inference_mode.
     """

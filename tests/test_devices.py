@@ -183,7 +183,7 @@ def test_beam_search_reads_the_host_once_per_step(trained_pieces, monkeypatch, c
     torch.manual_seed(0)
     with torch.no_grad():
         expected = model.decode(batch['att_feats'], batch['att_masks'], config)[0]
-    calls = count_host_reads(monkeypatch, ('beam_search.py', 'sat.py', 'decoding.py', 'cache.py'))
+    calls = count_host_reads(monkeypatch, ('search.py', 'sat.py', 'decoding.py', 'cache.py'))
     with torch.no_grad():
         seq = model.decode(batch['att_feats'], batch['att_masks'], config)[0]
     steps = -(-max_length // model.K)

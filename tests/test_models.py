@@ -10,7 +10,7 @@ import torch
 
 import models
 from misc.errors import SaticError
-from models.beam_search import beam_search
+from models.search import beam_search
 from models.decode_config import DecodeConfig
 from models.masks import group_mask, subsequent_mask, target_mask
 from models.transformer import LayerNorm
