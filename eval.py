@@ -86,12 +86,13 @@ def run_evaluation(eval_opt, loaded=None):
     """
     torch.manual_seed(eval_opt.seed)
     model, opt, infos = loaded or load_checkpoint(eval_opt)
+    config = decode_config(opt, opt.vocab_size)  # bad decoding options fail here, before the data is loaded
     if opt.language_eval:
         check_ready(opt.ref_json)
     with DataLoader(DataConfig.from_opt(opt)) as loader:
         loader.check_att_feat_size(opt.att_feat_size, f'the checkpoint {eval_opt.model} (att_feat_size)')
         loader.ix_to_word = infos['vocab']  # the vocabulary always comes from the checkpoint
-        result = evaluate(model, loader, opt.split, decode_config(opt, opt.vocab_size), num_images=opt.num_images,
+        result = evaluate(model, loader, opt.split, config, num_images=opt.num_images,
                           batch_size=opt.batch_size, remove_bad_endings=bool(opt.remove_bad_endings),
                           crit=build_criterion(0) if eval_opt.verbose_loss else None, bf16=opt.bf16,
                           keep_beams=eval_opt.seq_kd, with_paths=bool(eval_opt.dump_path),

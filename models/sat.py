@@ -2,7 +2,7 @@
 
 Pipeline: region features --att_embed--> encoder --> memory; the decoder reads the caption shifted by one K-word
 group and predicts K words per position group. `forward` is teacher forcing (training), `encode` + `step` are the
-decoding primitives used by `models.decoding` (greedy / sampling) and `models.beam_search`. The reference call
+decoding primitives used by `models.decoding` (the generation loop of every search, models.search). The reference call
 conventions (`model(fc, att, labels, att_masks)`, `model(fc, att, att_masks, opt=..., mode='sample')`) are a thin
 layer on top.
 
@@ -16,7 +16,7 @@ from torch import nn
 
 from models.cache import DecoderCache, LayerCache, StepBuffers
 from models.decode_config import DecodeConfig
-from models.decoding import decode_batch
+from models.decoding import generate
 from models.cuda_graphs import GraphedSteps
 from models.flat_step import FlatStep
 from models.masks import Packing, group_mask, target_mask
@@ -41,7 +41,6 @@ class SATModel(nn.Module):
         self.cuda_graphs = False  # (ours) eval decoding steps replayed from CUDA graphs (models.cuda_graphs)
         self.group_regions = True  # attention per group of images of similar region counts (models.masks)
         self.d_model = d_model
-        self.done_beams = None  # filled by beam search: per image, the finished beams, best first
         embed = [nn.Linear(att_feat_size, d_model), nn.ReLU(inplace=True), Dropout(drop_prob_lm)]
         if use_bn:
             embed.insert(0, nn.BatchNorm1d(att_feat_size))
@@ -304,14 +303,17 @@ class SATModel(nn.Module):
         return self.model.generator(self.model.decoder.norm(x)), new_keys, new_values
 
     def decode(self, att_feats, att_masks=None, config=None, seq_per_img=1):
-        """Caption a batch: (seq (B, max_length) int64, seqLogprobs (B, max_length)), zero padded; config a
-        models.decode_config.DecodeConfig (default: greedy). See models.decoding.decode_batch."""
-        return decode_batch(self, att_feats, att_masks, config, seq_per_img)
+        """Caption a batch: a models.decoding.Decoded, (seq (B, max_length) int64, seqLogprobs (B, max_length)),
+        zero padded, with the finished hypotheses as .hypotheses; config a models.decode_config.DecodeConfig
+        (default: greedy). See models.decoding.generate."""
+        return generate(self, att_feats, att_masks, config, seq_per_img)
 
     # ---- the reference call conventions --------------------------------------------------------------------
     def forward(self, fc_feats, att_feats, *args, mode='forward', **kwargs):
         """model(fc, att, labels, att_masks) -> log-probs (S, L-1, V);
-        model(fc, att, att_masks, opt={...}, mode='sample') -> (seq, seqLogprobs) (B, max_length).
+        model(fc, att, att_masks, opt={...}, mode='sample') -> (seq, seqLogprobs) (B, max_length); beam search
+        also leaves its finished beams in model.done_beams, as the reference did (its notebooks and tools read them
+        there; our code reads decode's returned hypotheses).
 
         fc_feats are unused by this model (kept for the reference signature).
         """
@@ -323,7 +325,10 @@ class SATModel(nn.Module):
 
     def _sample(self, att_feats, att_masks=None, opt=None):
         config, seq_per_img = DecodeConfig.from_reference_opt(opt)
-        return self.decode(att_feats, att_masks, config, seq_per_img=seq_per_img)
+        decoded = self.decode(att_feats, att_masks, config, seq_per_img=seq_per_img)
+        if config.beam_size > 1:
+            self.done_beams = decoded.hypotheses  # the reference's interface only
+        return decoded
 
 
 def build_model(opt):

@@ -59,13 +59,14 @@ def reproduce(case, decode, use_cache, device='cpu', graphs=False):
     if seed is not None:
         torch.manual_seed(seed)
     with torch.no_grad():
-        seq, logprobs = model(x['fc_feats'], x['att_feats'], x['att_masks'], opt=opt, mode='sample')
+        seq, logprobs = decoded = model(x['fc_feats'], x['att_feats'], x['att_masks'], opt=opt, mode='sample')
     assert seq.device.type == torch.device(device).type
     assert torch.equal(seq.cpu(), decode['seq'])
     torch.testing.assert_close(logprobs.cpu(), decode['seqLogprobs'], atol=1e-4, rtol=0)
     if 'done_beams' in decode:
-        assert len(model.done_beams) == len(decode['done_beams'])
-        for ours, theirs in zip(model.done_beams, decode['done_beams']):
+        assert model.done_beams is decoded.hypotheses  # the reference's interface: the returned hypotheses
+        assert len(decoded.hypotheses) == len(decode['done_beams'])
+        for ours, theirs in zip(decoded.hypotheses, decode['done_beams']):
             assert len(ours) == len(theirs)
             for a, b in zip(ours, theirs):
                 assert torch.equal(a['seq'].cpu(), b['seq'])

@@ -23,14 +23,14 @@ def inputs(seed=1):
 
 
 def decode_both(model, att, masks, config, seq_per_img=1, seed=None):
-    """(flat, modules): (seq, logprobs, done_beams' sequences) of each path."""
+    """(flat, modules): (seq, logprobs, the returned beams' sequences) of each path."""
     out = []
     for flat in (True, False):
         model.flat_step = flat
         if seed is not None:
             torch.manual_seed(seed)
-        seq, logprobs = model.decode(att, masks, config, seq_per_img=seq_per_img)
-        beams = [[beam['seq'] for beam in image] for image in model.done_beams] if config.beam_size > 1 else None
+        seq, logprobs = decoded = model.decode(att, masks, config, seq_per_img=seq_per_img)
+        beams = [[beam['seq'] for beam in image] for image in decoded.hypotheses] if config.beam_size > 1 else None
         out.append((seq, logprobs, beams))
     model.flat_step = True
     return out
