@@ -21,7 +21,7 @@ from misc.fileio import check_output_folder, run_cli, write_json
 from misc.losses import build_criterion
 from misc.utils import resolve_device
 from misc.visualize import write_index_html
-from models.speed import apply_eval_options, int8_kernel, use_cuda_graphs
+from models.accel.speed import apply_eval_options, int8_kernel, use_cuda_graphs
 from opts import check_eval_split, decode_config, parse_eval_opt, resolve_eval_options
 
 

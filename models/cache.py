@@ -23,7 +23,7 @@ import torch
 
 class LayerCache:
     """One decoder layer's keys/values: self-attention (S, H, T or capacity, dk); memory: the list of
-    models.kernels.memory_key_value ((B_g, H, N_g, dk) keys and values, mask, group), per group of images."""
+    models.accel.kernels.memory_key_value ((B_g, H, N_g, dk) keys and values, mask, group), per group of images."""
 
     def __init__(self, memory, capacity=None):
         self.memory = memory
@@ -85,8 +85,8 @@ class DecoderCache:
         self.layers = layers  # list of LayerCache, or None: re-decode the prefix at every step
         self.rows_per_image = rows_per_image
         self.capacity = capacity
-        self.flat_step = flat_step  # a models.flat_step.FlatStep for its steps, or None: SATModel.cached_step
-        self.graphed_step = None  # a models.cuda_graphs.GraphedStep (SATModel.cuda_graphs), holding the buffers
+        self.flat_step = flat_step  # a models.accel.flat_step.FlatStep for its steps, or None: SATModel.cached_step
+        self.graphed_step = None  # a models.accel.cuda_graphs.GraphedStep (SATModel.cuda_graphs), holding the buffers
         self.length = 0
         self.prefix = None  # (S, T) tokens so far, kept only without layer caches
 

@@ -17,10 +17,10 @@ from torch import nn
 from models.cache import DecoderCache, LayerCache, StepBuffers
 from models.decode_config import DecodeConfig
 from models.decoding import generate
-from models.cuda_graphs import GraphedSteps
-from models.flat_step import FlatStep
+from models.accel.cuda_graphs import GraphedSteps
+from models.accel.flat_step import FlatStep
 from models.masks import Packing, group_mask, target_mask
-from models.kernels import Dropout, memory_key_value
+from models.accel.kernels import Dropout, memory_key_value
 from models.transformer import make_model
 
 HEADS = 8
@@ -37,8 +37,8 @@ class SATModel(nn.Module):
         self.K = K
         self.max_length = max_length
         self.use_cache = bool(use_cache)
-        self.flat_step = bool(flat_step)  # decoding steps without gradients as one function (models.flat_step)
-        self.cuda_graphs = False  # (ours) eval decoding steps replayed from CUDA graphs (models.cuda_graphs)
+        self.flat_step = bool(flat_step)  # decoding steps without gradients as one function (models.accel.flat_step)
+        self.cuda_graphs = False  # (ours) eval decoding steps replayed from CUDA graphs (models.accel.cuda_graphs)
         self.group_regions = True  # attention per group of images of similar region counts (models.masks)
         self.d_model = d_model
         embed = [nn.Linear(att_feat_size, d_model), nn.ReLU(inplace=True), Dropout(drop_prob_lm)]
@@ -210,9 +210,9 @@ class SATModel(nn.Module):
         memory (B, N, D) and memory_mask (B, 1, N) or None from encode. The cross-attention keys/values are
         projected once, from the real regions only. Without gradients the self-attention keys/values go into
         fixed buffers for max_length positions (default self.max_length), rounded up to whole K-word groups, and
-        in eval mode the steps run as one function over the decoder's tensors (models.flat_step), unless compiled
+        in eval mode the steps run as one function over the decoder's tensors (models.accel.flat_step), unless compiled
         or self.flat_step is off; with self.cuda_graphs, that step on fixed-shape tensors, replayed from a CUDA
-        graph on a GPU (models.cuda_graphs).
+        graph on a GPU (models.accel.cuda_graphs).
         """
         use_cache = self.use_cache if use_cache is None else use_cache
         capacity = None
@@ -238,7 +238,7 @@ class SATModel(nn.Module):
         return cache
 
     def _graphed_step(self, cache, images, regions):
-        """The bucket's models.cuda_graphs.GraphedStep, loaded with this decoding's memory; the cache's layers then
+        """The bucket's models.accel.cuda_graphs.GraphedStep, loaded with this decoding's memory; the cache's layers then
         hold views of its self-attention keys/values (so that beam search's reorder moves the right rows)."""
         steps = self.__dict__.setdefault('_graphed_steps', GraphedSteps())
         memory = [layer.memory for layer in cache.layers]

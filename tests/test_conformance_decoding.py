@@ -49,7 +49,7 @@ DECODES = [(case, d) for case in CASES for d in case['decodes']]
 
 def reproduce(case, decode, use_cache, device='cpu', graphs=False):
     """Decode the case on device and compare with the reference: tokens, seqLogprobs, every done_beams entry.
-    graphs: the fixed-shape graphed step (models.cuda_graphs; replayed from CUDA graphs on a GPU, run eagerly on
+    graphs: the fixed-shape graphed step (models.accel.cuda_graphs; replayed from CUDA graphs on a GPU, run eagerly on
     the CPU)."""
     model = build(case).to(device)
     model.cuda_graphs = graphs
@@ -85,7 +85,7 @@ def test_decoding_reproduces_the_reference(case, decode, use_cache):
 
 @pytest.mark.parametrize('case,decode', DECODES, ids=[decode_id(c, d) for c, d in DECODES])
 def test_fixed_shape_graph_step_reproduces_the_reference(case, decode):
-    """The step models.cuda_graphs captures, on its padded fixed-shape tensors, run eagerly on the CPU."""
+    """The step models.accel.cuda_graphs captures, on its padded fixed-shape tensors, run eagerly on the CPU."""
     reproduce(case, decode, use_cache=1, graphs=True)
 
 

@@ -10,7 +10,7 @@ Two checks (README, "Several GPUs"):
    on meta and fails where it meets the data (as one created on the CPU would meet CUDA data). Covered: a whole
    training step (XE and self-critical, through train.train_step), decoding (greedy, sampling, beam, diverse beam,
    the constraints; cached and not) and evaluation. The model's dropout is set to 0 there: its fast CPU mask
-   (models.kernels.dropout, used only for CPU tensors) is created on the default device by design.
+   (models.accel.kernels.dropout, used only for CPU tensors) is created on the default device by design.
 And: one host synchronisation per training step, counted.
 """
 import argparse

@@ -1,4 +1,4 @@
-"""models.flat_step: the decoding step as one function over the decoder's tensors gives the numbers of the module
+"""models.accel.flat_step: the decoding step as one function over the decoder's tensors gives the numbers of the module
 step (SATModel.cached_step) bit for bit: every search (greedy, seeded sampling, beam, diverse beam, decoding
 constraints), K 1, 2 and 4, images with different region counts (attention groups), several rows per image,
 autocast bf16 and --quantize int8; and it is the path decoding takes (eval mode, no gradients) and not otherwise.
@@ -6,10 +6,10 @@ The conformance tests (test_conformance_*.py) run the reference's checkpoints th
 import pytest
 import torch
 
-from models import flat_step
+from models.accel import flat_step
 from models.decode_config import DecodeConfig
 from models.sat import SATModel
-from models.speed import fbgemm_int8_available, quantize_int8
+from models.accel.speed import fbgemm_int8_available, quantize_int8
 from tests.helpers import masked_batch
 
 

@@ -15,7 +15,7 @@ import torch
 from models.decode_config import DecodeConfig
 from models.masks import Packing, target_mask
 from models.sat import SATModel
-from models.speed import fbgemm_int8_available, quantize_int8
+from models.accel.speed import fbgemm_int8_available, quantize_int8
 from tests.helpers import masked_batch
 
 
@@ -212,7 +212,7 @@ def test_loss_wrapper_xe_scores_only_the_masked_positions(smoothing):
 @pytest.mark.skipif(os.environ.get('SATIC_TEST_COMPILE') != '1',
                     reason='compiles for 1-4 minutes on 2 CPU cores: set SATIC_TEST_COMPILE=1 to run it')
 def test_compiled_model_equals_eager():
-    from models.speed import compile_available, compile_model
+    from models.accel.speed import compile_available, compile_model
     ok, why = compile_available()
     if not ok:
         pytest.skip(f'torch.compile cannot run here: {why}')

@@ -1,4 +1,4 @@
-"""Decoding steps replayed from CUDA graphs (`--cuda_graphs 1`, ours; issue 22): the flat step (models/flat_step.py)
+"""Decoding steps replayed from CUDA graphs (`--cuda_graphs 1`, ours; issue 22): the flat step (models/accel/flat_step.py)
 on fixed shapes, captured once per shape bucket and replayed at every step.
 
 On a GPU a decoding step is a few hundred small kernels whose launches cost more host time than the GPU spends
@@ -52,7 +52,7 @@ class GraphedStep:
     """The fixed-shape decoding step of one bucket: static tensors, and on CUDA the graph that replays it."""
 
     def __init__(self, flat_step, images, rows_per_image, regions, capacity, k, template, graph_pool=None):
-        """flat_step: a models.flat_step.FlatStep; images/regions: the bucket's padded sizes; template: one
+        """flat_step: a models.accel.flat_step.FlatStep; images/regions: the bucket's padded sizes; template: one
         layer's memory key (B, H, N, dk) for dtype and device."""
         self.flat_step, self.rows_per_image, self.k, self.capacity = flat_step, rows_per_image, k, capacity
         device, dtype = template.device, template.dtype
@@ -98,7 +98,7 @@ class GraphedStep:
             self.logprobs = self._body()
 
     def load(self, layer_memory):
-        """A new decoding: the images' memory keys/values (per layer, models.kernels.memory_key_value's one padded
+        """A new decoding: the images' memory keys/values (per layer, models.accel.kernels.memory_key_value's one padded
         group: key, value (B, H, N, dk), mask (B, 1, 1, N) or None) into the static tensors; position 0."""
         key0 = layer_memory[0][0][0]
         images, regions = key0.size(0), key0.size(2)
