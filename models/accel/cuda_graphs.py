@@ -30,6 +30,9 @@ import weakref
 
 import torch
 
+from models.accel.flat_step import FlatStep
+from models.cache import Step
+
 REGION_BUCKET = 16  # regions are padded to a multiple of this
 
 
@@ -142,8 +145,8 @@ class GraphedSteps:
         self.steps, self.key, self.pool = {}, None, None
 
     def get(self, model, cache, images, regions, template):
-        """A free GraphedStep of the bucket of `cache` (a models.cache.DecoderCache with a flat_step), held
-        until the cache is garbage collected."""
+        """A free GraphedStep of the bucket of `cache` (a models.cache.DecoderCache of `model`), held until the
+        cache is garbage collected."""
         key = weights_key(model)
         if key != self.key:
             self.steps, self.key = {}, key
@@ -154,9 +157,32 @@ class GraphedSteps:
         if step is None:
             if template.device.type == 'cuda' and self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
-            step = GraphedStep(cache.flat_step, bucket[0], cache.rows_per_image, bucket[2], cache.capacity,
+            step = GraphedStep(FlatStep(model), bucket[0], cache.rows_per_image, bucket[2], cache.capacity,
                                model.K, template, self.pool)
             steps.append(step)
         step.in_use = True
         weakref.finalize(cache, setattr, step, 'in_use', False)
         return step
+
+
+class GraphedDecoding(Step):
+    """One decoding's steps through its bucket's GraphedStep (models.accel.decoding_step)."""
+    grouped_memory = False  # the graphed step attends over one padded group of images
+
+    def __init__(self, model):
+        self.model, self.graphed = model, None
+
+    def attach(self, cache):
+        """The bucket's GraphedStep, loaded with this decoding's memory; the cache's layers then hold views of its
+        self-attention keys/values (so that beam search's reorder moves the right rows)."""
+        steps = self.model.__dict__.setdefault('_graphed_steps', GraphedSteps())
+        memory = [layer.memory for layer in cache.layers]
+        images, regions = cache.memory.size(0), cache.memory.size(1)
+        self.graphed = steps.get(self.model, cache, images, regions, template=memory[0][0][0])
+        self.graphed.load(memory)
+        keys, values = self.graphed.row_views(images * cache.rows_per_image)
+        for layer, key, value in zip(cache.layers, keys, values):
+            layer.key, layer.value = key, value
+
+    def __call__(self, tokens, cache):
+        return self.graphed(tokens)
