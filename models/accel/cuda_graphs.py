@@ -1,4 +1,4 @@
-"""Decoding steps replayed from CUDA graphs (`--cuda_graphs 1`, ours; issue 22): the flat step (models/accel/flat_step.py)
+"""Decoding steps replayed from CUDA graphs (`--cuda_graphs 1`, ours; issue 22): the flat step (accel/flat_step.py)
 on fixed shapes, captured once per shape bucket and replayed at every step.
 
 On a GPU a decoding step is a few hundred small kernels whose launches cost more host time than the GPU spends
