@@ -25,7 +25,7 @@ from misc.fileio import check_output_folder, run_cli, write_json
 from misc.losses import build_criterion
 from misc.utils import resolve_device
 from misc.visualize import write_index_html
-from models.speed import apply_eval_options, int8_kernel, use_cuda_graphs
+from models.accel.speed import apply_eval_options, int8_kernel, use_cuda_graphs
 from opts import (REFERENCE_EVAL_INFOS, REFERENCE_EVAL_MODEL, check_eval_split, check_image_options, decode_config,
                   parse_eval_opt, resolve_eval_options)
 
@@ -107,12 +107,13 @@ def run_evaluation(eval_opt, loaded=None):
                          'not this script')
     torch.manual_seed(eval_opt.seed)
     model, opt, infos = loaded or load_checkpoint(eval_opt)
+    config = decode_config(opt, opt.vocab_size)  # bad decoding options fail here, before the data is loaded
     if opt.language_eval:
         check_ready(opt.ref_json, opt.spice)
     with DataLoader(DataConfig.from_opt(opt)) as loader:
         loader.check_att_feat_size(opt.att_feat_size, f'the checkpoint {eval_opt.model} (att_feat_size)')
         loader.ix_to_word = infos['vocab']  # the vocabulary always comes from the checkpoint
-        result = evaluate(model, loader, opt.split, decode_config(opt, opt.vocab_size), num_images=opt.num_images,
+        result = evaluate(model, loader, opt.split, config, num_images=opt.num_images,
                           batch_size=opt.batch_size, remove_bad_endings=bool(opt.remove_bad_endings),
                           crit=build_criterion(0) if eval_opt.verbose_loss else None, bf16=opt.bf16,
                           keep_beams=eval_opt.seq_kd, with_paths=bool(eval_opt.dump_path),

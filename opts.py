@@ -364,11 +364,10 @@ def decode_config(opt, vocab_size=None):
                          'opts.add_decoding_options')
     try:
         config = DecodeConfig.from_values(vars(opt))
+        if vocab_size is not None:
+            config.check_vocabulary(vocab_size)
     except ValueError as e:
         raise SaticError(f'decoding options: {e}') from None
-    if vocab_size is not None and config.beam_size > 1 and config.beams_per_group > vocab_size + 1:
-        raise SaticError(f'--beam_size {config.beam_size} (with --group_size {config.group_size}) asks for more beams '
-                         f'than the {vocab_size + 1} entries of the vocabulary: use a smaller --beam_size')
     return config
 
 
@@ -427,5 +426,4 @@ def resolve_eval_options(eval_opt, infos, infos_path='infos'):
         check_opt(opt)
     except SaticError as e:  # check_opt's one line, here about the infos file or this command line
         raise SaticError(f'{e} (options of {infos_path} and this command line)') from None
-    decode_config(opt, opt.vocab_size)  # bad decoding options fail now, not after loading the data
     return opt

@@ -43,7 +43,7 @@ from misc.loss_wrapper import LossConfig, LossWrapper
 from misc.runfolder import RunFolderLock, check_not_busy, check_owner, same_folder
 from misc.teacher import load_teacher
 from misc.utils import autocast, format_duration, to_device
-from models.speed import compile_model, use_cuda_graphs
+from models.accel.speed import compile_model, use_cuda_graphs
 from opts import decode_config, parse_opt
 
 # (ours) Consecutive iterations with a non-finite loss or gradient (each skipped) after which training stops.

@@ -45,19 +45,27 @@ def main():
     result = {'root': args.root, 'job': args.job, 'K': args.K, 'threads': torch.get_num_threads()}
     compile_s = None
     if args.compile:
-        from models.speed import compile_model
+        compile_model = speed_paths().compile_model
         compile_model(model, training=args.job == 'train', decoding=args.job == 'decode')
     if args.job == 'train':
         result.update(train_job(args, model, torch))
     else:
         if args.quantize == 'int8':
-            from models.speed import quantize_int8
-            model = quantize_int8(model.eval())
+            model = speed_paths().quantize_int8(model.eval())
         result.update(decode_job(args, model, torch))
     if compile_s is not None:
         result['compile_s'] = compile_s
     with open(args.out, 'w') as f:
         json.dump(result, f)
+
+
+def speed_paths():
+    """The --root tree's models.accel.speed (models.speed before models/accel/, e.g. an older --base)."""
+    try:
+        from models.accel import speed
+    except ImportError:
+        from models import speed
+    return speed
 
 
 def timed(fn, iters, warmup):

@@ -1,4 +1,4 @@
-"""Benchmark: the flat decoding step (models/flat_step.py) against the module step, in one process, A/B interleaved.
+"""Benchmark: the flat decoding step (models/accel/flat_step.py) vs the module step, in one process, A/B alternated.
 
 Greedy decoding (cached, every caption the full 20 words: generator bias[0] = -1e4), K = 1 and 2, at batch 1 on
   - the paper size (6+6 layers, d_model 512, d_ff 2048, vocabulary 9487): what a user gets on this machine;

@@ -143,7 +143,7 @@ def main(argv=None):
 
     model = paper_model(args.K, device=device, **sizes).train()
     if args.compile:
-        from models.speed import compile_model
+        from models.accel.speed import compile_model
         compile_model(model)
     batch = make_batch(args.images, args.seq_per_img, size['att_feat_size'], size['vocab_size'])
     att, masks = (t.to(device) for t in batch.pop('distinct'))

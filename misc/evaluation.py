@@ -83,14 +83,15 @@ def evaluate(model, loader, split, config, *, num_images=-1, batch_size=None, re
             synchronize(device)
             start = time.perf_counter()
             with precision:
-                seq, _ = model.decode(att, masks, config)  # (B, max_length)
+                decoded = model.decode(att, masks, config)
+            seq = decoded.seq  # (B, max_length)
             synchronize(device)
             decode_seconds += time.perf_counter() - start
             if attention_top > 0:  # outside the timed decoding
                 with precision:
                     attention = region_attention(model, att, masks, seq, attention_top, vocab)
             captions = decode_sequence(vocab, seq, remove_bad_endings)
-            image_beams = _beam_captions(vocab, model, captions, config.beam_size, remove_bad_endings) \
+            image_beams = _beam_captions(vocab, decoded.hypotheses, config.beam_size, remove_bad_endings) \
                 if keep_beams or print_beams else [None] * len(captions)
             for i, caption, caption_beams in zip(range(n), captions, image_beams):
                 shown = caption_beams if print_beams else None
@@ -173,10 +174,9 @@ def _prediction(info, caption, caption_beams, with_paths, verbose):
     return entry
 
 
-def _beam_captions(vocab, model, captions, beam_size, remove_bad_endings=False):
-    """Per image of the batch just decoded, its beam_size captions (greedy: the one caption), in done_beams order:
-    best first, or group after group with diverse beam search."""
-    if beam_size == 1:
-        return [[c] for c in captions]
-    return [decode_sequence(vocab, [b['seq'].tolist() for b in image_beams[:beam_size]], remove_bad_endings)
-            for image_beams in model.done_beams]
+def _beam_captions(vocab, hypotheses, beam_size, remove_bad_endings=False):
+    """Per image of the batch just decoded, its beam_size captions (greedy: the one caption), in the order of the
+    decoding's returned hypotheses (models.decoding.Decoded): best first, or group after group with diverse beam
+    search."""
+    return [decode_sequence(vocab, [h['seq'].tolist() for h in image[:beam_size]], remove_bad_endings)
+            for image in hypotheses]

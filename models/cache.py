@@ -16,6 +16,9 @@ Two layouts of the self-attention keys/values:
 With `incremental=False` the state only remembers the token prefix and the memory, and every step re-decodes the
 whole prefix with cross-attention recomputed (the reference's way; kept for tests and benchmarks).
 
+The cache also holds how its steps run (`Step`, chosen once per decoding by models.accel.decoding_step):
+`CachedStep` over the keys/values above, or `PrefixStep`.
+
 Shapes: B images, R rows per image (rows_per_image), S = B * R rows, H heads, T positions so far, N regions, dk = D / H.
 """
 import torch
@@ -23,7 +26,7 @@ import torch
 
 class LayerCache:
     """One decoder layer's keys/values: self-attention (S, H, T or capacity, dk); memory: the list of
-    models.kernels.memory_key_value ((B_g, H, N_g, dk) keys and values, mask, group), per group of images."""
+    models.accel.kernels.memory_key_value ((B_g, H, N_g, dk) keys and values, mask, group), per group of images."""
 
     def __init__(self, memory, capacity=None):
         self.memory = memory
@@ -77,7 +80,7 @@ class DecoderCache:
     capacity: positions the fixed layout holds (None: growing layout).
     """
 
-    def __init__(self, memory, memory_mask, layers=None, rows_per_image=1, capacity=None, flat_step=None):
+    def __init__(self, memory, memory_mask, layers=None, rows_per_image=1, capacity=None, step=None):
         self.memory = memory  # (B, N, D)
         self.encoder_mask = memory_mask  # (B, 1, N) or None (every region valid)
         # (B, 1, 1, N): one mask for every head and query
@@ -85,8 +88,7 @@ class DecoderCache:
         self.layers = layers  # list of LayerCache, or None: re-decode the prefix at every step
         self.rows_per_image = rows_per_image
         self.capacity = capacity
-        self.flat_step = flat_step  # a models.flat_step.FlatStep for its steps, or None: SATModel.cached_step
-        self.graphed_step = None  # a models.cuda_graphs.GraphedStep (SATModel.cuda_graphs), holding the buffers
+        self.step = step  # a Step: how SATModel.step runs (models.accel.decoding_step)
         self.length = 0
         self.prefix = None  # (S, T) tokens so far, kept only without layer caches
 
@@ -159,3 +161,46 @@ class DecoderCache:
         if self.prefix is not None:
             self.prefix = self.prefix.index_select(0, index)
         return self
+
+
+class Step:
+    """How one decoding runs its steps: (tokens (S, K), cache) -> log-probs of the next K words (S, K, V); the caller
+    (SATModel.step) advances cache.length."""
+    grouped_memory = True  # the memory keys/values may be split per group of images (models.masks.Packing.grouped)
+
+    def attach(self, cache):
+        """Called once the cache around it is built."""
+
+    def __call__(self, tokens, cache):
+        raise NotImplementedError
+
+
+class PrefixStep(Step):
+    """No layer caches: fn(tokens, cache) re-decodes the whole prefix (SATModel.prefix_step)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, tokens, cache):
+        return self.fn(tokens, cache)
+
+
+class CachedStep(Step):
+    """A step over the cache's keys/values: fn has SATModel.cached_step's signature (cached_step itself, its
+    compiled form, models.accel.flat_step.FlatStep). masked: the fixed layout attended under a mask over the whole
+    buffer (one shape at every step: what a compiled step needs); else only the filled part of the buffers (a
+    little faster eagerly)."""
+
+    def __init__(self, fn, masked=False):
+        self.fn, self.masked = fn, masked
+
+    def __call__(self, tokens, cache):
+        k = tokens.size(1)
+        positions, self_mask = cache.positions(k, tokens.device, masked=self.masked)  # (K,), (1,1,1,cap) or None
+        filled = cache.length + k if cache.fixed and not self.masked else None
+        keys, values, memory = cache.buffers(tokens.size(0))
+        logprobs, keys, values = self.fn(tokens, positions, self_mask, keys, values, memory, cache.rows_per_image,
+                                         filled)
+        if not cache.fixed:
+            cache.store(keys, values)
+        return logprobs

@@ -1,4 +1,5 @@
-"""How to decode: one typed config for `SATModel.decode`, greedy/sampling and beam search.
+"""How to decode: one typed config for `SATModel.decode` (models.decoding.generate), every search, and its one
+validation (`__post_init__`, and `check_vocabulary` against a model's vocabulary).
 
 Its fields are the decoding options; each says how a value from outside is read (`convert` in its metadata), so
 `DecodeConfig.from_values` builds it from resolved command-line options (opts.decode_config) and
@@ -12,7 +13,7 @@ included.
 """
 import dataclasses
 
-from models.beam_search import length_penalty_fn
+from models.search import length_penalty_fn
 
 # Keys of the reference's opt dict read beside the fields: 'remove_bad_endings' is a post-processing of the decoded
 # strings (misc.utils.decode_sequence), so the model accepts the key and leaves the tokens alone; 'seq_per_img' is
@@ -40,7 +41,9 @@ class DecodeConfig:
     chosen by an earlier group at the same position costing `diversity_lambda` per occurrence;
     decoding_constraint: a word may not repeat the word just before it (greedy, sampling and beams);
     block_trigrams: the reference's soft trigram penalty (greedy and sampling, as the reference);
-    max_length: None for the model's own; use_cache: None for the model's own; length_penalty '', 'wu_a', 'avg_a'."""
+    max_length: None for the model's own; use_cache: None for the model's own;
+    length_penalty '', 'wu_a', 'avg_a': the score of a finished hypothesis, every search (beam search ranks by it;
+    a width-one search's one path per row is scored, never changed: models.search)."""
     sample_max: bool = option(True, bool)
     beam_size: int = option(1, int)
     temperature: float = option(1.0, float)
@@ -66,6 +69,14 @@ class DecodeConfig:
     @property
     def beams_per_group(self):
         return self.beam_size // self.group_size
+
+    def check_vocabulary(self, vocab_size):
+        """ValueError when a beam group asks for more beams than the vocabulary's vocab_size + 1 entries (each beam
+        proposes that many words)."""
+        if self.beam_size > 1 and self.beams_per_group > vocab_size + 1:
+            raise ValueError(f'beam_size {self.beam_size} (group_size {self.group_size}: {self.beams_per_group} beams '
+                             f'per group) is larger than the {vocab_size + 1} entries of the vocabulary: use a '
+                             'smaller beam_size')
 
     @classmethod
     def option_names(cls):

@@ -3,8 +3,8 @@
 At every decoding step each member gives its log-probs for the K words of the group; the ensemble's are the log of
 the weighted mean of the members' word probabilities, log(sum_i w_i p_i) with the weights normalised to sum to one
 (the reference's eval_ensemble.py: softmax, weighted mean, log). `EnsembleModel` has SATModel's decoding surface
-(`encode`, `init_cache`, `step`, `decode`, K, vocab_size, max_length, done_beams), so greedy / sampling
-(models.decoding), beam and diverse beam search (models.beam_search) and every decoding option run on it unchanged:
+(`encode`, `init_cache`, `step`, `decode`, K, vocab_size, max_length), so the generation loop (models.decoding) with
+every search (models.search: greedy, sampling, beam and diverse beam) and every decoding option runs on it unchanged:
 its cache holds one decoding cache per member and `reorder` reorders each.
 
 Members must share K (the same words per step) and the vocabulary (the same word ids), which the caller checks
@@ -20,7 +20,7 @@ import math
 import torch
 from torch import nn
 
-from models.decoding import decode_batch
+from models.decoding import generate
 
 
 class EnsembleEncoding:
@@ -76,7 +76,6 @@ class EnsembleModel(nn.Module):
         self.log_weights = [math.log(w) if w > 0 else float('-inf') for w in self.weights]
         self.K, self.vocab_size = members[0].K, members[0].vocab_size
         self.max_length = max(member.max_length for member in members)
-        self.done_beams = None  # filled by beam search, as SATModel's
 
     def combine(self, logprobs):
         """Members' log-probs [(..., V)] -> log of their weighted mean probabilities (..., V)."""
@@ -114,8 +113,8 @@ class EnsembleModel(nn.Module):
         return self.combine(logprobs), cache
 
     def decode(self, att_feats, att_masks=None, config=None, seq_per_img=1):
-        """Caption a batch as SATModel.decode does (models.decoding.decode_batch): (seq, seqLogprobs)."""
-        return decode_batch(self, att_feats, att_masks, config, seq_per_img)
+        """Caption a batch as SATModel.decode does (models.decoding.generate): a models.decoding.Decoded."""
+        return generate(self, att_feats, att_masks, config, seq_per_img)
 
     def region_attention(self, att_feats, att_masks, seq):
         """The members' SATModel.region_attention for the ensemble's caption seq (B, T): their attention weights

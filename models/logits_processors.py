@@ -1,8 +1,8 @@
 """The decoding options as steps on one token position's log-probabilities, shared by every search.
 
 A step ("logits processor") is given the log-probs (R, V) of R rows at position t and the words chosen so far
-(`History`) and returns adjusted log-probs. `models.decoding` (greedy, sampling) and `models.beam_search` ask
-`Steps.for_search(config, search)` for theirs and apply them in the order of `PROCESSORS`:
+(`History`) and returns adjusted log-probs. The generation loop (models.decoding, the one place that applies them)
+asks `Steps.for_search(config, search.kind)` for a search's (models.search) and applies them in `PROCESSORS` order:
 - the steps that shape the distribution (`reported = True`) first: the chosen word's log-prob is read from their
   output, as the reference (`Steps.adjust`);
 - then those that only steer the choice (`reported = False`: the sampling temperature, the diversity penalty of

@@ -2,7 +2,7 @@
 
 Pipeline: region features --att_embed--> encoder --> memory; the decoder reads the caption shifted by one K-word
 group and predicts K words per position group. `forward` is teacher forcing (training), `encode` + `step` are the
-decoding primitives used by `models.decoding` (greedy / sampling) and `models.beam_search`. The reference call
+decoding primitives used by `models.decoding` (the generation loop of every search, models.search). The reference call
 conventions (`model(fc, att, labels, att_masks)`, `model(fc, att, att_masks, opt=..., mode='sample')`) are a thin
 layer on top.
 
@@ -14,13 +14,12 @@ import math
 import torch
 from torch import nn
 
+from models.accel import decoding_step
+from models.accel.kernels import Dropout, memory_key_value
 from models.cache import DecoderCache, LayerCache, StepBuffers
 from models.decode_config import DecodeConfig
-from models.decoding import decode_batch
-from models.cuda_graphs import GraphedSteps
-from models.flat_step import FlatStep
+from models.decoding import generate
 from models.masks import Packing, group_mask, target_mask
-from models.kernels import Dropout, memory_key_value
 from models.transformer import make_model
 
 HEADS = 8
@@ -37,11 +36,11 @@ class SATModel(nn.Module):
         self.K = K
         self.max_length = max_length
         self.use_cache = bool(use_cache)
-        self.flat_step = bool(flat_step)  # decoding steps without gradients as one function (models.flat_step)
-        self.cuda_graphs = False  # (ours) eval decoding steps replayed from CUDA graphs (models.cuda_graphs)
+        # Speed paths of the decoding step (models.accel.decoding_step reads them):
+        self.flat_step = bool(flat_step)  # decoding steps without gradients as one function (models.accel.flat_step)
+        self.cuda_graphs = False  # (ours) eval decoding steps replayed from CUDA graphs (models.accel.cuda_graphs)
         self.group_regions = True  # attention per group of images of similar region counts (models.masks)
         self.d_model = d_model
-        self.done_beams = None  # filled by beam search: per image, the finished beams, best first
         embed = [nn.Linear(att_feat_size, d_model), nn.ReLU(inplace=True), Dropout(drop_prob_lm)]
         if use_bn:
             embed.insert(0, nn.BatchNorm1d(att_feat_size))
@@ -105,9 +104,6 @@ class SATModel(nn.Module):
         memory_kv = [memory_key_value(layer.src_attn, memory, packing) for layer in self.model.decoder.layers]
         return self.model.decoder.forward_memory_kv(self.model.embed(tokens), memory_kv, tgt_mask, rows_per_image)
 
-    def _is_compiled(self, name):
-        return name in self.__dict__.get('_compiled', {})
-
     def _maybe_compiled(self, name, fallback):
         compiled = self.__dict__.get('_compiled', {}).get(name)
         return fallback if compiled is None else compiled
@@ -123,10 +119,6 @@ class SATModel(nn.Module):
     @property
     def _generator_fn(self):
         return self._maybe_compiled('generator', self.model.generator)
-
-    @property
-    def _step_fn(self):
-        return self._maybe_compiled('step', self.cached_step)
 
     def encode(self, att_feats, att_masks=None):
         """att_feats (B, N, F), att_masks (B, N) float 1/0 or None -> memory (B, N', D), memory mask (B, 1, N').
@@ -210,45 +202,29 @@ class SATModel(nn.Module):
 
         memory (B, N, D) and memory_mask (B, 1, N) or None from encode. The cross-attention keys/values are
         projected once, from the real regions only. Without gradients the self-attention keys/values go into
-        fixed buffers for max_length positions (default self.max_length), rounded up to whole K-word groups, and
-        in eval mode the steps run as one function over the decoder's tensors (models.flat_step), unless compiled
-        or self.flat_step is off; with self.cuda_graphs, that step on fixed-shape tensors, replayed from a CUDA
-        graph on a GPU (models.cuda_graphs).
+        fixed buffers for max_length positions (default self.max_length), rounded up to whole K-word groups.
+        Without the cache (use_cache off) every step re-decodes the prefix (prefix_step). How the steps run is
+        chosen once here, by models.accel.decoding_step (cached_step, or a speed path with its numbers).
         """
         use_cache = self.use_cache if use_cache is None else use_cache
         capacity = None
         if use_cache and not torch.is_grad_enabled():
             capacity = math.ceil((max_length or self.max_length) / self.K) * self.K
-        flat = capacity is not None and self.flat_step and FlatStep.applies(self) and not self._is_compiled('step')
-        # (not under autocast, --bf16 / --fp16: its cache of cast weights must not be captured)
-        graphed = flat and self.cuda_graphs and not torch.is_autocast_enabled(memory.device.type)
+        step = decoding_step(self, memory, use_cache, capacity)
         layers = None
         if use_cache:
             if memory_mask is None:
                 packing = Packing(batch=memory.size(0), length=memory.size(1))
-            else:  # (a graphed step attends over one padded group)
+            else:
                 packing = Packing(memory_mask.squeeze(1))
-                packing = packing if graphed else self._grouped(packing)
+                packing = self._grouped(packing) if step.grouped_memory else packing
             rows = packing.unpad(memory)  # (M, D)
             layers = [LayerCache([(key.contiguous(), value.contiguous(), mask, group) for key, value, mask, group
                                   in memory_key_value(layer.src_attn, rows, packing)], capacity)
                       for layer in self.model.decoder.layers]
-        cache = DecoderCache(memory, memory_mask, layers, rows_per_image, capacity, FlatStep(self) if flat else None)
-        if graphed:
-            cache.graphed_step = self._graphed_step(cache, memory.size(0), memory.size(1))
+        cache = DecoderCache(memory, memory_mask, layers, rows_per_image, capacity, step)
+        step.attach(cache)
         return cache
-
-    def _graphed_step(self, cache, images, regions):
-        """The bucket's models.cuda_graphs.GraphedStep, loaded with this decoding's memory; the cache's layers then
-        hold views of its self-attention keys/values (so that beam search's reorder moves the right rows)."""
-        steps = self.__dict__.setdefault('_graphed_steps', GraphedSteps())
-        memory = [layer.memory for layer in cache.layers]
-        step = steps.get(self, cache, images, regions, template=memory[0][0][0])
-        step.load(memory)
-        keys, values = step.row_views(images * cache.rows_per_image)
-        for layer, key, value in zip(cache.layers, keys, values):
-            layer.key, layer.value = key, value
-        return step
 
     def step(self, tokens, cache):
         """One K-word group: the previous group's tokens (S, K) -> log-probs of the next K words (S, K, V).
@@ -256,35 +232,23 @@ class SATModel(nn.Module):
         The cache (updated in place, also returned) holds every earlier group. At decoding time all K start zeros
         are visible: there is no key-padding mask.
         """
+        logprobs = cache.step(tokens, cache)  # (S, K, V): the implementation init_cache chose
+        cache.length += tokens.size(1)
+        return logprobs, cache
+
+    def prefix_step(self, tokens, cache):
+        """A step without layer caches (the reference's way): the whole prefix re-decoded, cross-attention
+        recomputed -> log-probs of the newest K positions (S, K, V)."""
         k = tokens.size(1)
-        if cache.graphed_step is not None:
-            cache.length += k
-            return cache.graphed_step(tokens), cache
-        if cache.incremental:
-            # fixed layout: the same shapes at every step, so the compiled step (--compile 1) is built once; eager
-            # steps attend over the filled part of the buffers instead of masking the rest
-            compiled = self._is_compiled('step')
-            positions, self_mask = cache.positions(k, tokens.device, masked=compiled)  # (K,), (1,1,1,cap) or None
-            filled = cache.length + k if cache.fixed and not compiled else None
-            keys, values, memory = cache.buffers(tokens.size(0))
-            step_fn = cache.flat_step or self._step_fn
-            logprobs, keys, values = step_fn(tokens, positions, self_mask, keys, values, memory, cache.rows_per_image,
-                                             filled)
-            if not cache.fixed:
-                cache.store(keys, values)
-            cache.length += k
-            return logprobs, cache
-        else:
-            prefix = cache.extend_prefix(tokens)  # (S, T)
-            memory, memory_mask = cache.memory, cache.encoder_mask  # (B, N, D), (B, 1, N) or None
-            if cache.rows_per_image > 1:
-                memory = memory.repeat_interleave(cache.rows_per_image, dim=0)  # (S, N, D)
-                if memory_mask is not None:
-                    memory_mask = memory_mask.repeat_interleave(cache.rows_per_image, dim=0)
-            mask = group_mask(prefix.size(1), self.K, prefix.device)  # (1, T, T)
-            out = self.model.decode(memory, memory_mask, prefix, mask)[:, -k:]  # (S, K, D)
-        cache.length += k
-        return self.model.generator(out), cache
+        prefix = cache.extend_prefix(tokens)  # (S, T)
+        memory, memory_mask = cache.memory, cache.encoder_mask  # (B, N, D), (B, 1, N) or None
+        if cache.rows_per_image > 1:
+            memory = memory.repeat_interleave(cache.rows_per_image, dim=0)  # (S, N, D)
+            if memory_mask is not None:
+                memory_mask = memory_mask.repeat_interleave(cache.rows_per_image, dim=0)
+        mask = group_mask(prefix.size(1), self.K, prefix.device)  # (1, T, T)
+        out = self.model.decode(memory, memory_mask, prefix, mask)[:, -k:]  # (S, K, D)
+        return self.model.generator(out)
 
     def cached_step(self, tokens, positions, self_mask, keys, values, memory, rows_per_image, filled=None):
         """One cached decoding step on plain tensors (what --compile 1 compiles): tokens (S, K) at positions (K,);
@@ -304,14 +268,17 @@ class SATModel(nn.Module):
         return self.model.generator(self.model.decoder.norm(x)), new_keys, new_values
 
     def decode(self, att_feats, att_masks=None, config=None, seq_per_img=1):
-        """Caption a batch: (seq (B, max_length) int64, seqLogprobs (B, max_length)), zero padded; config a
-        models.decode_config.DecodeConfig (default: greedy). See models.decoding.decode_batch."""
-        return decode_batch(self, att_feats, att_masks, config, seq_per_img)
+        """Caption a batch: a models.decoding.Decoded, (seq (B, max_length) int64, seqLogprobs (B, max_length)),
+        zero padded, with the finished hypotheses as .hypotheses; config a models.decode_config.DecodeConfig
+        (default: greedy). See models.decoding.generate."""
+        return generate(self, att_feats, att_masks, config, seq_per_img)
 
     # ---- the reference call conventions --------------------------------------------------------------------
     def forward(self, fc_feats, att_feats, *args, mode='forward', **kwargs):
         """model(fc, att, labels, att_masks) -> log-probs (S, L-1, V);
-        model(fc, att, att_masks, opt={...}, mode='sample') -> (seq, seqLogprobs) (B, max_length).
+        model(fc, att, att_masks, opt={...}, mode='sample') -> (seq, seqLogprobs) (B, max_length); beam search
+        also leaves its finished beams in model.done_beams, as the reference did (its notebooks and tools read them
+        there; our code reads decode's returned hypotheses).
 
         fc_feats are unused by this model (kept for the reference signature).
         """
@@ -323,7 +290,10 @@ class SATModel(nn.Module):
 
     def _sample(self, att_feats, att_masks=None, opt=None):
         config, seq_per_img = DecodeConfig.from_reference_opt(opt)
-        return self.decode(att_feats, att_masks, config, seq_per_img=seq_per_img)
+        decoded = self.decode(att_feats, att_masks, config, seq_per_img=seq_per_img)
+        if config.beam_size > 1:
+            self.done_beams = decoded.hypotheses  # the reference's interface only
+        return decoded
 
 
 def build_model(config, vocab_size):

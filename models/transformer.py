@@ -9,7 +9,7 @@ On top of the reference's full-sequence `forward` methods, the decoder layer has
 the newest positions against cached keys/values (`models.cache`, fairseq-style incremental decoding, same
 numbers), and the encoder runs on packed rows (the real regions only, `models.masks.Packing`). The speed kernels
 these call (hand-written layer-norm backward, CPU dropout mask, fused projections, packed and folded attention)
-are in models/kernels.py, each the same numbers as the formula written here.
+are in models/accel/kernels.py, each the same numbers as the formula written here.
 
 Shapes: B images, S decoding rows (B, or B * rows per image: beams or captions), N regions, T tokens, D d_model,
 H heads, dk = D / H.
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import kernels
+from models.accel import kernels
 
 
 def clones(module, n):
@@ -80,9 +80,9 @@ class MultiHeadedAttention(nn.Module):
         self.h = h
         self.linears = clones(nn.Linear(d_model, d_model), 4)
         self.dropout = kernels.Dropout(p=dropout)
-        # Speed only (models.kernels.project_concat), not in the state_dict: the concatenated q|k|v and k|v
+        # Speed only (models.accel.kernels.project_concat), not in the state_dict: the concatenated q|k|v and k|v
         # weights at inference, and modules computing such a concatenation at once, keyed like `which` (e.g.
-        # (0, 1, 2) -> an int8 layer over the q|k|v weights, set by models.speed.quantize_int8).
+        # (0, 1, 2) -> an int8 layer over the q|k|v weights, set by models.accel.speed.quantize_int8).
         self._fused = {}
         self.fused_projections = {}
 
@@ -269,7 +269,7 @@ class DecoderLayer(nn.Module):
         return self.sublayer[2](x, self.feed_forward), weights
 
     def forward_memory_kv(self, x, memory, tgt_mask, rows_per_image=1):
-        """Full sequence x (S, T, D) with the memory's keys/values already projected (models.kernels.
+        """Full sequence x (S, T, D) with the memory's keys/values already projected (models.accel.kernels.
         memory_key_value), S = B * rows_per_image (the rows of an image follow each other), tgt_mask (S or 1, T, T)."""
         sub = self.sublayer
         x = sub[0](x, lambda y: self.self_attn(y, y, y, tgt_mask))
@@ -313,7 +313,7 @@ class Decoder(nn.Module):
         return self.norm(x)
 
     def forward_memory_kv(self, x, memory_kv, tgt_mask, rows_per_image=1):
-        """x (S, T, D) with each layer's memory keys/values (models.kernels.memory_key_value) -> (S, T, D);
+        """x (S, T, D) with each layer's memory keys/values (models.accel.kernels.memory_key_value) -> (S, T, D);
         S = B * rows_per_image."""
         for layer, memory in zip(self.layers, memory_kv):
             x = layer.forward_memory_kv(x, memory, tgt_mask, rows_per_image)

@@ -49,7 +49,7 @@ DECODES = [(case, d) for case in CASES for d in case['decodes']]
 
 def reproduce(case, decode, use_cache, device='cpu', graphs=False):
     """Decode the case on device and compare with the reference: tokens, seqLogprobs, every done_beams entry.
-    graphs: the fixed-shape graphed step (models.cuda_graphs; replayed from CUDA graphs on a GPU, run eagerly on
+    graphs: the fixed-shape graphed step (models.accel.cuda_graphs; replayed from CUDA graphs on a GPU, run eagerly on
     the CPU)."""
     model = build(case).to(device)
     model.cuda_graphs = graphs
@@ -59,13 +59,14 @@ def reproduce(case, decode, use_cache, device='cpu', graphs=False):
     if seed is not None:
         torch.manual_seed(seed)
     with torch.no_grad():
-        seq, logprobs = model(x['fc_feats'], x['att_feats'], x['att_masks'], opt=opt, mode='sample')
+        seq, logprobs = decoded = model(x['fc_feats'], x['att_feats'], x['att_masks'], opt=opt, mode='sample')
     assert seq.device.type == torch.device(device).type
     assert torch.equal(seq.cpu(), decode['seq'])
     torch.testing.assert_close(logprobs.cpu(), decode['seqLogprobs'], atol=1e-4, rtol=0)
     if 'done_beams' in decode:
-        assert len(model.done_beams) == len(decode['done_beams'])
-        for ours, theirs in zip(model.done_beams, decode['done_beams']):
+        assert model.done_beams is decoded.hypotheses  # the reference's interface: the returned hypotheses
+        assert len(decoded.hypotheses) == len(decode['done_beams'])
+        for ours, theirs in zip(decoded.hypotheses, decode['done_beams']):
             assert len(ours) == len(theirs)
             for a, b in zip(ours, theirs):
                 assert torch.equal(a['seq'].cpu(), b['seq'])
@@ -84,7 +85,7 @@ def test_decoding_reproduces_the_reference(case, decode, use_cache):
 
 @pytest.mark.parametrize('case,decode', DECODES, ids=[decode_id(c, d) for c, d in DECODES])
 def test_fixed_shape_graph_step_reproduces_the_reference(case, decode):
-    """The step models.cuda_graphs captures, on its padded fixed-shape tensors, run eagerly on the CPU."""
+    """The step models.accel.cuda_graphs captures, on its padded fixed-shape tensors, run eagerly on the CPU."""
     reproduce(case, decode, use_cache=1, graphs=True)
 
 

@@ -1,4 +1,4 @@
-"""models.cuda_graphs (--cuda_graphs 1): the fixed-shape step it captures gives the eager path's tokens (run eagerly
+"""models.accel.cuda_graphs (--cuda_graphs 1): the fixed-shape step it captures gives the eager path's tokens (run eagerly
 on the CPU here; the conformance cases in test_conformance_decoding.py too), its buckets are reused across decodes
 of other sizes and rebuilt when the weights change, and on a GPU (marker cuda) the replayed graphs give the eager
 tokens for greedy, beam and seeded sampling."""
@@ -7,10 +7,10 @@ import gc
 import pytest
 import torch
 
-from models.cuda_graphs import regions_bucket, rows_bucket
+from models.accel.cuda_graphs import regions_bucket, rows_bucket
 from models.decode_config import DecodeConfig
 from models.sat import SATModel
-from models.speed import use_cuda_graphs
+from models.accel.speed import use_cuda_graphs
 from tests.helpers import masked_batch
 
 

@@ -59,11 +59,11 @@ def test_decoding_constraint_never_repeats_the_previous_word(k):
                    DecodeConfig(decoding_constraint=True, sample_max=False, temperature=0.7),
                    DecodeConfig(decoding_constraint=True, beam_size=3)):
         torch.manual_seed(0)
-        seq, logprobs = model.decode(att, masks, config)
+        seq, logprobs = decoded = model.decode(att, masks, config)
         assert all(repeats(caption(row)) == 0 for row in seq), config
         assert torch.isfinite(logprobs).all()
         if config.beam_size > 1:
-            for beams in model.done_beams:
+            for beams in decoded.hypotheses:
                 assert all(repeats(caption(beam['seq'])) == 0 for beam in beams)
 
 
@@ -100,8 +100,8 @@ def test_trigram_penalty_counts_each_remembered_follower():
 def test_diverse_groups_differ(k):
     model = flat_model(k, sharpness=2.0)
     att, masks = batch()
-    model.decode(att, masks, DecodeConfig(beam_size=4, group_size=2, diversity_lambda=100.0))
-    for beams in model.done_beams:
+    hypotheses = model.decode(att, masks, DecodeConfig(beam_size=4, group_size=2, diversity_lambda=100.0)).hypotheses
+    for beams in hypotheses:
         assert len(beams) == 4
         first, second = beams[:2], beams[2:]
         # A word group 0 holds at a position costs group 1 100 there: its captions share no first word.
@@ -109,19 +109,18 @@ def test_diverse_groups_differ(k):
         for group in (first, second):  # each group sorted best first
             assert group[0]['p'] >= group[1]['p']
     # Without the penalty the two groups are the same search.
-    model.decode(att, masks, DecodeConfig(beam_size=4, group_size=2, diversity_lambda=0.0))
-    no_penalty = [[beam['seq'].tolist() for beam in beams] for beams in model.done_beams]
+    hypotheses = model.decode(att, masks, DecodeConfig(beam_size=4, group_size=2, diversity_lambda=0.0)).hypotheses
+    no_penalty = [[beam['seq'].tolist() for beam in beams] for beams in hypotheses]
     assert all(beams[:2] == beams[2:] for beams in no_penalty)
 
 
 def test_group_size_one_is_plain_beam_search():
     model = flat_model(2, sharpness=2.0)
     att, masks = batch()
-    seq_a, _ = model.decode(att, masks, DecodeConfig(beam_size=3))
-    beams_a = model.done_beams
-    seq_b, _ = model.decode(att, masks, DecodeConfig(beam_size=3, group_size=1, diversity_lambda=7.0))
+    seq_a, _ = a = model.decode(att, masks, DecodeConfig(beam_size=3))
+    seq_b, _ = b = model.decode(att, masks, DecodeConfig(beam_size=3, group_size=1, diversity_lambda=7.0))
     assert torch.equal(seq_a, seq_b)
-    assert [[b['p'] for b in x] for x in beams_a] == [[b['p'] for b in x] for x in model.done_beams]
+    assert [[h['p'] for h in x] for x in a.hypotheses] == [[h['p'] for h in x] for x in b.hypotheses]
 
 
 def test_reference_opt_refuses_unknown_keys():
@@ -241,3 +240,57 @@ def test_eval_takes_every_decoding_option_from_its_command_line(monkeypatch):
     monkeypatch.setattr(opts, 'add_decoding_options', with_a_new_option)
     eval_opt, opt = _eval_options(['--new_option', '3'])
     assert opt.new_option == 3
+
+
+# ---- the one generation loop: returned hypotheses, sequence-level options for every search ----------------------
+@pytest.mark.parametrize('config', [DecodeConfig(), DecodeConfig(sample_max=False), DecodeConfig(beam_size=3),
+                                    DecodeConfig(beam_size=4, group_size=2)], ids=['greedy', 'sampling', 'beam', 'diverse'])
+def test_decode_returns_its_hypotheses_and_leaves_no_state_on_the_model(config):
+    model = flat_model(2, sharpness=2.0)
+    att, masks = batch()
+    torch.manual_seed(0)
+    seq, logprobs = decoded = model.decode(att, masks, config)  # still the (seq, seqLogprobs) pair
+    assert decoded.seq is seq and decoded.logprobs is logprobs
+    assert not hasattr(model, 'done_beams')
+    assert len(decoded.hypotheses) == att.size(0)
+    for row, image in zip(seq, decoded.hypotheses):
+        assert len(image) == config.beam_size
+        assert torch.equal(image[0]['seq'], row)  # the caption is the first hypothesis
+
+
+def test_width_one_hypotheses_are_each_rows_path_scored_up_to_its_end():
+    model = flat_model(2, sharpness=2.0)
+    with torch.no_grad():
+        model.model.generator.proj.bias[0] = 0.0  # captions may end
+    att, masks = batch()
+    torch.manual_seed(0)
+    seq, logprobs = decoded = model.decode(att, masks, DecodeConfig(sample_max=False), seq_per_img=3)
+    assert seq.size(0) == 12 and [len(image) for image in decoded.hypotheses] == [3] * 4
+    rows = [h for image in decoded.hypotheses for h in image]
+    assert any(0 in h['seq'].tolist() for h in rows)
+    for r, h in enumerate(rows):
+        assert torch.equal(h['seq'], seq[r]) and torch.equal(h['logps'], logprobs[r])
+        words = h['seq'].tolist()
+        n = words.index(0) + 1 if 0 in words else len(words)  # the end token included
+        assert abs(h['p'] - float(logprobs[r, :n].double().sum())) < 1e-6
+
+
+@pytest.mark.parametrize('k', [1, 2])
+def test_length_penalty_scores_greedy_without_changing_its_captions(k):
+    """Width one: the penalty acts on the score of the finished path; argmax sees one position at a time."""
+    model = flat_model(k, sharpness=2.0)
+    att, masks = batch()
+    plain = model.decode(att, masks, DecodeConfig())
+    penalised = model.decode(att, masks, DecodeConfig(length_penalty='avg_0'))
+    assert torch.equal(plain.seq, penalised.seq) and torch.equal(plain.logprobs, penalised.logprobs)
+    for a, b in zip(plain.hypotheses, penalised.hypotheses):
+        n = 20 // k * k  # these captions never end
+        assert abs(b[0]['p'] - a[0]['p'] / n) < 1e-9
+
+
+def test_the_beam_against_vocabulary_check_is_one_function():
+    with pytest.raises(ValueError, match='larger than the 13 entries'):
+        DecodeConfig(beam_size=14).check_vocabulary(VOCAB)
+    DecodeConfig(beam_size=14, group_size=2).check_vocabulary(VOCAB)  # 7 beams per group fit
+    with pytest.raises(SaticError, match='decoding options: beam_size 14 .* larger than the 13 entries'):
+        opts.decode_config(opts.fill_defaults(argparse.Namespace(beam_size=14)), VOCAB)

@@ -10,7 +10,7 @@ Two checks (README, "Several GPUs"):
    on meta and fails where it meets the data (as one created on the CPU would meet CUDA data). Covered: a whole
    training step (XE and self-critical, through train.train_step), decoding (greedy, sampling, beam, diverse beam,
    the constraints; cached and not) and evaluation. The model's dropout is set to 0 there: its fast CPU mask
-   (models.kernels.dropout, used only for CPU tensors) is created on the default device by design.
+   (models.accel.kernels.dropout, used only for CPU tensors) is created on the default device by design.
 And: one host synchronisation per training step, counted.
 """
 import argparse
@@ -184,7 +184,7 @@ def test_beam_search_reads_the_host_once_per_step(trained_pieces, monkeypatch, c
     torch.manual_seed(0)
     with torch.no_grad():
         expected = model.decode(batch['att_feats'], batch['att_masks'], config)[0]
-    calls = count_host_reads(monkeypatch, ('beam_search.py', 'sat.py', 'decoding.py', 'cache.py'))
+    calls = count_host_reads(monkeypatch, ('search.py', 'sat.py', 'decoding.py', 'cache.py'))
     with torch.no_grad():
         seq = model.decode(batch['att_feats'], batch['att_masks'], config)[0]
     steps = -(-max_length // model.K)

@@ -268,7 +268,7 @@ def test_reference_decoding_options_reach_the_captions(checkpoint, workdir, caps
 @pytest.mark.parametrize('args,words', [
     (['--image_folder', 'imgs'], '--image_folder'),
     (['--coco_json', 'x.json'], '--coco_json'),
-    (['--beam_size', '5000'], '--beam_size 5000'),
+    (['--beam_size', '5000'], 'beam_size 5000'),
     (['--beam_size', '3', '--group_size', '4'], 'group_size'),
     (['--length_penalty', 'bogus'], "--length_penalty 'bogus'"),
 ])

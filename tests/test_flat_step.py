@@ -1,4 +1,4 @@
-"""models.flat_step: the decoding step as one function over the decoder's tensors gives the numbers of the module
+"""models.accel.flat_step: the decoding step as one function over the decoder's tensors gives the numbers of the module
 step (SATModel.cached_step) bit for bit: every search (greedy, seeded sampling, beam, diverse beam, decoding
 constraints), K 1, 2 and 4, images with different region counts (attention groups), several rows per image,
 autocast bf16 and --quantize int8; and it is the path decoding takes (eval mode, no gradients) and not otherwise.
@@ -6,10 +6,10 @@ The conformance tests (test_conformance_*.py) run the reference's checkpoints th
 import pytest
 import torch
 
-from models import flat_step
+from models.accel import flat_step
 from models.decode_config import DecodeConfig
 from models.sat import SATModel
-from models.speed import fbgemm_int8_available, quantize_int8
+from models.accel.speed import fbgemm_int8_available, quantize_int8
 from tests.helpers import masked_batch
 
 
@@ -23,14 +23,14 @@ def inputs(seed=1):
 
 
 def decode_both(model, att, masks, config, seq_per_img=1, seed=None):
-    """(flat, modules): (seq, logprobs, done_beams' sequences) of each path."""
+    """(flat, modules): (seq, logprobs, the returned beams' sequences) of each path."""
     out = []
     for flat in (True, False):
         model.flat_step = flat
         if seed is not None:
             torch.manual_seed(seed)
-        seq, logprobs = model.decode(att, masks, config, seq_per_img=seq_per_img)
-        beams = [[beam['seq'] for beam in image] for image in model.done_beams] if config.beam_size > 1 else None
+        seq, logprobs = decoded = model.decode(att, masks, config, seq_per_img=seq_per_img)
+        beams = [[beam['seq'] for beam in image] for image in decoded.hypotheses] if config.beam_size > 1 else None
         out.append((seq, logprobs, beams))
     model.flat_step = True
     return out

@@ -1,4 +1,4 @@
-"""--quantize int8 (models/speed.py) is right on every x86 CPU, whichever int8 kernel fbgemm picks for it.
+"""--quantize int8 (models/accel/speed.py) is right on every x86 CPU, whichever int8 kernel fbgemm picks for it.
 
 fbgemm's AVX2 kernel (CPUs without VNNI) adds uint8 x int8 products in int16 pairs that saturate; its VNNI kernel
 does not. FBGEMM_ENABLE_INSTRUCTIONS=AVX2 makes fbgemm use its AVX2 kernel on any x86 CPU, so both kernels are
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from models.sat import SATModel
-from models.speed import (Int8Linear, concatenated, cpu_flags, fbgemm_int8_available, int8_kernel,
+from models.accel.speed import (Int8Linear, concatenated, cpu_flags, fbgemm_int8_available, int8_kernel,
                           int8_kernel_saturates, int8_weight_bits, quantize_int8)
 from models.transformer import MultiHeadedAttention
 from tests.helpers import REPO_ROOT, masked_batch, tiny_checkpoint
@@ -138,8 +138,8 @@ def test_int8_model_is_a_copy_and_copies_pack_their_own_weights():
 
 def test_int8_without_fbgemm_falls_back_to_torch_ao(monkeypatch):
     """Where torch has no fbgemm (e.g. ARM builds), --quantize int8 is torch.ao's dynamic quantization."""
-    import models.speed
-    monkeypatch.setattr(models.speed, 'fbgemm_int8_available', lambda: False)
+    import models.accel.speed
+    monkeypatch.setattr(models.accel.speed, 'fbgemm_int8_available', lambda: False)
     model, (att, masks) = tiny_model(), tiny_batch()
     q = quantize_int8(model)
     assert type(q.model.generator.proj).__module__.startswith('torch.ao.nn.quantized')

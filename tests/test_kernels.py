@@ -1,11 +1,11 @@
-"""models/kernels.py: each speed kernel computes what the formula it replaces computes (the hand-written layer-norm
+"""models/accel/kernels.py: each speed kernel computes what the formula it replaces computes (the hand-written layer-norm
 backward == autograd of the formula, the CPU dropout mask == dropout's distribution, one fused projection == the
 separate linears, the CPU attention-dropout path == torch's attention). Tiny sizes, CPU."""
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import kernels
+from models.accel import kernels
 from models.transformer import MultiHeadedAttention
 
 

@@ -10,7 +10,6 @@ import torch
 
 import models
 from misc.errors import SaticError
-from models.beam_search import beam_search
 from models.decode_config import DecodeConfig
 from models.masks import group_mask, subsequent_mask, target_mask
 from models.transformer import LayerNorm
@@ -174,13 +173,13 @@ def test_padding_regions_do_not_matter():
 def test_cached_equals_uncached(k, beam):
     model = tiny_model(seed=k, K=k)
     att, masks = masked_batch(seed=k)
-    cached, cached_lp = sample(model, att, masks, beam_size=beam, use_cache=1)
-    cached_beams = model.done_beams
-    uncached, uncached_lp = sample(model, att, masks, beam_size=beam, use_cache=0)
+    cached, cached_lp = decoded = sample(model, att, masks, beam_size=beam, use_cache=1)
+    cached_beams = decoded.hypotheses
+    uncached, uncached_lp = decoded = sample(model, att, masks, beam_size=beam, use_cache=0)
     assert torch.equal(cached, uncached)
     torch.testing.assert_close(cached_lp, uncached_lp, atol=1e-5, rtol=1e-5)
     if beam > 1:
-        for a, b in zip(cached_beams, model.done_beams):
+        for a, b in zip(cached_beams, decoded.hypotheses):
             assert [x['seq'].tolist() for x in a] == [x['seq'].tolist() for x in b]
 
 
@@ -276,9 +275,9 @@ def test_sampling_in_train_mode_carries_gradients():
 def test_beam_search_bookkeeping():
     model = tiny_model(K=2)
     att, masks = masked_batch()
-    seq, logprobs = sample(model, att, masks, beam_size=3)
-    assert len(model.done_beams) == 4
-    for b, beams in enumerate(model.done_beams):
+    seq, logprobs = decoded = sample(model, att, masks, beam_size=3)
+    assert len(decoded.hypotheses) == 4
+    for b, beams in enumerate(decoded.hypotheses):
         assert len(beams) == 3
         scores = [beam['p'] for beam in beams]
         assert scores == sorted(scores, reverse=True)
@@ -295,12 +294,12 @@ def test_beam_search_batched_equals_one_image_at_a_time():
     model = tiny_model(K=2)
     counts = (5, 3, 7, 1)
     att, masks = masked_batch(counts)
-    seq, _ = sample(model, att, masks, beam_size=3)
-    batched = model.done_beams
+    seq, _ = decoded = sample(model, att, masks, beam_size=3)
+    batched = decoded.hypotheses
     for b, n in enumerate(counts):
-        alone, _ = sample(model, att[b:b + 1, :n], None, beam_size=3)
+        alone, _ = decoded = sample(model, att[b:b + 1, :n], None, beam_size=3)
         assert torch.equal(alone[0], seq[b])
-        assert [x['seq'].tolist() for x in model.done_beams[0]] == [x['seq'].tolist() for x in batched[b]]
+        assert [x['seq'].tolist() for x in decoded.hypotheses[0]] == [x['seq'].tolist() for x in batched[b]]
 
 
 def literal_beam_search(model, att, beam, max_length=20):
@@ -344,10 +343,10 @@ def test_beam_search_equals_the_literal_reference(k, beam):
     counts = (5, 3, 7, 1)
     att, masks = masked_batch(counts, seed=k)
     with torch.no_grad():
-        sample(model, att, masks, beam_size=beam)
+        hypotheses = sample(model, att, masks, beam_size=beam).hypotheses
         for b, n in enumerate(counts):
             expected = literal_beam_search(model, att[b:b + 1, :n], beam)
-            got = model.done_beams[b]
+            got = hypotheses[b]
             assert [x['seq'].tolist() for x in got] == [x['seq'].tolist() for x in expected]
             for x, y in zip(got, expected):
                 assert math.isclose(x['p'], y['p'], abs_tol=1e-4)
@@ -361,10 +360,10 @@ def test_beam_search_when_every_real_beam_scores_below_minus_1000():
     with torch.no_grad():
         model.model.generator.proj.bias[0] = 1e4
         att, masks = masked_batch()
-        sample(model, att, masks, beam_size=3)
+        hypotheses = sample(model, att, masks, beam_size=3).hypotheses
         for b, n in enumerate((5, 3, 7, 1)):
             expected = literal_beam_search(model, att[b:b + 1, :n], 3)
-            assert [x['seq'].tolist() for x in model.done_beams[b]] == [x['seq'].tolist() for x in expected]
+            assert [x['seq'].tolist() for x in hypotheses[b]] == [x['seq'].tolist() for x in expected]
 
 
 def test_beam_search_first_position_expands_one_beam_and_suppresses_unk():
@@ -376,8 +375,7 @@ def test_beam_search_first_position_expands_one_beam_and_suppresses_unk():
         with torch.no_grad():
             model.model.generator.proj.bias[0] = -1e4  # no caption ends: every beam runs to the end
             model.model.generator.proj.bias[-1] = 50.0  # UNK would win everywhere
-            memory, memory_mask = model.encode(att, masks)
-            done = beam_search(model, memory, memory_mask, DecodeConfig(beam_size=3), max_length)
+            done = model.decode(att, masks, DecodeConfig(beam_size=3, max_length=max_length)).hypotheses
         for beams in done:
             assert len(beams) == 3 and all(VOCAB not in beam['seq'].tolist() for beam in beams)
             if max_length == 1:
@@ -388,11 +386,13 @@ def test_beam_search_first_position_expands_one_beam_and_suppresses_unk():
 def test_length_penalty_option():
     model = tiny_model(K=2)
     att, masks = masked_batch()
-    sample(model, att, masks, beam_size=3, length_penalty='avg_0')
-    for beams in model.done_beams:
-        for beam in beams:
-            n = next((i + 1 for i, w in enumerate(beam['seq'].tolist()) if w == 0), 20)
-            assert math.isclose(beam['p'], float(beam['logps'].sum()) / n, abs_tol=1e-4)
+    for beam_size in (3, 1):  # beam search ranks by the score; greedy scores its one path per image
+        hypotheses = sample(model, att, masks, beam_size=beam_size, length_penalty='avg_0').hypotheses
+        for beams in hypotheses:
+            assert len(beams) == beam_size
+            for beam in beams:
+                n = next((i + 1 for i, w in enumerate(beam['seq'].tolist()) if w == 0), 20)
+                assert math.isclose(beam['p'], float(beam['logps'][:n].sum()) / n, abs_tol=1e-4)
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------------------

@@ -12,10 +12,11 @@ import os
 import pytest
 import torch
 
+from models.accel import decoding_step
+from models.accel.speed import fbgemm_int8_available, quantize_int8
 from models.decode_config import DecodeConfig
 from models.masks import Packing, target_mask
 from models.sat import SATModel
-from models.speed import fbgemm_int8_available, quantize_int8
 from tests.helpers import masked_batch
 
 
@@ -212,14 +213,14 @@ def test_loss_wrapper_xe_scores_only_the_masked_positions(smoothing):
 @pytest.mark.skipif(os.environ.get('SATIC_TEST_COMPILE') != '1',
                     reason='compiles for 1-4 minutes on 2 CPU cores: set SATIC_TEST_COMPILE=1 to run it')
 def test_compiled_model_equals_eager():
-    from models.speed import compile_available, compile_model
+    from models.accel.speed import compile_available, compile_model
     ok, why = compile_available()
     if not ok:
         pytest.skip(f'torch.compile cannot run here: {why}')
     att, masks, labels, label_masks = batch(seq_per_img=2)
     eager = tiny(dropout=0.0)
     compiled = compile_model(tiny(dropout=0.0))
-    assert compiled._step_fn is not compiled.cached_step  # the compiled functions are in use
+    assert decoding_step(compiled, torch.zeros(1), True, 20).fn is compiled._compiled['step']  # compiled in use
     for model in (eager, compiled):
         model.eval()
     with torch.no_grad():
@@ -244,7 +245,7 @@ def test_compiled_model_equals_eager():
         with torch.no_grad():
             want = int8.decode(att, masks)
             got = compile_model(int8, training=False).decode(att, masks)
-        assert int8._step_fn is not int8.cached_step
+        assert decoding_step(int8, torch.zeros(1), True, 20).fn is int8._compiled['step']
         assert torch.equal(got[0], want[0])
         torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
 

@@ -19,19 +19,19 @@ import math
 import torch
 from torch import nn
 
-from models import kernels
+from models.accel import kernels
 
 
 def _linear_of(module):
     """A linear layer as the step calls it: (bias, weight transposed) of a plain nn.Linear, else the module's
-    forward (e.g. models.speed.Int8Linear)."""
+    forward (e.g. models.accel.speed.Int8Linear)."""
     if type(module) is nn.Linear:
         return module.bias, module.weight.t()
     return module.forward
 
 
 def _projections_of(attn, which):
-    """attn's linears `which` as one linear over their concatenated outputs (models.kernels.project_concat)."""
+    """attn's linears `which` as one linear over their concatenated outputs (models.accel.kernels.project_concat)."""
     projection = kernels.concatenated_projection(attn, which)
     if projection is None:
         return lambda x: kernels.project_concat(attn, x, which)
@@ -50,7 +50,7 @@ def _apply(linear, x):
 
 
 class _Norm:
-    """A LayerNorm's parameters (the reference layer norm, models.kernels.layer_norm)."""
+    """A LayerNorm's parameters (the reference layer norm, models.accel.kernels.layer_norm)."""
     __slots__ = ('a', 'b', 'eps')
 
     def __init__(self, norm):

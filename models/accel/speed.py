@@ -238,7 +238,7 @@ def quantize_int8(model):
 
 
 def use_cuda_graphs(model, enabled):
-    """--cuda_graphs 1: on a CUDA device, eval-mode decoding steps replayed from CUDA graphs (models.cuda_graphs);
+    """--cuda_graphs 1: on a CUDA device, eval-mode decoding steps replayed from CUDA graphs (models.accel.cuda_graphs);
     off elsewhere (on the CPU the graphed step would be the flat step on padded tensors: no gain). Returns whether
     they are on."""
     on = bool(enabled) and next(model.parameters()).device.type == 'cuda'

@@ -1,4 +1,4 @@
-"""Decoding steps replayed from CUDA graphs (`--cuda_graphs 1`, ours; issue 22): the flat step (models/flat_step.py)
+"""Decoding steps replayed from CUDA graphs (`--cuda_graphs 1`, ours; issue 22): the flat step (accel/flat_step.py)
 on fixed shapes, captured once per shape bucket and replayed at every step.
 
 On a GPU a decoding step is a few hundred small kernels whose launches cost more host time than the GPU spends
@@ -30,6 +30,9 @@ import weakref
 
 import torch
 
+from models.accel.flat_step import FlatStep
+from models.cache import Step
+
 REGION_BUCKET = 16  # regions are padded to a multiple of this
 
 
@@ -52,7 +55,7 @@ class GraphedStep:
     """The fixed-shape decoding step of one bucket: static tensors, and on CUDA the graph that replays it."""
 
     def __init__(self, flat_step, images, rows_per_image, regions, capacity, k, template, graph_pool=None):
-        """flat_step: a models.flat_step.FlatStep; images/regions: the bucket's padded sizes; template: one
+        """flat_step: a models.accel.flat_step.FlatStep; images/regions: the bucket's padded sizes; template: one
         layer's memory key (B, H, N, dk) for dtype and device."""
         self.flat_step, self.rows_per_image, self.k, self.capacity = flat_step, rows_per_image, k, capacity
         device, dtype = template.device, template.dtype
@@ -98,7 +101,7 @@ class GraphedStep:
             self.logprobs = self._body()
 
     def load(self, layer_memory):
-        """A new decoding: the images' memory keys/values (per layer, models.kernels.memory_key_value's one padded
+        """A new decoding: the images' memory keys/values (per layer, models.accel.kernels.memory_key_value's one padded
         group: key, value (B, H, N, dk), mask (B, 1, 1, N) or None) into the static tensors; position 0."""
         key0 = layer_memory[0][0][0]
         images, regions = key0.size(0), key0.size(2)
@@ -142,8 +145,8 @@ class GraphedSteps:
         self.steps, self.key, self.pool = {}, None, None
 
     def get(self, model, cache, images, regions, template):
-        """A free GraphedStep of the bucket of `cache` (a models.cache.DecoderCache with a flat_step), held
-        until the cache is garbage collected."""
+        """A free GraphedStep of the bucket of `cache` (a models.cache.DecoderCache of `model`), held until the
+        cache is garbage collected."""
         key = weights_key(model)
         if key != self.key:
             self.steps, self.key = {}, key
@@ -154,9 +157,32 @@ class GraphedSteps:
         if step is None:
             if template.device.type == 'cuda' and self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
-            step = GraphedStep(cache.flat_step, bucket[0], cache.rows_per_image, bucket[2], cache.capacity,
+            step = GraphedStep(FlatStep(model), bucket[0], cache.rows_per_image, bucket[2], cache.capacity,
                                model.K, template, self.pool)
             steps.append(step)
         step.in_use = True
         weakref.finalize(cache, setattr, step, 'in_use', False)
         return step
+
+
+class GraphedDecoding(Step):
+    """One decoding's steps through its bucket's GraphedStep (models.accel.decoding_step)."""
+    grouped_memory = False  # the graphed step attends over one padded group of images
+
+    def __init__(self, model):
+        self.model, self.graphed = model, None
+
+    def attach(self, cache):
+        """The bucket's GraphedStep, loaded with this decoding's memory; the cache's layers then hold views of its
+        self-attention keys/values (so that beam search's reorder moves the right rows)."""
+        steps = self.model.__dict__.setdefault('_graphed_steps', GraphedSteps())
+        memory = [layer.memory for layer in cache.layers]
+        images, regions = cache.memory.size(0), cache.memory.size(1)
+        self.graphed = steps.get(self.model, cache, images, regions, template=memory[0][0][0])
+        self.graphed.load(memory)
+        keys, values = self.graphed.row_views(images * cache.rows_per_image)
+        for layer, key, value in zip(cache.layers, keys, values):
+            layer.key, layer.value = key, value
+
+    def __call__(self, tokens, cache):
+        return self.graphed(tokens)

@@ -33,7 +33,7 @@ from torch import nn
 
 def linear(module, x):
     """module(x) for a linear layer without the module-call machinery (a few microseconds per call, ~40 calls per
-    decoding step): F.linear for an nn.Linear, its forward for another (e.g. models.speed.Int8Linear); module
+    decoding step): F.linear for an nn.Linear, its forward for another (e.g. models.accel.speed.Int8Linear); module
     hooks are not called."""
     if type(module) is nn.Linear:
         return F.linear(x, module.weight, module.bias)
@@ -167,7 +167,7 @@ def project_concat(attn, x, which):
     -> their outputs side by side (..., len(which) * D).
 
     One matrix product with the weights concatenated when the linears are plain nn.Linear (one larger GEMM,
-    fewer calls), or attn.fused_projections[which] where set (models.speed.quantize_int8); per-module calls
+    fewer calls), or attn.fused_projections[which] where set (models.accel.speed.quantize_int8); per-module calls
     otherwise (e.g. compiled)."""
     if len(which) == 1:
         return linear(attn.linears[which[0]], x)
