@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_DIR := data/demo
 
-.PHONY: setup java rhino chromium test demo demo-data bench clean-demo
+.PHONY: setup java rhino chromium test demo demo-data quickstart bench clean-demo
 
 setup: $(VENV)/.installed java rhino
 
@@ -56,8 +56,18 @@ demo-data: setup
 demo: demo-data
 	$(PY) scripts/run_demo.py
 
+# The README's quick start: train a tiny SAT K=2 for one epoch on the demo data, evaluate it, write the viewer.
+# QUICK_FLAGS adds train.py flags (the README test passes a few iterations).
+QUICK_FLAGS ?=
+quickstart: demo-data
+	$(PY) train.py --cfg configs/quickstart.yml $(QUICK_FLAGS)
+	$(PY) eval.py --model save/quickstart/model-best.pth --split test --batch_size 50 --dump_images 1
+	$(PY) scripts/make_viewer.py --runs vis/quickstart.json --scores eval_results/quickstart_test.json \
+	    --names quickstart --ref_json data/demo/captions_demo.json --output vis/quickstart.html
+	@echo "open vis/quickstart.html in a browser (file://$(CURDIR)/vis/quickstart.html)"
+
 bench: setup
 	$(PY) bench/run_all.py
 
 clean-demo:
-	rm -rf $(DEMO_DIR) save/demo-* vis eval_results
+	rm -rf $(DEMO_DIR) save/demo-* save/quickstart vis eval_results
