@@ -6,7 +6,8 @@ fused attention everywhere, as before issue 30). Everything else (encoder, searc
 ratio is the step's own. Paper size, greedy, cached, every caption the full 20 words; batch 1 (50 regions, no mask)
 and batch 50 (10-100 regions). Each repeat runs: base steps, new steps, the floor (bench/decode.py's chain of
 F.linear over the step's weights), in alternating order; each keeps its median and minimum. The step time is
-init_cache + all steps of one caption (the encoder is run once, outside), divided by the steps.
+all steps of one caption divided by the steps; init_cache (the memory keys/values, projected once per caption, like
+the encoder) is timed apart (the "init" column, this tree's side; the encoder is run once, outside).
 
     python bench/step_ab.py [--base a63be36] [--repeats 9] [--Ks 1,2] [--batches 1,50] [--threads N]
 
@@ -43,13 +44,15 @@ def base_flat_step(commit):
 
 
 def run_steps(model, memory, memory_mask, batch, step_class, plain_rows):
-    """init_cache + greedy steps for one caption with the given FlatStep class -> (seconds, tokens, log-probs)."""
+    """init_cache + greedy steps for one caption with the given FlatStep class -> (seconds of the steps, seconds of
+    init_cache (the memory keys/values, once per caption), tokens, log-probs)."""
     saved = kernels.PLAIN_ATTENTION_MIN_ROWS
     kernels.PLAIN_ATTENTION_MIN_ROWS = plain_rows
     try:
         t0 = time.perf_counter()
         cache = model.init_cache(memory, memory_mask)
         cache.flat_step = step_class(model)
+        t1 = time.perf_counter()
         tokens = torch.zeros(batch, model.K, dtype=torch.long)
         seq, logps = [], []
         for _ in range(model.max_length // model.K):
@@ -57,10 +60,10 @@ def run_steps(model, memory, memory_mask, batch, step_class, plain_rows):
             best, tokens = logprobs.max(-1)
             seq.append(tokens)
             logps.append(best)
-        elapsed = time.perf_counter() - t0
+        elapsed = time.perf_counter() - t1
     finally:
         kernels.PLAIN_ATTENTION_MIN_ROWS = saved
-    return elapsed, torch.cat(seq, 1), torch.cat(logps, 1)
+    return elapsed, t1 - t0, torch.cat(seq, 1), torch.cat(logps, 1)
 
 
 def ab(model, batch, repeats, base_class):
@@ -68,7 +71,7 @@ def ab(model, batch, repeats, base_class):
     att, masks = make_inputs(batch, False, model.att_embed[0].in_features)
     steps = model.max_length // model.K
     rows = batch * model.K
-    times = {'base': [], 'new': [], 'floor': []}
+    times = {'base': [], 'new': [], 'floor': [], 'init_cache': []}
     out = {}
     with torch.inference_mode():
         memory, memory_mask = model.encode(att, masks)
@@ -79,9 +82,11 @@ def ab(model, batch, repeats, base_class):
                 if side == 'floor':
                     ms = floor_ms(model, rows, 3)
                 else:
-                    seconds, seq, logps = run_steps(model, memory, memory_mask, batch, *sides[side])
+                    seconds, init_s, seq, logps = run_steps(model, memory, memory_mask, batch, *sides[side])
                     out[side] = (seq, logps)
                     ms = 1000 * seconds / steps
+                    if r and side == 'new':
+                        times['init_cache'].append(1000 * init_s)
                 if r:  # the first round warms up
                     times[side].append(ms)
     result = {side: {'median': statistics.median(t), 'min': min(t)} for side, t in times.items()}
@@ -113,7 +118,7 @@ def main(argv=None):
     if busy:
         print(f'WARNING: other CPU-heavy processes are running, timings are disturbed: {busy}')
     print(f"{'K':>2} {'batch':>5} {'base ms/step':>15} {'new ms/step':>15} {'floor ms':>13} {'speedup':>13} "
-          f"{'base x floor':>12} {'new x floor':>11} same tokens (max log-prob diff)")
+          f"{'base x floor':>12} {'new x floor':>11} {'init ms':>7} same tokens (max log-prob diff)")
     results = {'machine': info, 'base': args.base, 'busy_at_start': busy,
                'env': {k: os.environ.get(k) for k in ('ATEN_CPU_CAPABILITY', 'ONEDNN_MAX_CPU_ISA',
                                                        'MKL_ENABLE_INSTRUCTIONS', 'FBGEMM_ENABLE_INSTRUCTIONS')}}
@@ -127,7 +132,7 @@ def main(argv=None):
                   f"{f['median']:>6.2f} ({f['min']:>4.2f}) {r['ratio_median']:>5.2f}x/{r['ratio_min']:.2f}x "
                   f"{b['median'] / f['median']:>5.2f}/{b['min'] / f['min']:.2f} "
                   f"{n['median'] / f['median']:>5.2f}/{n['min'] / f['min']:.2f} "
-                  f"{r['same_tokens']} ({r['logprob_max_diff']:.1e})", flush=True)
+                  f"{r['init_cache']['median']:>7.1f} {r['same_tokens']} ({r['logprob_max_diff']:.1e})", flush=True)
         del model
     results['busy_at_end'] = other_load()
     print('(median (min) of the repeats; speedup base/new: medians/minima; x floor: median/min)')
