@@ -13,7 +13,8 @@ tests/test_kernels.py):
   CPU (bernoulli_ is slow there): the same distribution to 2^-31, other random values than torch's. CUDA and
   compiled graphs use torch's own.
 - `scaled_dot_product_attention`: torch's fused kernel, except with attention dropout on the CPU (where torch
-  has no fused kernel) the four plain steps; masked positions get no weight either way.
+  has no fused kernel) and for decoding steps from a few rows on (`few_queries`: one or two queries per row, where
+  the fused CPU kernel is slower) the plain steps; masked positions get no weight either way.
 - `project_concat(attn, x, which)`: several of a MultiHeadedAttention's projections (q|k|v, k|v) as one matrix
   product over their concatenated weights (cached at inference, keyed by the weights' versions). Each output
   column is the same dot product as the separate linear's.
