@@ -10,8 +10,9 @@ rows one decoding step feeds the decoder: batch * beam * K), the matrix work a s
 "x floor" column is (decode time - encode time) / steps / floor, where the encode time of a cached row includes
 init_cache's projection of the memory keys/values (once per caption, like the encoder; issue 30: before, it was
 charged to the steps, ~16 ms of a 70 ms batch-50 K=1 step on the 2-core AMD EPYC). Also --bf16 rows
-(torch.autocast cpu bfloat16, the flat step's weights cast once: models/accel/bf16.py), speed and token agreement with fp32 on the same inputs) and --profile (torch.profiler over batch-1 cached K=1
-greedy decoding: matrix work vs everything else). Prints tables and merges {"decode": {...}} into results.json.
+(torch.autocast cpu bfloat16, the flat step's weights cast once: models/accel/bf16.py; speed and token agreement
+with fp32 on the same inputs) and --profile (torch.profiler over batch-1 cached K=1 greedy decoding: matrix work vs
+everything else). Prints tables and merges {"decode": {...}} into results.json.
 
     python bench/decode.py [--quick] [--bf16] [--profile] [--Ks 1,2,4] [--repeats 5] [--device cuda]
 
