@@ -25,6 +25,7 @@ from misc.fileio import check_output_folder, run_cli, write_json
 from misc.losses import build_criterion
 from misc.utils import resolve_device
 from misc.visualize import write_index_html
+from models.accel.bf16 import decode_bf16
 from models.accel.speed import apply_eval_options, int8_kernel, use_cuda_graphs
 from opts import (REFERENCE_EVAL_INFOS, REFERENCE_EVAL_MODEL, check_eval_split, check_image_options, decode_config,
                   parse_eval_opt, resolve_eval_options)
@@ -110,12 +111,16 @@ def run_evaluation(eval_opt, loaded=None):
     config = decode_config(opt, opt.vocab_size)  # bad decoding options fail here, before the data is loaded
     if opt.language_eval:
         check_ready(opt.ref_json, opt.spice)
+    # --bf16 1, or SATIC_BF16=auto on a CPU with AMX (models.accel.bf16; not with --quantize int8)
+    bf16 = opt.bf16 if opt.quantize == 'int8' else decode_bf16(opt.bf16, next(model.parameters()).device)
+    if bf16 and not opt.bf16:
+        print('decoding in bfloat16: SATIC_BF16=auto and this CPU has AMX (docs/speed.md)', flush=True)
     with DataLoader(DataConfig.from_opt(opt)) as loader:
         loader.check_att_feat_size(opt.att_feat_size, f'the checkpoint {eval_opt.model} (att_feat_size)')
         loader.ix_to_word = infos['vocab']  # the vocabulary always comes from the checkpoint
         result = evaluate(model, loader, opt.split, config, num_images=opt.num_images,
                           batch_size=opt.batch_size, remove_bad_endings=bool(opt.remove_bad_endings),
-                          crit=build_criterion(0) if eval_opt.verbose_loss else None, bf16=opt.bf16,
+                          crit=build_criterion(0) if eval_opt.verbose_loss else None, bf16=bf16,
                           keep_beams=eval_opt.seq_kd, with_paths=bool(eval_opt.dump_path),
                           verbose=bool(eval_opt.verbose), verbose_beam=bool(eval_opt.verbose_beam),
                           attention_top=eval_opt.dump_attention, progress=f'decoding {opt.split}')

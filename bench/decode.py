@@ -7,9 +7,12 @@ once) / uncached (use_cache=0, the reference's way: whole prefix and cross-atten
 
 The floor: one pass over the decoder's and generator's weights as a chain of F.linear calls on R rows (R = the
 rows one decoding step feeds the decoder: batch * beam * K), the matrix work a step cannot avoid; a step's
-"x floor" column is (decode time - encode time) / steps / floor. Also --bf16 rows (torch.autocast cpu bfloat16,
-speed and token agreement with fp32 on the same inputs) and --profile (torch.profiler over batch-1 cached K=1
-greedy decoding: matrix work vs everything else). Prints tables and merges {"decode": {...}} into results.json.
+"x floor" column is (decode time - encode time) / steps / floor, where the encode time of a cached row includes
+init_cache's projection of the memory keys/values (once per caption, like the encoder; issue 30: before, it was
+charged to the steps, ~16 ms of a 70 ms batch-50 K=1 step on the 2-core AMD EPYC). Also --bf16 rows
+(torch.autocast cpu bfloat16, the flat step's weights cast once: models/accel/bf16.py; speed and token agreement
+with fp32 on the same inputs) and --profile (torch.profiler over batch-1 cached K=1 greedy decoding: matrix work vs
+everything else). Prints tables and merges {"decode": {...}} into results.json.
 
     python bench/decode.py [--quick] [--bf16] [--profile] [--Ks 1,2,4] [--repeats 5] [--device cuda]
 
@@ -82,11 +85,12 @@ def decode_ms(model, att, masks, beam, use_cache, repeats, warmup):
     return ms, out['seq']
 
 
-def encode_ms(model, att, masks, repeats):
+def encode_ms(model, att, masks, repeats, use_cache=0):
+    """The encoder and init_cache (with use_cache, the memory keys/values projected once per caption)."""
     def run():
         with torch.inference_mode():
             memory, mask = model.encode(att, masks)
-            model.init_cache(memory, mask, use_cache=0)
+            model.init_cache(memory, mask, use_cache=use_cache)
     return median_ms(run, repeats, warmup=1, device=att.device)
 
 
@@ -130,7 +134,9 @@ def main(argv=None):
     parser.add_argument('--repeats', type=int, default=5, help='timed runs per batch-1 row (median)')
     parser.add_argument('--repeats_b50', type=int, default=3, help='timed runs per cached batch-50 row')
     parser.add_argument('--repeats_slow', type=int, default=1, help='timed runs per uncached batch-50 row')
-    parser.add_argument('--bf16', action='store_true', help='also cached greedy rows under autocast bfloat16')
+    parser.add_argument('--bf16', action='store_true', help='also cached greedy rows under autocast bfloat16 (the flat '
+                        'step takes bfloat16 weights cast once: models/accel/bf16.py)')
+    parser.add_argument('--cached_only', action='store_true', help='skip the uncached rows (slow at batch 50)')
     parser.add_argument('--profile', action='store_true', help='profile batch-1 cached K=1 greedy decoding')
     parser.add_argument('--quick', action='store_true', help='smoke test: tiny model, batch 4, 1 repeat, 1 thread')
     parser.add_argument('--threads', type=int, default=0, help='torch threads (default: torch\'s, i.e. the cores)')
@@ -160,36 +166,37 @@ def main(argv=None):
         steps = model.max_length // K
         for batch in batches:
             att, masks = (None if t is None else t.to(device) for t in make_inputs(batch, args.quick, feat))
-            encode[(K, batch)] = encode_ms(model, att, masks, args.repeats)
+            for use_cache in (1, 0):
+                encode[(K, batch, use_cache)] = encode_ms(model, att, masks, args.repeats, use_cache)
             for beam in beams:
                 R = batch * beam * K
                 if R not in floors:
                     floors[R] = floor_ms(model, R, max(args.repeats * 4, 5) if R <= 12 else args.repeats)
                 seqs = {}
-                for use_cache in (1, 0):
+                for use_cache in ((1,) if args.cached_only else (1, 0)):
                     if batch == 1:
                         reps, warm = args.repeats, 1
                     else:
                         reps, warm = (args.repeats_b50, 1) if use_cache else (args.repeats_slow, 0)
                     ms, seqs[use_cache] = decode_ms(model, att, masks, beam, use_cache, reps, warm)
-                    step = (ms - encode[(K, batch)]) / steps
+                    step = (ms - encode[(K, batch, use_cache)]) / steps
                     rows.append({'K': K, 'batch': batch, 'beam': beam, 'cache': use_cache, 'ms': round(ms, 2),
                                  'ms_per_image': round(ms / batch, 2), 'steps': steps, 'repeats': reps,
-                                 'encode_ms': round(encode[(K, batch)], 2), 'ms_per_step': round(step, 3),
+                                 'encode_ms': round(encode[(K, batch, use_cache)], 2), 'ms_per_step': round(step, 3),
                                  'floor_rows': R, 'floor_ms': round(floors[R], 3),
                                  'step_x_floor': round(step / floors[R], 2),
                                  'words': int((seqs[use_cache] > 0).sum(1).float().mean())})
                     print_row(rows[-1], header=len(rows) == 1)
-                same = bool(torch.equal(seqs[0], seqs[1]))
-                rows[-1]['same_tokens'] = rows[-2]['same_tokens'] = same
-                if not same:
+                same = bool(torch.equal(seqs[0], seqs[1])) if 0 in seqs else None
+                rows[-1]['same_tokens'] = rows[-1 - len(seqs) + 1]['same_tokens'] = same
+                if same is False:
                     print(f'  !! K={K} batch={batch} beam={beam}: cached and uncached tokens differ')
                 if args.bf16 and beam == 1:
                     with torch.autocast(device.type, dtype=torch.bfloat16):
                         ms16, seq16 = decode_ms(model, att, masks, 1, 1, args.repeats_b50 if batch > 1
                                                 else args.repeats, 1)
                     agree = float((seq16 == seqs[1]).float().mean())
-                    fp32 = rows[-2]['ms']
+                    fp32 = rows[-len(seqs)]['ms']
                     bf16_rows.append({'K': K, 'batch': batch, 'ms': round(ms16, 2), 'fp32_ms': fp32,
                                       'speedup': round(fp32 / ms16, 2), 'token_agreement': round(agree, 4),
                                       'same_tokens': bool(torch.equal(seq16, seqs[1]))})

@@ -2,7 +2,8 @@
 
 Runs this tree's eval.py (the demo's protocol: test split, batch size 1, greedy, language_eval 1) three times per
 checkpoint, in a scratch working directory, and compares vis/<id>.json captions and eval_results/<id>_test.json.
-Needs the demo data and Java (METEOR). Merges {"demo_precision": {...}} into bench/results.json.
+Needs the demo data and Java (METEOR). fp32 runs with SATIC_BF16=0 (fp32 even on a CPU with AMX), bf16 with
+--bf16 1 (the decoder's weights cast to bfloat16 once per model: models/accel/bf16.py). Merges {"demo_precision": {...}} into bench/results.json.
 
     python bench/demo_precision.py --save_dir save --data_dir data/demo \
         --runs demo-nsc-transformer-baseline,demo-nsc-sat-2-from-nsc-seqkd [--modes int8,bf16]
@@ -47,7 +48,9 @@ def main(argv=None):
                          '--input_label_h5', f'{data}/cocotalk_label.h5', '--split', 'test', '--batch_size', '1',
                          '--beam_size', '1', '--language_eval', '1', '--id', eval_id, '--device', 'cpu',
                          '--timing_json', f'{eval_id}_timing.json', *flags]
-                subprocess.run(argv_, cwd=work, check=True, stdout=subprocess.DEVNULL)
+                # fp32 stays fp32 on a CPU with AMX too (eval.py would pick bf16 by itself: models/accel/bf16.py)
+                env = dict(os.environ, SATIC_BF16='1' if mode == 'bf16' else '0')
+                subprocess.run(argv_, cwd=work, check=True, stdout=subprocess.DEVNULL, env=env)
                 with open(os.path.join(work, 'vis', f'{eval_id}.json')) as f:
                     captions[mode] = [p['caption'] for p in json.load(f)]
                 with open(os.path.join(work, 'eval_results', f'{eval_id}_test.json')) as f:

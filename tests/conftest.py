@@ -1,6 +1,7 @@
 """Shared fixtures: one torch thread for every test, `tiny_dataset` (tests/helpers.py), one per test session, and
 `cached_tokens` (document frequencies for the CIDEr-D reward)."""
 import argparse
+import os
 import pickle
 import signal
 
@@ -12,6 +13,11 @@ from misc.cider_d import ngram_counts
 from misc.rewards import ids_to_str
 
 from tests.helpers import REWARD_GTS, label_rows, make_tiny_dataset, share_one_meteor
+
+
+# Decoding may pick bfloat16 by itself (SATIC_BF16=auto in the environment, models.accel.bf16.decode_bf16): the tests' outputs must not
+# depend on the CPU, so eval.py runs in the tests (in-process or not) keep fp32 unless a test asks otherwise.
+os.environ.setdefault('SATIC_BF16', '0')
 
 
 def pytest_collection_modifyitems(config, items):

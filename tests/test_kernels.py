@@ -94,3 +94,29 @@ def test_cpu_attention_dropout_path_is_torchs_attention(monkeypatch):
     got = kernels.scaled_dot_product_attention(q, k, v, mask, dropout_p=0.5)
     torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
     torch.testing.assert_close(got[0], F.scaled_dot_product_attention(q[0], k[0, :, :3], v[0, :, :3]))
+
+
+def test_decoding_step_attention_uses_the_plain_steps_from_a_few_rows_on(monkeypatch):
+    """A decoding step's attention (few queries per row, no gradients) from PLAIN_ATTENTION_MIN_ROWS rows on is the
+    plain matmul/softmax/matmul (torch's fused CPU kernel is slower there), with torch's numbers to rounding and no
+    weight on masked keys; one row, long queries and gradients keep torch's fused kernel."""
+    torch.manual_seed(0)
+    rows = kernels.PLAIN_ATTENTION_MIN_ROWS
+    q, k, v = torch.randn(rows, 2, 2, 4), torch.randn(rows, 2, 5, 4), torch.randn(rows, 2, 5, 4)
+    mask = (torch.arange(5) < torch.tensor([2, 5, 3, 1][:rows] + [5] * max(rows - 4, 0))[:, None])[:, None, None, :]
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    fused = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, 'scaled_dot_product_attention', lambda *a, **kw: fused.append(1) or real(*a, **kw))
+    with torch.no_grad():
+        got = kernels.scaled_dot_product_attention(q, k, v, mask)
+        assert not fused
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+        # the first image sees its 2 real keys only
+        torch.testing.assert_close(got[0], real(q[0], k[0, :, :2], v[0, :, :2]), rtol=1e-6, atol=1e-6)
+        kernels.scaled_dot_product_attention(q[:1], k[:1], v[:1])  # batch 1: fused
+        kernels.scaled_dot_product_attention(torch.randn(rows, 2, 9, 4), k, v)  # many queries: fused
+    assert len(fused) == 2
+    q.requires_grad_(True)
+    kernels.scaled_dot_product_attention(q, k, v, mask)  # with gradients: fused (training)
+    assert len(fused) == 3

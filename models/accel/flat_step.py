@@ -19,25 +19,30 @@ import math
 import torch
 from torch import nn
 
-from models.accel import kernels
+from models.accel import bf16, kernels
 
 
-def _linear_of(module):
-    """A linear layer as the step calls it: (bias, weight transposed) of a plain nn.Linear, else the module's
-    forward (e.g. models.accel.speed.Int8Linear)."""
+def _same(tensor):
+    return tensor
+
+
+def _linear_of(module, cast=_same):
+    """A linear layer as the step calls it: (bias, weight transposed) of a plain nn.Linear, each through `cast`
+    (models.accel.bf16.cast_once under bfloat16 autocast), else the module's forward (e.g.
+    models.accel.speed.Int8Linear)."""
     if type(module) is nn.Linear:
-        return module.bias, module.weight.t()
+        return cast(module.bias), cast(module.weight).t()
     return module.forward
 
 
-def _projections_of(attn, which):
+def _projections_of(attn, which, cast=_same):
     """attn's linears `which` as one linear over their concatenated outputs (models.accel.kernels.project_concat)."""
     projection = kernels.concatenated_projection(attn, which)
     if projection is None:
         return lambda x: kernels.project_concat(attn, x, which)
     if type(projection) is tuple:
         weight, bias = projection
-        return bias, weight.t()
+        return cast(bias), cast(weight).t()
     return projection.forward
 
 
@@ -61,27 +66,33 @@ class _Layer:
     """One decoder layer's tensors for a step."""
     __slots__ = ('norm_self', 'qkv', 'out_self', 'norm_src', 'q_src', 'out_src', 'norm_ff', 'w_1', 'w_2')
 
-    def __init__(self, layer):
+    def __init__(self, layer, cast=_same):
         self.norm_self, self.norm_src, self.norm_ff = (_Norm(sub.norm) for sub in layer.sublayer)
-        self.qkv = _projections_of(layer.self_attn, (0, 1, 2))
-        self.out_self = _linear_of(layer.self_attn.linears[3])
-        self.q_src = _linear_of(layer.src_attn.linears[0])
-        self.out_src = _linear_of(layer.src_attn.linears[3])
-        self.w_1, self.w_2 = _linear_of(layer.feed_forward.w_1), _linear_of(layer.feed_forward.w_2)
+        self.qkv = _projections_of(layer.self_attn, (0, 1, 2), cast)
+        self.out_self = _linear_of(layer.self_attn.linears[3], cast)
+        self.q_src = _linear_of(layer.src_attn.linears[0], cast)
+        self.out_src = _linear_of(layer.src_attn.linears[3], cast)
+        self.w_1, self.w_2 = _linear_of(layer.feed_forward.w_1, cast), _linear_of(layer.feed_forward.w_2, cast)
 
 
 class FlatStep:
     """SATModel.cached_step over the tensors of `model` (a SATModel) as they are now (built per decoding:
-    models.sat.SATModel.init_cache)."""
+    models.sat.SATModel.init_cache).
+
+    Built under bfloat16 CPU autocast (--bf16), the linear layers' weights and biases are bfloat16 copies cast
+    once (models.accel.bf16.cast_once): autocast then casts only the activations, not every weight at every call.
+    The same numbers as autocast casting them itself."""
 
     def __init__(self, model):
         transformer = model.model
+        cast = (lambda t: bf16.cast_once(model, t)) if bf16.autocast_bf16('cpu') and \
+            transformer.generator.proj.weight.device.type == 'cpu' else _same
         words, positions = transformer.tgt_embed
         self.lut, self.scale = words.lut.weight, math.sqrt(words.d_model)
         self.pe = positions.pe[0]  # (max_len, D)
-        self.layers = [_Layer(layer) for layer in transformer.decoder.layers]
+        self.layers = [_Layer(layer, cast) for layer in transformer.decoder.layers]
         self.norm = _Norm(transformer.decoder.norm)
-        self.generator = _linear_of(transformer.generator.proj)
+        self.generator = _linear_of(transformer.generator.proj, cast)
         attn = transformer.decoder.layers[0].self_attn
         self.heads, self.d_k = attn.h, attn.d_k
 
@@ -103,13 +114,15 @@ class FlatStep:
             # masked self-attention over the cached positions and the new ones
             qkv = _apply(layer.qkv, _norm(x, layer.norm_self))  # (S*Tn, 3D)
             q, k, v = qkv.view(rows, new, 3, heads, d_k).permute(2, 0, 3, 1, 4)  # (S, H, Tn, dk) each
-            key.index_copy_(2, positions, k)
-            value.index_copy_(2, positions, v)
-            if filled is not None:
+            if filled is not None:  # eager: the new positions are filled - Tn .. filled - 1, written as a slice
+                key[:, :, filled - new:filled] = k
+                value[:, :, filled - new:filled] = v
                 k, v = key[:, :, :filled], value[:, :, :filled]
-            else:
+            else:  # (a graphed step: positions is a tensor the graph reads)
+                key.index_copy_(2, positions, k)
+                value.index_copy_(2, positions, v)
                 k, v = key, value
-            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self_mask)  # (S, H, Tn, dk)
+            y = kernels.scaled_dot_product_attention(q, k, v, self_mask)  # (S, H, Tn, dk)
             x = x + _apply(layer.out_self, y.transpose(1, 2).reshape(rows * new, heads * d_k))
             # attention over the image's memory keys/values
             q = _apply(layer.q_src, _norm(x, layer.norm_src)).view(rows, new, heads, d_k).transpose(1, 2)

@@ -13,7 +13,8 @@ tests/test_kernels.py):
   CPU (bernoulli_ is slow there): the same distribution to 2^-31, other random values than torch's. CUDA and
   compiled graphs use torch's own.
 - `scaled_dot_product_attention`: torch's fused kernel, except with attention dropout on the CPU (where torch
-  has no fused kernel) the four plain steps; masked positions get no weight either way.
+  has no fused kernel) and for decoding steps from a few rows on (`few_queries`: one or two queries per row, where
+  the fused CPU kernel is slower) the plain steps; masked positions get no weight either way.
 - `project_concat(attn, x, which)`: several of a MultiHeadedAttention's projections (q|k|v, k|v) as one matrix
   product over their concatenated weights (cached at inference, keyed by the weights' versions). Each output
   column is the same dot product as the separate linear's.
@@ -154,8 +155,30 @@ def scaled_dot_product_attention(q, k, v, mask=None, dropout_p=0.0):
     Without dropout torch's fused kernel; with attention dropout on CPU, where torch has no fused kernel and its
     fallback adds full-size mask conversions and fully-masked-row checks, the four plain steps (scores, masked
     softmax, dropout, weighted sum)."""
+    if dropout_p == 0.0 and q.device.type == 'cpu' and few_queries(q) and not torch.compiler.is_compiling():
+        return _plain_attention(q, k, v, mask)  # decoding steps at batch > 1 (see few_queries)
     if dropout_p == 0.0 or q.device.type != 'cpu' or torch.compiler.is_compiling():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    return _plain_attention(q, k, v, mask, dropout_p)
+
+
+# Decoding steps (a few queries per row) on the CPU attend with the plain steps from this many rows on: torch's
+# fused CPU kernel splits its work into query blocks and is tuned for long queries; for one or two queries per row
+# over 10-100 keys it costs 1.1-2.5x the plain matmul/softmax/matmul (bench/README.md, issue 30) and, with a boolean
+# mask, converts the mask at every call. Below it (batch 1) the fused kernel is a few microseconds faster.
+# bench/step_attention.py sets it to compare both (a large value: the fused kernel always).
+PLAIN_ATTENTION_MIN_ROWS = 4
+PLAIN_ATTENTION_MAX_QUERIES = 4
+
+
+def few_queries(q):
+    """Whether q (B, H, Tq, dk) is a decoding step's queries that the plain steps attend faster (no gradients)."""
+    return (q.size(-2) <= PLAIN_ATTENTION_MAX_QUERIES and q.size(0) >= PLAIN_ATTENTION_MIN_ROWS
+            and not (torch.is_grad_enabled() and q.requires_grad))
+
+
+def _plain_attention(q, k, v, mask=None, dropout_p=0.0):
+    """The four plain steps: scores, masked softmax, dropout, weighted sum (masked scores get no weight)."""
     scores = torch.matmul(q, k.transpose(-2, -1)).mul_(1.0 / math.sqrt(q.size(-1)))  # (B, H, Tq, Tk)
     if mask is not None:
         scores = scores.masked_fill_(~mask, float('-inf'))

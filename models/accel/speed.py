@@ -222,6 +222,7 @@ def quantize_int8(model):
     if next(model.parameters()).device.type != 'cpu':
         raise ValueError('--quantize int8 runs on the CPU only (use --device cpu)')
     model = uncompile(model)
+    model.__dict__.pop('_bf16_weights', None)  # bfloat16 copies of the weights (models.accel.bf16): not copied
     if not fbgemm_int8_available():
         with _no_deprecation_notes():
             return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8).eval()
