@@ -61,7 +61,7 @@ demo: demo-data
 QUICK_FLAGS ?=
 quickstart: demo-data
 	$(PY) train.py --cfg configs/quickstart.yml $(QUICK_FLAGS)
-	$(PY) eval.py --model save/quickstart/model-best.pth --split test --batch_size 50 --dump_images 1
+	$(PY) eval.py --model save/quickstart/model-best.pth --split test --batch_size 50
 	$(PY) scripts/make_viewer.py --runs vis/quickstart.json --scores eval_results/quickstart_test.json \
 	    --names quickstart --ref_json data/demo/captions_demo.json --output vis/quickstart.html
 	@echo "open vis/quickstart.html in a browser (file://$(CURDIR)/vis/quickstart.html)"
