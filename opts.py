@@ -17,7 +17,6 @@ from misc import optspec
 from misc.configs import (DataConfig, DecodingOptions, DeviceConfig, EvalConfig, EvaluationConfig,
                           InertReferenceOptions, LossConfig, ModelConfig, OptimConfig, RunConfig, StepConfig,
                           TrainConfig, ValidationConfig, reward_options, str2bool)  # noqa: F401 (str2bool: API)
-from misc.defaults import MODEL, model_k  # noqa: F401 (model_k: the K rule, opts.model_k)
 from misc.errors import SaticError
 
 DEFAULT_INIT_FROM = RunConfig.init_from
@@ -50,6 +49,12 @@ class OptionParser(argparse.ArgumentParser):
         finally:
             self._action_groups = groups
 
+
+
+def model_k(opt):
+    """K of the model parsed options build: ModelConfig.resolve_k (the K rule's one place) on their caption_model
+    and K; applied once, here at the edge, so that everything below reads opt.K."""
+    return ModelConfig.resolve_k(opt.caption_model, opt.K)
 
 def _group(parser, name):
     """The argument group `name` of parser; every group of GROUPS made up front, in their order (empty ones are
@@ -401,9 +406,10 @@ def check_image_options(eval_opt):
         raise SaticError('--coco_json lists images of --image_folder: add --image_folder DIR (or drop --coco_json)')
 
 
-def resolve_eval_options(eval_opt, infos, infos_path='infos'):
+def resolve_eval_options(eval_opt, infos, infos_path='infos', model_path=None):
     """The options one run of eval.py uses: infos['opt'] (defaults filled) overridden by the evaluation's own
-    options and its non-empty data paths; vocab_size from infos['vocab']. Bad values -> SaticError, one line."""
+    options and its non-empty data paths; vocab_size from infos['vocab']; model_path: the checkpoint (default
+    --model; an ensemble's member). Bad values -> SaticError, one line."""
     check_image_options(eval_opt)
     check_eval_split(eval_opt)
     opt = fill_defaults(argparse.Namespace(**vars(infos['opt'])))
@@ -416,7 +422,8 @@ def resolve_eval_options(eval_opt, infos, infos_path='infos'):
     trained = vars(infos['opt'])
     if eval_opt.ref_json == DEFAULT_REF_JSON and trained.get('ref_json'):
         opt.ref_json = trained['ref_json']
-    if eval_opt.id == REFERENCE_EVAL_ID and eval_opt.model != REFERENCE_EVAL_MODEL and trained.get('id'):
+    if eval_opt.id == REFERENCE_EVAL_ID and (model_path or eval_opt.model) != REFERENCE_EVAL_MODEL \
+            and trained.get('id'):
         opt.id = trained['id']
     if opt.ref_json == DEFAULT_REF_JSON and not os.path.isfile(opt.ref_json):
         # The default is relative to the repository (where the reference was always run), not to any cwd.

@@ -13,9 +13,8 @@ import time
 
 import torch
 
-from dataloader import FeatureReader
 from misc.errors import SaticError
-from misc.fileio import Progress, read_json
+from misc.fileio import Progress
 from misc.utils import autocast, decode_sequence, synchronize
 
 
@@ -129,25 +128,6 @@ def region_attention(model, att, masks, seq, top, vocab):
                     'attention': [[[r, round(v, 4)] for r, v in zip(regions[t], values[t]) if v > 0]
                                   for t in range(length)]})
     return out
-
-
-def attach_boxes(predictions, box_dir, input_json=None):
-    """Give each prediction 'boxes', its image's region boxes [[x1, y1, x2, y2], ...] (row r = region r of
-    'attention') from box_dir (<id>.npy files, an .lmdb or an .h5: make_bu_data.py's _box output), and
-    'image_width' / 'image_height' where input_json's image entry has 'width' / 'height'."""
-    sizes = {}
-    if input_json:
-        sizes = {img.get('id'): (img['width'], img['height'])
-                 for img in read_json(input_json, '--input_json').get('images', [])
-                 if 'width' in img and 'height' in img}
-    reader = FeatureReader(box_dir, '.npy', '--input_box_dir')
-    try:
-        for p in predictions:
-            p['boxes'] = [[round(float(c), 2) for c in box] for box in reader.get(p['image_id'], dim=4, regions=True)]
-            if p['image_id'] in sizes:
-                p['image_width'], p['image_height'] = sizes[p['image_id']]
-    finally:
-        reader.close()
 
 
 def _teacher_forcing_loss(model, crit, att, masks, data, n, seq_per_img):

@@ -70,16 +70,6 @@ def coco_json_images(coco_json, folder):
     return [(e['id'], os.path.join(folder, e['file_name'])) for e in entries]
 
 
-def load_extractor(cnn_model='resnet101', weights=None, att_size=14, device='cpu', layers=None):
-    """models.resnet.GridFeatures with cnn_model's ImageNet weights (default data/imagenet_weights/<model>.pth),
-    in eval mode on device; layers: another depth (tests)."""
-    from models.resnet import GridFeatures, load_resnet
-    if att_size < 1:
-        raise SaticError(f'--att_size must be >= 1 (got {att_size}; the reference uses 14 or 7)')
-    cnn = load_resnet(cnn_model, weights or default_cnn_weights(cnn_model), layers)
-    return GridFeatures(cnn, att_size).to(device).eval()
-
-
 @torch.no_grad()
 def grid_features(extractor, images):
     """images: normalised (3, H, W) tensors -> [(fc (2048,), att (a, a, 2048))] float32 numpy, in order. Images of

@@ -18,7 +18,7 @@ import sys
 import time
 
 from misc import fileio
-from misc.checkpoint import read_infos
+from misc.infos import read_infos
 from misc.errors import SaticError
 
 LOCK_NAME = '.satic.lock'
@@ -160,7 +160,7 @@ def held_checkpoint(folder, files):
     ids = run_ids(folder)
     for run_id in ids:
         try:
-            iteration = read_infos(os.path.join(folder, f'infos_{run_id}.pkl')).get('iter')
+            iteration = read_infos(os.path.join(folder, f'infos_{run_id}.pkl'), check=False).get('iter')
             return f"run '{run_id}' at iteration {iteration}"
         except (SaticError, AttributeError, OSError):
             continue

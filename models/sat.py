@@ -289,6 +289,8 @@ class SATModel(nn.Module):
         raise ValueError(f"unknown mode {mode!r}: use 'forward' or 'sample'")
 
     def _sample(self, att_feats, att_masks=None, opt=None):
+        # opt: the reference's sample-mode dict (model(..., opt={'beam_size': 3}, mode='sample')), not a Namespace;
+        # its keyword name is the reference's API, kept (the one `opt` parameter left in models/, misc/).
         config, seq_per_img = DecodeConfig.from_reference_opt(opt)
         decoded = self.decode(att_feats, att_masks, config, seq_per_img=seq_per_img)
         if config.beam_size > 1:

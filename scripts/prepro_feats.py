@@ -92,7 +92,8 @@ def _read_chunk(chunk):
 
 
 def run(args):
-    from misc.images import grid_features, load_extractor  # (imports torch: --help stays light)
+    from misc.images import grid_features
+    from models.resnet import load_extractor  # (imports torch: --help stays light)
     from misc.utils import resolve_device
     if args.att_size < 1:
         raise SaticError(f'--att_size must be >= 1 (got {args.att_size}; the reference uses 14 or 7)')

@@ -21,7 +21,9 @@ import pytest
 import torch
 
 import models
-from misc.checkpoint import make_infos, write_checkpoint_files
+from misc.checkpoint import write_checkpoint_files
+from misc.configs import ModelConfig
+from misc.infos import make_infos
 
 from scripts import dump_to_lmdb, make_bu_data, prepro_labels, prepro_ngrams, prepro_reference_json
 from scripts.make_demo_data import ConceptFeatures
@@ -313,7 +315,8 @@ def tiny_checkpoint(ds, folder, vocab=None, model_overrides=None, train_steps=0,
     else:
         with torch.no_grad():
             model.model.generator.proj.bias[0] = -10.0
-    model_path = write_checkpoint_files(folder, 'tiny', model.state_dict(), make_infos(opt, vocab or ds_vocab))
+    model_path = write_checkpoint_files(folder, 'tiny', model.state_dict(), make_infos(vars(opt), ModelConfig.from_opt(opt),
+                                                                                  vocab or ds_vocab))
     return model_path, os.path.join(folder, 'infos_tiny.pkl')
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from misc.checkpoint import CheckpointSaver, ResumePoint, save_checkpoint
+from misc.configs import ModelConfig
 from misc.fileio import load_pickle, load_torch, save_pickle, save_torch
 from misc.errors import SaticError
 from tests.helpers import needs_shared, shared_path
@@ -88,7 +89,7 @@ def test_checkpoint_saver_records_the_options_it_is_given_and_reads_only_its_arg
     model = torch.nn.Linear(2, 2)
     recorded = argparse.Namespace(caption_model='sat', K=2, save_history_ckpt=int(not history))
     saver = CheckpointSaver(str(tmp_path), 'run', model, torch.optim.Adam(model.parameters()), {'1': 'a'},
-                            recorded_options=recorded, save_history_ckpt=history)
+                            recorded_options=vars(recorded), config=ModelConfig(K=2), save_history_ckpt=history)
     infos = saver.save(ResumePoint(4, 1, {'iterators': {'train': 2}, 'split_ix': {'train': [0]}}, {}), 1.5,
                        {'loss_history': {}}, rng_states=None)
     saved = load_pickle(str(tmp_path / 'infos_run.pkl'))
@@ -142,7 +143,7 @@ def test_infos_record_what_they_belong_to(tmp_path):
     assert saved['vocab_sha1'] == vocab_sha1({'1': 'a', '2': 'dog'})
     # the file, the state_dict loaded from it, and the model all match; another model does not
     check_infos_match(saved, str(tmp_path / 'model.pth'), optimizer_state=optimizer.state_dict(),
-                      vocab={'1': 'a', '2': 'dog'}, opt=argparse.Namespace(caption_model='sat', K=2))
+                      vocab={'1': 'a', '2': 'dog'}, config=ModelConfig(caption_model='sat', K=2))
     check_infos_match(saved, load_torch(str(tmp_path / 'model-best.pth')))
     with pytest.raises(SaticError, match=r'is not the model infos_run.pkl was saved with \(iteration 3\)'):
         check_infos_match(saved, torch.nn.Linear(2, 2).state_dict(), infos_path='infos_run.pkl')
@@ -153,11 +154,11 @@ def test_infos_record_what_they_belong_to(tmp_path):
     with pytest.raises(SaticError, match='another vocabulary'):
         check_infos_match(saved, vocab={'1': 'a', '2': 'cat'})
     with pytest.raises(SaticError, match='K=2, not K=4'):
-        check_infos_match(saved, opt=argparse.Namespace(caption_model='sat', K=4))
+        check_infos_match(saved, config=ModelConfig(caption_model='sat', K=4))
     # infos of the original code have none of the fields: everything passes, the optimizer step is the iteration
     old = {'iter': 4, 'opt': saved['opt'], 'vocab': saved['vocab']}
     check_infos_match(old, torch.nn.Linear(2, 2).state_dict(), optimizer_state=optimizer.state_dict(),
-                      vocab={'9': 'x'}, opt=argparse.Namespace(caption_model='transformer', K=6))
+                      vocab={'9': 'x'}, config=ModelConfig(caption_model='transformer', K=6))
     with pytest.raises(SaticError, match='has made 4 optimiser steps but infos says 3'):
         check_infos_match(dict(old, iter=3), optimizer_state=optimizer.state_dict(), infos_path='infos')
 
@@ -234,15 +235,17 @@ def test_disk_full_while_writing_is_one_line_and_keeps_the_previous_save(tmp_pat
 
 # ----------------------------------------------------------------------------------------------- one reader, one writer
 REPO = Path(__file__).resolve().parents[1]
-PRODUCT = ['train.py', 'eval.py', 'eval_cocotest.py', 'opts.py', 'dataloader.py'] + \
-    [str(p.relative_to(REPO)) for folder in ('misc', 'models') for p in sorted((REPO / folder).glob('*.py'))]
+PRODUCT = ['train.py', 'eval.py', 'eval_cocotest.py', 'eval_ensemble.py', 'evaluator.py', 'captioner.py', 'opts.py',
+           'dataloader.py'] + \
+    [str(p.relative_to(REPO)) for folder in ('misc', 'models') for p in sorted((REPO / folder).rglob('*.py'))]
+READERS = ('checkpoint.py', 'infos.py', 'fileio.py')  # misc's reader and writer of checkpoint files, and its io
 
 
 def _calls(names):
-    """{file: [lines]} of the product files (misc/checkpoint.py and misc/fileio.py excepted) that call names."""
+    """{file: [lines]} of the product files (misc's READERS excepted) that call names."""
     found = {}
     for name in PRODUCT:
-        if name in ('misc/checkpoint.py', 'misc/fileio.py'):
+        if name.startswith('misc/') and os.path.basename(name) in READERS:
             continue
         lines = [line for line in (REPO / name).read_text().splitlines()
                  if any(f'{n}(' in line for n in names)]
@@ -258,8 +261,8 @@ def test_only_the_checkpoint_module_loads_checkpoint_files():
     assert _calls(['save_pickle', 'save_torch', 'torch.save']) == {}
 
 
-def test_load_infos_refuses_what_is_not_an_infos_file_in_one_line(tmp_path):
-    from misc.checkpoint import load_infos
+def test_read_infos_refuses_what_is_not_an_infos_file_in_one_line(tmp_path):
+    from misc.infos import read_infos as load_infos
     path = str(tmp_path / 'infos_x.pkl')
     save_pickle({'opt': argparse.Namespace(K=2)}, path)  # no vocab
     with pytest.raises(SaticError) as error:
@@ -271,10 +274,15 @@ def test_load_infos_refuses_what_is_not_an_infos_file_in_one_line(tmp_path):
 
 
 def test_written_checkpoint_files_load_back(tmp_path):
-    from misc.checkpoint import load_infos, load_model_state, make_infos, write_checkpoint_files
-    opt = argparse.Namespace(caption_model='sat', K=2)
-    infos = make_infos(opt, {'1': 'a'}, iteration=7, epoch=1)
-    assert list(infos) == ['iter', 'epoch', 'vocab', 'opt', 'best_val_score'] and infos['opt'] is not opt
+    from misc.checkpoint import load_model_state, write_checkpoint_files
+    from misc.infos import FIELDS, make_infos, model_config, read_infos as load_infos
+    opt = {'caption_model': 'sat', 'K': 2}
+    infos = make_infos(opt, ModelConfig(K=2), {'1': 'a'}, iteration=7, epoch=1)
+    # what must be there (the schema's required fields, and those a resume reads), not the exact key list
+    assert {f.name for f in FIELDS if f.required} | {'iter', 'epoch', 'format', 'model_config'} <= set(infos)
+    assert set(infos) <= {f.name for f in FIELDS}  # every field written is named in the schema
+    assert isinstance(infos['opt'], argparse.Namespace) and vars(infos['opt']) == opt  # the reference's format
+    assert model_config(infos) == ModelConfig(K=2)
     model_path = write_checkpoint_files(str(tmp_path), 'run', {'w': torch.ones(2)}, infos, best=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ['infos_run-best.pkl', 'infos_run.pkl', 'model-best.pth',
                                                           'model.pth']

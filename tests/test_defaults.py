@@ -26,12 +26,13 @@ def test_model_loss_and_data_defaults_are_the_options_defaults():
         == {'cider': 1, 'bleu': 0}  # the reference's --cider_reward_weight 1, --bleu_reward_weight 0
 
 
-def test_model_options_fill_a_partial_namespace_as_fill_defaults():
+def test_an_infos_partial_options_become_the_model_config_fill_defaults_gives():
+    from misc.infos import model_config
     partial = argparse.Namespace(caption_model='transformer', K=6, rnn_size=8)
-    filled = defaults.model_options(partial)
+    filled = model_config({'opt': partial, 'vocab': {}})
     full = opts.fill_defaults(argparse.Namespace(**vars(partial)))
     assert all(getattr(filled, key) == getattr(full, key) for key in defaults.MODEL)
-    assert filled.K == 1 and filled.rnn_size == 8 and not hasattr(partial, 'num_layers')  # a copy
+    assert filled.K == 1 and filled.rnn_size == 8 and not hasattr(partial, 'num_layers')  # read, not changed
 
 
 def test_the_library_does_not_import_opts():
@@ -44,7 +45,7 @@ def test_the_library_does_not_import_opts():
 def test_the_k_rule_lives_in_model_config_only():
     from misc.configs import ModelConfig
     assert ModelConfig(caption_model='transformer', K=6).K == 1 and ModelConfig(K=3).K == 3
-    assert defaults.model_k(argparse.Namespace(caption_model='transformer', K=4)) == 1
+    assert opts.model_k(argparse.Namespace(caption_model='transformer', K=4)) == 1
     files = [REPO / name for name in ('train.py', 'eval.py', 'eval_cocotest.py', 'eval_ensemble.py', 'opts.py',
                                       'dataloader.py')]
     files += sorted((REPO / 'misc').glob('*.py')) + sorted((REPO / 'models').rglob('*.py'))
