@@ -18,6 +18,7 @@ from misc.coco_eval import check_ready, language_eval
 from misc.errors import SaticError
 from misc.evaluation import evaluate
 from misc.fileio import check_output_folder, write_json
+from misc.infos import loaded_line
 from misc.losses import build_criterion
 from misc.utils import resolve_device
 from misc.visualize import write_index_html
@@ -84,6 +85,7 @@ def load_checkpoint(eval_opt, model_path=None, infos_path=None):
                                infos_path or (eval_opt.infos_path if model_path == eval_opt.model else ''))
     model, opt, infos = load_for_eval(model_path, infos_path,
                                       lambda infos: resolve_eval_options(eval_opt, infos, infos_path, model_path))
+    print(loaded_line(infos, model_path), flush=True)
     device = resolve_device(opt.device)
     model = model.to(device).eval()
     use_cuda_graphs(model, opt.cuda_graphs)  # (ours, off by default; a GPU only)

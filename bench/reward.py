@@ -26,7 +26,7 @@ from misc.rewards import SelfCriticalReward, ids_to_str  # noqa: E402
 VOCAB = 9487  # COCO Karpathy vocabulary size with word_count_threshold 5
 
 
-def label_rows(rng, count, zipf):
+def zipf_caption_rows(rng, count, zipf):
     """(count, 16) zero-padded rows of Zipf-distributed word ids, 8-16 words each."""
     rows = np.zeros((count, 16), dtype=np.uint32)
     for r in range(count):
@@ -40,7 +40,7 @@ def write_cached_tokens(path, rng, train_images, zipf):
     df = {}
     for _ in range(train_images):
         grams = set()
-        for row in label_rows(rng, 5, zipf):
+        for row in zipf_caption_rows(rng, 5, zipf):
             grams.update(ngram_counts(ids_to_str(row, end_token_always=True)))
         for g in grams:
             df[g] = df.get(g, 0.0) + 1.0
@@ -78,9 +78,9 @@ def main():
         num_ngrams = write_cached_tokens(cached, rng, args.train_images, args.zipf)
         reward = SelfCriticalReward(cached)
     cider = reward.scorers['cider'].cider  # misc.cider_d.CiderD of the CIDEr-D part
-    gts = [label_rows(rng, 5, args.zipf) for _ in range(B)]
+    gts = [zipf_caption_rows(rng, 5, args.zipf) for _ in range(B)]
     seqs = np.zeros((B * S, 20), dtype=np.int64)
-    seqs[:, :16] = np.concatenate([label_rows(rng, S, args.zipf) for _ in range(B)])
+    seqs[:, :16] = np.concatenate([zipf_caption_rows(rng, S, args.zipf) for _ in range(B)])
     hyps = [ids_to_str(row) for row in seqs]
     refs = [[ids_to_str(row) for row in gts[i // S]] for i in range(B * S)]
     keys = [i // S for i in range(B * S)]

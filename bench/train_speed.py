@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import opts  # noqa: E402
 from common import (PAPER, bench_device, describe, machine, median_ms, merge_results, other_load,  # noqa: E402
                     paper_model)
-from reward import label_rows, write_cached_tokens  # noqa: E402
+from reward import zipf_caption_rows, write_cached_tokens  # noqa: E402
 from misc import optim  # noqa: E402
 from misc.distributed import World  # noqa: E402
 from misc.utils import to_device  # noqa: E402
@@ -51,7 +51,7 @@ def make_batch(images, seq_per_img, att_feat_size, vocab, seed=0):
     counts = torch.randint(10, n_max + 1, (images,), generator=g)  # (B,)
     masks = (torch.arange(n_max)[None] < counts[:, None]).float()  # (B, N)
     att = torch.randn(images, n_max, att_feat_size, generator=g) * masks[..., None]  # (B, N, F)
-    gts = [np.minimum(label_rows(rng, 5, 1.3), vocab).astype(np.uint32) for _ in range(images)]  # B x (5, 16)
+    gts = [np.minimum(zipf_caption_rows(rng, 5, 1.3), vocab).astype(np.uint32) for _ in range(images)]  # B x (5, 16)
     labels = np.zeros((images * seq_per_img, 18), dtype=np.int64)  # (S, 18): [0, w1..w16, 0]
     for i in range(images):
         labels[i * seq_per_img:(i + 1) * seq_per_img, 1:17] = gts[i][:seq_per_img]

@@ -13,7 +13,8 @@ model_config(infos) converts it once, here, at load time (the options an old inf
 the K rule applied).
 
 Adding a field: one row in FIELDS (required=False, since=FORMAT_VERSION, bumped when readers must tell old files
-from new), the value written by the code that knows it (make_infos' fields=..., or CheckpointSaver.save).
+from new; shown='name' to show it when the checkpoint is loaded), the value written by the code that knows it
+(make_infos' fields=..., or CheckpointSaver.save).
 """
 import argparse
 import dataclasses
@@ -33,16 +34,19 @@ class Field:
     required: bool
     since: int  # the format version that introduced it
     doc: str
+    shown: str = ''  # when set, loading the checkpoint shows the field under this name (loaded_line)
+    show: object = str  # how its value is shown
 
 
 FIELDS = (
     Field('opt', (argparse.Namespace,), True, 1, "the run's options, in the reference's format (a Namespace)"),
     Field('vocab', (dict,), True, 1, 'ix_to_word: the vocabulary the model was trained with'),
-    Field('iter', (int,), False, 1, 'completed iterations'),
-    Field('epoch', (int,), False, 1, 'completed epochs'),
+    Field('iter', (int,), False, 1, 'completed iterations', 'iteration'),
+    Field('epoch', (int,), False, 1, 'completed epochs', 'epoch'),
     Field('iterators', (dict,), False, 1, "the loader's position per split"),
     Field('split_ix', (dict,), False, 1, "the loader's image order per split"),
-    Field('best_val_score', (int, float), False, 1, 'best validation score so far'),
+    Field('best_val_score', (int, float), False, 1, 'best validation score so far', 'best validation score',
+          lambda score: f'{score:.4f}'),
     Field('rng_states', (list,), False, 1, "(ours) every rank's random generators"),
     Field('grad_scaler', (dict,), False, 1, "(ours) --fp16's gradient scaler state"),
     Field('validation_pending', (int,), False, 1, '(ours) the iteration whose validation was cut short'),
@@ -89,6 +93,13 @@ def model_config(infos):
         names = {f.name for f in dataclasses.fields(ModelConfig)}
         return ModelConfig(**{k: v for k, v in infos['model_config'].items() if k in names})
     return ModelConfig.from_opt(infos['opt'])
+
+
+def loaded_line(infos, model_path):
+    """'checkpoint <model_path>: iteration 60, epoch 6, best validation score 0.1234': the FIELDS shown on load
+    (those with `shown`) that infos hold; eval.py, eval_ensemble.py and the Captioner print it."""
+    shown = [f'{f.shown} {f.show(infos[f.name])}' for f in FIELDS if f.shown and infos.get(f.name) is not None]
+    return f"checkpoint {model_path}" + (f": {', '.join(shown)}" if shown else '')
 
 
 def recorded_value(infos, name, default=None):

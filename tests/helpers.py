@@ -190,7 +190,7 @@ def masked_batch(counts=(5, 3, 7, 1), n_max=8, feat=12, seed=1, generator=None):
     return att, masks
 
 
-def label_rows(rows):
+def caption_rows(rows):
     """Reference captions as the loader gives them: word-id lists -> (len(rows), 16) uint32, zero padded."""
     out = np.zeros((len(rows), 16), dtype=np.uint32)
     for i, r in enumerate(rows):
@@ -199,8 +199,8 @@ def label_rows(rows):
 
 
 # Two images' reference captions (word ids) for the reward tests.
-REWARD_GTS = [label_rows([[1, 2, 3, 4], [1, 2, 5], [6, 2, 3, 4, 7]]),
-              label_rows([[8, 9, 10], [8, 11, 10, 12], [9, 10], [13, 8, 9]])]
+REWARD_GTS = [caption_rows([[1, 2, 3, 4], [1, 2, 5], [6, 2, 3, 4, 7]]),
+              caption_rows([[8, 9, 10], [8, 11, 10, 12], [9, 10], [13, 8, 9]])]
 
 
 def write_reference_json(path):
@@ -353,6 +353,21 @@ def working_dir(path):
         yield
     finally:
         os.chdir(old)
+
+
+TINY_SAT = dict(vocab_size=12, K=2, d_model=16, d_ff=32, num_layers=1, att_feat_size=8)
+
+
+def tiny_sat(*args, seed=None, **sizes):
+    """The tests' one tiny SATModel factory: SATModel of TINY_SAT's sizes (vocab_size, K, d_model, d_ff,
+    num_layers, att_feat_size; any given as arguments win, vocab_size may be positional), in train mode as the
+    constructor leaves it; seed: torch.manual_seed(seed) first (None: the generator as it is)."""
+    from models.sat import SATModel
+    if seed is not None:
+        torch.manual_seed(seed)
+    if args:
+        sizes['vocab_size'], = args
+    return SATModel(**{**TINY_SAT, **sizes})
 
 
 def setup_model(opt):

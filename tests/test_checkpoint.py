@@ -275,7 +275,7 @@ def test_read_infos_refuses_what_is_not_an_infos_file_in_one_line(tmp_path):
 
 def test_written_checkpoint_files_load_back(tmp_path):
     from misc.checkpoint import load_model_state, write_checkpoint_files
-    from misc.infos import FIELDS, make_infos, model_config, read_infos as load_infos
+    from misc.infos import FIELDS, loaded_line, make_infos, model_config, read_infos as load_infos
     opt = {'caption_model': 'sat', 'K': 2}
     infos = make_infos(opt, ModelConfig(K=2), {'1': 'a'}, iteration=7, epoch=1)
     # what must be there (the schema's required fields, and those a resume reads), not the exact key list
@@ -283,6 +283,8 @@ def test_written_checkpoint_files_load_back(tmp_path):
     assert set(infos) <= {f.name for f in FIELDS}  # every field written is named in the schema
     assert isinstance(infos['opt'], argparse.Namespace) and vars(infos['opt']) == opt  # the reference's format
     assert model_config(infos) == ModelConfig(K=2)
+    assert loaded_line(infos, 'm.pth') == 'checkpoint m.pth: iteration 7, epoch 1'  # best_val_score None: not shown
+    assert loaded_line(dict(infos, best_val_score=0.123456), 'm.pth').endswith(', best validation score 0.1235')
     model_path = write_checkpoint_files(str(tmp_path), 'run', {'w': torch.ones(2)}, infos, best=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ['infos_run-best.pkl', 'infos_run.pkl', 'model-best.pth',
                                                           'model.pth']

@@ -36,7 +36,7 @@ def test_an_infos_partial_options_become_the_model_config_fill_defaults_gives():
 
 
 def test_the_library_does_not_import_opts():
-    files = [REPO / 'dataloader.py'] + sorted((REPO / 'misc').glob('*.py')) + sorted((REPO / 'models').glob('*.py'))
+    files = [REPO / 'dataloader.py'] + sorted((REPO / 'misc').rglob('*.py')) + sorted((REPO / 'models').glob('*.py'))
     importing = [str(p.relative_to(REPO)) for p in files
                  if re.search(r'^\s*(import opts\b|from opts import)', p.read_text(), re.M)]
     assert importing == []
@@ -48,7 +48,7 @@ def test_the_k_rule_lives_in_model_config_only():
     assert opts.model_k(argparse.Namespace(caption_model='transformer', K=4)) == 1
     files = [REPO / name for name in ('train.py', 'eval.py', 'eval_cocotest.py', 'eval_ensemble.py', 'opts.py',
                                       'dataloader.py')]
-    files += sorted((REPO / 'misc').glob('*.py')) + sorted((REPO / 'models').rglob('*.py'))
+    files += sorted((REPO / 'misc').rglob('*.py')) + sorted((REPO / 'models').rglob('*.py'))
     applying = [str(p.relative_to(REPO)) for p in files
                 if re.search(r"caption_model\s*==\s*'transformer'", p.read_text())]
     assert applying == ['misc/configs.py']

@@ -323,8 +323,7 @@ def _atomic_write_honours_umask(tmp_path):
 
 @pytest.mark.parametrize('umask', [0o022, 0o027])
 def test_script_outputs_honour_the_umask(tmp_path, monkeypatch, umask):
-    if not _atomic_write_honours_umask(tmp_path):
-        pytest.skip('misc.fileio.atomic_write does not honour the umask yet')
+    assert _atomic_write_honours_umask(tmp_path), 'misc.fileio.atomic_write does not honour the umask'
     old = os.umask(umask)
     try:
         ds = make_tiny_dataset(tmp_path / 'data', n_train=3, n_val=1, n_test=1, feat_dim=4,
