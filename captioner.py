@@ -9,7 +9,7 @@
 
 The run is loaded exactly as eval.py loads it (evaluator.load_checkpoint: the infos beside the model, the checkpoint
 checked against them, device, --bf16, --quantize, ...), and images are decoded as eval.py decodes a split
-(misc.evaluation.evaluate: the same batches, padding and masks, autocast and decoding options), so the captions are
+(misc.eval.evaluation.evaluate: the same batches, padding and masks, autocast and decoding options), so the captions are
 eval.py's for the same features and options. Options are eval.py's flags without the dashes, given to from_run /
 from_checkpoint (device='cpu', bf16=1, beam_size=3, batch_size=32, ...); decoding options can also be given to each
 caption() call. Also `torch.hub.load(repo_dir, 'captioner', 'save/<id>', source='local')` (hubconf.py).
@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from misc.errors import SaticError
-from misc.fileio import write_json
-from misc.visualize import write_index_html
+from misc.files.atomic import write_json
+from misc.viewer.visualize import write_index_html
 
 __all__ = ['Captioner', 'caption_folder']
 
@@ -81,7 +81,7 @@ class Captioner:
     def regions(self, item):
         """One image's features as the data loader gives them: (N, att_feat_size) float32 numpy, from a feature file
         (.npz 'feat' / .npy), or an array / tensor of shape (N, D) or (a, a, D) (grid features)."""
-        from misc.fileio import read_array
+        from misc.files.readers import read_array
         where = str(item) if isinstance(item, (str, os.PathLike)) else 'an array'
         if isinstance(item, (str, os.PathLike)):
             if not os.path.isfile(item):
@@ -165,7 +165,7 @@ class Captioner:
     def trained_grid(self):
         """a of the (a, a, D) grid features this run was trained on (one .npz of its --input_att_dir, when that
         folder is still there), else None (bottom-up regions, or not found)."""
-        from misc.fileio import read_array
+        from misc.files.readers import read_array
         folder = getattr(self.opt, 'input_att_dir', '')
         if not folder or not os.path.isdir(folder):
             return None

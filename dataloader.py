@@ -42,9 +42,11 @@ import h5py
 import numpy as np
 import torch
 
-from misc.configs import DEFAULT_SEQ_LENGTH, DataConfig  # noqa: F401 (declared with its options, misc/configs.py)
+from misc.options.configs import DEFAULT_SEQ_LENGTH, DataConfig  # noqa: F401 (declared with its options, misc/options/configs.py)
 from misc.errors import SaticError
-from misc.fileio import UNFINISHED_MARKER, check_vocabulary, read_array, read_json, staging_folders, vocab_sha1
+from misc.files.folders import UNFINISHED_MARKER, staging_folders
+from misc.files.readers import read_array, read_json
+from misc.files.vocabulary import check_vocabulary, vocab_sha1
 
 SPLITS = ('train', 'val', 'test')
 

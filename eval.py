@@ -16,7 +16,7 @@ import sys
 from captioner import caption_folder, image_entries, image_output_folders, write_image_outputs  # noqa: F401
 from evaluator import (check_attention_options, check_outputs, infos_path_of, load_checkpoint,  # noqa: F401
                        output_folders, run_evaluation, write_outputs)
-from misc.fileio import run_cli
+from misc.console.cli import run_cli
 from opts import check_eval_split, check_image_options, parse_eval_opt
 
 def main(argv=None):

@@ -11,7 +11,7 @@ e.g. the training labels of other images; 'none' works too).
 """
 import sys
 
-from misc.fileio import run_cli
+from misc.console.cli import run_cli
 from opts import check_eval_split, parse_eval_opt
 
 

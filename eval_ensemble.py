@@ -19,8 +19,8 @@ import os
 import sys
 
 from misc.errors import SaticError
-from misc.fileio import run_cli
-from misc.configs import EnsembleOptions
+from misc.console.cli import run_cli
+from misc.options.configs import EnsembleOptions
 from opts import OptionParser, add_cfg_option, add_eval_options, add_options, check_eval_split, parse_with_cfg
 
 

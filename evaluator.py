@@ -13,15 +13,16 @@ import os
 import torch
 
 from dataloader import DataConfig, DataLoader, attach_boxes
-from misc.checkpoint import default_infos_path
-from misc.coco_eval import check_ready, language_eval
+from misc.run.checkpoint import default_infos_path
+from misc.eval.coco_eval import check_ready, language_eval
 from misc.errors import SaticError
-from misc.evaluation import evaluate
-from misc.fileio import check_output_folder, write_json
-from misc.infos import loaded_line
-from misc.losses import build_criterion
+from misc.eval.evaluation import evaluate
+from misc.files.atomic import write_json
+from misc.files.folders import check_output_folder
+from misc.run.infos import loaded_line
+from misc.train.losses import build_criterion
 from misc.utils import resolve_device
-from misc.visualize import write_index_html
+from misc.viewer.visualize import write_index_html
 from models.accel.speed import apply_eval_options, int8_kernel, use_cuda_graphs
 from models.loading import load_for_eval
 from opts import REFERENCE_EVAL_INFOS, REFERENCE_EVAL_MODEL, decode_config, resolve_eval_options
@@ -67,7 +68,7 @@ def check_outputs(folders):
 
 def infos_path_of(model_path, infos_path):
     """--infos_path, else (not given, or left at the reference's default while --model names another checkpoint)
-    the infos file saved beside --model (misc.checkpoint.default_infos_path)."""
+    the infos file saved beside --model (misc.run.checkpoint.default_infos_path)."""
     if infos_path and (infos_path != REFERENCE_EVAL_INFOS or model_path == REFERENCE_EVAL_MODEL):
         return infos_path
     if not os.path.isfile(model_path):

@@ -1,8 +1,8 @@
-"""Command-line options, generated from the typed configs (misc/configs.py: each option's default, type, help,
+"""Command-line options, generated from the typed configs (misc/options/configs.py: each option's default, type, help,
 group and allowed values, declared once) with the reference's names, types and defaults.
 
 `parse_opt()` is train.py's parser; `parse_eval_opt()` is eval.py's / eval_cocotest.py's; eval_ensemble.py adds its
-own. Every parser shows the same groups (misc.optspec.GROUPS) with each option's default, checks every value once
+own. Every parser shows the same groups (misc.options.optspec.GROUPS) with each option's default, checks every value once
 (a bad one: SaticError, one line naming the flag, the value and what is allowed), and reads `--cfg FILE.yml`
 (a recipe: keys are option names; the command line overrides the file). Every reference option is accepted (see
 ../shared/conformance/reference_options.tsv); options marked "(ours)" are additions whose defaults keep the
@@ -13,8 +13,8 @@ import argparse
 import os
 import sys
 
-from misc import optspec
-from misc.configs import (DataConfig, DecodingOptions, DeviceConfig, EvalConfig, EvaluationConfig,
+from misc.options import optspec
+from misc.options.configs import (DataConfig, DecodingOptions, DeviceConfig, EvalConfig, EvaluationConfig,
                           InertReferenceOptions, LossConfig, ModelConfig, OptimConfig, RunConfig, StepConfig,
                           TrainConfig, ValidationConfig, reward_options, str2bool)  # noqa: F401 (str2bool: API)
 from misc.errors import SaticError
@@ -98,7 +98,7 @@ def add_cfg_option(parser):
 
 
 def check_declared(opt, fields):
-    """Every option's declared range or choice set (misc/configs.py), once: SaticError naming the first bad one."""
+    """Every option's declared range or choice set (misc/options/configs.py), once: SaticError naming the first bad one."""
     for name, field in fields.items():
         if not hasattr(opt, name):
             continue
@@ -216,7 +216,7 @@ def add_training_options(parser):
     add_options(parser, StepConfig, only=('grad_clip',))
     add_options(parser, LossConfig)
     add_options(parser, TrainConfig)
-    add_options(parser, reward_options())  # --cider_reward_weight, --bleu_reward_weight (misc/rewards.py)
+    add_options(parser, reward_options())  # --cider_reward_weight, --bleu_reward_weight (misc/train/rewards.py)
     add_options(parser, RunConfig)
     add_options(parser, EvaluationConfig, only=('language_eval', 'spice'))
     add_options(parser, ValidationConfig)
@@ -263,7 +263,7 @@ def parse_opt(argv=None):
 def check_schedule_opt(opt):
     """train.py: combinations of options that train nothing or mean nothing (one-line refusal, exit 2); those the
     reference accepted and recipes use are warned about instead. Single values are checked by their declared
-    ranges (misc/configs.py)."""
+    ranges (misc/options/configs.py)."""
     _need(not (opt.bf16 and opt.fp16), '--bf16 and --fp16 exclude each other: choose one autocast type')
     _need(not (opt.noamopt and opt.reduce_on_plateau),
          '--reduce_on_plateau cannot be combined with --noamopt: Noam sets the lr at every step (the reference '
@@ -271,7 +271,7 @@ def check_schedule_opt(opt):
     _need(opt.beam_size == 1 or opt.group_size <= opt.beam_size,
          f'--group_size {opt.group_size}: must be <= --beam_size {opt.beam_size} (groups of beams)')
     if opt.self_critical_after >= 0:
-        from misc.rewards import REWARDS, reward_option
+        from misc.train.rewards import REWARDS, reward_option
         weights = {reward_option(name): getattr(opt, reward_option(name), 0) for name in REWARDS}
         _need(any(weight > 0 for weight in weights.values()),
              f'--self_critical_after {opt.self_critical_after} with every reward weight 0 '

@@ -12,7 +12,7 @@ rank decodes its share of the validation images; rank 0 computes the COCO metric
 
 Top to bottom: building a run (`build_run`: data, model, loss, optimiser, and what --start_from restores), one
 optimisation step (`train_step`), one validation (`validate`), then the loop (`train_loop`) over a `TrainState`.
-misc/checkpoint.py owns the run on disk (load_run, CheckpointSaver), misc/interrupts.py the signals.
+misc/run/checkpoint.py owns the run on disk (load_run, CheckpointSaver), misc/run/interrupts.py the signals.
 """
 import argparse
 import contextlib
@@ -29,19 +29,19 @@ import torch
 
 import models
 from dataloader import DataConfig, DataLoader
-from misc import optim
-from misc.checkpoint import (CheckpointError, CheckpointSaver, ResumePoint, check_writable_dir, histories_of,
+from misc.train import optim
+from misc.run.checkpoint import (CheckpointError, CheckpointSaver, ResumePoint, check_writable_dir, histories_of,
                              load_init_from, load_run, recover_checkpoint, rng_state)
-from misc.coco_eval import check_ready, language_eval
-from misc.configs import ModelConfig, OptimConfig, StepConfig  # (StepConfig: train.StepConfig too)
-from misc.distributed import World, all_gather_objects, run_everywhere, run_on_main, setup_distributed, shutdown
+from misc.eval.coco_eval import check_ready, language_eval
+from misc.options.configs import ModelConfig, OptimConfig, StepConfig  # (StepConfig: train.StepConfig too)
+from misc.run.distributed import World, all_gather_objects, run_everywhere, run_on_main, setup_distributed, shutdown
 from misc.errors import SaticError
-from misc.evaluation import evaluate
-from misc.interrupts import Aborted, Interrupted, Signals
-from misc.loss_wrapper import LossConfig, LossWrapper
-from misc.runfolder import RunFolderLock, check_not_busy, check_owner, same_folder
-from misc.step import precision as set_precision, train_step  # noqa: F401 (step_numbers: misc.step)
-from misc.teacher import load_teacher
+from misc.eval.evaluation import evaluate
+from misc.run.interrupts import Aborted, Interrupted, Signals
+from misc.train.loss_wrapper import LossConfig, LossWrapper
+from misc.run.runfolder import RunFolderLock, check_not_busy, check_owner, same_folder
+from misc.train.step import precision as set_precision, train_step  # noqa: F401 (step_numbers: misc.train.step)
+from misc.train.teacher import load_teacher
 from misc.utils import format_duration, to_device
 from models.accel.speed import compile_model, use_cuda_graphs
 from models.loading import load_model, restore_model
@@ -72,7 +72,7 @@ def run_options(opt, loader):
 
 
 def build_model(opt, device, saved=None, vocab=None):
-    """The model, its weights from --start_from (saved: a misc.checkpoint.SavedRun), or (SAT, K > 1) from the
+    """The model, its weights from --start_from (saved: a misc.run.checkpoint.SavedRun), or (SAT, K > 1) from the
     autoregressive --init_from (checked against the infos beside it, when there is one, and this data's vocab)."""
     model = models.setup(ModelConfig.from_opt(opt), opt.vocab_size)
     if saved is not None:
@@ -92,7 +92,7 @@ def build_model(opt, device, saved=None, vocab=None):
 
 
 def build_teacher(opt, vocab, device):
-    """The frozen --teacher_model of word-level distillation (--kd_weight > 0), or None (misc/teacher.py)."""
+    """The frozen --teacher_model of word-level distillation (--kd_weight > 0), or None (misc/train/teacher.py)."""
     if not opt.kd_weight > 0:
         return None
     teacher = load_teacher(opt.teacher_model, vocab, opt.att_feat_size, opt.teacher_infos, opt.teacher_caption_model,
@@ -126,7 +126,7 @@ def data_parallel(loss_wrapper, opt, world):
 
 
 def precision(opt, world):
-    """--tf32 and --fp16 of the parsed options (misc.step.precision): the torch.amp.GradScaler or None."""
+    """--tf32 and --fp16 of the parsed options (misc.train.step.precision): the torch.amp.GradScaler or None."""
     return set_precision(bool(opt.tf32), bool(opt.fp16), world.device)
 
 
@@ -285,7 +285,7 @@ def score_text(score, language_eval=True):
 
 def prepare_folders(opt, cleanup):
     """Rank 0, before any work: --checkpoint_path must be writable (now, not at the first save hours later) and
-    this run's alone (misc/runfolder.py: its lock, held until cleanup closes, and the rule on the checkpoint it
+    this run's alone (misc/run/runfolder.py: its lock, held until cleanup closes, and the rule on the checkpoint it
     holds); a --start_from folder must not be a live run's; a save of --start_from that a kill cut between its
     renames is completed. Returns whether the first save replaces the folder's checkpoint (--overwrite_run 1)."""
     check_writable_dir(opt.checkpoint_path)
@@ -358,7 +358,7 @@ def validate(model, loader, crit, opt, world=World()):
 
     Each rank reads and decodes every world.size-th batch of --val_batch_size images (and scores its loss); rank 0
     merges the shards in split order, computes the COCO metrics (--language_eval 1) and broadcasts the result: the
-    numbers of one process. A failure on any rank raises on every rank (misc.distributed). score (higher is better) selects model-best: CIDEr with
+    numbers of one process. A failure on any rank raises on every rank (misc.run.distributed). score (higher is better) selects model-best: CIDEr with
     --language_eval 1, else minus the val loss."""
     config = dataclasses.replace(decode_config(opt), sample_max=True)
     shard = run_everywhere(lambda: evaluate(

@@ -34,7 +34,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     import models
-    from misc.configs import ModelConfig
+    from misc.options.configs import ModelConfig
 
     opt = argparse.Namespace(caption_model='sat', K=args.K, drop_prob_lm=0.5, use_bn=0, max_length=20, use_cache=1,
                              input_encoding_size=512, rnn_size=2048, num_layers=6, att_feat_size=2048,
@@ -85,9 +85,9 @@ def timed(fn, iters, warmup):
 
 def train_job(args, model, torch):
     import opts
-    from misc import optim
-    from misc.configs import OptimConfig
-    from misc.loss_wrapper import LossConfig, LossWrapper
+    from misc.train import optim
+    from misc.options.configs import OptimConfig
+    from misc.train.loss_wrapper import LossConfig, LossWrapper
     batch = torch.load(f'{args.inputs}/train_batch.pt', weights_only=False)
     flags = ['--caption_model', 'sat', '--K', str(args.K), '--cached_tokens', f'{args.inputs}/train-idxs.p',
              '--seq_per_img', '5', '--input_encoding_size', '512', '--rnn_size', '2048', '--num_layers', '6']

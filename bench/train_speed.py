@@ -31,13 +31,13 @@ import opts  # noqa: E402
 from common import (PAPER, bench_device, describe, machine, median_ms, merge_results, other_load,  # noqa: E402
                     paper_model)
 from reward import zipf_caption_rows, write_cached_tokens  # noqa: E402
-from misc import optim  # noqa: E402
-from misc.distributed import World  # noqa: E402
+from misc.train import optim  # noqa: E402
+from misc.run.distributed import World  # noqa: E402
 from misc.utils import to_device  # noqa: E402
-from misc.configs import OptimConfig  # noqa: E402
-from misc.loss_wrapper import LossConfig, LossWrapper  # noqa: E402
-from misc.configs import StepConfig  # noqa: E402
-from misc.step import precision, train_step  # noqa: E402
+from misc.options.configs import OptimConfig  # noqa: E402
+from misc.train.loss_wrapper import LossConfig, LossWrapper  # noqa: E402
+from misc.options.configs import StepConfig  # noqa: E402
+from misc.train.step import precision, train_step  # noqa: E402
 from models.decode_config import DecodeConfig  # noqa: E402
 
 REFERENCE_S_PER_ITER = {'xe': 2.5, 'sc': 11.5}  # reference code, this machine class (from the issue)

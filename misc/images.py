@@ -60,7 +60,7 @@ def folder_images(folder):
 
 def coco_json_images(coco_json, folder):
     """[(image id, path)] of a COCO-style json ({'images': [{'id', 'file_name'}]}), paths under folder."""
-    from misc.fileio import read_json
+    from misc.files.readers import read_json
     data = read_json(coco_json, '--coco_json')
     entries = data.get('images') if isinstance(data, dict) else None
     if not isinstance(entries, list) or not all(isinstance(e, dict) and 'id' in e and 'file_name' in e

@@ -100,7 +100,7 @@ def resnet(name='resnet101', layers=None):
 def load_resnet(name, path, layers=None):
     """resnet(name) with the ImageNet weights of path (a state_dict in torchvision's key names), in eval mode;
     SaticError (one line) when the file is missing, unreadable or of another network."""
-    from misc.checkpoint import load_model_state  # (the one reader of weight files: safe loading)
+    from misc.run.checkpoint import load_model_state  # (the one reader of weight files: safe loading)
     model = resnet(name, layers)
     if not os.path.isfile(path):
         raise SaticError(f'{name} weights {path}: file not found; put the ImageNet {name}.pth there (the '

@@ -299,7 +299,7 @@ class SATModel(nn.Module):
 
 
 def build_model(config, vocab_size):
-    """SATModel of a misc.configs.ModelConfig (models.setup) over vocab_size words."""
+    """SATModel of a misc.options.configs.ModelConfig (models.setup) over vocab_size words."""
     return SATModel(vocab_size=vocab_size, K=config.K,
                     d_model=config.input_encoding_size, d_ff=config.rnn_size, num_layers=config.num_layers,
                     att_feat_size=config.att_feat_size, drop_prob_lm=config.drop_prob_lm, use_bn=config.use_bn,

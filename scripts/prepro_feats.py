@@ -24,7 +24,11 @@ if __package__ in (None, ''):  # run as a file: make the repository root importa
 import numpy as np
 
 from misc.errors import SaticError
-from misc.fileio import Progress, atomic_write, check_output_folder, image_id, read_json, run_cli
+from misc.console.cli import run_cli
+from misc.console.progress import Progress
+from misc.files.atomic import atomic_write
+from misc.files.folders import check_output_folder
+from misc.files.readers import image_id, read_json
 
 
 def parse_args(argv=None):

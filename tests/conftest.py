@@ -7,9 +7,9 @@ import signal
 import pytest
 import torch
 
-from misc import coco_eval
-from misc.cider_d import ngram_counts
-from misc.rewards import ids_to_str
+from misc.eval import coco_eval
+from misc.eval.cider_d import ngram_counts
+from misc.train.rewards import ids_to_str
 
 from tests.helpers import REWARD_GTS, caption_rows, make_tiny_dataset, share_one_meteor
 

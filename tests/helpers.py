@@ -21,9 +21,9 @@ import pytest
 import torch
 
 import models
-from misc.checkpoint import write_checkpoint_files
-from misc.configs import ModelConfig
-from misc.infos import make_infos
+from misc.run.checkpoint import write_checkpoint_files
+from misc.options.configs import ModelConfig
+from misc.run.infos import make_infos
 
 from scripts import dump_to_lmdb, make_bu_data, prepro_labels, prepro_ngrams, prepro_reference_json
 from scripts.make_demo_data import ConceptFeatures
@@ -281,7 +281,7 @@ def pycocoevalcap_scores(ref_json, predictions, tmp_path, monkeypatch):
 def train_briefly(model, ds, steps=60):
     """A few XE steps on the tiny train split, so that captions (and their metrics) are not degenerate."""
     from dataloader import DataConfig, DataLoader, repeat_per_caption
-    from misc.losses import LanguageModelCriterion
+    from misc.train.losses import LanguageModelCriterion
     crit, optimizer = LanguageModelCriterion(), torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
     with DataLoader(DataConfig.from_opt(ds.opt(batch_size=5))) as loader:
@@ -373,7 +373,7 @@ def tiny_sat(*args, seed=None, **sizes):
 def setup_model(opt):
     """models.setup for an options Namespace, as the entry scripts call it at the edge: its ModelConfig (the options
     it lacks at their defaults, the K rule applied) and vocab_size."""
-    from misc.configs import ModelConfig
+    from misc.options.configs import ModelConfig
     return models.setup(ModelConfig.from_opt(opt), opt.vocab_size)
 
 

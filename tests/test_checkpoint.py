@@ -1,4 +1,4 @@
-"""misc/checkpoint.py: atomic writes, safe loading of infos/histories, fixture infos readable."""
+"""misc/run/checkpoint.py: atomic writes, safe loading of infos/histories, fixture infos readable."""
 import argparse
 import collections
 import os
@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from misc.checkpoint import CheckpointSaver, ResumePoint, save_checkpoint
-from misc.configs import ModelConfig
-from misc.fileio import load_pickle, load_torch, save_pickle, save_torch
+from misc.run.checkpoint import CheckpointSaver, ResumePoint, save_checkpoint
+from misc.options.configs import ModelConfig
+from misc.files.atomic import save_pickle, save_torch
+from misc.files.safe_load import load_pickle, load_torch
 from misc.errors import SaticError
 from tests.helpers import needs_shared, shared_path
 
@@ -122,7 +123,7 @@ def _tiny_run(tmp_path, iteration=3, best=True):
 
 @pytest.mark.parametrize('umask, mode', [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_written_files_honour_the_umask(tmp_path, umask, mode):
-    from misc.fileio import atomic_write
+    from misc.files.atomic import atomic_write
     old = os.umask(umask)
     try:
         _tiny_run(tmp_path)
@@ -134,8 +135,8 @@ def test_written_files_honour_the_umask(tmp_path, umask, mode):
 
 
 def test_infos_record_what_they_belong_to(tmp_path):
-    from misc.checkpoint import check_infos_match, state_fingerprint
-    from misc.fileio import vocab_sha1
+    from misc.run.checkpoint import check_infos_match, state_fingerprint
+    from misc.files.vocabulary import vocab_sha1
     model, optimizer, infos = _tiny_run(tmp_path)
     saved = load_pickle(str(tmp_path / 'infos_run.pkl'))
     assert saved['model_fingerprint'] == state_fingerprint(model.state_dict()) == infos['model_fingerprint']
@@ -164,7 +165,7 @@ def test_infos_record_what_they_belong_to(tmp_path):
 
 
 def test_nonfinite_weights_are_refused_and_the_previous_files_kept(tmp_path):
-    from misc.checkpoint import CheckpointError
+    from misc.run.checkpoint import CheckpointError
     model, optimizer, _ = _tiny_run(tmp_path)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     with torch.no_grad():
@@ -178,7 +179,7 @@ def test_nonfinite_weights_are_refused_and_the_previous_files_kept(tmp_path):
 def test_a_save_cut_after_its_commit_is_completed_by_recover(tmp_path, monkeypatch):
     """The manifest's rename is the commit: a kill after it (here an exception that skips all clean-up, as kill -9
     would) leaves temp files that recover_checkpoint renames into place; before it, the previous save stands."""
-    from misc.checkpoint import check_infos_match, read_manifest, recover_checkpoint, recover_folder, verify_checkpoint
+    from misc.run.checkpoint import check_infos_match, read_manifest, recover_checkpoint, recover_folder, verify_checkpoint
 
     class Killed(BaseException):
         pass
@@ -209,7 +210,7 @@ def test_a_save_cut_after_its_commit_is_completed_by_recover(tmp_path, monkeypat
 
 
 def test_a_damaged_manifest_is_one_line(tmp_path):
-    from misc.checkpoint import recover_checkpoint
+    from misc.run.checkpoint import recover_checkpoint
     _tiny_run(tmp_path)
     (tmp_path / 'checkpoint_run.json').write_text('{"files": [{"name": "../../etc/passwd", "temp": "x"}]}')
     with pytest.raises(SaticError, match='checkpoint_run.json is damaged.*remove it'):
@@ -218,7 +219,7 @@ def test_a_damaged_manifest_is_one_line(tmp_path):
 
 def test_disk_full_while_writing_is_one_line_and_keeps_the_previous_save(tmp_path, monkeypatch):
     import errno
-    from misc.checkpoint import CheckpointError
+    from misc.run.checkpoint import CheckpointError
     model, optimizer, _ = _tiny_run(tmp_path)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
 
@@ -238,14 +239,14 @@ REPO = Path(__file__).resolve().parents[1]
 PRODUCT = ['train.py', 'eval.py', 'eval_cocotest.py', 'eval_ensemble.py', 'evaluator.py', 'captioner.py', 'opts.py',
            'dataloader.py'] + \
     [str(p.relative_to(REPO)) for folder in ('misc', 'models') for p in sorted((REPO / folder).rglob('*.py'))]
-READERS = ('checkpoint.py', 'infos.py', 'fileio.py')  # misc's reader and writer of checkpoint files, and its io
+READERS = ('run/checkpoint.py', 'run/infos.py', 'files/atomic.py', 'files/safe_load.py')  # misc's checkpoint io
 
 
 def _calls(names):
     """{file: [lines]} of the product files (misc's READERS excepted) that call names."""
     found = {}
     for name in PRODUCT:
-        if name.startswith('misc/') and os.path.basename(name) in READERS:
+        if name.startswith('misc/') and name[len('misc/'):] in READERS:
             continue
         lines = [line for line in (REPO / name).read_text().splitlines()
                  if any(f'{n}(' in line for n in names)]
@@ -255,14 +256,14 @@ def _calls(names):
 
 
 def test_only_the_checkpoint_module_loads_checkpoint_files():
-    # misc/cider_d.py reads the --cached_tokens document frequencies (not a checkpoint file) with load_pickle.
-    assert _calls(['load_pickle', 'load_torch', 'torch.load']) == {'misc/cider_d.py': [
-        line for line in (REPO / 'misc/cider_d.py').read_text().splitlines() if 'load_pickle(' in line]}
+    # misc/eval/cider_d.py reads the --cached_tokens document frequencies (not a checkpoint file) with load_pickle.
+    assert _calls(['load_pickle', 'load_torch', 'torch.load']) == {'misc/eval/cider_d.py': [
+        line for line in (REPO / 'misc/eval/cider_d.py').read_text().splitlines() if 'load_pickle(' in line]}
     assert _calls(['save_pickle', 'save_torch', 'torch.save']) == {}
 
 
 def test_read_infos_refuses_what_is_not_an_infos_file_in_one_line(tmp_path):
-    from misc.infos import read_infos as load_infos
+    from misc.run.infos import read_infos as load_infos
     path = str(tmp_path / 'infos_x.pkl')
     save_pickle({'opt': argparse.Namespace(K=2)}, path)  # no vocab
     with pytest.raises(SaticError) as error:
@@ -274,8 +275,8 @@ def test_read_infos_refuses_what_is_not_an_infos_file_in_one_line(tmp_path):
 
 
 def test_written_checkpoint_files_load_back(tmp_path):
-    from misc.checkpoint import load_model_state, write_checkpoint_files
-    from misc.infos import FIELDS, loaded_line, make_infos, model_config, read_infos as load_infos
+    from misc.run.checkpoint import load_model_state, write_checkpoint_files
+    from misc.run.infos import FIELDS, loaded_line, make_infos, model_config, read_infos as load_infos
     opt = {'caption_model': 'sat', 'K': 2}
     infos = make_infos(opt, ModelConfig(K=2), {'1': 'a'}, iteration=7, epoch=1)
     # what must be there (the schema's required fields, and those a resume reads), not the exact key list

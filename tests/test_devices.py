@@ -24,11 +24,11 @@ import torch
 import opts
 import train
 from dataloader import DataConfig, DataLoader
-from misc import optim
-from misc.evaluation import evaluate
-from misc.configs import OptimConfig
-from misc.loss_wrapper import LossConfig, LossWrapper
-from misc.losses import LabelSmoothing, LanguageModelCriterion, self_critical_loss
+from misc.train import optim
+from misc.eval.evaluation import evaluate
+from misc.options.configs import OptimConfig
+from misc.train.loss_wrapper import LossConfig, LossWrapper
+from misc.train.losses import LabelSmoothing, LanguageModelCriterion, self_critical_loss
 from models.decode_config import DecodeConfig
 from tests.helpers import setup_model, tiny_sat
 
@@ -219,7 +219,7 @@ def test_train_then_resume_self_critical_and_evaluate_on_cpu(tiny_dataset, tmp_p
     """The README's two stages on `device` (stage 1 in --fp16, stage 2 self-critical in --bf16, resumed with
     --start_from), then eval.py on the CPU from the checkpoint that device wrote."""
     import eval as eval_script
-    from misc.fileio import load_pickle, load_torch
+    from misc.files.safe_load import load_pickle, load_torch
     from tests.helpers import run_main, targs
     folder = tmp_path / 'run'
     flags = ['--device', device, '--save_checkpoint_every', '4', '--val_images_use', '3']

@@ -13,7 +13,8 @@ import torch
 
 import eval as eval_script
 import eval_ensemble
-from misc.fileio import load_pickle, save_pickle
+from misc.files.atomic import save_pickle
+from misc.files.safe_load import load_pickle
 from models.decode_config import DecodeConfig
 from models.ensemble import EnsembleModel
 from tests.helpers import assert_one_line_error, masked_batch, run_main, tiny_checkpoint, tiny_sat

@@ -13,7 +13,8 @@ import torch
 
 import eval as eval_script
 import eval_ensemble
-from misc.fileio import load_pickle, save_pickle
+from misc.files.atomic import save_pickle
+from misc.files.safe_load import load_pickle
 from models.ensemble import EnsembleModel
 from scripts import make_demo_data, prepro_labels, prepro_labels_seqKD, prepro_ngrams, prepro_reference_json
 from tests.helpers import assert_one_line_error, masked_batch, run_main, targs, tiny_checkpoint, tiny_sat

@@ -438,7 +438,7 @@ def test_encode_once_per_image_equals_encoding_every_copy():
 def test_loss_wrapper_encode_per_image_gives_the_same_xe_loss():
     """--encode_per_image 1 changes only where the encoder runs: in eval mode the XE loss is identical."""
     import argparse
-    from misc.loss_wrapper import LossConfig, LossWrapper
+    from misc.train.loss_wrapper import LossConfig, LossWrapper
     torch.manual_seed(0)
     model = tiny_sat().eval()
     S = 5

@@ -10,8 +10,8 @@ import torch
 
 import models.transformer as transformer
 import train
-from misc.fileio import load_pickle, load_torch
-from misc.distributed import World
+from misc.files.safe_load import load_pickle, load_torch
+from misc.run.distributed import World
 from tests.helpers import assert_one_line_error, run_main, targs, tiny_sat
 
 

@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 
 import eval as eval_script
-from misc.fileio import load_pickle
+from misc.files.safe_load import load_pickle
 from scripts import prepro_labels_seqKD
 from tests.helpers import working_dir
 from tests.helpers import run_main

@@ -5,7 +5,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from misc import optim
+from misc.train import optim
 from misc.utils import autocast
 
 

@@ -1,5 +1,5 @@
 """The infos file's schema: the one place that names its fields (FIELDS: name, type, required?, since which format
-version, what it holds), its one reader (read_infos) and its one writer (make_infos; misc.checkpoint.save_checkpoint
+version, what it holds), its one reader (read_infos) and its one writer (make_infos; misc.run.checkpoint.save_checkpoint
 adds what the infos belong to: describe).
 
 Format versions (infos['format']; absent = 1):
@@ -19,9 +19,9 @@ from new; shown='name' to show it when the checkpoint is loaded), the value writ
 import argparse
 import dataclasses
 
-from misc.configs import ModelConfig
+from misc.options.configs import ModelConfig
 from misc.errors import SaticError
-from misc.fileio import load_pickle
+from misc.files.safe_load import load_pickle
 
 FORMAT_VERSION = 2
 ADVICE = 'pass the infos_<id>.pkl saved with the checkpoint'
@@ -54,7 +54,7 @@ FIELDS = (
     Field('optimizer_step', (int,), False, 1, '(ours) updates the saved optimizer state has made'),
     Field('K', (int,), False, 1, '(ours) words per decoding step of the model (the K rule applied)'),
     Field('caption_model', (str,), False, 1, "(ours) 'sat' or 'transformer'"),
-    Field('vocab_sha1', (str,), False, 1, "(ours) the vocabulary's fingerprint (misc.fileio.vocab_sha1)"),
+    Field('vocab_sha1', (str,), False, 1, "(ours) the vocabulary's fingerprint (misc.files.vocabulary.vocab_sha1)"),
     Field('format', (int,), False, 2, '(ours) this schema version (absent: 1)'),
     Field('model_config', (dict,), False, 2, "(ours) ModelConfig's fields: the model's hyper-parameters"),
 )
@@ -113,7 +113,7 @@ def make_infos(options, config, vocab, iteration=0, epoch=0, best_val_score=None
     ModelConfig), then fields (ours: rng_states, grad_scaler). save_checkpoint adds what they belong to."""
     unknown = [key for key in fields if key not in FIELD_NAMES]
     if unknown:
-        raise ValueError(f'infos fields {unknown} are not in misc.infos.FIELDS: add them there')
+        raise ValueError(f'infos fields {unknown} are not in misc.run.infos.FIELDS: add them there')
     return {'iter': iteration, 'epoch': epoch, **(position or {}), 'vocab': vocab,
             'opt': argparse.Namespace(**dict(options)), 'best_val_score': best_val_score,
             'format': FORMAT_VERSION, 'model_config': dataclasses.asdict(config), **fields}

@@ -1,5 +1,5 @@
 """The evaluation stage: decode a split batch by batch, time the decoding alone, optionally score the teacher-forced
-loss. Used by eval.py, eval_cocotest.py and train.py's validation; the COCO metrics are misc.coco_eval's
+loss. Used by eval.py, eval_cocotest.py and train.py's validation; the COCO metrics are misc.eval.coco_eval's
 `language_eval`, and the callers write the files (README, "Using it on COCO").
 
 Each image is decoded once, from its one copy of features (the loader's batches hold one per image), a batch going
@@ -14,7 +14,7 @@ import time
 import torch
 
 from misc.errors import SaticError
-from misc.fileio import Progress
+from misc.console.progress import Progress
 from misc.utils import autocast, decode_sequence, synchronize
 
 
@@ -44,7 +44,7 @@ def evaluate(model, loader, split, config, *, num_images=-1, batch_size=None, re
     those of one process); bf16 / fp16: autocast type; verbose: print each caption, and with verbose_beam (eval.py
     --verbose_beam, the reference's option) its beams; attention_top N > 0 (eval.py --dump_attention): each
     prediction also gets 'words' and 'attention', the N regions each word attended to most (region_attention);
-    progress: a name, to show the images done, their rate and the time left on stdout (misc.fileio.Progress: a bar
+    progress: a name, to show the images done, their rate and the time left on stdout (misc.console.progress.Progress: a bar
     on a terminal, else a line every minute and one at the end; rank 0 only, counting every rank's batches).
     Returns an EvalResult."""
     print_beams = verbose and verbose_beam

@@ -3,13 +3,13 @@
 The reference loaded a show_tell/topdown teacher from hard-coded paths; those models do not exist here, so the
 teacher is a checkpoint of this project (--teacher_model, 'sat' of any K or 'transformer') with its infos
 (--teacher_infos, default: the infos pkl beside it). It is loaded through the safe loaders, frozen, and kept out of
-the student's state_dict, optimiser, DDP parameters and checkpoints (misc.loss_wrapper holds it unregistered).
+the student's state_dict, optimiser, DDP parameters and checkpoints (misc.train.loss_wrapper holds it unregistered).
 """
 import os
 
-from misc.checkpoint import default_infos_path
+from misc.run.checkpoint import default_infos_path
 from misc.errors import SaticError
-from misc.infos import model_config, read_infos
+from misc.run.infos import model_config, read_infos
 
 __all__ = ['default_infos_path', 'load_teacher']
 

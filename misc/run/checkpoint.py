@@ -1,15 +1,15 @@
 """The only reader and writer of checkpoints: everything a run folder holds goes through this module, with
-misc.fileio's atomic writes (one commit point per save) and safe loads.
+misc.files' atomic writes (one commit point per save) and safe loads.
 
-  reading:  misc.infos.read_infos (the infos schema and its one reader), load_model_state, load_init_from
+  reading:  misc.run.infos.read_infos (the infos schema and its one reader), load_model_state, load_init_from
             (train.py --init_from, checked against the infos beside it: default_infos_path), load_run -> SavedRun
             (--start_from: infos, histories, then model, optimizer, scaler and generators restored);
             models/loading.py builds models from these files (load_model, load_for_eval, restore_model);
-  writing:  misc.infos.make_infos (FIELDS: the one place infos fields are named) + save_checkpoint /
+  writing:  misc.run.infos.make_infos (FIELDS: the one place infos fields are named) + save_checkpoint /
             CheckpointSaver (a training run); write_checkpoint_files (plain model.pth + infos files: tests' fixtures).
-Nothing else in the product calls fileio.load_pickle/load_torch/save_* on checkpoint files (tests/test_checkpoint.py
-greps for it): a new infos field is a row of misc.infos.FIELDS.
-Infos are compared on their ModelConfig (misc.infos.model_config: a reference infos' opt converted once, at load
+Nothing else in the product calls misc.files.load_pickle/load_torch/save_* on checkpoint files (tests/test_checkpoint.py
+greps for it): a new infos field is a row of misc.run.infos.FIELDS.
+Infos are compared on their ModelConfig (misc.run.infos.model_config: a reference infos' opt converted once, at load
 time); the run's and eval's own options are resolved in the entry scripts (opts.py). Nothing here imports models/.
 
 A training run writes, in its checkpoint folder (README, "Interrupts and resume"):
@@ -48,11 +48,13 @@ import time
 import numpy as np
 import torch
 
-from misc import fileio, optim
+from misc.train import optim
+from misc.files import atomic
 from misc.errors import CheckpointError, SaticError
-from misc.fileio import load_torch, vocab_sha1
-from misc.infos import make_infos, model_config, read_infos
-from misc.runfolder import checkpoint_files
+from misc.files.safe_load import load_torch
+from misc.files.vocabulary import vocab_sha1
+from misc.run.infos import make_infos, model_config, read_infos
+from misc.run.runfolder import checkpoint_files
 
 
 
@@ -83,7 +85,7 @@ def optimizer_step(state):
     (their maximum); None when it does not say (a fresh or step-less optimiser)."""
     if not isinstance(state, dict):
         return None
-    if isinstance(state.get('optimizer_state_dict'), dict):  # misc.optim.PlateauOpt
+    if isinstance(state.get('optimizer_state_dict'), dict):  # misc.train.optim.PlateauOpt
         state = state['optimizer_state_dict']
     if '_step' in state:
         return int(state['_step'])
@@ -156,8 +158,8 @@ def write_checkpoint_files(folder, run_id, state_dict, infos, best=False):
     state = {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in state_dict.items()}
     names = [('model.pth', f'infos_{run_id}.pkl')] + ([('model-best.pth', f'infos_{run_id}-best.pkl')] if best else [])
     for model_name, infos_name in names:
-        fileio.save_torch(state, os.path.join(folder, model_name))
-        fileio.save_pickle(infos, os.path.join(folder, infos_name))
+        atomic.save_torch(state, os.path.join(folder, model_name))
+        atomic.save_pickle(infos, os.path.join(folder, infos_name))
     return os.path.join(folder, 'model.pth')
 
 
@@ -247,7 +249,7 @@ def recover_checkpoint(checkpoint_dir, run_id):
                              f"{checkpoint_dir} ({e.strerror or e} renaming {tmp}): make the folder writable "
                              f"and retry") from None
     if pending:
-        fileio.fsync_dir(checkpoint_dir)
+        atomic.fsync_dir(checkpoint_dir)
         print(f"completed the save of iteration {manifest.get('iter')} in {checkpoint_dir} that was interrupted "
               f"after its commit ({len(pending)} file(s) renamed)", flush=True)
     return manifest
@@ -366,7 +368,7 @@ def save_checkpoint(checkpoint_dir, run_id, model, optimizer, infos, histories, 
     manifest_file = manifest_path(checkpoint_dir, run_id)
     _remove_checkpoint_temps(checkpoint_dir)
 
-    written = fileio.write_temp_files(items, kept)  # 1. the new files, under temp names
+    written = atomic.write_temp_files(items, kept)  # 1. the new files, under temp names
     manifest_tmp = None
     try:  # (a second Ctrl-C, KeyboardInterrupt, may land anywhere before the commit: the temps go)
         manifest = {'format': 'satic-checkpoint/1', 'id': run_id, 'iter': infos.get('iter'),
@@ -374,17 +376,17 @@ def save_checkpoint(checkpoint_dir, run_id, model, optimizer, infos, histories, 
                     'files': [{'name': os.path.basename(p), 'temp': os.path.basename(tmp), 'size': size,
                                'sha1': sha1} for p, tmp, size, sha1 in written]}
         body = json.dumps(manifest, indent=1).encode('utf-8')
-        (_, manifest_tmp, _, _), = fileio.write_temp_files([(manifest_file, lambda f: f.write(body))], kept)
+        (_, manifest_tmp, _, _), = atomic.write_temp_files([(manifest_file, lambda f: f.write(body))], kept)
         os.replace(manifest_tmp, manifest_file)  # 2. THE commit point
     except BaseException as e:
-        fileio.remove_quietly([tmp for _, tmp, _, _ in written] + [manifest_tmp])
+        atomic.remove_quietly([tmp for _, tmp, _, _ in written] + [manifest_tmp])
         if isinstance(e, OSError):
             raise CheckpointError(f'{e.strerror or e} writing {manifest_file}{kept}') from None
         raise
-    fileio.fsync_dir(checkpoint_dir)
+    atomic.fsync_dir(checkpoint_dir)
     for final, tmp, _, _ in written:  # 3. into place; a kill here is completed by recover_checkpoint
         os.replace(tmp, final)
-    fileio.fsync_dir(checkpoint_dir)
+    atomic.fsync_dir(checkpoint_dir)
     if replace:
         _remove_replaced(checkpoint_dir, {os.path.basename(final) for final, _, _, _ in written}
                          | {os.path.basename(manifest_file)})
@@ -394,9 +396,9 @@ def save_checkpoint(checkpoint_dir, run_id, model, optimizer, infos, histories, 
 def _remove_replaced(checkpoint_dir, kept):
     """--overwrite_run 1, after the run's first save: the checkpoint files of the run it replaces (any not written
     by that save: other ids' infos, histories and manifests, model-<iter>.pth...) are removed."""
-    fileio.remove_quietly(os.path.join(checkpoint_dir, name) for name in checkpoint_files(checkpoint_dir)
+    atomic.remove_quietly(os.path.join(checkpoint_dir, name) for name in checkpoint_files(checkpoint_dir)
                           if name not in kept)
-    fileio.fsync_dir(checkpoint_dir)
+    atomic.fsync_dir(checkpoint_dir)
 
 
 def verify_checkpoint(checkpoint_dir, run_id):
