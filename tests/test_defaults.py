@@ -22,8 +22,9 @@ def test_model_loss_and_data_defaults_are_the_options_defaults():
         config = config_class()
         names = [f.name for f in dataclasses.fields(config_class) if f.name in parsed]
         assert names and {name: getattr(config, name) for name in names} == {name: parsed[name] for name in names}
-    assert LossConfig().reward_weights == {name: parsed[f'{name}_reward_weight'] for name in REWARDS} \
-        == {'cider': 1, 'bleu': 0}  # the reference's --cider_reward_weight 1, --bleu_reward_weight 0
+    weights = LossConfig().reward_weights
+    assert weights == {name: parsed[f'{name}_reward_weight'] for name in REWARDS}
+    assert {name: weights[name] for name in ('cider', 'bleu')} == {'cider': 1, 'bleu': 0}  # the reference's defaults
 
 
 def test_an_infos_partial_options_become_the_model_config_fill_defaults_gives():

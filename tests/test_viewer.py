@@ -204,7 +204,7 @@ def test_url_state_keeps_the_selected_word(tmp_path):
     node = shutil.which('node') or shutil.which('nodejs')
     if node is None:
         pytest.skip('node not installed')
-    with open(os.path.join(REPO, 'misc', 'viewer_template.html'), encoding='utf-8') as f:
+    with open(os.path.join(REPO, 'misc', 'viewer', 'viewer_template.html'), encoding='utf-8') as f:
         template = f.read()
     start, end = template.index('  function runIndex('), template.index('  // ---- controls')
     select_value = re.search(r'  function selectValue\(.*?\n  }\n', template, re.S).group(0)
