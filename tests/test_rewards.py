@@ -128,7 +128,8 @@ def test_loss_wrapper_passes_the_bleu_weight(cached_tokens):
     opt = argparse.Namespace(label_smoothing=0, seq_per_img=3, cached_tokens=cached_tokens, cider_reward_weight=0.5,
                              bleu_reward_weight=1.5)
     reward = LossWrapper(torch.nn.Linear(1, 1), LossConfig.from_opt(opt)).load_reward()
-    assert reward.weights == {'cider': 0.5, 'bleu': 1.5}
+    assert {name: reward.weights[name] for name in ('cider', 'bleu')} == {'cider': 0.5, 'bleu': 1.5}
+    assert all(w == 0 for name, w in reward.weights.items() if name not in ('cider', 'bleu'))  # at their defaults
 
 
 # ---- the registry: a new reward is one class in misc/train/rewards.py ---------------------------------------------------
