@@ -42,7 +42,7 @@ import h5py
 import numpy as np
 import torch
 
-from misc.options.configs import DEFAULT_SEQ_LENGTH, DataConfig  # noqa: F401 (declared with its options, misc/options/configs.py)
+from misc.options.configs import DEFAULT_SEQ_LENGTH, DataConfig  # noqa: F401 (declared with its options)
 from misc.errors import SaticError
 from misc.files.folders import UNFINISHED_MARKER, staging_folders
 from misc.files.readers import read_array, read_json

@@ -2,8 +2,8 @@
 group and allowed values, declared once) with the reference's names, types and defaults.
 
 `parse_opt()` is train.py's parser; `parse_eval_opt()` is eval.py's / eval_cocotest.py's; eval_ensemble.py adds its
-own. Every parser shows the same groups (misc.options.optspec.GROUPS) with each option's default, checks every value once
-(a bad one: SaticError, one line naming the flag, the value and what is allowed), and reads `--cfg FILE.yml`
+own. Every parser shows the same groups (misc.options.optspec.GROUPS) with each option's default, checks every value
+once (a bad one: SaticError, one line naming the flag, the value and what is allowed), and reads `--cfg FILE.yml`
 (a recipe: keys are option names; the command line overrides the file). Every reference option is accepted (see
 ../shared/conformance/reference_options.tsv); options marked "(ours)" are additions whose defaults keep the
 reference behaviour, so old infos files keep working (`fill_defaults` gives an old `opt` Namespace the options it
@@ -98,7 +98,8 @@ def add_cfg_option(parser):
 
 
 def check_declared(opt, fields):
-    """Every option's declared range or choice set (misc/options/configs.py), once: SaticError naming the first bad one."""
+    """Every option's declared range or choice set (misc/options/configs.py), once: SaticError naming the first bad
+    one."""
     for name, field in fields.items():
         if not hasattr(opt, name):
             continue

@@ -315,8 +315,8 @@ def tiny_checkpoint(ds, folder, vocab=None, model_overrides=None, train_steps=0,
     else:
         with torch.no_grad():
             model.model.generator.proj.bias[0] = -10.0
-    model_path = write_checkpoint_files(folder, 'tiny', model.state_dict(), make_infos(vars(opt), ModelConfig.from_opt(opt),
-                                                                                  vocab or ds_vocab))
+    infos = make_infos(vars(opt), ModelConfig.from_opt(opt), vocab or ds_vocab)
+    model_path = write_checkpoint_files(folder, 'tiny', model.state_dict(), infos)
     return model_path, os.path.join(folder, 'infos_tiny.pkl')
 
 

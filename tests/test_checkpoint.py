@@ -179,7 +179,8 @@ def test_nonfinite_weights_are_refused_and_the_previous_files_kept(tmp_path):
 def test_a_save_cut_after_its_commit_is_completed_by_recover(tmp_path, monkeypatch):
     """The manifest's rename is the commit: a kill after it (here an exception that skips all clean-up, as kill -9
     would) leaves temp files that recover_checkpoint renames into place; before it, the previous save stands."""
-    from misc.run.checkpoint import check_infos_match, read_manifest, recover_checkpoint, recover_folder, verify_checkpoint
+    from misc.run.checkpoint import (check_infos_match, read_manifest, recover_checkpoint, recover_folder,
+                                     verify_checkpoint)
 
     class Killed(BaseException):
         pass

@@ -44,8 +44,9 @@ def evaluate(model, loader, split, config, *, num_images=-1, batch_size=None, re
     those of one process); bf16 / fp16: autocast type; verbose: print each caption, and with verbose_beam (eval.py
     --verbose_beam, the reference's option) its beams; attention_top N > 0 (eval.py --dump_attention): each
     prediction also gets 'words' and 'attention', the N regions each word attended to most (region_attention);
-    progress: a name, to show the images done, their rate and the time left on stdout (misc.console.progress.Progress: a bar
-    on a terminal, else a line every minute and one at the end; rank 0 only, counting every rank's batches).
+    progress: a name, to show the images done, their rate and the time left on stdout
+    (misc.console.progress.Progress: a bar on a terminal, else a line every minute and one at the end; rank 0 only,
+    counting every rank's batches).
     Returns an EvalResult."""
     print_beams = verbose and verbose_beam
     if num_images == 0:

@@ -1,6 +1,6 @@
 """The typed configs: the single source of every command-line option's default, type, help, group and allowed
-values (misc.options.optspec.option). opts.py generates every entry point's argparse from them and checks every value once,
-at parse time; the library takes these configs, built once at the edge (`from_opt`). Torch-free.
+values (misc.options.optspec.option). opts.py generates every entry point's argparse from them and checks every
+value once, at parse time; the library takes these configs, built once at the edge (`from_opt`). Torch-free.
 
 A config's plain fields (no option()) are read by the library but declared as options elsewhere (their owner
 config: e.g. LossConfig.seq_per_img is DataConfig's) or are not options at all (DataConfig.seq_length).
@@ -8,9 +8,9 @@ The reference's options keep their names, types and defaults (../shared/conforma
 """
 import dataclasses
 
-from misc.options.optspec import (ANY_NAME, ANY_PATH, ANY_VALUE, CHECKPOINTS, DATA, DECODING, DEVICES, EVALUATION, INERT,
-                          MODEL, SELF_CRITICAL, TRAINING, Check, at_least, boolean, greater_than, in_range, matches,
-                          minus_one_or_at_least, multiple_of, one_of, option)
+from misc.options.optspec import (ANY_NAME, ANY_PATH, ANY_VALUE, CHECKPOINTS, DATA, DECODING, DEVICES, EVALUATION,
+                                  INERT, MODEL, SELF_CRITICAL, TRAINING, Check, at_least, boolean, greater_than,
+                                  in_range, matches, minus_one_or_at_least, multiple_of, one_of, option)
 
 HEADS = 8  # attention heads of every SAT/transformer layer (models/transformer.py)
 DEFAULT_SEQ_LENGTH = 16  # dataloader: the caption length without a label file

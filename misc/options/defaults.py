@@ -1,8 +1,8 @@
 """The model options' defaults as a mapping (ModelConfig's), for the option edge (opts.py) and tests. Torch-free;
 models/ and misc/ never import opts.py.
 
-misc/options/configs.py declares every option once (default, type, help, group, range); opts.py generates argparse from it
-and resolves a run's options at the edge (parse_opt, fill_defaults, resolve_eval_options). The K rule lives in
+misc/options/configs.py declares every option once (default, type, help, group, range); opts.py generates argparse
+from it and resolves a run's options at the edge (parse_opt, fill_defaults, resolve_eval_options). The K rule lives in
 ModelConfig (resolve_k) only; an infos' options become a ModelConfig once, when read (misc.run.infos.model_config).
 """
 import dataclasses
