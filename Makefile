@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_DIR := data/demo
 
-.PHONY: setup java rhino chromium test demo demo-data quickstart bench clean-demo
+.PHONY: setup java rhino chromium test test-fast demo demo-data quickstart bench clean-demo
 
 setup: $(VENV)/.installed java rhino
 
@@ -49,6 +49,10 @@ chromium:
 
 test: setup chromium
 	$(PY) -m pytest -q tests
+
+# The fast half (about a minute on 2 cores): everything but the tests marked slow (pytest.ini).
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" tests
 
 demo-data: setup
 	$(PY) scripts/make_demo_data.py --output_dir $(DEMO_DIR)

@@ -7,22 +7,25 @@
     cap.caption_images(['photo.jpg'])                                    # ResNet grid features first (misc/images.py)
     cap.caption(regions, attention=True)  # {'caption', 'words', 'attention' (words, regions)} per image
 
-The run is loaded exactly as eval.py loads it (eval.load_checkpoint: the infos beside the model, the checkpoint
+The run is loaded exactly as eval.py loads it (evaluator.load_checkpoint: the infos beside the model, the checkpoint
 checked against them, device, --bf16, --quantize, ...), and images are decoded as eval.py decodes a split
-(misc.evaluation.evaluate: the same batches, padding and masks, autocast and decoding options), so the captions are
+(misc.eval.evaluation.evaluate: the same batches, padding and masks, autocast and decoding options), so the captions are
 eval.py's for the same features and options. Options are eval.py's flags without the dashes, given to from_run /
 from_checkpoint (device='cpu', bf16=1, beam_size=3, batch_size=32, ...); decoding options can also be given to each
 caption() call. Also `torch.hub.load(repo_dir, 'captioner', 'save/<id>', source='local')` (hubconf.py).
 """
 import argparse
 import os
+import sys
 
 import numpy as np
 import torch
 
 from misc.errors import SaticError
+from misc.files.atomic import write_json
+from misc.viewer.visualize import write_index_html
 
-__all__ = ['Captioner']
+__all__ = ['Captioner', 'caption_folder']
 
 
 def eval_options(model_path, infos_path=None, **options):
@@ -42,7 +45,7 @@ class Captioner:
     """A loaded captioner with its vocabulary and options: features or image files in, captions out."""
 
     def __init__(self, model, opt, infos, eval_opt=None):
-        """model, opt, infos: eval.load_checkpoint's (model in eval mode on its device, resolved options, infos);
+        """model, opt, infos: evaluator.load_checkpoint's (model in eval mode on its device, resolved options, infos);
         eval_opt: the options it was loaded with (the CNN options of caption_images)."""
         self.model, self.opt, self.infos = model, opt, infos
         self.vocab = infos['vocab']
@@ -53,7 +56,7 @@ class Captioner:
     def from_checkpoint(cls, model_path, infos=None, **options):
         """The run of model_path (a model.pth / model-best.pth); infos: its infos pkl (default: the one saved
         beside it, infos_<id>.pkl / infos_<id>-best.pkl); options: eval.py's (device='cpu', beam_size=3, ...)."""
-        from eval import load_checkpoint  # the one way eval.py, eval_ensemble.py and this API load a run
+        from evaluator import load_checkpoint  # the one way eval.py, eval_ensemble.py and this API load a run
         eval_opt = eval_options(model_path, infos, **options)
         return cls(*load_checkpoint(eval_opt), eval_opt=eval_opt)
 
@@ -78,7 +81,7 @@ class Captioner:
     def regions(self, item):
         """One image's features as the data loader gives them: (N, att_feat_size) float32 numpy, from a feature file
         (.npz 'feat' / .npy), or an array / tensor of shape (N, D) or (a, a, D) (grid features)."""
-        from misc.fileio import read_array
+        from misc.files.readers import read_array
         where = str(item) if isinstance(item, (str, os.PathLike)) else 'an array'
         if isinstance(item, (str, os.PathLike)):
             if not os.path.isfile(item):
@@ -148,10 +151,10 @@ class Captioner:
 
     # ---- image files -> captions ----
     def extractor(self, cnn_model=None, cnn_weights=None, att_size=None):
-        """The ResNet grid-feature extractor (misc.images.load_extractor) on this captioner's device, loaded once;
+        """The ResNet grid-feature extractor (models.resnet.load_extractor) on this captioner's device, loaded once;
         defaults: eval.py's (resnet101, data/imagenet_weights/resnet101.pth relative to the working directory, the
         grid of the run's training features (trained_grid), else 14)."""
-        from misc.images import load_extractor
+        from models.resnet import load_extractor
         key = (cnn_model or getattr(self.eval_opt, 'cnn_model', '') or 'resnet101',
                cnn_weights or getattr(self.eval_opt, 'cnn_weights', '') or None,
                att_size or getattr(self.eval_opt, 'att_size', 0) or self.trained_grid() or 14)
@@ -162,7 +165,7 @@ class Captioner:
     def trained_grid(self):
         """a of the (a, a, D) grid features this run was trained on (one .npz of its --input_att_dir, when that
         folder is still there), else None (bottom-up regions, or not found)."""
-        from misc.fileio import read_array
+        from misc.files.readers import read_array
         folder = getattr(self.opt, 'input_att_dir', '')
         if not folder or not os.path.isdir(folder):
             return None
@@ -229,3 +232,66 @@ def pad_regions(arrays, device):
         att[b, :counts[b]] = torch.from_numpy(array)
         masks[b, :counts[b]] = 1
     return att.to(device), (None if min(counts) == max(counts) else masks.to(device))
+
+
+# ----------------------------------------------------------------------------------------------- eval.py --image_folder
+def image_entries(eval_opt):
+    """[(image id, path)] of --image_folder: every file under it, numbered 1.. in path order (the reference's ids),
+    or the images --coco_json lists, under their ids. Files without an image extension: one line each, left out."""
+    from misc.images import coco_json_images, folder_images
+    if eval_opt.coco_json:
+        if not os.path.isdir(eval_opt.image_folder):
+            raise SaticError(f'--image_folder {eval_opt.image_folder}: not a folder; pass the folder that holds '
+                             'the images of --coco_json')
+        return coco_json_images(eval_opt.coco_json, eval_opt.image_folder)
+    images, others = folder_images(eval_opt.image_folder)
+    for path in others:
+        print(f'skipped: {path}: not an image file (by its extension)', file=sys.stderr)
+    if not images:
+        raise SaticError(f'--image_folder {eval_opt.image_folder}: no image files (.jpg, .png, ...) under it')
+    return list(enumerate(images, 1))
+
+
+def caption_folder(eval_opt, loaded=None):
+    """--image_folder: caption its image files (their ResNet grid features, computed in memory as
+    scripts/prepro_feats.py computes them) with the checkpoint's model and this command line's decoding options,
+    through the Captioner API; returns (opt, predictions [{image_id, caption, file_path}]). Unreadable files: one
+    line each, skipped. No references, no metrics."""
+    entries = image_entries(eval_opt)
+    torch.manual_seed(eval_opt.seed)
+    from evaluator import load_checkpoint  # (lazy, as from_checkpoint)
+    model, opt, infos = loaded or load_checkpoint(eval_opt)
+    captioner = Captioner(model, opt, infos, eval_opt)
+    predictions = []
+    paths = [path for _, path in entries]
+    captions = captioner.caption_images(paths, skip_unreadable=True)
+    for (iid, path), caption in zip(entries, captions):
+        if caption is not None:
+            predictions.append({'image_id': iid, 'caption': caption,
+                                'file_path': os.path.relpath(path, eval_opt.image_folder)})
+            if eval_opt.verbose:
+                print(f'image {iid} ({path}): {caption}')
+    skipped = len(entries) - len(predictions)
+    print(f'captioned {len(predictions)} images of {eval_opt.image_folder}' + (f' ({skipped} skipped)' * bool(skipped)))
+    if not predictions:
+        raise SaticError(f'--image_folder {eval_opt.image_folder}: none of its images could be read (listed above)')
+    return opt, predictions
+
+
+def write_image_outputs(eval_opt, opt, predictions):
+    """--image_folder's files: vis/<id>.json, and with --dump_images 1 vis/index.html showing the images."""
+    if eval_opt.dump_json:
+        path = os.path.join('vis', f'{opt.id}.json')
+        write_json(predictions, path)
+        print(f'wrote {len(predictions)} captions to {path}')
+    if eval_opt.dump_images:
+        files = {p['image_id']: os.path.join(eval_opt.image_folder, p['file_path']) for p in predictions}
+        path = write_index_html(predictions, opt.id, opt.split, opt.beam_size, opt.ref_json, image_files=files)
+        print(f'wrote the caption viewer to {path}')
+
+
+def image_output_folders(eval_opt):
+    """The folders --image_folder writes into (vis/, vis/imgs/), checked before anything is loaded."""
+    return [('vis', 'vis/ (--dump_json 1)')] * bool(eval_opt.dump_json) + \
+        [('vis', 'vis/ (--dump_images 1)'), (os.path.join('vis', 'imgs'), 'vis/imgs/ (--dump_images 1)')] * \
+        bool(eval_opt.dump_images)

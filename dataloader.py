@@ -42,9 +42,11 @@ import h5py
 import numpy as np
 import torch
 
-from misc.configs import DEFAULT_SEQ_LENGTH, DataConfig  # noqa: F401 (declared with its options, misc/configs.py)
+from misc.options.configs import DEFAULT_SEQ_LENGTH, DataConfig  # noqa: F401 (declared with its options)
 from misc.errors import SaticError
-from misc.fileio import UNFINISHED_MARKER, check_vocabulary, read_array, read_json, staging_folders, vocab_sha1
+from misc.files.folders import UNFINISHED_MARKER, staging_folders
+from misc.files.readers import read_array, read_json
+from misc.files.vocabulary import check_vocabulary, vocab_sha1
 
 SPLITS = ('train', 'val', 'test')
 
@@ -642,3 +644,22 @@ def repeat_per_caption(batch):
     repeat = lambda t: None if t is None else t.repeat_interleave(S, dim=0)  # noqa: E731
     return {**batch, 'fc_feats': repeat(batch['fc_feats']), 'att_feats': repeat(batch['att_feats']),
             'att_masks': repeat(batch['att_masks'])}
+
+
+def attach_boxes(predictions, box_dir, input_json=None):
+    """Give each prediction 'boxes', its image's region boxes [[x1, y1, x2, y2], ...] (row r = region r of
+    'attention') from box_dir (<id>.npy files, an .lmdb or an .h5: make_bu_data.py's _box output), and
+    'image_width' / 'image_height' where input_json's image entry has 'width' / 'height'."""
+    sizes = {}
+    if input_json:
+        sizes = {img.get('id'): (img['width'], img['height'])
+                 for img in read_json(input_json, '--input_json').get('images', [])
+                 if 'width' in img and 'height' in img}
+    reader = FeatureReader(box_dir, '.npy', '--input_box_dir')
+    try:
+        for p in predictions:
+            p['boxes'] = [[round(float(c), 2) for c in box] for box in reader.get(p['image_id'], dim=4, regions=True)]
+            if p['image_id'] in sizes:
+                p['image_width'], p['image_height'] = sizes[p['image_id']]
+    finally:
+        reader.close()

@@ -9,22 +9,10 @@ eval.py with language_eval 0: writes vis/<id>.json, one {"image_id": int, "capti
 zip and upload. The test images have no captions: the label file is never read (whatever --input_label_h5 names,
 e.g. the training labels of other images; 'none' works too).
 """
-import os
 import sys
 
-from misc.fileio import run_cli, write_json
+from misc.console.cli import run_cli
 from opts import check_eval_split, parse_eval_opt
-
-
-def server_results(predictions):
-    """The COCO server format: each image once (its first caption), with an integer id."""
-    results, seen = [], set()
-    for p in predictions:
-        image_id = int(p['image_id'])
-        if image_id not in seen:
-            seen.add(image_id)
-            results.append({'image_id': image_id, 'caption': p['caption']})
-    return results
 
 
 def parse_args(argv=None):
@@ -36,19 +24,11 @@ def parse_args(argv=None):
 
 
 def run(eval_opt):
-    from eval import check_outputs, run_evaluation  # (imports torch: --help stays light)
+    from evaluator import check_outputs, run_evaluation, write_server_results  # (torch: --help stays light)
     check_eval_split(eval_opt)
     check_outputs([('vis', 'vis/ (the result file)')])  # before any loading or decoding
     opt, result, _, _ = run_evaluation(eval_opt)
     write_server_results(result.predictions, opt.id)  # the run's own id unless --id
-
-
-def write_server_results(predictions, run_id):
-    """vis/<run_id>.json in the COCO server format (server_results); also eval_ensemble.py --server_json 1."""
-    results = server_results(predictions)
-    path = os.path.join('vis', f'{run_id}.json')
-    write_json(results, path)
-    print(f'wrote {len(results)} captions to {path} (COCO server format)')
 
 
 def main(argv=None):

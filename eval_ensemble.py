@@ -18,10 +18,9 @@ import math
 import os
 import sys
 
-from eval_cocotest import write_server_results
 from misc.errors import SaticError
-from misc.fileio import run_cli
-from misc.configs import EnsembleOptions
+from misc.console.cli import run_cli
+from misc.options.configs import EnsembleOptions
 from opts import OptionParser, add_cfg_option, add_eval_options, add_options, check_eval_split, parse_with_cfg
 
 
@@ -36,7 +35,13 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    return parse_with_cfg(build_parser(), argv)
+    """The options, resolved here at the edge: --server_json 1 means no references (language_eval 0, no label
+    file); --id defaults to the members' (default_id)."""
+    eval_opt = parse_with_cfg(build_parser(), argv)
+    eval_opt.id = eval_opt.id or default_id(eval_opt)
+    if eval_opt.server_json:  # the COCO test images have no references
+        eval_opt.language_eval, eval_opt.input_label_h5 = 0, 'none'
+    return eval_opt
 
 
 def split_list(values):
@@ -117,14 +122,12 @@ def data_options(members):
 def load_ensemble(eval_opt, files):
     """(EnsembleModel, the first model's resolved options, its infos) for eval.run_evaluation's `loaded`; files
     [(model.pth, infos.pkl)] (member_files)."""
-    from eval import load_checkpoint  # (eval and models import torch: --help stays light)
-    from models.ensemble import EnsembleModel  # (as eval)
+    from evaluator import load_checkpoint  # (evaluator and models import torch: --help stays light)
+    from models.ensemble import EnsembleModel  # (as evaluator)
     weights = member_weights(eval_opt, len(files))
     members = []
     for model_path, infos_path in files:
-        member_opt = copy.copy(eval_opt)
-        member_opt.model, member_opt.infos_path = model_path, infos_path
-        members.append((model_path,) + load_checkpoint(member_opt))
+        members.append((model_path,) + load_checkpoint(eval_opt, model_path, infos_path))
         check_compatible(members[0], members[-1])
     opt, normalise = data_options(members)
     ensemble = EnsembleModel([model for _, model, _, _ in members], weights, normalise).eval()
@@ -142,25 +145,23 @@ def default_id(eval_opt):
 
 
 def run(eval_opt):
-    from eval import check_attention_options, check_outputs, output_folders, run_evaluation, write_outputs  # (torch)
+    """The ensemble's evaluation through evaluator's functions, with arguments (the parsed options stay as parsed)."""
+    from evaluator import (check_attention_options, check_outputs, output_folders, run_evaluation,  # (torch)
+                           write_outputs, write_server_results)
     check_eval_split(eval_opt)
     check_attention_options(eval_opt)
-    eval_opt.id = eval_opt.id or default_id(eval_opt)
-    if eval_opt.server_json:  # the COCO test images have no references
-        eval_opt.language_eval, eval_opt.input_label_h5 = 0, 'none'
     files = member_files(eval_opt)
     if eval_opt.image_folder:  # own images (eval.py --image_folder), decoded by the ensemble
-        from eval import caption_folder, image_output_folders, write_image_outputs
+        from captioner import caption_folder, image_output_folders, write_image_outputs
         check_outputs(image_output_folders(eval_opt))
         write_image_outputs(eval_opt, *caption_folder(eval_opt, loaded=load_ensemble(eval_opt, files)))
         return
     check_outputs(output_folders(eval_opt) + [('vis', 'vis/ (--server_json 1)')] * bool(eval_opt.server_json))
     loaded = load_ensemble(eval_opt, files)
-    eval_opt.model = ' + '.join(path for path, _ in files)  # what eval.py's messages name
-    opt, result, lang_stats, img_to_eval = run_evaluation(eval_opt, loaded=loaded)
-    if eval_opt.server_json:
-        eval_opt.dump_json = 0  # vis/<id>.json is the server file
-    write_outputs(eval_opt, opt, result, lang_stats, img_to_eval)
+    opt, result, lang_stats, img_to_eval = run_evaluation(eval_opt, loaded=loaded,
+                                                          model_name=' + '.join(path for path, _ in files))
+    # with --server_json 1, vis/<id>.json is the server file
+    write_outputs(eval_opt, opt, result, lang_stats, img_to_eval, dump_json=False if eval_opt.server_json else None)
     if eval_opt.server_json:
         write_server_results(result.predictions, eval_opt.id)
 

@@ -1,9 +1,9 @@
-"""Command-line options, generated from the typed configs (misc/configs.py: each option's default, type, help,
+"""Command-line options, generated from the typed configs (misc/options/configs.py: each option's default, type, help,
 group and allowed values, declared once) with the reference's names, types and defaults.
 
 `parse_opt()` is train.py's parser; `parse_eval_opt()` is eval.py's / eval_cocotest.py's; eval_ensemble.py adds its
-own. Every parser shows the same groups (misc.optspec.GROUPS) with each option's default, checks every value once
-(a bad one: SaticError, one line naming the flag, the value and what is allowed), and reads `--cfg FILE.yml`
+own. Every parser shows the same groups (misc.options.optspec.GROUPS) with each option's default, checks every value
+once (a bad one: SaticError, one line naming the flag, the value and what is allowed), and reads `--cfg FILE.yml`
 (a recipe: keys are option names; the command line overrides the file). Every reference option is accepted (see
 ../shared/conformance/reference_options.tsv); options marked "(ours)" are additions whose defaults keep the
 reference behaviour, so old infos files keep working (`fill_defaults` gives an old `opt` Namespace the options it
@@ -13,11 +13,10 @@ import argparse
 import os
 import sys
 
-from misc import optspec
-from misc.configs import (DataConfig, DecodingOptions, DeviceConfig, EvalConfig, EvaluationConfig,
+from misc.options import optspec
+from misc.options.configs import (DataConfig, DecodingOptions, DeviceConfig, EvalConfig, EvaluationConfig,
                           InertReferenceOptions, LossConfig, ModelConfig, OptimConfig, RunConfig, StepConfig,
                           TrainConfig, ValidationConfig, reward_options, str2bool)  # noqa: F401 (str2bool: API)
-from misc.defaults import MODEL, model_k  # noqa: F401 (model_k: the K rule, opts.model_k)
 from misc.errors import SaticError
 
 DEFAULT_INIT_FROM = RunConfig.init_from
@@ -50,6 +49,12 @@ class OptionParser(argparse.ArgumentParser):
         finally:
             self._action_groups = groups
 
+
+
+def model_k(opt):
+    """K of the model parsed options build: ModelConfig.resolve_k (the K rule's one place) on their caption_model
+    and K; applied once, here at the edge, so that everything below reads opt.K."""
+    return ModelConfig.resolve_k(opt.caption_model, opt.K)
 
 def _group(parser, name):
     """The argument group `name` of parser; every group of GROUPS made up front, in their order (empty ones are
@@ -93,7 +98,8 @@ def add_cfg_option(parser):
 
 
 def check_declared(opt, fields):
-    """Every option's declared range or choice set (misc/configs.py), once: SaticError naming the first bad one."""
+    """Every option's declared range or choice set (misc/options/configs.py), once: SaticError naming the first bad
+    one."""
     for name, field in fields.items():
         if not hasattr(opt, name):
             continue
@@ -211,7 +217,7 @@ def add_training_options(parser):
     add_options(parser, StepConfig, only=('grad_clip',))
     add_options(parser, LossConfig)
     add_options(parser, TrainConfig)
-    add_options(parser, reward_options())  # --cider_reward_weight, --bleu_reward_weight (misc/rewards.py)
+    add_options(parser, reward_options())  # --cider_reward_weight, --bleu_reward_weight (misc/train/rewards.py)
     add_options(parser, RunConfig)
     add_options(parser, EvaluationConfig, only=('language_eval', 'spice'))
     add_options(parser, ValidationConfig)
@@ -258,7 +264,7 @@ def parse_opt(argv=None):
 def check_schedule_opt(opt):
     """train.py: combinations of options that train nothing or mean nothing (one-line refusal, exit 2); those the
     reference accepted and recipes use are warned about instead. Single values are checked by their declared
-    ranges (misc/configs.py)."""
+    ranges (misc/options/configs.py)."""
     _need(not (opt.bf16 and opt.fp16), '--bf16 and --fp16 exclude each other: choose one autocast type')
     _need(not (opt.noamopt and opt.reduce_on_plateau),
          '--reduce_on_plateau cannot be combined with --noamopt: Noam sets the lr at every step (the reference '
@@ -266,7 +272,7 @@ def check_schedule_opt(opt):
     _need(opt.beam_size == 1 or opt.group_size <= opt.beam_size,
          f'--group_size {opt.group_size}: must be <= --beam_size {opt.beam_size} (groups of beams)')
     if opt.self_critical_after >= 0:
-        from misc.rewards import REWARDS, reward_option
+        from misc.train.rewards import REWARDS, reward_option
         weights = {reward_option(name): getattr(opt, reward_option(name), 0) for name in REWARDS}
         _need(any(weight > 0 for weight in weights.values()),
              f'--self_critical_after {opt.self_critical_after} with every reward weight 0 '
@@ -401,9 +407,10 @@ def check_image_options(eval_opt):
         raise SaticError('--coco_json lists images of --image_folder: add --image_folder DIR (or drop --coco_json)')
 
 
-def resolve_eval_options(eval_opt, infos, infos_path='infos'):
+def resolve_eval_options(eval_opt, infos, infos_path='infos', model_path=None):
     """The options one run of eval.py uses: infos['opt'] (defaults filled) overridden by the evaluation's own
-    options and its non-empty data paths; vocab_size from infos['vocab']. Bad values -> SaticError, one line."""
+    options and its non-empty data paths; vocab_size from infos['vocab']; model_path: the checkpoint (default
+    --model; an ensemble's member). Bad values -> SaticError, one line."""
     check_image_options(eval_opt)
     check_eval_split(eval_opt)
     opt = fill_defaults(argparse.Namespace(**vars(infos['opt'])))
@@ -416,7 +423,8 @@ def resolve_eval_options(eval_opt, infos, infos_path='infos'):
     trained = vars(infos['opt'])
     if eval_opt.ref_json == DEFAULT_REF_JSON and trained.get('ref_json'):
         opt.ref_json = trained['ref_json']
-    if eval_opt.id == REFERENCE_EVAL_ID and eval_opt.model != REFERENCE_EVAL_MODEL and trained.get('id'):
+    if eval_opt.id == REFERENCE_EVAL_ID and (model_path or eval_opt.model) != REFERENCE_EVAL_MODEL \
+            and trained.get('id'):
         opt.id = trained['id']
     if opt.ref_json == DEFAULT_REF_JSON and not os.path.isfile(opt.ref_json):
         # The default is relative to the repository (where the reference was always run), not to any cwd.

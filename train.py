@@ -12,7 +12,7 @@ rank decodes its share of the validation images; rank 0 computes the COCO metric
 
 Top to bottom: building a run (`build_run`: data, model, loss, optimiser, and what --start_from restores), one
 optimisation step (`train_step`), one validation (`validate`), then the loop (`train_loop`) over a `TrainState`.
-misc/checkpoint.py owns the run on disk (load_run, CheckpointSaver), misc/interrupts.py the signals.
+misc/run/checkpoint.py owns the run on disk (load_run, CheckpointSaver), misc/run/interrupts.py the signals.
 """
 import argparse
 import contextlib
@@ -26,24 +26,25 @@ import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 import models
 from dataloader import DataConfig, DataLoader
-from misc import optim
-from misc.checkpoint import (CheckpointError, CheckpointSaver, ResumePoint, check_writable_dir, histories_of,
+from misc.train import optim
+from misc.run.checkpoint import (CheckpointError, CheckpointSaver, ResumePoint, check_writable_dir, histories_of,
                              load_init_from, load_run, recover_checkpoint, rng_state)
-from misc.coco_eval import check_ready, language_eval
-from misc.configs import ModelConfig, OptimConfig, StepConfig  # (StepConfig: train.StepConfig too)
-from misc.distributed import World, all_gather_objects, run_everywhere, run_on_main, setup_distributed, shutdown
+from misc.eval.coco_eval import check_ready, language_eval
+from misc.options.configs import ModelConfig, OptimConfig, StepConfig  # (StepConfig: train.StepConfig too)
+from misc.run.distributed import World, all_gather_objects, run_everywhere, run_on_main, setup_distributed, shutdown
 from misc.errors import SaticError
-from misc.evaluation import evaluate
-from misc.interrupts import Aborted, Interrupted, Signals
-from misc.loss_wrapper import LossConfig, LossWrapper
-from misc.runfolder import RunFolderLock, check_not_busy, check_owner, same_folder
-from misc.teacher import load_teacher
-from misc.utils import autocast, format_duration, to_device
+from misc.eval.evaluation import evaluate
+from misc.run.interrupts import Aborted, Interrupted, Signals
+from misc.train.loss_wrapper import LossConfig, LossWrapper
+from misc.run.runfolder import RunFolderLock, check_not_busy, check_owner, same_folder
+from misc.train.step import precision as set_precision, train_step  # noqa: F401 (step_numbers: misc.train.step)
+from misc.train.teacher import load_teacher
+from misc.utils import format_duration, to_device
 from models.accel.speed import compile_model, use_cuda_graphs
+from models.loading import load_model, restore_model
 from opts import decode_config, parse_opt
 
 # (ours) Consecutive iterations with a non-finite loss or gradient (each skipped) after which training stops.
@@ -71,11 +72,11 @@ def run_options(opt, loader):
 
 
 def build_model(opt, device, saved=None, vocab=None):
-    """The model, its weights from --start_from (saved: a misc.checkpoint.SavedRun), or (SAT, K > 1) from the
+    """The model, its weights from --start_from (saved: a misc.run.checkpoint.SavedRun), or (SAT, K > 1) from the
     autoregressive --init_from (checked against the infos beside it, when there is one, and this data's vocab)."""
     model = models.setup(ModelConfig.from_opt(opt), opt.vocab_size)
     if saved is not None:
-        saved.restore_model(model)
+        restore_model(saved, model)
     elif opt.K > 1 and opt.init_from and opt.init_from.lower() != 'none':
         if not os.path.isfile(opt.init_from):
             raise SaticError(f"--init_from {opt.init_from}: not found. SAT (K > 1) starts from an autoregressive "
@@ -91,11 +92,11 @@ def build_model(opt, device, saved=None, vocab=None):
 
 
 def build_teacher(opt, vocab, device):
-    """The frozen --teacher_model of word-level distillation (--kd_weight > 0), or None (misc/teacher.py)."""
+    """The frozen --teacher_model of word-level distillation (--kd_weight > 0), or None (misc/train/teacher.py)."""
     if not opt.kd_weight > 0:
         return None
     teacher = load_teacher(opt.teacher_model, vocab, opt.att_feat_size, opt.teacher_infos, opt.teacher_caption_model,
-                           bool(opt.teacher_eval_mode), opt.input_json, device)
+                           bool(opt.teacher_eval_mode), opt.input_json, device, load_model=load_model)
     print(f"distillation: teacher {opt.teacher_model} (K={teacher.K}), "
           f"kd_weight {opt.kd_weight}, teacher in {'eval' if opt.teacher_eval_mode else 'train'} mode", flush=True)
     return teacher
@@ -125,12 +126,8 @@ def data_parallel(loss_wrapper, opt, world):
 
 
 def precision(opt, world):
-    """--tf32 (CUDA matrix products and convolutions) and, with --fp16, the gradient scaler (README, "Several
-    GPUs"); returns the torch.amp.GradScaler or None."""
-    if world.device.type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = bool(opt.tf32)
-        torch.backends.cudnn.allow_tf32 = bool(opt.tf32)
-    return torch.amp.GradScaler(world.device.type) if opt.fp16 else None
+    """--tf32 and --fp16 of the parsed options (misc.train.step.precision): the torch.amp.GradScaler or None."""
+    return set_precision(bool(opt.tf32), bool(opt.fp16), world.device)
 
 
 def seed_everything(seed):
@@ -288,7 +285,7 @@ def score_text(score, language_eval=True):
 
 def prepare_folders(opt, cleanup):
     """Rank 0, before any work: --checkpoint_path must be writable (now, not at the first save hours later) and
-    this run's alone (misc/runfolder.py: its lock, held until cleanup closes, and the rule on the checkpoint it
+    this run's alone (misc/run/runfolder.py: its lock, held until cleanup closes, and the rule on the checkpoint it
     holds); a --start_from folder must not be a live run's; a save of --start_from that a kill cut between its
     renames is completed. Returns whether the first save replaces the folder's checkpoint (--overwrite_run 1)."""
     check_writable_dir(opt.checkpoint_path)
@@ -314,7 +311,8 @@ def build_run(opt, world, signals, cleanup):
     if note and world.is_main:
         print(note, flush=True)
     run_opt, vocab = run_options(opt, loader), loader.get_vocab()
-    saved = load_run(opt.start_from, opt.id, run_opt, vocab) if opt.start_from else None
+    saved = load_run(opt.start_from, opt.id, ModelConfig.from_opt(run_opt), vocab, opt.input_json) \
+        if opt.start_from else None
     if saved is not None and saved.loader_state is not None:
         loader.load_state_dict(saved.loader_state)
     if opt.language_eval:
@@ -337,7 +335,8 @@ def build_run(opt, world, signals, cleanup):
         run.writer = SummaryWriter(opt.checkpoint_path)
         cleanup.callback(run.writer.close)
         run.saver = CheckpointSaver(opt.checkpoint_path, opt.id, model, run.optimizer, vocab,
-                                    recorded_options=run_opt, save_history_ckpt=bool(opt.save_history_ckpt),
+                                    recorded_options=vars(run_opt), config=ModelConfig.from_opt(run_opt),
+                                    save_history_ckpt=bool(opt.save_history_ckpt),
                                     scaler=run.scaler, replace=replace)
         print(global_batch_line(opt, loader, world), flush=True)
     state = start_state(run, saved)
@@ -352,63 +351,6 @@ def set_epoch_lr(optimizer, opt, epoch):
         optim.set_lr(optimizer, optim.step_decay_rate(epoch, OptimConfig.from_opt(opt)))
 
 
-def train_step(loss_module, optimizer, batch, sc_flag, config, stop=False, world_size=1, scaler=None):
-    """One optimisation step -> {'loss': float, 'reward': float (self-critical only), 'rank_loss': float,
-    'skipped': bool, 'stop': bool, 'overflow': the loss scale (--fp16 gradient overflows only)}.
-
-    loss_module: the LossWrapper (or a module like it: batch, sc_flag -> {'loss'[, 'reward']}), or the
-    DistributedDataParallel around it (which averages the gradients over ranks during backward, before the
-    element-wise clamp); batch: a DataLoader batch on the module's device (train.py's or bench's); config: a
-    StepConfig (bf16, fp16, grad_clip); scaler: --fp16's torch.amp.GradScaler.
-    Non-finite guard (ours): the loss and the largest |gradient| (one fused reduction over every gradient, NaN
-    propagating, before the clamp hides an inf) decide whether the update runs; 'skipped' when it did not. With
-    --fp16 the gradients are unscaled first, and after a skip the scaler backs off as GradScaler.step would have;
-    a skip with a finite loss is a gradient overflow ('overflow'). With several ranks the loss and reward are
-    averaged over them (rank_loss: this rank's) and the flags combined in one all-reduce: every rank skips and
-    stops (`stop`: a signal asked this rank to stop) at the same iteration. One host synchronisation per step."""
-    optimizer.zero_grad()
-    with autocast(batch['att_feats'].device.type, config.bf16, config.fp16):
-        out = loss_module(batch, sc_flag)
-    loss = out['loss']
-    (loss if scaler is None else scaler.scale(loss)).backward()
-    if scaler is not None:
-        scaler.unscale_(optimizer)  # the true gradients, for the guard and the clamp
-    params = [p for p in loss_module.parameters() if p.grad is not None]
-    numbers = step_numbers(loss, params, out.get('reward', 0.0), stop, world_size)
-    if not numbers['nonfinite']:
-        optim.clamp_gradients(params, config.grad_clip)
-        optimizer.step()  # (not scaler.step: the guard has decided, without GradScaler's own host read)
-    result = {'loss': numbers['loss'], 'rank_loss': numbers['rank_loss'], 'skipped': numbers['nonfinite'],
-              'stop': numbers['stop']}
-    if 'reward' in out:
-        result['reward'] = numbers['reward']
-    if scaler is not None:
-        if numbers['nonfinite'] and not numbers['loss_nonfinite']:
-            result['overflow'] = scaler.get_scale()  # (a host read, on overflows only)
-        scaler.update()
-    return result
-
-
-def step_numbers(loss, params, reward, stop, world_size):
-    """What a step reads on the host, in one transfer: {'loss', 'reward': means over the ranks; 'rank_loss': this
-    rank's loss; 'nonfinite': the loss or a gradient is not finite on some rank; 'loss_nonfinite': the loss is not,
-    on some rank; 'stop': some rank was asked to stop}."""
-    worst = loss.detach().float().abs().reshape(1)
-    if params:
-        norms = torch._foreach_norm([p.grad for p in params], math.inf)
-        worst = torch.cat([worst, torch.stack([n.float() for n in norms])])
-    scalar = lambda value: torch.full((), float(value), dtype=torch.float64, device=loss.device)  # noqa: E731
-    numbers = torch.stack([loss.detach().double(), scalar(reward), (~torch.isfinite(worst.max())).double(),
-                           (~torch.isfinite(loss.detach())).double(), scalar(stop)])  # (5,)
-    local_loss = numbers[0].clone()
-    if world_size > 1:
-        dist.all_reduce(numbers)  # sum: loss and reward / world_size are the means; a flag > 0: some rank raised it
-        numbers[:2] /= world_size
-    values = torch.cat([numbers, local_loss.reshape(1)]).tolist()  # the one host synchronisation of a step
-    return {'loss': values[0], 'reward': values[1], 'nonfinite': values[2] > 0, 'loss_nonfinite': values[3] > 0,
-            'stop': values[4] > 0, 'rank_loss': values[5]}
-
-
 # ----------------------------------------------------------------------------------------------- one validation
 def validate(model, loader, crit, opt, world=World()):
     """Greedy decoding of val_images_use val images -> {'loss', 'predictions', 'lang_stats', 'score'}, the same on
@@ -416,7 +358,7 @@ def validate(model, loader, crit, opt, world=World()):
 
     Each rank reads and decodes every world.size-th batch of --val_batch_size images (and scores its loss); rank 0
     merges the shards in split order, computes the COCO metrics (--language_eval 1) and broadcasts the result: the
-    numbers of one process. A failure on any rank raises on every rank (misc.distributed). score (higher is better) selects model-best: CIDEr with
+    numbers of one process. A failure on any rank raises on every rank (misc.run.distributed). score (higher is better) selects model-best: CIDEr with
     --language_eval 1, else minus the val loss."""
     config = dataclasses.replace(decode_config(opt), sample_max=True)
     shard = run_everywhere(lambda: evaluate(

@@ -34,7 +34,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     import models
-    from misc.configs import ModelConfig
+    ModelConfig = misc_module('options.configs', 'configs').ModelConfig
 
     opt = argparse.Namespace(caption_model='sat', K=args.K, drop_prob_lm=0.5, use_bn=0, max_length=20, use_cache=1,
                              input_encoding_size=512, rnn_size=2048, num_layers=6, att_feat_size=2048,
@@ -57,6 +57,15 @@ def main():
         result['compile_s'] = compile_s
     with open(args.out, 'w') as f:
         json.dump(result, f)
+
+
+def misc_module(path, before):
+    """The --root tree's misc.<path> (misc.<before> before misc/ was grouped into subpackages: an older --base)."""
+    import importlib
+    try:
+        return importlib.import_module(f'misc.{path}')
+    except ImportError:
+        return importlib.import_module(f'misc.{before}')
 
 
 def speed_paths():
@@ -85,9 +94,10 @@ def timed(fn, iters, warmup):
 
 def train_job(args, model, torch):
     import opts
-    from misc import optim
-    from misc.configs import OptimConfig
-    from misc.loss_wrapper import LossConfig, LossWrapper
+    optim = misc_module('train.optim', 'optim')
+    OptimConfig = misc_module('options.configs', 'configs').OptimConfig
+    loss_wrapper = misc_module('train.loss_wrapper', 'loss_wrapper')
+    LossConfig, LossWrapper = loss_wrapper.LossConfig, loss_wrapper.LossWrapper
     batch = torch.load(f'{args.inputs}/train_batch.pt', weights_only=False)
     flags = ['--caption_model', 'sat', '--K', str(args.K), '--cached_tokens', f'{args.inputs}/train-idxs.p',
              '--seq_per_img', '5', '--input_encoding_size', '512', '--rnn_size', '2048', '--num_layers', '6']

@@ -17,8 +17,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import models  # noqa: E402
-from misc.configs import ModelConfig  # noqa: E402
-from misc.fileio import atomic_write  # noqa: E402
+from misc.options.configs import ModelConfig  # noqa: E402
+from misc.files.atomic import atomic_write  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results.json')
 VOCAB = 9487

@@ -1,6 +1,6 @@
 """Benchmark: the CIDEr-D self-critical reward for one batch (10 images x 5 samples = 50 captions, 5 refs each).
 
-Compares our scorer (misc/cider_d.py, train document frequencies cached as prepro_ngrams writes them) with
+Compares our scorer (misc/eval/cider_d.py, train document frequencies cached as prepro_ngrams writes them) with
 pycocoevalcap's CiderScorer on the same 50 x 5 strings. pycocoevalcap cannot use cached document frequencies: it
 always computes them from the references it is given, so its numbers differ; only the time is compared.
 Prints a table and merges {"reward": {...}} into bench/results.json.
@@ -20,13 +20,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common import merge_results  # noqa: E402
 
-from misc.cider_d import ngram_counts  # noqa: E402
-from misc.rewards import SelfCriticalReward, ids_to_str  # noqa: E402
+from misc.eval.cider_d import ngram_counts  # noqa: E402
+from misc.train.rewards import SelfCriticalReward, ids_to_str  # noqa: E402
 
 VOCAB = 9487  # COCO Karpathy vocabulary size with word_count_threshold 5
 
 
-def label_rows(rng, count, zipf):
+def zipf_caption_rows(rng, count, zipf):
     """(count, 16) zero-padded rows of Zipf-distributed word ids, 8-16 words each."""
     rows = np.zeros((count, 16), dtype=np.uint32)
     for r in range(count):
@@ -40,7 +40,7 @@ def write_cached_tokens(path, rng, train_images, zipf):
     df = {}
     for _ in range(train_images):
         grams = set()
-        for row in label_rows(rng, 5, zipf):
+        for row in zipf_caption_rows(rng, 5, zipf):
             grams.update(ngram_counts(ids_to_str(row, end_token_always=True)))
         for g in grams:
             df[g] = df.get(g, 0.0) + 1.0
@@ -77,10 +77,10 @@ def main():
         cached = os.path.join(tmp, 'train-idxs.p')
         num_ngrams = write_cached_tokens(cached, rng, args.train_images, args.zipf)
         reward = SelfCriticalReward(cached)
-    cider = reward.scorers['cider'].cider  # misc.cider_d.CiderD of the CIDEr-D part
-    gts = [label_rows(rng, 5, args.zipf) for _ in range(B)]
+    cider = reward.scorers['cider'].cider  # misc.eval.cider_d.CiderD of the CIDEr-D part
+    gts = [zipf_caption_rows(rng, 5, args.zipf) for _ in range(B)]
     seqs = np.zeros((B * S, 20), dtype=np.int64)
-    seqs[:, :16] = np.concatenate([label_rows(rng, S, args.zipf) for _ in range(B)])
+    seqs[:, :16] = np.concatenate([zipf_caption_rows(rng, S, args.zipf) for _ in range(B)])
     hyps = [ids_to_str(row) for row in seqs]
     refs = [[ids_to_str(row) for row in gts[i // S]] for i in range(B * S)]
     keys = [i // S for i in range(B * S)]

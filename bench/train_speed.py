@@ -30,13 +30,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import opts  # noqa: E402
 from common import (PAPER, bench_device, describe, machine, median_ms, merge_results, other_load,  # noqa: E402
                     paper_model)
-from reward import label_rows, write_cached_tokens  # noqa: E402
-from misc import optim  # noqa: E402
-from misc.distributed import World  # noqa: E402
+from reward import zipf_caption_rows, write_cached_tokens  # noqa: E402
+from misc.train import optim  # noqa: E402
+from misc.run.distributed import World  # noqa: E402
 from misc.utils import to_device  # noqa: E402
-from misc.configs import OptimConfig  # noqa: E402
-from misc.loss_wrapper import LossConfig, LossWrapper  # noqa: E402
-import train  # noqa: E402
+from misc.options.configs import OptimConfig  # noqa: E402
+from misc.train.loss_wrapper import LossConfig, LossWrapper  # noqa: E402
+from misc.options.configs import StepConfig  # noqa: E402
+from misc.train.step import precision, train_step  # noqa: E402
 from models.decode_config import DecodeConfig  # noqa: E402
 
 REFERENCE_S_PER_ITER = {'xe': 2.5, 'sc': 11.5}  # reference code, this machine class (from the issue)
@@ -50,7 +51,7 @@ def make_batch(images, seq_per_img, att_feat_size, vocab, seed=0):
     counts = torch.randint(10, n_max + 1, (images,), generator=g)  # (B,)
     masks = (torch.arange(n_max)[None] < counts[:, None]).float()  # (B, N)
     att = torch.randn(images, n_max, att_feat_size, generator=g) * masks[..., None]  # (B, N, F)
-    gts = [np.minimum(label_rows(rng, 5, 1.3), vocab).astype(np.uint32) for _ in range(images)]  # B x (5, 16)
+    gts = [np.minimum(zipf_caption_rows(rng, 5, 1.3), vocab).astype(np.uint32) for _ in range(images)]  # B x (5, 16)
     labels = np.zeros((images * seq_per_img, 18), dtype=np.int64)  # (S, 18): [0, w1..w16, 0]
     for i in range(images):
         labels[i * seq_per_img:(i + 1) * seq_per_img, 1:17] = gts[i][:seq_per_img]
@@ -79,18 +80,18 @@ def time_iterations(model, batch, args, size, cached, precision, device):
         for name, value in PRECISION_FLAGS[precision].items():
             flags += [f'--{name}', str(value)]
         opt = opts.parse_opt(flags)
-        step_config = train.StepConfig.from_opt(opt)
+        step_config = StepConfig.from_opt(opt)
         wrapper = LossWrapper(model, LossConfig.from_opt(opt))
         optimizer = optim.build(model, OptimConfig.from_opt(opt), opt.input_encoding_size)
-        scaler = train.precision(opt, World(device=device))  # --tf32 switches; --fp16's GradScaler
+        scaler = precision(bool(opt.tf32), bool(opt.fp16), device)  # --tf32 switches; --fp16's GradScaler
         sc = mode == 'sc'
 
         def iteration():  # train.py's own step: forward, backward, guard, clamp, update
-            train.train_step(wrapper, optimizer, batch, sc, step_config, scaler=scaler)
+            train_step(wrapper, optimizer, batch, sc, step_config, scaler=scaler)
         try:
             ms = median_ms(iteration, iters, warmup=3 if args.compile else 1, device=device)
         finally:
-            train.precision(argparse.Namespace(tf32=0, fp16=0), World(device=device))
+            precision(False, False, device)
         ref = REFERENCE_S_PER_ITER[mode]
         results[mode] = {'s_per_iter': round(ms / 1000, 4), 'iters_per_s': round(1000 / ms, 3),
                          'iters_timed': iters, 'reference_s_per_iter': ref,

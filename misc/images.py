@@ -60,7 +60,7 @@ def folder_images(folder):
 
 def coco_json_images(coco_json, folder):
     """[(image id, path)] of a COCO-style json ({'images': [{'id', 'file_name'}]}), paths under folder."""
-    from misc.fileio import read_json
+    from misc.files.readers import read_json
     data = read_json(coco_json, '--coco_json')
     entries = data.get('images') if isinstance(data, dict) else None
     if not isinstance(entries, list) or not all(isinstance(e, dict) and 'id' in e and 'file_name' in e
@@ -68,16 +68,6 @@ def coco_json_images(coco_json, folder):
         raise SaticError(f"--coco_json {coco_json}: expected {{'images': [{{'id', 'file_name'}}, ...]}} (a COCO "
                          'annotation or image-info file)')
     return [(e['id'], os.path.join(folder, e['file_name'])) for e in entries]
-
-
-def load_extractor(cnn_model='resnet101', weights=None, att_size=14, device='cpu', layers=None):
-    """models.resnet.GridFeatures with cnn_model's ImageNet weights (default data/imagenet_weights/<model>.pth),
-    in eval mode on device; layers: another depth (tests)."""
-    from models.resnet import GridFeatures, load_resnet
-    if att_size < 1:
-        raise SaticError(f'--att_size must be >= 1 (got {att_size}; the reference uses 14 or 7)')
-    cnn = load_resnet(cnn_model, weights or default_cnn_weights(cnn_model), layers)
-    return GridFeatures(cnn, att_size).to(device).eval()
 
 
 @torch.no_grad()

@@ -1,12 +1,12 @@
 """Captioning models: `setup(config, vocab_size)` builds one, `load_weights` puts a checkpoint's weights into it (checked first);
-misc.checkpoint reads the files (load_model does both from a model.pth).
+misc.run.checkpoint reads the files (load_model does both from a model.pth).
 
 'transformer' is the autoregressive baseline, 'sat' the semi-autoregressive SATIC model (K words per step); they
 are one class, SATModel, with K = 1 for 'transformer'.
 """
 import re
 
-from misc.configs import ModelConfig
+from misc.options.configs import ModelConfig
 from misc.errors import SaticError
 from models.sat import SATModel, build_model
 
@@ -14,7 +14,7 @@ __all__ = ['SATModel', 'setup', 'load_weights']
 
 
 def setup(config, vocab_size=None):
-    """The captioner of config (a misc.configs.ModelConfig: caption_model, K with its rule applied, sizes, ...)
+    """The captioner of config (a misc.options.configs.ModelConfig: caption_model, K with its rule applied, sizes, ...)
     over a vocabulary of vocab_size words. The entry scripts build the config at the edge
     (ModelConfig.from_opt: the options it lacks, e.g. a reference infos', at their defaults).
 

@@ -91,7 +91,9 @@ class DecodeConfig:
 
     @classmethod
     def from_reference_opt(cls, opt):
-        """The reference's opt dict -> (DecodeConfig, seq_per_img). Unknown keys raise ValueError."""
+        """The reference's opt dict -> (DecodeConfig, seq_per_img). Unknown keys raise ValueError. (opt: the
+        reference's sample-mode dict of SATModel.forward(..., opt={...}, mode='sample'), named as there; not a
+        Namespace.)"""
         opt = dict(opt or {})
         known = cls.option_names() + CALL_KEYS
         unknown = sorted(set(opt) - set(known))

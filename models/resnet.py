@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from misc.errors import SaticError
+from misc.images import default_cnn_weights
 
 # Bottleneck blocks per stage, by model name (the two depths the reference's prepro_feats.py offers).
 DEPTHS = {'resnet101': (3, 4, 23, 3), 'resnet152': (3, 8, 36, 3)}
@@ -99,7 +100,7 @@ def resnet(name='resnet101', layers=None):
 def load_resnet(name, path, layers=None):
     """resnet(name) with the ImageNet weights of path (a state_dict in torchvision's key names), in eval mode;
     SaticError (one line) when the file is missing, unreadable or of another network."""
-    from misc.checkpoint import load_model_state  # (the one reader of weight files: safe loading)
+    from misc.run.checkpoint import load_model_state  # (the one reader of weight files: safe loading)
     model = resnet(name, layers)
     if not os.path.isfile(path):
         raise SaticError(f'{name} weights {path}: file not found; put the ImageNet {name}.pth there (the '
@@ -136,3 +137,12 @@ class GridFeatures(nn.Module):
         fc = x.mean(3).mean(2)  # (B, 2048)
         att = F.adaptive_avg_pool2d(x, [self.att_size, self.att_size]).permute(0, 2, 3, 1)  # (B, a, a, 2048)
         return fc, att
+
+
+def load_extractor(cnn_model='resnet101', weights=None, att_size=14, device='cpu', layers=None):
+    """GridFeatures with cnn_model's ImageNet weights (default data/imagenet_weights/<model>.pth),
+    in eval mode on device; layers: another depth (tests)."""
+    if att_size < 1:
+        raise SaticError(f'--att_size must be >= 1 (got {att_size}; the reference uses 14 or 7)')
+    cnn = load_resnet(cnn_model, weights or default_cnn_weights(cnn_model), layers)
+    return GridFeatures(cnn, att_size).to(device).eval()

@@ -289,6 +289,8 @@ class SATModel(nn.Module):
         raise ValueError(f"unknown mode {mode!r}: use 'forward' or 'sample'")
 
     def _sample(self, att_feats, att_masks=None, opt=None):
+        # opt: the reference's sample-mode dict (model(..., opt={'beam_size': 3}, mode='sample')), not a Namespace;
+        # its keyword name is the reference's API, kept (the one `opt` parameter left in models/, misc/).
         config, seq_per_img = DecodeConfig.from_reference_opt(opt)
         decoded = self.decode(att_feats, att_masks, config, seq_per_img=seq_per_img)
         if config.beam_size > 1:
@@ -297,7 +299,7 @@ class SATModel(nn.Module):
 
 
 def build_model(config, vocab_size):
-    """SATModel of a misc.configs.ModelConfig (models.setup) over vocab_size words."""
+    """SATModel of a misc.options.configs.ModelConfig (models.setup) over vocab_size words."""
     return SATModel(vocab_size=vocab_size, K=config.K,
                     d_model=config.input_encoding_size, d_ff=config.rnn_size, num_layers=config.num_layers,
                     att_feat_size=config.att_feat_size, drop_prob_lm=config.drop_prob_lm, use_bn=config.use_bn,

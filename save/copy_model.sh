@@ -42,7 +42,7 @@ if [ "$(cd "$src" && pwd -P)" = "$(mkdir -p "$dst" && cd "$dst" && pwd -P)" ]; t
   exit 2
 fi
 
-# The files of a run (misc/runfolder.py's CHECKPOINT_FILE, and train.py's tensorboard events).
+# The files of a run (misc/run/runfolder.py's CHECKPOINT_FILE, and train.py's tensorboard events).
 run_files() {
   find "$1" -maxdepth 1 -type f \( -name 'model.pth' -o -name 'model-*.pth' -o -name 'optimizer.pth' \
     -o -name 'infos_*.pkl' -o -name 'histories_*.pkl' -o -name 'checkpoint_*.json' \

@@ -18,8 +18,12 @@ import h5py
 import numpy as np
 
 from misc.errors import SaticError
-from misc.fileio import (Progress, atomic_output, check_output_folder, fault_point, image_id, progress, read_array,
-                         read_json, remove_stale_temps, run_cli)
+from misc.console.cli import run_cli
+from misc.console.progress import Progress, progress
+from misc.files.atomic import atomic_output
+from misc.files.folders import check_output_folder, remove_stale_temps
+from misc.files.readers import image_id, read_array, read_json
+from misc.run.faults import fault_point
 
 EXTENSIONS = ('.npz', '.npy')
 

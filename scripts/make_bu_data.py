@@ -26,9 +26,12 @@ if __package__ in (None, ''):  # run as a file: make the repository root importa
 import numpy as np
 
 from misc.errors import SaticError
-from misc.fileio import (UNFINISHED_MARKER, Progress, check_output_folder, fault_point, fsync_dir, pid_alive, run_cli,
-                         staging_folders)
-from misc.optspec import at_least, checked
+from misc.console.cli import run_cli
+from misc.console.progress import Progress
+from misc.files.atomic import fsync_dir
+from misc.files.folders import UNFINISHED_MARKER, check_output_folder, pid_alive, staging_folders
+from misc.run.faults import fault_point
+from misc.options.optspec import at_least, checked
 
 FIELDNAMES = ['image_id', 'image_w', 'image_h', 'num_boxes', 'boxes', 'features']
 

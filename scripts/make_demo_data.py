@@ -32,8 +32,10 @@ import numpy as np
 import opts
 from misc.errors import SaticError
 from scripts import make_bu_data, prepro_cocotest, prepro_labels, prepro_ngrams, prepro_reference_json
-from misc.fileio import read_json, run_cli, write_json
-from misc.optspec import at_least, checked
+from misc.console.cli import run_cli
+from misc.files.atomic import write_json
+from misc.files.readers import read_json
+from misc.options.optspec import at_least, checked
 
 VERSION = 1  # bump when the generated data changes, so existing demo folders are rebuilt
 STAMP = '.demo_stamp.json'

@@ -18,9 +18,9 @@ import sys
 if __package__ in (None, ''):  # run as a file: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from misc.fileio import run_cli
-from misc.optspec import checked, one_of
-from misc.viewer import write_viewer
+from misc.console.cli import run_cli
+from misc.options.optspec import checked, one_of
+from misc.viewer.viewer import write_viewer
 
 
 def _list(text):

@@ -14,7 +14,9 @@ if __package__ in (None, ''):  # run as a file: make the repository root importa
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from misc.errors import SaticError
-from misc.fileio import read_json, run_cli, write_json
+from misc.console.cli import run_cli
+from misc.files.atomic import write_json
+from misc.files.readers import read_json
 from scripts.prepro_labels import read_vocabulary
 
 

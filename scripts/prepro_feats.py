@@ -24,7 +24,11 @@ if __package__ in (None, ''):  # run as a file: make the repository root importa
 import numpy as np
 
 from misc.errors import SaticError
-from misc.fileio import Progress, atomic_write, check_output_folder, image_id, read_json, run_cli
+from misc.console.cli import run_cli
+from misc.console.progress import Progress
+from misc.files.atomic import atomic_write
+from misc.files.folders import check_output_folder
+from misc.files.readers import image_id, read_json
 
 
 def parse_args(argv=None):
@@ -92,7 +96,8 @@ def _read_chunk(chunk):
 
 
 def run(args):
-    from misc.images import grid_features, load_extractor  # (imports torch: --help stays light)
+    from misc.images import grid_features
+    from models.resnet import load_extractor  # (imports torch: --help stays light)
     from misc.utils import resolve_device
     if args.att_size < 1:
         raise SaticError(f'--att_size must be >= 1 (got {args.att_size}; the reference uses 14 or 7)')

@@ -26,9 +26,13 @@ import h5py
 import numpy as np
 
 from misc.errors import SaticError
-from misc.fileio import (atomic_write, atomic_write_many, check_output_folder, check_vocabulary, image_id, progress,
-                         read_json, run_cli, vocab_sha1)
-from misc.optspec import at_least, checked
+from misc.console.cli import run_cli
+from misc.console.progress import progress
+from misc.files.atomic import atomic_write, atomic_write_many
+from misc.files.folders import check_output_folder
+from misc.files.readers import image_id, read_json
+from misc.files.vocabulary import check_vocabulary, vocab_sha1
+from misc.options.optspec import at_least, checked
 
 UNK = 'UNK'
 
@@ -92,7 +96,7 @@ def encode_captions(captions_per_image, wtoi, max_length, where):
 
 def write_label_h5(path, labels, start_ix, end_ix, lengths, ix_to_word):
     """Write the label h5 (uint32 datasets) with the vocabulary attrs; atomically (built in memory: about 40 MB on
-    COCO, then misc.fileio.atomic_write)."""
+    COCO, then misc.files.atomic.atomic_write)."""
     buffer = label_h5_bytes(labels, start_ix, end_ix, lengths, ix_to_word)
     atomic_write(path, lambda out: out.write(buffer.getbuffer()))
 

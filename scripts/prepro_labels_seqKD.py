@@ -17,8 +17,9 @@ if __package__ in (None, ''):  # run as a file: make the repository root importa
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from misc.errors import SaticError
-from misc.fileio import image_id, read_json, run_cli
-from misc.optspec import at_least, checked
+from misc.console.cli import run_cli
+from misc.files.readers import image_id, read_json
+from misc.options.optspec import at_least, checked
 from scripts.prepro_labels import check_max_length, check_outputs, encode_captions, load_dataset_images, read_vocabulary, write_label_h5
 
 

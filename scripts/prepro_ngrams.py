@@ -20,8 +20,12 @@ if __package__ in (None, ''):  # run as a file: make the repository root importa
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from misc.errors import SaticError
-from misc.fileio import (atomic_write_many, check_output_folder, fault_point, image_id, progress, remove_stale_temps,
-                         run_cli)
+from misc.console.cli import run_cli
+from misc.console.progress import progress
+from misc.files.atomic import atomic_write_many
+from misc.files.folders import check_output_folder, remove_stale_temps
+from misc.files.readers import image_id
+from misc.run.faults import fault_point
 from scripts.prepro_labels import UNK, load_dataset_images, read_vocabulary
 
 EOS_WORD = '<eos>'

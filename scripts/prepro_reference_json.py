@@ -19,7 +19,9 @@ if __package__ in (None, ''):  # run as a file: make the repository root importa
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from misc.errors import SaticError
-from misc.fileio import atomic_write, image_id, run_cli, write_json
+from misc.console.cli import run_cli
+from misc.files.atomic import atomic_write, write_json
+from misc.files.readers import image_id
 from scripts.prepro_labels import load_dataset_images
 
 DEFAULT_OUTPUT = 'coco-caption/annotations/captions_val2014.json'

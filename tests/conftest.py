@@ -8,11 +8,41 @@ import signal
 import pytest
 import torch
 
-from misc import coco_eval
-from misc.cider_d import ngram_counts
-from misc.rewards import ids_to_str
+from misc.eval import coco_eval
+from misc.eval.cider_d import ngram_counts
+from misc.train.rewards import ids_to_str
 
-from tests.helpers import REWARD_GTS, label_rows, make_tiny_dataset, share_one_meteor
+from tests.helpers import REWARD_GTS, caption_rows, make_tiny_dataset, share_one_meteor
+
+
+# The slow tests (pytest.ini's `slow` marker; `make test-fast` runs the others in about a minute): a test file, or a
+# file::test-name prefix, with why. About a second or more each on a busy 2-core machine.
+SLOW = {
+    'test_ddp.py': 'torchrun, two ranks', 'test_ddp_resume.py': 'torchrun', 'test_ddp_validation.py': 'torchrun',
+    'test_notebook.py': 'runs example.ipynb', 'test_viewer.py::test_browser_': 'headless chromium',
+    'test_spice.py::test_real_java': 'java SPICE', 'test_coco_eval.py::test_language_eval_equals_cocoevalcap': 'java',
+    'test_eval.py::test_language_eval_and_viewer_match_pycocoevalcap': 'java',
+    'test_eval.py::test_eval_into_a_file_prints_progress_lines': 'subprocess eval.py',
+    'test_train.py::test_stage1_learns_then_self_critical': 'two training stages',
+    'test_train.py::test_kill_': 'subprocess trainings killed and resumed',
+    'test_resume.py::test_a_kill_at_any_point': 'subprocess trainings', 'test_resume.py::test_ctrl_c': 'subprocess',
+    'test_resume.py::test_a_second_ctrl_c': 'subprocess', 'test_resume.py::test_a_signal_stops': 'subprocess',
+    'test_resume.py::test_stop_then_resume': 'trainings', 'test_run_folder.py::test_a_second_run_into': 'subprocess',
+    'test_run_folder.py::test_no_stale_lock_after_kill_9': 'subprocess', 'test_int8.py::test_the_avx2_kernel': 'int8',
+    'test_int8.py::test_int8_model_scores': 'int8', 'test_int8.py::test_quantize_int8_eval_end_to_end': 'subprocess',
+    'test_int8.py::test_int8_layers_are_within': 'int8', 'test_prepro.py::test_make_demo_data_end_to_end': 'scripts',
+    'test_captioner.py::test_own_images_same_captions': 'ResNet features, torch.hub',
+    'test_prepro_feats.py::test_prepro_feats_resnet101_at_full_depth': 'a full-depth ResNet',
+    'test_faults.py::test_truncated_lmdb': 'subprocess', 'test_reliability_data.py::test_ctrl_c_during_meteor': 'java',
+    'test_job_faults.py::test_lmdb_cut_while_being_read': 'killed', 'test_job_faults.py::test_meteor_that': 'timeout',
+    'test_job_faults.py::test_spice_that': 'timeout', 'test_job_faults.py::test_tokenizer_that': 'timeout',
+    'test_seq_kd.py::test_beam_lists_become_the_seq_kd_labels_and_train_sat': 'eval, prepro and a training',
+}
+
+
+def is_slow(nodeid):
+    name = nodeid.split('/')[-1]
+    return any(name == prefix or name.startswith(prefix if '::' in prefix else prefix + '::') for prefix in SLOW)
 
 
 # Decoding may pick bfloat16 by itself (SATIC_BF16=auto in the environment, models.accel.bf16.decode_bf16): the tests' outputs must not
@@ -21,7 +51,10 @@ os.environ.setdefault('SATIC_BF16', '0')
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked cuda (pytest.ini) are skipped on machines without a GPU."""
+    """Tests of SLOW get the slow marker; tests marked cuda (pytest.ini) are skipped on machines without a GPU."""
+    for item in items:
+        if is_slow(item.nodeid):
+            item.add_marker(pytest.mark.slow)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason='needs a CUDA GPU')
@@ -73,7 +106,7 @@ def one_meteor_process(monkeypatch):
 @pytest.fixture
 def cached_tokens(tmp_path):
     """Train document frequencies in prepro_ngrams' format, from a few made-up images."""
-    train = REWARD_GTS + [label_rows([[1, 5, 9], [2, 3, 14]]), label_rows([[4, 4, 4, 1], [7, 8]])]
+    train = REWARD_GTS + [caption_rows([[1, 5, 9], [2, 3, 14]]), caption_rows([[4, 4, 4, 1], [7, 8]])]
     df = {}
     for rows in train:
         for g in set(g for row in rows for g in ngram_counts(ids_to_str(row, end_token_always=True))):

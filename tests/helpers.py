@@ -21,7 +21,9 @@ import pytest
 import torch
 
 import models
-from misc.checkpoint import make_infos, write_checkpoint_files
+from misc.run.checkpoint import write_checkpoint_files
+from misc.options.configs import ModelConfig
+from misc.run.infos import make_infos
 
 from scripts import dump_to_lmdb, make_bu_data, prepro_labels, prepro_ngrams, prepro_reference_json
 from scripts.make_demo_data import ConceptFeatures
@@ -188,7 +190,7 @@ def masked_batch(counts=(5, 3, 7, 1), n_max=8, feat=12, seed=1, generator=None):
     return att, masks
 
 
-def label_rows(rows):
+def caption_rows(rows):
     """Reference captions as the loader gives them: word-id lists -> (len(rows), 16) uint32, zero padded."""
     out = np.zeros((len(rows), 16), dtype=np.uint32)
     for i, r in enumerate(rows):
@@ -197,8 +199,8 @@ def label_rows(rows):
 
 
 # Two images' reference captions (word ids) for the reward tests.
-REWARD_GTS = [label_rows([[1, 2, 3, 4], [1, 2, 5], [6, 2, 3, 4, 7]]),
-              label_rows([[8, 9, 10], [8, 11, 10, 12], [9, 10], [13, 8, 9]])]
+REWARD_GTS = [caption_rows([[1, 2, 3, 4], [1, 2, 5], [6, 2, 3, 4, 7]]),
+              caption_rows([[8, 9, 10], [8, 11, 10, 12], [9, 10], [13, 8, 9]])]
 
 
 def write_reference_json(path):
@@ -279,7 +281,7 @@ def pycocoevalcap_scores(ref_json, predictions, tmp_path, monkeypatch):
 def train_briefly(model, ds, steps=60):
     """A few XE steps on the tiny train split, so that captions (and their metrics) are not degenerate."""
     from dataloader import DataConfig, DataLoader, repeat_per_caption
-    from misc.losses import LanguageModelCriterion
+    from misc.train.losses import LanguageModelCriterion
     crit, optimizer = LanguageModelCriterion(), torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
     with DataLoader(DataConfig.from_opt(ds.opt(batch_size=5))) as loader:
@@ -313,7 +315,8 @@ def tiny_checkpoint(ds, folder, vocab=None, model_overrides=None, train_steps=0,
     else:
         with torch.no_grad():
             model.model.generator.proj.bias[0] = -10.0
-    model_path = write_checkpoint_files(folder, 'tiny', model.state_dict(), make_infos(opt, vocab or ds_vocab))
+    infos = make_infos(vars(opt), ModelConfig.from_opt(opt), vocab or ds_vocab)
+    model_path = write_checkpoint_files(folder, 'tiny', model.state_dict(), infos)
     return model_path, os.path.join(folder, 'infos_tiny.pkl')
 
 
@@ -352,10 +355,25 @@ def working_dir(path):
         os.chdir(old)
 
 
+TINY_SAT = dict(vocab_size=12, K=2, d_model=16, d_ff=32, num_layers=1, att_feat_size=8)
+
+
+def tiny_sat(*args, seed=None, **sizes):
+    """The tests' one tiny SATModel factory: SATModel of TINY_SAT's sizes (vocab_size, K, d_model, d_ff,
+    num_layers, att_feat_size; any given as arguments win, vocab_size may be positional), in train mode as the
+    constructor leaves it; seed: torch.manual_seed(seed) first (None: the generator as it is)."""
+    from models.sat import SATModel
+    if seed is not None:
+        torch.manual_seed(seed)
+    if args:
+        sizes['vocab_size'], = args
+    return SATModel(**{**TINY_SAT, **sizes})
+
+
 def setup_model(opt):
     """models.setup for an options Namespace, as the entry scripts call it at the edge: its ModelConfig (the options
     it lacks at their defaults, the K rule applied) and vocab_size."""
-    from misc.configs import ModelConfig
+    from misc.options.configs import ModelConfig
     return models.setup(ModelConfig.from_opt(opt), opt.vocab_size)
 
 

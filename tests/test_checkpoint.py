@@ -1,4 +1,4 @@
-"""misc/checkpoint.py: atomic writes, safe loading of infos/histories, fixture infos readable."""
+"""misc/run/checkpoint.py: atomic writes, safe loading of infos/histories, fixture infos readable."""
 import argparse
 import collections
 import os
@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from misc.checkpoint import CheckpointSaver, ResumePoint, save_checkpoint
-from misc.fileio import load_pickle, load_torch, save_pickle, save_torch
+from misc.run.checkpoint import CheckpointSaver, ResumePoint, save_checkpoint
+from misc.options.configs import ModelConfig
+from misc.files.atomic import save_pickle, save_torch
+from misc.files.safe_load import load_pickle, load_torch
 from misc.errors import SaticError
 from tests.helpers import needs_shared, shared_path
 
@@ -88,7 +90,7 @@ def test_checkpoint_saver_records_the_options_it_is_given_and_reads_only_its_arg
     model = torch.nn.Linear(2, 2)
     recorded = argparse.Namespace(caption_model='sat', K=2, save_history_ckpt=int(not history))
     saver = CheckpointSaver(str(tmp_path), 'run', model, torch.optim.Adam(model.parameters()), {'1': 'a'},
-                            recorded_options=recorded, save_history_ckpt=history)
+                            recorded_options=vars(recorded), config=ModelConfig(K=2), save_history_ckpt=history)
     infos = saver.save(ResumePoint(4, 1, {'iterators': {'train': 2}, 'split_ix': {'train': [0]}}, {}), 1.5,
                        {'loss_history': {}}, rng_states=None)
     saved = load_pickle(str(tmp_path / 'infos_run.pkl'))
@@ -121,7 +123,7 @@ def _tiny_run(tmp_path, iteration=3, best=True):
 
 @pytest.mark.parametrize('umask, mode', [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_written_files_honour_the_umask(tmp_path, umask, mode):
-    from misc.fileio import atomic_write
+    from misc.files.atomic import atomic_write
     old = os.umask(umask)
     try:
         _tiny_run(tmp_path)
@@ -133,8 +135,8 @@ def test_written_files_honour_the_umask(tmp_path, umask, mode):
 
 
 def test_infos_record_what_they_belong_to(tmp_path):
-    from misc.checkpoint import check_infos_match, state_fingerprint
-    from misc.fileio import vocab_sha1
+    from misc.run.checkpoint import check_infos_match, state_fingerprint
+    from misc.files.vocabulary import vocab_sha1
     model, optimizer, infos = _tiny_run(tmp_path)
     saved = load_pickle(str(tmp_path / 'infos_run.pkl'))
     assert saved['model_fingerprint'] == state_fingerprint(model.state_dict()) == infos['model_fingerprint']
@@ -142,7 +144,7 @@ def test_infos_record_what_they_belong_to(tmp_path):
     assert saved['vocab_sha1'] == vocab_sha1({'1': 'a', '2': 'dog'})
     # the file, the state_dict loaded from it, and the model all match; another model does not
     check_infos_match(saved, str(tmp_path / 'model.pth'), optimizer_state=optimizer.state_dict(),
-                      vocab={'1': 'a', '2': 'dog'}, opt=argparse.Namespace(caption_model='sat', K=2))
+                      vocab={'1': 'a', '2': 'dog'}, config=ModelConfig(caption_model='sat', K=2))
     check_infos_match(saved, load_torch(str(tmp_path / 'model-best.pth')))
     with pytest.raises(SaticError, match=r'is not the model infos_run.pkl was saved with \(iteration 3\)'):
         check_infos_match(saved, torch.nn.Linear(2, 2).state_dict(), infos_path='infos_run.pkl')
@@ -153,17 +155,17 @@ def test_infos_record_what_they_belong_to(tmp_path):
     with pytest.raises(SaticError, match='another vocabulary'):
         check_infos_match(saved, vocab={'1': 'a', '2': 'cat'})
     with pytest.raises(SaticError, match='K=2, not K=4'):
-        check_infos_match(saved, opt=argparse.Namespace(caption_model='sat', K=4))
+        check_infos_match(saved, config=ModelConfig(caption_model='sat', K=4))
     # infos of the original code have none of the fields: everything passes, the optimizer step is the iteration
     old = {'iter': 4, 'opt': saved['opt'], 'vocab': saved['vocab']}
     check_infos_match(old, torch.nn.Linear(2, 2).state_dict(), optimizer_state=optimizer.state_dict(),
-                      vocab={'9': 'x'}, opt=argparse.Namespace(caption_model='transformer', K=6))
+                      vocab={'9': 'x'}, config=ModelConfig(caption_model='transformer', K=6))
     with pytest.raises(SaticError, match='has made 4 optimiser steps but infos says 3'):
         check_infos_match(dict(old, iter=3), optimizer_state=optimizer.state_dict(), infos_path='infos')
 
 
 def test_nonfinite_weights_are_refused_and_the_previous_files_kept(tmp_path):
-    from misc.checkpoint import CheckpointError
+    from misc.run.checkpoint import CheckpointError
     model, optimizer, _ = _tiny_run(tmp_path)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     with torch.no_grad():
@@ -177,7 +179,8 @@ def test_nonfinite_weights_are_refused_and_the_previous_files_kept(tmp_path):
 def test_a_save_cut_after_its_commit_is_completed_by_recover(tmp_path, monkeypatch):
     """The manifest's rename is the commit: a kill after it (here an exception that skips all clean-up, as kill -9
     would) leaves temp files that recover_checkpoint renames into place; before it, the previous save stands."""
-    from misc.checkpoint import check_infos_match, read_manifest, recover_checkpoint, recover_folder, verify_checkpoint
+    from misc.run.checkpoint import (check_infos_match, read_manifest, recover_checkpoint, recover_folder,
+                                     verify_checkpoint)
 
     class Killed(BaseException):
         pass
@@ -208,7 +211,7 @@ def test_a_save_cut_after_its_commit_is_completed_by_recover(tmp_path, monkeypat
 
 
 def test_a_damaged_manifest_is_one_line(tmp_path):
-    from misc.checkpoint import recover_checkpoint
+    from misc.run.checkpoint import recover_checkpoint
     _tiny_run(tmp_path)
     (tmp_path / 'checkpoint_run.json').write_text('{"files": [{"name": "../../etc/passwd", "temp": "x"}]}')
     with pytest.raises(SaticError, match='checkpoint_run.json is damaged.*remove it'):
@@ -217,7 +220,7 @@ def test_a_damaged_manifest_is_one_line(tmp_path):
 
 def test_disk_full_while_writing_is_one_line_and_keeps_the_previous_save(tmp_path, monkeypatch):
     import errno
-    from misc.checkpoint import CheckpointError
+    from misc.run.checkpoint import CheckpointError
     model, optimizer, _ = _tiny_run(tmp_path)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
 
@@ -234,15 +237,17 @@ def test_disk_full_while_writing_is_one_line_and_keeps_the_previous_save(tmp_pat
 
 # ----------------------------------------------------------------------------------------------- one reader, one writer
 REPO = Path(__file__).resolve().parents[1]
-PRODUCT = ['train.py', 'eval.py', 'eval_cocotest.py', 'opts.py', 'dataloader.py'] + \
-    [str(p.relative_to(REPO)) for folder in ('misc', 'models') for p in sorted((REPO / folder).glob('*.py'))]
+PRODUCT = ['train.py', 'eval.py', 'eval_cocotest.py', 'eval_ensemble.py', 'evaluator.py', 'captioner.py', 'opts.py',
+           'dataloader.py'] + \
+    [str(p.relative_to(REPO)) for folder in ('misc', 'models') for p in sorted((REPO / folder).rglob('*.py'))]
+READERS = ('run/checkpoint.py', 'run/infos.py', 'files/atomic.py', 'files/safe_load.py')  # misc's checkpoint io
 
 
 def _calls(names):
-    """{file: [lines]} of the product files (misc/checkpoint.py and misc/fileio.py excepted) that call names."""
+    """{file: [lines]} of the product files (misc's READERS excepted) that call names."""
     found = {}
     for name in PRODUCT:
-        if name in ('misc/checkpoint.py', 'misc/fileio.py'):
+        if name.startswith('misc/') and name[len('misc/'):] in READERS:
             continue
         lines = [line for line in (REPO / name).read_text().splitlines()
                  if any(f'{n}(' in line for n in names)]
@@ -252,14 +257,14 @@ def _calls(names):
 
 
 def test_only_the_checkpoint_module_loads_checkpoint_files():
-    # misc/cider_d.py reads the --cached_tokens document frequencies (not a checkpoint file) with load_pickle.
-    assert _calls(['load_pickle', 'load_torch', 'torch.load']) == {'misc/cider_d.py': [
-        line for line in (REPO / 'misc/cider_d.py').read_text().splitlines() if 'load_pickle(' in line]}
+    # misc/eval/cider_d.py reads the --cached_tokens document frequencies (not a checkpoint file) with load_pickle.
+    assert _calls(['load_pickle', 'load_torch', 'torch.load']) == {'misc/eval/cider_d.py': [
+        line for line in (REPO / 'misc/eval/cider_d.py').read_text().splitlines() if 'load_pickle(' in line]}
     assert _calls(['save_pickle', 'save_torch', 'torch.save']) == {}
 
 
-def test_load_infos_refuses_what_is_not_an_infos_file_in_one_line(tmp_path):
-    from misc.checkpoint import load_infos
+def test_read_infos_refuses_what_is_not_an_infos_file_in_one_line(tmp_path):
+    from misc.run.infos import read_infos as load_infos
     path = str(tmp_path / 'infos_x.pkl')
     save_pickle({'opt': argparse.Namespace(K=2)}, path)  # no vocab
     with pytest.raises(SaticError) as error:
@@ -271,13 +276,37 @@ def test_load_infos_refuses_what_is_not_an_infos_file_in_one_line(tmp_path):
 
 
 def test_written_checkpoint_files_load_back(tmp_path):
-    from misc.checkpoint import load_infos, load_model_state, make_infos, write_checkpoint_files
-    opt = argparse.Namespace(caption_model='sat', K=2)
-    infos = make_infos(opt, {'1': 'a'}, iteration=7, epoch=1)
-    assert list(infos) == ['iter', 'epoch', 'vocab', 'opt', 'best_val_score'] and infos['opt'] is not opt
+    from misc.run.checkpoint import load_model_state, write_checkpoint_files
+    from misc.run.infos import FIELDS, loaded_line, make_infos, model_config, read_infos as load_infos
+    opt = {'caption_model': 'sat', 'K': 2}
+    infos = make_infos(opt, ModelConfig(K=2), {'1': 'a'}, iteration=7, epoch=1)
+    # what must be there (the schema's required fields, and those a resume reads), not the exact key list
+    assert {f.name for f in FIELDS if f.required} | {'iter', 'epoch', 'format', 'model_config'} <= set(infos)
+    assert set(infos) <= {f.name for f in FIELDS}  # every field written is named in the schema
+    assert isinstance(infos['opt'], argparse.Namespace) and vars(infos['opt']) == opt  # the reference's format
+    assert model_config(infos) == ModelConfig(K=2)
+    line = loaded_line(infos, 'm.pth')  # (what must be there: a field shown later may add to it)
+    assert line.startswith('checkpoint m.pth: iteration 7, epoch 1') and 'best validation score' not in line
+    assert ', best validation score 0.1235' in loaded_line(dict(infos, best_val_score=0.123456), 'm.pth')
     model_path = write_checkpoint_files(str(tmp_path), 'run', {'w': torch.ones(2)}, infos, best=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ['infos_run-best.pkl', 'infos_run.pkl', 'model-best.pth',
                                                           'model.pth']
     assert torch.equal(load_model_state(model_path)['w'], torch.ones(2))
     back = load_infos(str(tmp_path / 'infos_run-best.pkl'))
     assert back['iter'] == 7 and back['opt'].K == 2 and back['vocab'] == {'1': 'a'}
+
+
+@pytest.mark.parametrize('name', ['sat-2', 'sat-4', 'transformer'])
+def test_reference_infos_read_through_the_schema(name):
+    """The reference's infos (format 1: no format, no model_config) pass the one reader, and their opt becomes the
+    ModelConfig once (the K rule applied: the reference's transformer carries K = 6)."""
+    from misc.run.infos import format_version, model_config, read_infos
+    path = shared_path('conformance', name, f'infos_{name}.pkl')
+    if not os.path.exists(path):
+        pytest.skip('../shared/conformance not present')
+    infos = read_infos(path)
+    config = model_config(infos)
+    assert format_version(infos) == 1 and 'model_config' not in infos
+    assert config.caption_model == infos['opt'].caption_model
+    assert config.K == (1 if name == 'transformer' else int(name.split('-')[1]))
+    assert config.input_encoding_size == infos['opt'].input_encoding_size

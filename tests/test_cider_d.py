@@ -1,4 +1,4 @@
-"""misc/cider_d.py: our CIDEr-D == pycocoevalcap's Cider; the cached-df variant == a brute-force implementation."""
+"""misc/eval/cider_d.py: our CIDEr-D == pycocoevalcap's Cider; the cached-df variant == a brute-force implementation."""
 import math
 import pickle
 import random
@@ -7,7 +7,7 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from misc.cider_d import CiderD, corpus_cider_d, load_cached_tokens, ngram_counts
+from misc.eval.cider_d import CiderD, corpus_cider_d, load_cached_tokens, ngram_counts
 from misc.errors import SaticError
 
 WORDS = 'a man woman dog cat sitting on the of with table red two is are in riding bike near'.split()

@@ -1,10 +1,10 @@
-"""misc/coco_eval.py: language_eval == pycocoevalcap's COCOEvalCap on a tiny reference file; SPICE and Java fallbacks."""
+"""misc/eval/coco_eval.py: language_eval == pycocoevalcap's COCOEvalCap on a tiny reference file; SPICE and Java fallbacks."""
 import json
 import os
 
 import pytest
 
-from misc import coco_eval
+from misc.eval import coco_eval
 from misc.errors import SaticError
 
 needs_java = pytest.mark.skipif(not coco_eval.java_available(), reason='java not installed')

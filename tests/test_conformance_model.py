@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import models
-from misc.fileio import load_pickle
+from misc.files.safe_load import load_pickle
 from models.sat import SATModel
 from tests.helpers import needs_shared, setup_model, shared_path
 

@@ -17,7 +17,7 @@ from tests.helpers import copy_dataset, make_tiny_dataset, one_line_error
 S = 5
 
 
-def label_rows(ds):
+def read_label_file(ds):
     with h5py.File(ds.label_h5, 'r') as f:
         return f['labels'][()], f['label_start_ix'][()], f['label_end_ix'][()]
 
@@ -38,7 +38,7 @@ def assert_same_batch(a, b):
 
 def test_batch_dict(tiny_dataset):
     ds = tiny_dataset
-    labels, start, end = label_rows(ds)
+    labels, start, end = read_label_file(ds)
     with DataLoader(DataConfig.from_opt(ds.opt(batch_size=3, use_fc_feats=True))) as loader:
         assert loader.vocab_size == ds.vocab_size and loader.seq_length == 16
         assert loader.fc_feat_size == loader.att_feat_size == ds.feat_dim
@@ -76,7 +76,7 @@ def test_batch_dict(tiny_dataset):
 
 
 def test_caption_windows_and_replacement(tiny_dataset):
-    labels, start, end = label_rows(tiny_dataset)
+    labels, start, end = read_label_file(tiny_dataset)
     with DataLoader(DataConfig.from_opt(tiny_dataset.opt(batch_size=13))) as loader:
         batch = loader.get_batch('train')
     for b, info in enumerate(batch['infos']):

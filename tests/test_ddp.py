@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from misc.fileio import load_pickle
+from misc.files.safe_load import load_pickle
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,8 +24,8 @@ import torch.distributed as dist
 import opts
 import train
 from dataloader import DataConfig, DataLoader
-from misc import checkpoint
-from misc.loss_wrapper import LossConfig, LossWrapper
+from misc.run import checkpoint
+from misc.train.loss_wrapper import LossConfig, LossWrapper
 
 out, argv = sys.argv[1], sys.argv[2:]
 opt = opts.parse_opt(argv)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from misc.fileio import load_pickle, load_torch
+from misc.files.safe_load import load_pickle, load_torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,7 +20,7 @@ import json, os, sys
 sys.path.insert(0, {repo!r})
 import torch
 import train
-from misc.loss_wrapper import LossWrapper
+from misc.train.loss_wrapper import LossWrapper
 
 out, poisoned_step, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 rank = int(os.environ['RANK'])

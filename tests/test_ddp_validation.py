@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from misc.fileio import load_pickle
-from misc.cider_d import corpus_cider_d
+from misc.files.safe_load import load_pickle
+from misc.eval.cider_d import corpus_cider_d
 from tests.helpers import targs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,9 +29,9 @@ sys.path.insert(0, {repo!r})
 import torch
 import opts, train
 from dataloader import DataConfig, DataLoader
-from misc import optim
-from misc.distributed import World
-from misc.loss_wrapper import LossConfig, LossWrapper
+from misc.train import optim
+from misc.run.distributed import World
+from misc.train.loss_wrapper import LossConfig, LossWrapper
 
 out, argv, plateau_argv = sys.argv[1], sys.argv[2:sys.argv.index('--')], sys.argv[sys.argv.index('--') + 1:]
 opt = opts.parse_opt(argv)

@@ -14,7 +14,7 @@ from misc.errors import SaticError
 from models.decode_config import DecodeConfig
 from models.logits_processors import (BEAM, GREEDY, DiversityPenalty, History, PreviousWordBan, Steps, Temperature,
                                       TrigramPenalty, trigram_penalty)
-from models.sat import SATModel
+from tests.helpers import tiny_sat
 
 VOCAB = 12
 
@@ -22,7 +22,7 @@ VOCAB = 12
 def flat_model(k, seed=0, sharpness=1.0):
     """A tiny SAT model whose captions never end (the end token is suppressed); generator scaled by sharpness."""
     torch.manual_seed(seed)
-    model = SATModel(vocab_size=VOCAB, K=k, d_model=16, d_ff=32, num_layers=1, att_feat_size=6).eval()
+    model = tiny_sat(vocab_size=VOCAB, K=k, att_feat_size=6).eval()
     with torch.no_grad():
         model.model.generator.proj.weight.mul_(sharpness)
         model.model.generator.proj.bias.zero_()

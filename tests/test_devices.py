@@ -24,14 +24,13 @@ import torch
 import opts
 import train
 from dataloader import DataConfig, DataLoader
-from misc import optim
-from misc.evaluation import evaluate
-from misc.configs import OptimConfig
-from misc.loss_wrapper import LossConfig, LossWrapper
-from misc.losses import LabelSmoothing, LanguageModelCriterion, self_critical_loss
+from misc.train import optim
+from misc.eval.evaluation import evaluate
+from misc.options.configs import OptimConfig
+from misc.train.loss_wrapper import LossConfig, LossWrapper
+from misc.train.losses import LabelSmoothing, LanguageModelCriterion, self_critical_loss
 from models.decode_config import DecodeConfig
-from models.sat import SATModel
-from tests.helpers import setup_model
+from tests.helpers import setup_model, tiny_sat
 
 META = torch.device('meta')
 
@@ -70,7 +69,7 @@ def test_losses_on_meta():
 
 
 def test_teacher_forcing_and_encoder_on_meta():
-    model = SATModel(vocab_size=12, K=2, d_model=16, d_ff=32, num_layers=1, att_feat_size=8).to(META)
+    model = tiny_sat().to(META)
     att = torch.randn(3, 4, 8, device=META)
     memory, mask = model.encode(att)
     assert memory.device == META and memory.shape == (3, 4, 16) and mask is None
@@ -164,7 +163,7 @@ def count_host_reads(monkeypatch, files):
 def test_a_training_step_reads_the_host_once(trained_pieces, monkeypatch):
     """train_step's own host synchronisations: one .tolist (loss, reward, flags), whatever is logged."""
     opt, batch, wrapper, optimizer = trained_pieces
-    calls = count_host_reads(monkeypatch, ('train.py', 'loss_wrapper.py', 'losses.py'))
+    calls = count_host_reads(monkeypatch, ('train.py', '/step.py', 'loss_wrapper.py', 'losses.py'))
     for sc_flag in (False, True):
         calls.clear()
         train.train_step(wrapper, optimizer, batch, sc_flag, train.StepConfig.from_opt(opt))
@@ -220,7 +219,7 @@ def test_train_then_resume_self_critical_and_evaluate_on_cpu(tiny_dataset, tmp_p
     """The README's two stages on `device` (stage 1 in --fp16, stage 2 self-critical in --bf16, resumed with
     --start_from), then eval.py on the CPU from the checkpoint that device wrote."""
     import eval as eval_script
-    from misc.fileio import load_pickle, load_torch
+    from misc.files.safe_load import load_pickle, load_torch
     from tests.helpers import run_main, targs
     folder = tmp_path / 'run'
     flags = ['--device', device, '--save_checkpoint_every', '4', '--val_images_use', '3']

@@ -13,11 +13,11 @@ import torch
 
 import eval as eval_script
 import eval_ensemble
-from misc.fileio import load_pickle, save_pickle
+from misc.files.atomic import save_pickle
+from misc.files.safe_load import load_pickle
 from models.decode_config import DecodeConfig
 from models.ensemble import EnsembleModel
-from models.sat import SATModel
-from tests.helpers import assert_one_line_error, masked_batch, run_main, tiny_checkpoint
+from tests.helpers import assert_one_line_error, masked_batch, run_main, tiny_checkpoint, tiny_sat
 
 VOCAB, FEAT = 12, 12
 SEARCHES = {
@@ -32,7 +32,7 @@ SEARCHES = {
 
 def tiny_model(seed, k=2, layers=1, d_model=16):
     torch.manual_seed(seed)
-    return SATModel(VOCAB, K=k, d_model=d_model, d_ff=32, num_layers=layers, att_feat_size=FEAT).eval()
+    return tiny_sat(VOCAB, K=k, d_model=d_model, num_layers=layers, att_feat_size=FEAT).eval()
 
 
 def decoded(model, config, seed=0):

@@ -1,4 +1,4 @@
-"""eval.py, eval_cocotest.py, misc/evaluation.py, misc/visualize.py on the tiny dataset with a tiny random checkpoint.
+"""eval.py, eval_cocotest.py, misc/eval/evaluation.py, misc/viewer/visualize.py on the tiny dataset with a tiny random checkpoint.
 
 Every run is in-process (main(argv)) in a temporary working directory: vis/ and eval_results/ land in tmp_path.
 """
@@ -13,7 +13,7 @@ import pytest
 
 import eval as eval_script
 import eval_cocotest
-from misc import coco_eval
+from misc.eval import coco_eval
 from models.sat import SATModel
 from opts import parse_eval_opt, resolve_eval_options
 from scripts import prepro_cocotest
@@ -306,8 +306,8 @@ def test_eval_into_a_file_prints_progress_lines_with_a_rate(tiny_dataset, checkp
 
 
 def test_progress_lines_every_interval_with_time_left(tiny_dataset, checkpoint, workdir, capsys, monkeypatch):
-    from misc import fileio
-    monkeypatch.setattr(fileio, 'PROGRESS_SECONDS', 0.0)  # a line per batch
+    from misc.console import progress
+    monkeypatch.setattr(progress, 'PROGRESS_SECONDS', 0.0)  # a line per batch
     assert run_eval(checkpoint, '--language_eval', '0', '--batch_size', '1', '--id', 'every') == 0
     out, err = capsys.readouterr()
     assert 'decoding test' not in err  # stderr: warnings and errors only

@@ -14,9 +14,9 @@ import pytest
 import eval as eval_script
 import eval_cocotest
 from dataloader import DataConfig, DataLoader
-from misc.cider_d import load_cached_tokens
+from misc.eval.cider_d import load_cached_tokens
 from misc.errors import SaticError
-from misc.fileio import UNFINISHED_MARKER
+from misc.files.folders import UNFINISHED_MARKER
 from models.sat import SATModel
 from scripts import dump_to_lmdb, make_bu_data, prepro_ngrams
 from tests.helpers import assert_one_line_error, copy_dataset, one_line_error, run_main, targs, tiny_checkpoint
@@ -242,7 +242,7 @@ def test_make_bu_data_refuses_nan_rows(tmp_path, value):
 # --- 11-13. killed preprocessing --------------------------------------------------------------------------------
 
 def run_until_blocked(script, args, point):
-    """Run scripts/<script> until it reaches fault_point `point` (misc.fileio), then SIGKILL it; returns stdout."""
+    """Run scripts/<script> until it reaches fault_point `point` (misc.run.faults), then SIGKILL it; returns stdout."""
     proc = subprocess.Popen([sys.executable, os.path.join(REPO, 'scripts', script), *map(str, args)],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             env=dict(os.environ, SATIC_TEST_BLOCK_AT=point))

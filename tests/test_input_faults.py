@@ -13,11 +13,11 @@ import torch
 
 import eval as eval_script
 import eval_ensemble
-from misc.fileio import load_pickle, save_pickle
+from misc.files.atomic import save_pickle
+from misc.files.safe_load import load_pickle
 from models.ensemble import EnsembleModel
-from models.sat import SATModel
 from scripts import make_demo_data, prepro_labels, prepro_labels_seqKD, prepro_ngrams, prepro_reference_json
-from tests.helpers import assert_one_line_error, masked_batch, run_main, targs, tiny_checkpoint
+from tests.helpers import assert_one_line_error, masked_batch, run_main, targs, tiny_checkpoint, tiny_sat
 
 
 @pytest.fixture(scope='module')
@@ -290,7 +290,7 @@ def test_member_normalising_its_features_matches_the_loader():
     """EnsembleModel's per-member normalisation is the loader's --norm_att_feat 1: a one-member ensemble that
     normalises decodes as the member on normalised features."""
     torch.manual_seed(0)
-    member = SATModel(12, K=2, d_model=16, d_ff=32, num_layers=1, att_feat_size=12).eval()
+    member = tiny_sat(att_feat_size=12).eval()
     att, masks = masked_batch(feat=12)
     norm = att.norm(dim=-1, keepdim=True)
     normalised = att / torch.where(norm > 0, norm, torch.ones_like(norm))

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from misc import coco_eval
+from misc.eval import coco_eval
 from misc.errors import SaticError
 from tests.helpers import PREDICTIONS, fake_java, java_children, write_reference_json
 

@@ -1,4 +1,4 @@
-"""misc/loss_wrapper.py with the loader's batches: features once per image (repeated on the device, here) give the
+"""misc/train/loss_wrapper.py with the loader's batches: features once per image (repeated on the device, here) give the
 numbers of the reference's layout (repeated on the host), dropout draws included, for XE, self-critical and
 --encode_per_image 1."""
 import argparse
@@ -8,7 +8,7 @@ import torch
 
 import opts
 from dataloader import DataConfig, DataLoader, repeat_per_caption
-from misc.loss_wrapper import LossConfig, LossWrapper
+from misc.train.loss_wrapper import LossConfig, LossWrapper
 from tests.helpers import setup_model
 
 

@@ -13,7 +13,7 @@ from misc.errors import SaticError
 from models.decode_config import DecodeConfig
 from models.masks import group_mask, subsequent_mask, target_mask
 from models.transformer import LayerNorm
-from tests.helpers import masked_batch, setup_model
+from tests.helpers import masked_batch, setup_model, tiny_sat
 
 VOCAB = 20  # words; V = 21 outputs
 
@@ -420,10 +420,9 @@ def test_load_weights_mismatch_is_one_line(overrides, words):
 
 
 def test_encode_once_per_image_equals_encoding_every_copy():
-    from models.sat import SATModel
     """forward_xe / sampling with one row per image and seq_per_img equal the repeated-rows call (eval mode)."""
     torch.manual_seed(0)
-    model = SATModel(vocab_size=12, K=2, d_model=16, d_ff=32, num_layers=2, att_feat_size=8).eval()
+    model = tiny_sat(num_layers=2).eval()
     S = 3
     att = torch.randn(2, 5, 8)
     masks = torch.tensor([[1., 1, 1, 0, 0], [1, 1, 1, 1, 1]])
@@ -439,10 +438,9 @@ def test_encode_once_per_image_equals_encoding_every_copy():
 def test_loss_wrapper_encode_per_image_gives_the_same_xe_loss():
     """--encode_per_image 1 changes only where the encoder runs: in eval mode the XE loss is identical."""
     import argparse
-    from misc.loss_wrapper import LossConfig, LossWrapper
-    from models.sat import SATModel
+    from misc.train.loss_wrapper import LossConfig, LossWrapper
     torch.manual_seed(0)
-    model = SATModel(vocab_size=12, K=2, d_model=16, d_ff=32, num_layers=1, att_feat_size=8).eval()
+    model = tiny_sat().eval()
     S = 5
     att = torch.randn(2, 4, 8).repeat_interleave(S, 0)
     labels = torch.cat([torch.zeros(2 * S, 1, dtype=torch.long), torch.randint(1, 12, (2 * S, 16)),

@@ -1,12 +1,12 @@
-"""misc/optim.py and misc/losses.py: the schedules and losses of the reference, checked by hand."""
+"""misc/train/optim.py and misc/train/losses.py: the schedules and losses of the reference, checked by hand."""
 import argparse
 import math
 
 import torch
 
-from misc import optim
-from misc.configs import OptimConfig
-from misc.losses import LabelSmoothing, LanguageModelCriterion
+from misc.train import optim
+from misc.options.configs import OptimConfig
+from misc.train.losses import LabelSmoothing, LanguageModelCriterion
 
 
 def test_noam_rate_formula_and_peak():

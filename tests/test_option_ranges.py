@@ -1,4 +1,4 @@
-"""Every option of every entry point declares its range or choice set (misc/configs.py), checked once at parse time:
+"""Every option of every entry point declares its range or choice set (misc/options/configs.py), checked once at parse time:
 a bad value of each gives exit 2 and one 'error:' line naming the flag (no traceback), a boundary value is accepted;
 --help shows every option's help and default in the same groups everywhere (issues 28 and 29)."""
 import argparse
@@ -11,7 +11,7 @@ import eval_cocotest
 import eval_ensemble
 import opts
 import train
-from misc import optspec
+from misc.options import optspec
 from tests.helpers import run_main
 
 ENTRY_POINTS = {  # name: (parser builder, parse function, main)

@@ -57,8 +57,8 @@ def test_inert_reference_options_are_accepted_and_change_nothing():
     torch.manual_seed(0)
     b = setup_model(plain).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    from misc import optim
-    from misc.configs import OptimConfig
+    from misc.train import optim
+    from misc.options.configs import OptimConfig
     noam = optim.build(setup_model(opt), OptimConfig.from_opt(opt), opt.input_encoding_size)  # --optim/--weight_decay are inert with --noamopt, as the reference
     assert isinstance(noam, optim.NoamOpt)
 

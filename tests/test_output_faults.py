@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import train
-from misc import fileio
-from misc.fileio import load_pickle, load_torch
-from misc.interrupts import Interrupted
+from misc.files import atomic
+from misc.files.safe_load import load_pickle, load_torch
+from misc.run.interrupts import Interrupted
 from scripts import prepro_labels
 from tests.helpers import assert_one_line_error, run_main, targs
 
@@ -112,13 +112,13 @@ def test_prepro_labels_failure_while_writing_the_second_file_leaves_the_pair_who
                                                                                     monkeypatch):
     out, args = _pair(tmp_path, tiny_dataset)
     before = files(out)
-    real = fileio.temp_file
+    real = atomic.temp_file
 
     def failing(path):
         if path.endswith('.json'):
             raise OSError(28, 'No space left on device')
         return real(path)
-    monkeypatch.setattr(fileio, 'temp_file', failing)
+    monkeypatch.setattr(atomic, 'temp_file', failing)
     result = run_main(args + ['--max_length', '8'], tmp_path, prepro_labels.main)
     assert_one_line_error(result, 'No space left', 'cocotalk.json')
     assert files(out) == before  # the new h5 (8 words wide) was not renamed in

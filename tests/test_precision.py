@@ -10,10 +10,9 @@ import torch
 
 import models.transformer as transformer
 import train
-from misc.fileio import load_pickle, load_torch
-from misc.distributed import World
-from models.sat import SATModel
-from tests.helpers import assert_one_line_error, run_main, targs
+from misc.files.safe_load import load_pickle, load_torch
+from misc.run.distributed import World
+from tests.helpers import assert_one_line_error, run_main, targs, tiny_sat
 
 
 # ----------------------------------------------------------------------------------------------- bf16
@@ -21,7 +20,7 @@ def test_bf16_encoder_dtypes_and_numbers_do_not_depend_on_the_masks(monkeypatch)
     """The residual streams keep one dtype (encoder: bfloat16 from att_embed's autocast linear; decoder: float32)
     with no mask, an all-ones mask and a padded batch; the memory of an unpadded batch is the same either way."""
     torch.manual_seed(0)
-    model = SATModel(vocab_size=12, K=2, d_model=16, d_ff=32, num_layers=2, att_feat_size=8).eval()
+    model = tiny_sat(num_layers=2).eval()
     att = torch.randn(2, 4, 8)
     padded = torch.ones(2, 4)
     padded[1, 3] = 0

@@ -12,7 +12,7 @@ import pytest
 from misc.errors import SaticError
 from scripts import (dump_to_lmdb, make_bu_data, make_demo_data, prepro_cocotest, prepro_labels, prepro_labels_seqKD,
                      prepro_ngrams, prepro_reference_json)
-from misc.fileio import vocab_sha1
+from misc.files.vocabulary import vocab_sha1
 
 LONG = ['a', 'dog'] * 9  # 18 words: cut to 16
 

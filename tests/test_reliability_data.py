@@ -16,12 +16,12 @@ import pytest
 
 import eval as eval_script
 from dataloader import DataConfig, DataLoader
-from misc import coco_eval
-from misc.fileio import atomic_write
-from misc.cider_d import CiderD, load_cached_tokens
+from misc.eval import coco_eval
+from misc.files.atomic import atomic_write
+from misc.eval.cider_d import CiderD, load_cached_tokens
 from misc.errors import SaticError
 from models.sat import SATModel
-from misc import fileio
+from misc.console import progress
 from scripts import dump_to_lmdb
 from tests.helpers import make_tiny_dataset
 from tests.helpers import PREDICTIONS, copy_dataset, fake_java, java_children, one_line_error, tiny_checkpoint, write_reference_json
@@ -110,7 +110,7 @@ import json, random, signal, sys
 # Ctrl-C as in a terminal: a job started in the background (CI, nohup) inherits SIGINT ignored.
 signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path.insert(0, %(repo)r)
-from misc import coco_eval
+from misc.eval import coco_eval
 n = 3000  # METEOR busy for several seconds
 words = 'a man woman dog cat red blue ball on the grass table with big small riding horse street car'.split()
 rng = random.Random(0)
@@ -323,8 +323,7 @@ def _atomic_write_honours_umask(tmp_path):
 
 @pytest.mark.parametrize('umask', [0o022, 0o027])
 def test_script_outputs_honour_the_umask(tmp_path, monkeypatch, umask):
-    if not _atomic_write_honours_umask(tmp_path):
-        pytest.skip('misc.fileio.atomic_write does not honour the umask yet')
+    assert _atomic_write_honours_umask(tmp_path), 'misc.files.atomic.atomic_write does not honour the umask'
     old = os.umask(umask)
     try:
         ds = make_tiny_dataset(tmp_path / 'data', n_train=3, n_val=1, n_test=1, feat_dim=4,
@@ -360,7 +359,7 @@ def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path, monkeypatch, cap
     interval prints none."""
     make_tiny_dataset(tmp_path / 'quiet', n_train=2, n_val=1, n_test=1, feat_dim=4, backends=('dir', 'lmdb'))
     assert ' left' not in capsys.readouterr().err
-    monkeypatch.setattr(fileio, 'PROGRESS_SECONDS', 0.0)
+    monkeypatch.setattr(progress, 'PROGRESS_SECONDS', 0.0)
     make_tiny_dataset(tmp_path / 'loud', n_train=2, n_val=1, n_test=1, feat_dim=4, backends=('dir', 'lmdb', 'h5'))
     err = capsys.readouterr().err
     lines = err.splitlines()
@@ -379,7 +378,7 @@ def test_progress_bar_on_a_terminal(monkeypatch):
             return True
     term = Terminal()
     monkeypatch.setattr(sys, 'stderr', term)
-    assert list(fileio.progress(range(5), desc='demo', unit='images')) == list(range(5))
+    assert list(progress.progress(range(5), desc='demo', unit='images')) == list(range(5))
     assert 'demo: 100%' in term.getvalue() and '5/5' in term.getvalue()
 
 

@@ -23,9 +23,10 @@ import pytest
 import torch
 
 import train
-from misc import checkpoint, fileio
-from misc.checkpoint import check_infos_match, recover_checkpoint, verify_checkpoint
-from misc.fileio import load_pickle, load_torch
+from misc.run import checkpoint
+from misc.files import atomic
+from misc.run.checkpoint import check_infos_match, recover_checkpoint, verify_checkpoint
+from misc.files.safe_load import load_pickle, load_torch
 from tests.helpers import assert_one_line_error, run_main, targs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -253,7 +254,7 @@ def test_infos_without_the_new_fields_still_resume(tiny_dataset, tmp_path):
     rc, _, err = run_main(targs(tiny_dataset, folder, '--max_iters', '5'), tmp_path)
     assert rc == 0, err
     infos = load_pickle(str(folder / 'infos_run.pkl'))
-    fileio.save_pickle({k: v for k, v in infos.items() if k not in NEW_FIELDS}, str(folder / 'infos_run.pkl'))
+    atomic.save_pickle({k: v for k, v in infos.items() if k not in NEW_FIELDS}, str(folder / 'infos_run.pkl'))
     os.remove(folder / 'checkpoint_run.json')
     rc, out, err = run_main(targs(tiny_dataset, folder, '--max_iters', '7', '--start_from', folder), tmp_path)
     assert rc == 0, err
@@ -266,7 +267,8 @@ DRIVER = '''
 import os, sys, time
 sys.path.insert(0, {repo!r})
 import train
-from misc import checkpoint, fileio
+from misc.run import checkpoint
+from misc.files import atomic
 
 mode = os.environ.get('DRIVER_MODE', '')
 real_validate, real_save = train.validate, checkpoint.save_checkpoint

@@ -1,4 +1,4 @@
-"""misc/rewards.py: CIDEr-D rewards on token ids, the leave-one-out baseline and the self-critical loss."""
+"""misc/train/rewards.py: CIDEr-D rewards on token ids, the leave-one-out baseline and the self-critical loss."""
 import argparse
 import contextlib
 import io
@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from misc.cider_d import CiderD
+from misc.eval.cider_d import CiderD
 from misc.errors import SaticError
-from misc.loss_wrapper import LossConfig, LossWrapper
-from misc.losses import self_critical_loss
-from misc.rewards import SelfCriticalReward, ids_to_str
+from misc.train.loss_wrapper import LossConfig, LossWrapper
+from misc.train.losses import self_critical_loss
+from misc.train.rewards import SelfCriticalReward, ids_to_str
 from tests.helpers import REWARD_GTS as GTS
 
 
@@ -118,8 +118,8 @@ def test_bleu_weighted_reward_is_cider_plus_pycocoevalcap_bleu4(cached_tokens, c
 
 
 def test_bleu_is_not_computed_at_weight_0(cached_tokens, monkeypatch):
-    import misc.rewards
-    monkeypatch.setattr(misc.rewards, 'bleu_scores', lambda *a: pytest.fail('BLEU computed at weight 0'))
+    import misc.train.rewards
+    monkeypatch.setattr(misc.train.rewards, 'bleu_scores', lambda *a: pytest.fail('BLEU computed at weight 0'))
     _, rewards = SelfCriticalReward(cached_tokens, weights={'cider': 1.0, 'bleu': 0})(SEQS, GTS, 3)
     assert rewards.max() > 0
 
@@ -128,15 +128,16 @@ def test_loss_wrapper_passes_the_bleu_weight(cached_tokens):
     opt = argparse.Namespace(label_smoothing=0, seq_per_img=3, cached_tokens=cached_tokens, cider_reward_weight=0.5,
                              bleu_reward_weight=1.5)
     reward = LossWrapper(torch.nn.Linear(1, 1), LossConfig.from_opt(opt)).load_reward()
-    assert reward.weights == {'cider': 0.5, 'bleu': 1.5}
+    assert {name: reward.weights[name] for name in ('cider', 'bleu')} == {'cider': 0.5, 'bleu': 1.5}
+    assert all(w == 0 for name, w in reward.weights.items() if name not in ('cider', 'bleu'))  # at their defaults
 
 
-# ---- the registry: a new reward is one class in misc/rewards.py ---------------------------------------------------
+# ---- the registry: a new reward is one class in misc/train/rewards.py ---------------------------------------------------
 def test_a_registered_reward_is_an_option_a_loss_config_weight_and_a_part_of_the_reward(cached_tokens, monkeypatch):
-    """A toy scorer added to misc.rewards.REWARDS (nothing else touched) gets its --toy_reward_weight option, rides
+    """A toy scorer added to misc.train.rewards.REWARDS (nothing else touched) gets its --toy_reward_weight option, rides
     in LossConfig.reward_weights and is added to the reward after the reference's parts, only at weight > 0."""
     import opts
-    from misc import rewards
+    from misc.train import rewards
 
     class LengthReward(rewards.RewardScorer):  # the number of words before the end token
         name, default_weight, help = 'toy', 0, 'a toy reward: caption length'
@@ -149,7 +150,8 @@ def test_a_registered_reward_is_an_option_a_loss_config_weight_and_a_part_of_the
     opt = opts.parse_opt(['--toy_reward_weight', '0.25', '--cider_reward_weight', '0', '--seq_per_img', '3',
                           '--cached_tokens', cached_tokens])
     config = LossConfig.from_opt(opt)
-    assert config.reward_weights == {'cider': 0, 'bleu': 0, 'toy': 0.25}
+    assert config.reward_weights['toy'] == 0.25 and config.reward_weights['cider'] == 0  # (other rewards: their own)
+    assert all(w == 0 for name, w in config.reward_weights.items() if name not in ('toy', 'cider'))
     reward = LossWrapper(torch.nn.Linear(1, 1), config).load_reward()
     _, got = reward(SEQS, GTS, 3)
     np.testing.assert_array_equal(got, 0.25 * np.array([4, 3, 5, 3, 4, 1], dtype=np.float64))

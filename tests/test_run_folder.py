@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from misc.runfolder import LOCK_NAME
+from misc.run.runfolder import LOCK_NAME
 from tests.helpers import assert_one_line_error, run_main, targs
 from tests.test_resume import assert_consistent
 

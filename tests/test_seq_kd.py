@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 
 import eval as eval_script
-from misc.fileio import load_pickle
+from misc.files.safe_load import load_pickle
 from scripts import prepro_labels_seqKD
 from tests.helpers import working_dir
 from tests.helpers import run_main
@@ -17,7 +17,7 @@ from tests.test_train import make_scene_dataset
 TEACHER_IMAGES = 50  # of the 200 train images: the others keep their ground truth
 
 
-def label_rows(h5_path):
+def labels_per_image(h5_path):
     """Per image, its label rows (n_i, 16)."""
     with h5py.File(h5_path, 'r') as f:
         labels, start, end = f['labels'][()], f['label_start_ix'][()], f['label_end_ix'][()]
@@ -58,7 +58,7 @@ def test_beam_lists_become_the_seq_kd_labels_and_train_sat(tmp_path):
         '--teacher_json', str(tmp_path / 'vis' / 'base-train-b5_seq_kd.json'), '--output_h5', kd]))
     with open(scene.path('cocotalk.json')) as f:
         wtoi = {w: int(i) for i, w in json.load(f)['ix_to_word'].items()}
-    kd_rows, truth_rows = label_rows(kd + '_label.h5'), label_rows(scene.path('cocotalk_label.h5'))
+    kd_rows, truth_rows = labels_per_image(kd + '_label.h5'), labels_per_image(scene.path('cocotalk_label.h5'))
     assert len(kd_rows) == len(images)
     replaced = 0
     for img, rows, truth in zip(images, kd_rows, truth_rows):

@@ -132,7 +132,7 @@ def test_scored_logprobs_are_the_masked_rows_of_forward(K):
 
 @pytest.mark.parametrize('smoothing', [0.0, 0.2])
 def test_scored_loss_equals_full_logprobs_loss(smoothing):
-    from misc.losses import build_criterion
+    from misc.train.losses import build_criterion
     crit = build_criterion(smoothing)
     att, masks, labels, label_masks = batch(seq_per_img=3)
     model = tiny().eval()
@@ -195,8 +195,8 @@ def test_sampled_rows_share_their_images_memory():
 @pytest.mark.parametrize('smoothing', [0.0, 0.1])
 def test_loss_wrapper_xe_scores_only_the_masked_positions(smoothing):
     """LossWrapper's XE (scored positions only) == the criterion over the reference call's full log-probs."""
-    from misc.loss_wrapper import LossConfig, LossWrapper
-    from misc.losses import build_criterion
+    from misc.train.loss_wrapper import LossConfig, LossWrapper
+    from misc.train.losses import build_criterion
     att, masks, labels, label_masks = batch(seq_per_img=2)
     model = tiny().eval()
     opt = argparse.Namespace(label_smoothing=smoothing, seq_per_img=2, cached_tokens='', encode_per_image=0)

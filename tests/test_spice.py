@@ -1,4 +1,4 @@
-"""misc/coco_eval.py's SPICE launch: the java command line, a real Java run of spice-1.0.jar's cache and output code,
+"""misc/eval/coco_eval.py's SPICE launch: the java command line, a real Java run of spice-1.0.jar's cache and output code,
 and the one-line messages when the CoreNLP jars or a JavaScript engine are missing."""
 import json
 import os
@@ -7,7 +7,7 @@ import zipfile
 
 import pytest
 
-from misc import coco_eval
+from misc.eval import coco_eval
 from misc.errors import SaticError
 from tests.helpers import PREDICTIONS, write_reference_json
 

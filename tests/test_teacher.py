@@ -1,4 +1,4 @@
-"""misc/teacher.py and word-level distillation (--kd_weight, --teacher_model): the KL term against a teacher
+"""misc/train/teacher.py and word-level distillation (--kd_weight, --teacher_model): the KL term against a teacher
 checkpoint, the teacher's mode, its refusals, and train.py with a teacher end to end."""
 import argparse
 import json
@@ -8,12 +8,16 @@ import pytest
 import torch
 
 import opts
-from misc.checkpoint import make_infos, write_checkpoint_files
+from misc.run.checkpoint import write_checkpoint_files
+from misc.options.configs import ModelConfig
+from misc.run.infos import make_infos
+from models.loading import load_model
 from misc.errors import SaticError
-from misc.fileio import load_pickle, load_torch, save_pickle
-from misc.loss_wrapper import LossConfig, LossWrapper
-from misc.losses import LanguageModelCriterion
-from misc.teacher import default_infos_path, load_teacher
+from misc.files.atomic import save_pickle
+from misc.files.safe_load import load_pickle, load_torch
+from misc.train.loss_wrapper import LossConfig, LossWrapper
+from misc.train.losses import LanguageModelCriterion
+from misc.train.teacher import default_infos_path, load_teacher
 from tests.helpers import assert_option_refused, REWARD_GTS as GTS, run_main, setup_model, targs
 
 
@@ -33,7 +37,7 @@ def save_run(folder, run_id, vocab=VOCAB, best=False, seed=0, **overrides):
     opt = tiny_model_opt(**overrides)
     torch.manual_seed(seed)
     model = setup_model(opt) if opt.caption_model in ('sat', 'transformer') else setup_model(tiny_model_opt())
-    infos = make_infos(opt, vocab, iteration=10, epoch=1)
+    infos = make_infos(vars(opt), ModelConfig.from_opt(opt), vocab, iteration=10, epoch=1)
     return write_checkpoint_files(folder, run_id, model.state_dict(), infos, best=best)
 
 
@@ -46,9 +50,9 @@ def kd_opt(teacher_model=None, **overrides):
 
 
 def teacher_of(opt):
-    """misc.teacher.load_teacher for the options of kd_opt (as train.py calls it)."""
+    """misc.train.teacher.load_teacher for the options of kd_opt (as train.py calls it)."""
     return load_teacher(opt.teacher_model, VOCAB, opt.att_feat_size, opt.teacher_infos, opt.teacher_caption_model,
-                        bool(opt.teacher_eval_mode), opt.input_json)
+                        bool(opt.teacher_eval_mode), opt.input_json, load_model=load_model)
 
 
 def kd_batch(S=4, N=5, seed=3):

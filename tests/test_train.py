@@ -4,7 +4,7 @@ gives one-line errors, and the logs (Noam lr, TensorBoard, histories, infos) are
 
 Data: a small "scene" dataset with learnable structure, built in tmp_path through the real scripts: each image shows
 a coloured thing at a place ("a red dog on the grass"), with the demo's synthetic concept features (one region per
-content word, scripts/make_demo_data.ConceptFeatures). Val CIDEr-D is computed here with misc.cider_d (no Java), the
+content word, scripts/make_demo_data.ConceptFeatures). Val CIDEr-D is computed here with misc.eval.cider_d (no Java), the
 same maths as pycocoevalcap; the self-critical run also scores with --language_eval 1 when Java is there.
 """
 import argparse
@@ -29,11 +29,11 @@ import torch
 import eval as eval_script
 import train
 from dataloader import DataConfig, DataLoader
-from misc.fileio import load_pickle, load_torch
-from misc.cider_d import corpus_cider_d
-from misc.coco_eval import java_available
-from misc.evaluation import evaluate
-from misc.optim import noam_rate
+from misc.files.safe_load import load_pickle, load_torch
+from misc.eval.cider_d import corpus_cider_d
+from misc.eval.coco_eval import java_available
+from misc.eval.evaluation import evaluate
+from misc.train.optim import noam_rate
 from models.decode_config import DecodeConfig
 from scripts import make_bu_data, prepro_labels, prepro_labels_seqKD, prepro_ngrams, prepro_reference_json
 from scripts.make_demo_data import ConceptFeatures
@@ -119,7 +119,7 @@ def scene(tmp_path_factory):
 
 
 def val_cider(scene, opt, model):
-    """Val CIDEr-D of greedy captions (misc.cider_d, document frequencies of the val references as in
+    """Val CIDEr-D of greedy captions (misc.eval.cider_d, document frequencies of the val references as in
     pycocoevalcap) -> (score, captions)."""
     with DataLoader(DataConfig.from_opt(opt)) as loader:
         predictions = evaluate(model, loader, 'val', DecodeConfig()).predictions
@@ -314,11 +314,11 @@ def test_kill_9_then_start_from_continues_exactly(scene, tmp_path):
 KILL_DURING_SECOND_SAVE = '''
 import os, signal, sys
 sys.path.insert(0, {repo!r})
-import misc.fileio as fileio
+from misc.files import atomic
 import train
 
 mode = os.environ['KILL_MODE']
-original_write, original_replace, state = fileio.write_temp_files, os.replace, dict(saves=0, committed=0, renames=0)
+original_write, original_replace, state = atomic.write_temp_files, os.replace, dict(saves=0, committed=0, renames=0)
 
 
 def write_temps(items, note=''):
@@ -348,7 +348,7 @@ def replace(src, dst, *args, **kwargs):
     return original_replace(src, dst, *args, **kwargs)
 
 
-fileio.write_temp_files, os.replace = write_temps, replace
+atomic.write_temp_files, os.replace = write_temps, replace
 sys.exit(train.main(sys.argv[1:]))
 '''
 
@@ -357,7 +357,7 @@ sys.exit(train.main(sys.argv[1:]))
 def test_kill_during_save_keeps_one_consistent_checkpoint(scene, tmp_path, mode):
     """kill -9 while the second save writes its files: the first checkpoint is kept; after its commit (between two
     renames, where model.pth is already the new one and infos the old): --start_from completes the second."""
-    from misc.checkpoint import check_infos_match, verify_checkpoint
+    from misc.run.checkpoint import check_infos_match, verify_checkpoint
     folder = str(tmp_path / 'ck')
     script = tmp_path / 'die_in_save.py'
     script.write_text(KILL_DURING_SECOND_SAVE.format(repo=str(REPO)))
@@ -546,7 +546,7 @@ def test_noam_resumed_without_optimizer_state_continues_its_schedule(scene, stag
 
 
 def test_plateau_optimizer_keeps_the_options_lr_over_a_plain_state():
-    from misc.optim import PlateauOpt, get_lr
+    from misc.train.optim import PlateauOpt, get_lr
     params = [torch.nn.Parameter(torch.ones(2))]
     saved = torch.optim.Adam(params, lr=0.5).state_dict()
     plateau = PlateauOpt(torch.optim.Adam(params, lr=1e-3))
@@ -556,7 +556,7 @@ def test_plateau_optimizer_keeps_the_options_lr_over_a_plain_state():
 
 def test_cider_reward_weight_scales_the_reward(scene):
     import opts
-    from misc.loss_wrapper import LossConfig, LossWrapper
+    from misc.train.loss_wrapper import LossConfig, LossWrapper
     opt = opts.parse_opt(scene.args('unused', 'run'))
     with DataLoader(DataConfig.from_opt(opt)) as loader:
         opt.vocab_size = loader.vocab_size
@@ -573,7 +573,7 @@ def test_cider_reward_weight_scales_the_reward(scene):
 
 def test_transformer_infos_with_any_k_resume_as_k1(scene, stage1, tmp_path):
     """A reference transformer's infos may carry the default --K: it is still the K=1 model."""
-    from misc.fileio import save_pickle
+    from misc.files.atomic import save_pickle
     folder, run_id, _ = stage1
     copy = str(tmp_path / 'copy')
     shutil.copytree(folder, copy)

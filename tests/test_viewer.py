@@ -1,4 +1,4 @@
-"""scripts/make_viewer.py (misc/viewer.py, misc/viewer_template.html): the page's embedded data and its errors, then
+"""scripts/make_viewer.py (misc/viewer/viewer.py, misc/viewer/viewer_template.html): the page's embedded data and its errors, then
 the page itself in headless Chromium (skipped, with the reason, when no Chromium is installed).
 
 The browser tests open the generated file from disk with `chromium --headless --dump-dom` and read the DOM the page's
@@ -20,7 +20,7 @@ import zlib
 import pytest
 
 from misc.errors import SaticError
-from misc.viewer import embed_json, parse_sort, write_viewer
+from misc.viewer.viewer import embed_json, parse_sort, write_viewer
 from scripts import make_viewer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -204,7 +204,7 @@ def test_url_state_keeps_the_selected_word(tmp_path):
     node = shutil.which('node') or shutil.which('nodejs')
     if node is None:
         pytest.skip('node not installed')
-    with open(os.path.join(REPO, 'misc', 'viewer_template.html'), encoding='utf-8') as f:
+    with open(os.path.join(REPO, 'misc', 'viewer', 'viewer_template.html'), encoding='utf-8') as f:
         template = f.read()
     start, end = template.index('  function runIndex('), template.index('  // ---- controls')
     select_value = re.search(r'  function selectValue\(.*?\n  }\n', template, re.S).group(0)

@@ -1,14 +1,14 @@
 """eval.py --dump_images 1: a self-contained vis/index.html of captions, references and per-image CIDEr of one run.
 
-Several runs side by side (sorting, filters, attention): scripts/make_viewer.py (misc/viewer.py).
+Several runs side by side (sorting, filters, attention): scripts/make_viewer.py (misc/viewer/viewer.py).
 """
 import html
 import json
 import os
 import shutil
 
-from misc.fileio import atomic_write
-from misc.viewer import load_references
+from misc.files.atomic import atomic_write
+from misc.viewer.viewer import load_references
 
 
 def _references(ref_json):

@@ -1,5 +1,5 @@
 """The self-critical reward (Rennie et al. 2017, "new self-critical" leave-one-out baseline); its loss is
-misc.losses.self_critical_loss.
+misc.train.losses.self_critical_loss.
 
 Training with --self_critical_after samples S = seq_per_img captions per image; each one's reward is its CIDEr-D
 against ALL of the image's references, with the train document frequencies cached by scripts/prepro_ngrams.py;
@@ -12,7 +12,7 @@ part is computed only when its weight is > 0, and the leave-one-out baseline is 
 
 (ours) The parts are a registry, REWARDS (name -> RewardScorer subclass): a new reward is one class here,
 decorated with @register_reward; opts.py makes its --<name>_reward_weight option (default_weight, help),
-misc.loss_wrapper.LossConfig carries the weights as one mapping (reward_weights), and SelfCriticalReward adds the
+misc.train.loss_wrapper.LossConfig carries the weights as one mapping (reward_weights), and SelfCriticalReward adds the
 parts up in the registry's order (CIDEr-D then BLEU-4: the reference's sum, the same numbers).
 """
 import contextlib
@@ -21,7 +21,7 @@ import io
 
 import numpy as np
 
-from misc.cider_d import CiderD
+from misc.eval.cider_d import CiderD
 
 
 def ids_to_str(ids, end_token_always=False):

@@ -1,6 +1,6 @@
 """The typed configs: the single source of every command-line option's default, type, help, group and allowed
-values (misc.optspec.option). opts.py generates every entry point's argparse from them and checks every value once,
-at parse time; the library takes these configs, built once at the edge (`from_opt`). Torch-free.
+values (misc.options.optspec.option). opts.py generates every entry point's argparse from them and checks every
+value once, at parse time; the library takes these configs, built once at the edge (`from_opt`). Torch-free.
 
 A config's plain fields (no option()) are read by the library but declared as options elsewhere (their owner
 config: e.g. LossConfig.seq_per_img is DataConfig's) or are not options at all (DataConfig.seq_length).
@@ -8,9 +8,9 @@ The reference's options keep their names, types and defaults (../shared/conforma
 """
 import dataclasses
 
-from misc.optspec import (ANY_NAME, ANY_PATH, ANY_VALUE, CHECKPOINTS, DATA, DECODING, DEVICES, EVALUATION, INERT,
-                          MODEL, SELF_CRITICAL, TRAINING, Check, at_least, boolean, greater_than, in_range, matches,
-                          minus_one_or_at_least, multiple_of, one_of, option)
+from misc.options.optspec import (ANY_NAME, ANY_PATH, ANY_VALUE, CHECKPOINTS, DATA, DECODING, DEVICES, EVALUATION,
+                                  INERT, MODEL, SELF_CRITICAL, TRAINING, Check, at_least, boolean, greater_than,
+                                  in_range, matches, minus_one_or_at_least, multiple_of, one_of, option)
 
 HEADS = 8  # attention heads of every SAT/transformer layer (models/transformer.py)
 DEFAULT_SEQ_LENGTH = 16  # dataloader: the caption length without a label file
@@ -127,13 +127,13 @@ class LossConfig:
                               'student) over the masked positions; needs --teacher_model', SELF_CRITICAL, at_least(0))
     teacher_eval_mode: int = option(0, '(ours) 0: the teacher runs in train mode, dropout on (reference quirk); 1: '
                                     'eval mode', SELF_CRITICAL, boolean())
-    # {reward name: weight} of misc.rewards.REWARDS (--cider_reward_weight, --bleu_reward_weight, ...)
+    # {reward name: weight} of misc.train.rewards.REWARDS (--cider_reward_weight, --bleu_reward_weight, ...)
     reward_weights: dict = dataclasses.field(default_factory=lambda: _default_reward_weights())
 
     @classmethod
     def from_opt(cls, options):
         """The config of parsed options (a Namespace); reward_weights from its --<name>_reward_weight options."""
-        from misc.rewards import reward_option
+        from misc.train.rewards import reward_option
         values = fields_of(cls, options)
         values['reward_weights'] = {name: getattr(options, reward_option(name), weight)
                                     for name, weight in _default_reward_weights().items()}
@@ -141,14 +141,14 @@ class LossConfig:
 
 
 def _default_reward_weights():
-    from misc.rewards import default_reward_weights
+    from misc.train.rewards import default_reward_weights
     return default_reward_weights()
 
 
 def reward_options():
-    """The reward weights' options, one per registered reward (misc.rewards.REWARDS, read now: a reward registered
+    """The reward weights' options, one per registered reward (misc.train.rewards.REWARDS, read now: a reward registered
     later, e.g. by a test, gets its option in the next parser)."""
-    from misc.rewards import REWARDS, reward_option
+    from misc.train.rewards import REWARDS, reward_option
     return dataclasses.make_dataclass('RewardOptions', [
         (reward_option(name), float, option(scorer.default_weight, scorer.help, SELF_CRITICAL, at_least(0)))
         for name, scorer in REWARDS.items()], frozen=True)
@@ -177,7 +177,7 @@ def _conditional(default, help, group, check, condition):
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig(FromOpt):
-    """Optimiser and learning-rate schedule (misc.optim)."""
+    """Optimiser and learning-rate schedule (misc.train.optim)."""
     optim: str = _conditional('adam', 'optimiser (inert with --noamopt, as in the reference)', TRAINING,
                               one_of(*OPTIMS), NOT_NOAM)
     learning_rate: float = _conditional(5e-4, 'learning rate (inert with --noamopt, as in the reference)', TRAINING,

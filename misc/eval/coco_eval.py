@@ -9,7 +9,7 @@ in how, not what:
   killed at once on Ctrl-C or any error (pycocoevalcap's Meteor.__del__ would otherwise wait for ever on its lock);
 - pycocoevalcap's debug prints (Bleu's testlen/ratio) only with toolkit_verbose (eval.py --verbose 1);
 - a Java that fails to start or crashes is one SaticError line naming the program, not a traceback;
-- CIDEr by misc/cider_d.py, tested equal to pycocoevalcap's Cider (and faster);
+- CIDEr by misc/eval/cider_d.py, tested equal to pycocoevalcap's Cider (and faster);
 - SPICE launched by us, not by pycocoevalcap's Spice (which runs `java -jar spice-1.0.jar` and fails on Java 15+):
   spice-1.0.jar's main class with --add-opens for its cache serializer (Java 9+) and, on Java 15+ (no Nashorn), a
   JavaScript engine's jar on the class path (Debian's librhino-java, or a js.jar in coco-caption/spice-lib/); its
@@ -31,11 +31,12 @@ import tempfile
 import threading
 import zipfile
 
-from misc.cider_d import corpus_cider_d
+from misc.eval.cider_d import corpus_cider_d
 from misc.errors import SaticError
-from misc.fileio import check_field, read_json, write_json
+from misc.files.atomic import write_json
+from misc.files.readers import check_field, read_json
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # misc/eval/ -> the repository
 USER_SPICE_LIB = os.path.join(REPO_ROOT, 'coco-caption', 'spice-lib')
 SPICE_CACHE = os.path.join(REPO_ROOT, 'coco-caption', 'spice-cache')  # SPICE's parses of captions (LMDB), reused
 SPICE_JAR = 'spice-1.0.jar'  # in pycocoevalcap/spice/

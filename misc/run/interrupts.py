@@ -5,7 +5,7 @@
 it and raises `Interrupted`; main() prints its one line and exits 128 + the signal number. A second signal raises
 `Aborted` wherever it lands: nothing more is saved. In the middle of a save, that save is abandoned: before its
 commit its temp files are removed and the folder keeps the previous set; after it, the renames are completed
-(misc/checkpoint.py). train.py's one line then names the iteration the folder holds.
+(misc/run/checkpoint.py). train.py's one line then names the iteration the folder holds.
 """
 import contextlib
 import signal

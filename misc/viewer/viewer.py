@@ -1,6 +1,6 @@
 """scripts/make_viewer.py: one self-contained HTML page over caption runs (vis/<id>.json), their per-image scores
 (eval_results/<id>_<split>.json) and the references; the data is embedded as JSON, the page
-(misc/viewer_template.html) draws, sorts and filters it in the browser. README, "Viewer".
+(misc/viewer/viewer_template.html) draws, sorts and filters it in the browser. README, "Viewer".
 """
 import json
 import math
@@ -9,7 +9,9 @@ import shutil
 import sys
 
 from misc.errors import SaticError
-from misc.fileio import atomic_write, check_output_folder, read_json
+from misc.files.atomic import atomic_write
+from misc.files.folders import check_output_folder
+from misc.files.readers import read_json
 
 TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'viewer_template.html')
 DATA_MARK = '__VIEWER_DATA__'

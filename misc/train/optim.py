@@ -18,7 +18,7 @@ def noam_rate(step, d_model, factor=1.0, warmup=2000):
 
 def step_decay_rate(epoch, config):
     """The reference's per-epoch step decay: lr * decay_rate ** ((epoch - start) // every) once epoch > start
-    (config: misc.configs.OptimConfig)."""
+    (config: misc.options.configs.OptimConfig)."""
     opt = config
     start = opt.learning_rate_decay_start
     if start >= 0 and epoch > start:
@@ -28,7 +28,7 @@ def step_decay_rate(epoch, config):
 
 def build_optimizer(params, config):
     """The torch optimiser named by --optim, with the reference's hyper-parameter options (config:
-    misc.configs.OptimConfig)."""
+    misc.options.configs.OptimConfig)."""
     opt = config
     name, lr, wd = opt.optim, opt.learning_rate, opt.weight_decay
     if name == 'adam':
@@ -125,7 +125,7 @@ class PlateauOpt:
 
 def build(model, config, d_model, step=0):
     """The optimiser train.py uses, by the reference's rules (noamopt, then reduce_on_plateau, then --optim);
-    config: misc.configs.OptimConfig; d_model: the model's (--input_encoding_size: Noam's scale); step: Noam's
+    config: misc.options.configs.OptimConfig; d_model: the model's (--input_encoding_size: Noam's scale); step: Noam's
     updates so far (a resumed run's)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if config.noamopt:

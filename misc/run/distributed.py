@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from misc.errors import SaticError
-from misc.interrupts import Interrupted
+from misc.run.interrupts import Interrupted
 from misc.utils import resolve_device
 
 

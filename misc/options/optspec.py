@@ -1,4 +1,4 @@
-"""Options declared as typed config fields: each field of an option-bearing config (misc/configs.py) carries its
+"""Options declared as typed config fields: each field of an option-bearing config (misc/options/configs.py) carries its
 help, its group and its allowed values; opts.py generates argparse from them and checks every value once, at parse
 time. Torch-free: --help stays light.
 

@@ -65,7 +65,7 @@ def self_critical_loss(sample_logprobs, sample_seqs, advantage):
     """-sum(logp * advantage * mask) / sum(mask), mask = [1, (seq > 0)[:, :-1]] (the first end token counts).
 
     sample_logprobs: (B*S, T) log-probabilities of the sampled tokens; sample_seqs: (B*S, T);
-    advantage: (B*S,) numpy array or tensor (misc.rewards.SelfCriticalReward). Returns a scalar tensor."""
+    advantage: (B*S,) numpy array or tensor (misc.train.rewards.SelfCriticalReward). Returns a scalar tensor."""
     advantage = torch.as_tensor(advantage, dtype=sample_logprobs.dtype, device=sample_logprobs.device)
     mask = (sample_seqs > 0).to(sample_logprobs.dtype)  # (B*S, T)
     mask = torch.cat([mask.new_ones(mask.size(0), 1), mask[:, :-1]], dim=1)  # (B*S, T)

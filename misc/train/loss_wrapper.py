@@ -3,9 +3,9 @@ self-critical, one call."""
 import torch
 from torch import nn
 
-from misc.configs import LossConfig  # (declared with its options; misc.loss_wrapper.LossConfig too)
-from misc.losses import build_criterion, self_critical_loss
-from misc.rewards import SelfCriticalReward, default_reward_weights, reward_option
+from misc.options.configs import LossConfig  # (declared with its options; misc.train.loss_wrapper.LossConfig too)
+from misc.train.losses import build_criterion, self_critical_loss
+from misc.train.rewards import SelfCriticalReward, default_reward_weights, reward_option
 
 
 class LossWrapper(nn.Module):
@@ -14,7 +14,7 @@ class LossWrapper(nn.Module):
 
     def __init__(self, model, config, teacher=None):
         """config: a LossConfig (train.py builds it once, at the edge); teacher: the frozen model of --kd_weight
-        (misc.teacher.load_teacher) or None."""
+        (misc.train.teacher.load_teacher) or None."""
         super().__init__()
         if not isinstance(config, LossConfig):
             raise TypeError(f'LossWrapper takes a LossConfig (LossConfig.from_opt(options)), not {type(config).__name__}')
@@ -53,7 +53,7 @@ class LossWrapper(nn.Module):
         return self.kd_crit(logprobs, teacher_logprobs.to(logprobs.dtype))  # (positions, V) each
 
     def load_reward(self):
-        """The self-critical reward (misc.rewards: CIDEr-D with the --cached_tokens document frequencies, and the
+        """The self-critical reward (misc.train.rewards: CIDEr-D with the --cached_tokens document frequencies, and the
         other registered parts) at the configured weights (built once, on first use)."""
         if self._reward is None:
             self._reward = SelfCriticalReward(self.cached_tokens, weights=self.reward_weights)

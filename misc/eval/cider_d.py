@@ -31,7 +31,7 @@ from collections import Counter, OrderedDict
 import numpy as np
 
 from misc.errors import SaticError
-from misc.fileio import load_pickle
+from misc.files.safe_load import load_pickle
 
 PREPRO_NGRAMS_COMMAND = ('python scripts/prepro_ngrams.py --input_json data/dataset_coco.json '
                          '--dict_json data/cocotalk.json --output_pkl data/coco-train --split train')

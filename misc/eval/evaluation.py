@@ -1,5 +1,5 @@
 """The evaluation stage: decode a split batch by batch, time the decoding alone, optionally score the teacher-forced
-loss. Used by eval.py, eval_cocotest.py and train.py's validation; the COCO metrics are misc.coco_eval's
+loss. Used by eval.py, eval_cocotest.py and train.py's validation; the COCO metrics are misc.eval.coco_eval's
 `language_eval`, and the callers write the files (README, "Using it on COCO").
 
 Each image is decoded once, from its one copy of features (the loader's batches hold one per image), a batch going
@@ -13,9 +13,8 @@ import time
 
 import torch
 
-from dataloader import FeatureReader
 from misc.errors import SaticError
-from misc.fileio import Progress, read_json
+from misc.console.progress import Progress
 from misc.utils import autocast, decode_sequence, synchronize
 
 
@@ -45,8 +44,9 @@ def evaluate(model, loader, split, config, *, num_images=-1, batch_size=None, re
     those of one process); bf16 / fp16: autocast type; verbose: print each caption, and with verbose_beam (eval.py
     --verbose_beam, the reference's option) its beams; attention_top N > 0 (eval.py --dump_attention): each
     prediction also gets 'words' and 'attention', the N regions each word attended to most (region_attention);
-    progress: a name, to show the images done, their rate and the time left on stdout (misc.fileio.Progress: a bar
-    on a terminal, else a line every minute and one at the end; rank 0 only, counting every rank's batches).
+    progress: a name, to show the images done, their rate and the time left on stdout
+    (misc.console.progress.Progress: a bar on a terminal, else a line every minute and one at the end; rank 0 only,
+    counting every rank's batches).
     Returns an EvalResult."""
     print_beams = verbose and verbose_beam
     if num_images == 0:
@@ -129,25 +129,6 @@ def region_attention(model, att, masks, seq, top, vocab):
                     'attention': [[[r, round(v, 4)] for r, v in zip(regions[t], values[t]) if v > 0]
                                   for t in range(length)]})
     return out
-
-
-def attach_boxes(predictions, box_dir, input_json=None):
-    """Give each prediction 'boxes', its image's region boxes [[x1, y1, x2, y2], ...] (row r = region r of
-    'attention') from box_dir (<id>.npy files, an .lmdb or an .h5: make_bu_data.py's _box output), and
-    'image_width' / 'image_height' where input_json's image entry has 'width' / 'height'."""
-    sizes = {}
-    if input_json:
-        sizes = {img.get('id'): (img['width'], img['height'])
-                 for img in read_json(input_json, '--input_json').get('images', [])
-                 if 'width' in img and 'height' in img}
-    reader = FeatureReader(box_dir, '.npy', '--input_box_dir')
-    try:
-        for p in predictions:
-            p['boxes'] = [[round(float(c), 2) for c in box] for box in reader.get(p['image_id'], dim=4, regions=True)]
-            if p['image_id'] in sizes:
-                p['image_width'], p['image_height'] = sizes[p['image_id']]
-    finally:
-        reader.close()
 
 
 def _teacher_forcing_loss(model, crit, att, masks, data, n, seq_per_img):

@@ -6,7 +6,7 @@ operating system when the process ends, however it ends (kill -9 included: no st
 owner's pid, host, start time and command, for the one line that refuses a second run.
 `check_owner`: a fresh run (no --start_from) into a folder that holds a checkpoint, a run whose --id is not the
 folder's, or a resume from another folder into one that holds a checkpoint is refused in one line, unless
---overwrite_run 1 (then this run's first save replaces the folder's checkpoint: misc.checkpoint.save_checkpoint).
+--overwrite_run 1 (then this run's first save replaces the folder's checkpoint: misc.run.checkpoint.save_checkpoint).
 """
 import errno
 import fcntl
@@ -17,13 +17,13 @@ import socket
 import sys
 import time
 
-from misc import fileio
-from misc.checkpoint import read_infos
+from misc.files import atomic
+from misc.run.infos import read_infos
 from misc.errors import SaticError
 
 LOCK_NAME = '.satic.lock'
 
-# The files of a checkpoint (misc/checkpoint.py writes them): what a folder must not hold for a fresh run.
+# The files of a checkpoint (misc/run/checkpoint.py writes them): what a folder must not hold for a fresh run.
 CHECKPOINT_FILE = re.compile(r'^(model(-[^/]+)?\.pth|optimizer\.pth|infos_.+\.pkl|histories_.+\.pkl|'
                              r'checkpoint_.+\.json)$')
 
@@ -71,7 +71,7 @@ class RunFolderLock:
         return os.path.join(self.folder, LOCK_NAME)
 
     def acquire(self):
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, fileio.file_mode())  # (not inherited by children)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, atomic.file_mode())  # (not inherited by children)
         try:
             taken = _flock(fd, fcntl.LOCK_EX)
         except OSError as e:  # a file system without locks (some NFS mounts): say so, run unguarded
@@ -160,7 +160,7 @@ def held_checkpoint(folder, files):
     ids = run_ids(folder)
     for run_id in ids:
         try:
-            iteration = read_infos(os.path.join(folder, f'infos_{run_id}.pkl')).get('iter')
+            iteration = read_infos(os.path.join(folder, f'infos_{run_id}.pkl'), check=False).get('iter')
             return f"run '{run_id}' at iteration {iteration}"
         except (SaticError, AttributeError, OSError):
             continue

@@ -1,16 +1,16 @@
 """The only reader and writer of checkpoints: everything a run folder holds goes through this module, with
-misc.fileio's atomic writes (one commit point per save) and safe loads.
+misc.files' atomic writes (one commit point per save) and safe loads.
 
-  reading:  load_infos (checked: a dict with opt and vocab) / read_infos (as it is), load_model_state, load_model,
-            load_for_eval (eval.py, eval_cocotest.py), load_init_from (train.py --init_from, checked against the
-            infos beside it: default_infos_path), load_run -> SavedRun (--start_from: infos, histories, then model,
-            optimizer, scaler and generators restored); misc/teacher.py reads the teacher through load_infos/load_model;
-  writing:  make_infos (the one place infos fields are named) + save_checkpoint / CheckpointSaver (a training run);
-            write_checkpoint_files (plain model.pth + infos files: tests' fixtures).
-Nothing else in the product calls fileio.load_pickle/load_torch/save_* on checkpoint files (tests/test_checkpoint.py
-greps for it): a new infos field is added in make_infos (and checked in load_infos, when it must be).
-Options of old (reference) infos get their model defaults where they are compared or built (resolved:
-misc.defaults.model_options); the run's and eval's own options are resolved in the entry scripts (opts.py).
+  reading:  misc.run.infos.read_infos (the infos schema and its one reader), load_model_state, load_init_from
+            (train.py --init_from, checked against the infos beside it: default_infos_path), load_run -> SavedRun
+            (--start_from: infos, histories, then model, optimizer, scaler and generators restored);
+            models/loading.py builds models from these files (load_model, load_for_eval, restore_model);
+  writing:  misc.run.infos.make_infos (FIELDS: the one place infos fields are named) + save_checkpoint /
+            CheckpointSaver (a training run); write_checkpoint_files (plain model.pth + infos files: tests' fixtures).
+Nothing else in the product calls misc.files.load_pickle/load_torch/save_* on checkpoint files (tests/test_checkpoint.py
+greps for it): a new infos field is a row of misc.run.infos.FIELDS.
+Infos are compared on their ModelConfig (misc.run.infos.model_config: a reference infos' opt converted once, at load
+time); the run's and eval's own options are resolved in the entry scripts (opts.py). Nothing here imports models/.
 
 A training run writes, in its checkpoint folder (README, "Interrupts and resume"):
   model.pth (state_dict), optimizer.pth, infos_<id>.pkl, histories_<id>.pkl, and the -best copies,
@@ -33,7 +33,6 @@ Written files get the permissions 0666 & ~umask, like any file the user creates.
 Loads never execute code: tensors through torch.load(weights_only=True), pickles through an unpickler that
 admits only what infos/histories legitimately hold.
 """
-import argparse
 import dataclasses
 import glob
 import hashlib
@@ -49,12 +48,13 @@ import time
 import numpy as np
 import torch
 
-import models
-from misc import fileio, optim
-from misc.configs import ModelConfig
-from misc.defaults import model_options
+from misc.train import optim
+from misc.files import atomic
 from misc.errors import CheckpointError, SaticError
-from misc.fileio import load_pickle, load_torch, vocab_sha1
+from misc.files.safe_load import load_torch
+from misc.files.vocabulary import vocab_sha1
+from misc.run.infos import make_infos, model_config, read_infos
+from misc.run.runfolder import checkpoint_files
 
 
 
@@ -85,7 +85,7 @@ def optimizer_step(state):
     (their maximum); None when it does not say (a fresh or step-less optimiser)."""
     if not isinstance(state, dict):
         return None
-    if isinstance(state.get('optimizer_state_dict'), dict):  # misc.optim.PlateauOpt
+    if isinstance(state.get('optimizer_state_dict'), dict):  # misc.train.optim.PlateauOpt
         state = state['optimizer_state_dict']
     if '_step' in state:
         return int(state['_step'])
@@ -93,38 +93,27 @@ def optimizer_step(state):
     return int(max(steps)) if steps else None
 
 
-def resolved(opt):
-    """A copy of an options Namespace (a run's, or an infos file's, perhaps the reference's) with the model options
-    it lacks at their defaults and the K rule applied (misc.defaults.model_options): what infos are compared on."""
-    return model_options(opt)
-
-
-def effective_k(opt):
-    """K of the model an opt builds ('transformer' is K = 1 whatever its K says: misc.defaults.model_k)."""
-    return resolved(opt).K
-
-
 def describe(infos, state_dict, optimizer_state=None):
     """The fields save_checkpoint adds to infos: what the infos belong to."""
     fields = {'model_fingerprint': state_fingerprint(state_dict)}
     if optimizer_state is not None:
         fields['optimizer_step'] = optimizer_step(optimizer_state)
-    opt = infos.get('opt')
-    if opt is not None:
-        fields['K'], fields['caption_model'] = effective_k(opt), resolved(opt).caption_model
+    if infos.get('opt') is not None or infos.get('model_config') is not None:
+        config = model_config(infos)
+        fields['K'], fields['caption_model'] = config.K, config.caption_model
     if isinstance(infos.get('vocab'), dict):
         fields['vocab_sha1'] = vocab_sha1(infos['vocab'])
     return fields
 
 
-def check_infos_match(infos, state_dict_or_path=None, optimizer_state=None, vocab=None, opt=None,
+def check_infos_match(infos, state_dict_or_path=None, optimizer_state=None, vocab=None, config=None,
                       infos_path='the infos file', model_path=None, optimizer_path='optimizer.pth'):
     """Refuse (SaticError, one line) a model, optimizer state, vocabulary or options that are not the ones `infos`
     was saved with. Each check runs only when infos records the field (reference infos record none of them: they
     pass), except the optimizer step, which falls back on infos['iter'] (the reference stepped once per iteration).
 
     state_dict_or_path: a state_dict, or the path of a model.pth; optimizer_state: an optimizer state_dict;
-    vocab: ix_to_word; opt: the options the model is built with (compared on K and caption_model)."""
+    vocab: ix_to_word; config: the ModelConfig the model is built with (compared on K and caption_model)."""
     if not isinstance(infos, dict):
         raise SaticError(f'{infos_path} is not an infos file (a dict): pass the infos_<id>.pkl saved with the model')
     where = f" (iteration {infos['iter']})" if 'iter' in infos else ''
@@ -147,45 +136,18 @@ def check_infos_match(infos, state_dict_or_path=None, optimizer_state=None, voca
         if vocab_sha1(vocab) != infos['vocab_sha1']:
             raise SaticError(f'{infos_path} was saved with another vocabulary than this data\'s: use the '
                              'cocotalk.json the checkpoint was trained with')
-    if opt is not None:
-        for key, ours in (('caption_model', resolved(opt).caption_model), ('K', effective_k(opt))):
+    if config is not None:
+        for key, ours in (('caption_model', config.caption_model), ('K', config.K)):
             if infos.get(key) is not None and ours is not None and infos[key] != ours:
                 raise SaticError(f'{infos_path} belongs to a model with {key}={infos[key]}, not {key}={ours}')
     return infos
 
 
 # ----------------------------------------------------------------------------------------------- reading checkpoint files
-INFOS_ADVICE = 'pass the infos_<id>.pkl saved with the checkpoint'
-
-
 def load_model_state(path, what='model'):
     """The state_dict of a model.pth (or an optimizer.pth's state), loaded safely onto the CPU; SaticError, one line
     naming `what` and the file, when it is missing or damaged."""
     return load_torch(path, what)
-
-
-def read_infos(path):
-    """An infos (or histories) pickle as it is, through the restricted unpickler: for readers that check what they
-    use themselves (load_run, --init_from, the run-folder rule's messages)."""
-    return load_pickle(path)
-
-
-def load_infos(path, name=None, advice=INFOS_ADVICE):
-    """An infos file, checked to be one (a dict with an opt Namespace and a vocab dict), else SaticError, one line:
-    '<name> is not an infos file (a dict with opt and vocab): <advice>' (name: the path by default)."""
-    infos = load_pickle(path)
-    if not isinstance(infos, dict) or not isinstance(infos.get('opt'), argparse.Namespace) \
-            or not isinstance(infos.get('vocab'), dict):
-        raise SaticError(f'{name or path} is not an infos file (a dict with opt and vocab): {advice}')
-    return infos
-
-
-def make_infos(opt, vocab, iteration=0, epoch=0, best_val_score=None, position=None, **fields):
-    """An infos dict as the reference named its fields: iter, epoch, the loader's position (iterators, split_ix),
-    vocab, opt (a copy), best_val_score, then fields (ours: rng_states, grad_scaler). save_checkpoint adds what
-    they belong to (describe)."""
-    return {'iter': iteration, 'epoch': epoch, **(position or {}), 'vocab': vocab,
-            'opt': argparse.Namespace(**vars(opt)), 'best_val_score': best_val_score, **fields}
 
 
 def write_checkpoint_files(folder, run_id, state_dict, infos, best=False):
@@ -196,8 +158,8 @@ def write_checkpoint_files(folder, run_id, state_dict, infos, best=False):
     state = {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in state_dict.items()}
     names = [('model.pth', f'infos_{run_id}.pkl')] + ([('model-best.pth', f'infos_{run_id}-best.pkl')] if best else [])
     for model_name, infos_name in names:
-        fileio.save_torch(state, os.path.join(folder, model_name))
-        fileio.save_pickle(infos, os.path.join(folder, infos_name))
+        atomic.save_torch(state, os.path.join(folder, model_name))
+        atomic.save_pickle(infos, os.path.join(folder, infos_name))
     return os.path.join(folder, 'model.pth')
 
 
@@ -233,32 +195,12 @@ def load_init_from(path, vocab):
         infos_path = default_infos_path(path)
     except SaticError:
         return state
-    infos = read_infos(infos_path)
+    infos = read_infos(infos_path, check=False)
     check_infos_match(infos, state, vocab=vocab, infos_path=infos_path, model_path=path)
     if vocab is not None and isinstance(infos.get('vocab'), dict) and infos['vocab'] != vocab:
         raise SaticError(f'--init_from {path}: its infos {infos_path} has another vocabulary than this data: '
                          'initialise from a checkpoint trained on the same cocotalk.json')
     return state
-
-
-def load_model(model_path, opt, what='model'):
-    """models.setup of opt's ModelConfig with the weights of model_path (safe loading, sizes checked), on the
-    CPU."""
-    model = models.setup(ModelConfig.from_opt(opt), opt.vocab_size)
-    return models.load_weights(model, load_model_state(model_path, what), model_path)
-
-
-def load_for_eval(model_path, infos_path, resolve):
-    """eval.py's checkpoint: (model on the CPU, options, infos). A save of model_path's folder cut between its
-    renames is completed first; infos_path must be an infos file (load_infos); resolve(infos) -> the options
-    (opts.resolve_eval_options, at the edge); the model must be the one the infos were saved with."""
-    recover_folder(os.path.dirname(model_path) or '.')  # finishes a save that a kill cut between its renames
-    infos = load_infos(infos_path)
-    opt = resolve(infos)
-    model = load_model(model_path, opt)
-    # Our infos record the model they belong to (reference infos do not, and pass).
-    check_infos_match(infos, model.state_dict(), opt=opt, infos_path=infos_path, model_path=model_path)
-    return model, opt, infos
 
 
 # ----------------------------------------------------------------------------------------------- one save, one commit
@@ -307,7 +249,7 @@ def recover_checkpoint(checkpoint_dir, run_id):
                              f"{checkpoint_dir} ({e.strerror or e} renaming {tmp}): make the folder writable "
                              f"and retry") from None
     if pending:
-        fileio.fsync_dir(checkpoint_dir)
+        atomic.fsync_dir(checkpoint_dir)
         print(f"completed the save of iteration {manifest.get('iter')} in {checkpoint_dir} that was interrupted "
               f"after its commit ({len(pending)} file(s) renamed)", flush=True)
     return manifest
@@ -426,7 +368,7 @@ def save_checkpoint(checkpoint_dir, run_id, model, optimizer, infos, histories, 
     manifest_file = manifest_path(checkpoint_dir, run_id)
     _remove_checkpoint_temps(checkpoint_dir)
 
-    written = fileio.write_temp_files(items, kept)  # 1. the new files, under temp names
+    written = atomic.write_temp_files(items, kept)  # 1. the new files, under temp names
     manifest_tmp = None
     try:  # (a second Ctrl-C, KeyboardInterrupt, may land anywhere before the commit: the temps go)
         manifest = {'format': 'satic-checkpoint/1', 'id': run_id, 'iter': infos.get('iter'),
@@ -434,17 +376,17 @@ def save_checkpoint(checkpoint_dir, run_id, model, optimizer, infos, histories, 
                     'files': [{'name': os.path.basename(p), 'temp': os.path.basename(tmp), 'size': size,
                                'sha1': sha1} for p, tmp, size, sha1 in written]}
         body = json.dumps(manifest, indent=1).encode('utf-8')
-        (_, manifest_tmp, _, _), = fileio.write_temp_files([(manifest_file, lambda f: f.write(body))], kept)
+        (_, manifest_tmp, _, _), = atomic.write_temp_files([(manifest_file, lambda f: f.write(body))], kept)
         os.replace(manifest_tmp, manifest_file)  # 2. THE commit point
     except BaseException as e:
-        fileio.remove_quietly([tmp for _, tmp, _, _ in written] + [manifest_tmp])
+        atomic.remove_quietly([tmp for _, tmp, _, _ in written] + [manifest_tmp])
         if isinstance(e, OSError):
             raise CheckpointError(f'{e.strerror or e} writing {manifest_file}{kept}') from None
         raise
-    fileio.fsync_dir(checkpoint_dir)
+    atomic.fsync_dir(checkpoint_dir)
     for final, tmp, _, _ in written:  # 3. into place; a kill here is completed by recover_checkpoint
         os.replace(tmp, final)
-    fileio.fsync_dir(checkpoint_dir)
+    atomic.fsync_dir(checkpoint_dir)
     if replace:
         _remove_replaced(checkpoint_dir, {os.path.basename(final) for final, _, _, _ in written}
                          | {os.path.basename(manifest_file)})
@@ -454,10 +396,9 @@ def save_checkpoint(checkpoint_dir, run_id, model, optimizer, infos, histories, 
 def _remove_replaced(checkpoint_dir, kept):
     """--overwrite_run 1, after the run's first save: the checkpoint files of the run it replaces (any not written
     by that save: other ids' infos, histories and manifests, model-<iter>.pth...) are removed."""
-    from misc.runfolder import checkpoint_files  # (import cycle: misc.runfolder imports this module)
-    fileio.remove_quietly(os.path.join(checkpoint_dir, name) for name in checkpoint_files(checkpoint_dir)
+    atomic.remove_quietly(os.path.join(checkpoint_dir, name) for name in checkpoint_files(checkpoint_dir)
                           if name not in kept)
-    fileio.fsync_dir(checkpoint_dir)
+    atomic.fsync_dir(checkpoint_dir)
 
 
 def verify_checkpoint(checkpoint_dir, run_id):
@@ -566,12 +507,14 @@ class SavedRun:
         """The saved iteration's validation was cut short (CheckpointSaver.save): the resumed run redoes it."""
         return self.infos.get('validation_pending') == self.iteration and self.iteration is not None
 
-    def restore_model(self, model):
-        """model.pth's weights into model (sizes checked); refuses a model.pth that is not the one the infos were
-        saved with (when the infos record its fingerprint)."""
-        path = os.path.join(self.folder, 'model.pth')
-        models.load_weights(model, load_model_state(path, 'model'), path)
-        check_infos_match(self.infos, model.state_dict(), infos_path=self.infos_path, model_path=path)
+    @property
+    def model_path(self):
+        return os.path.join(self.folder, 'model.pth')
+
+    def check_model(self, model):
+        """Refuse the model restored from model.pth (models.loading.restore_model) when it is not the one the infos
+        were saved with (when the infos record its fingerprint)."""
+        check_infos_match(self.infos, model.state_dict(), infos_path=self.infos_path, model_path=self.model_path)
         return model
 
     def restore_optimizer(self, optimizer):
@@ -606,8 +549,9 @@ class SavedRun:
         return True
 
 
-def load_run(folder, run_id, opt, vocab):
-    """The run `run_id` saved in folder (--start_from), checked against this run's options and vocabulary.
+def load_run(folder, run_id, config, vocab, input_json='the cocotalk.json'):
+    """The run `run_id` saved in folder (--start_from), checked against this run's ModelConfig and vocabulary (of
+    input_json, named in the message).
 
     Refuses (SaticError, one line) a folder without infos_<run_id>.pkl, options of MUST_MATCH that disagree, and
     another vocabulary, K or caption model (check_infos_match). A save cut between its renames must have been
@@ -617,18 +561,18 @@ def load_run(folder, run_id, opt, vocab):
     if not os.path.isfile(saved.infos_path):
         raise SaticError(f"--start_from {folder}: no infos_{run_id}.pkl there; --id must name the run "
                          f"saved in that folder (save/copy_model.sh renames it when you copy a run)")
-    saved.infos = load_infos(saved.infos_path, advice=f'the run in {folder} is damaged; restore its '
+    saved.infos = read_infos(saved.infos_path, advice=f'the run in {folder} is damaged; restore its '
                              f'infos_{run_id}.pkl or start a new run')
-    theirs_opt = resolved(saved.infos['opt'])
+    theirs_config = model_config(saved.infos)
     for key in MUST_MATCH:
-        ours, theirs = vars(resolved(opt))[key], vars(theirs_opt)[key]
+        ours, theirs = getattr(config, key), getattr(theirs_config, key)
         if ours != theirs:
             raise SaticError(f"--{key} {ours} disagrees with the checkpoint in {folder} "
                              f"(trained with {key}={theirs}): use the same value or another folder")
     if saved.infos.get('vocab') is not None and saved.infos['vocab'] != vocab:
-        raise SaticError(f"the vocabulary of {saved.infos_path} differs from {opt.input_json}: "
+        raise SaticError(f"the vocabulary of {saved.infos_path} differs from {input_json}: "
                          f"resume with the cocotalk.json the checkpoint was trained with")
-    check_infos_match(saved.infos, vocab=vocab, opt=opt, infos_path=saved.infos_path)
+    check_infos_match(saved.infos, vocab=vocab, config=config, infos_path=saved.infos_path)
     histories_path = os.path.join(folder, f'histories_{run_id}.pkl')
     saved.histories = read_histories(histories_path) if os.path.isfile(histories_path) else {}
     return saved
@@ -636,7 +580,7 @@ def load_run(folder, run_id, opt, vocab):
 
 def read_histories(path):
     """A histories pickle, checked: a dict whose HISTORIES entries are {iteration: value} dicts (else one line)."""
-    histories = read_infos(path)
+    histories = read_infos(path, check=False)
     bad = [key for key in HISTORIES if isinstance(histories, dict) and not isinstance(histories.get(key, {}), dict)]
     if not isinstance(histories, dict) or bad:
         what = f'its {bad[0]} is a {type(histories[bad[0]]).__name__}' if bad else f'a {type(histories).__name__}'
@@ -649,22 +593,23 @@ class CheckpointSaver:
     """Writes the checkpoints of one run (rank 0): model, optimiser, infos and histories as one commit
     (save_checkpoint), the -best pair when asked, and model-<iter>.pth with --save_history_ckpt."""
 
-    def __init__(self, folder, run_id, model, optimizer, vocab, recorded_options, save_history_ckpt=False,
+    def __init__(self, folder, run_id, model, optimizer, vocab, recorded_options, config, save_history_ckpt=False,
                  scaler=None, replace=False):
-        """vocab: ix_to_word; recorded_options: the run's options as infos record them (infos['opt'], an
-        argparse.Namespace as the reference's: data here, not read); save_history_ckpt: every save also keeps
+        """vocab: ix_to_word; recorded_options: the run's options as infos record them ({name: value}, written as
+        the reference's infos['opt'] Namespace: data here, not read); config: the model's ModelConfig (infos
+        'model_config'); save_history_ckpt: every save also keeps
         model-<iter>.pth and infos_<id>-<iter>.pkl (--save_history_ckpt); scaler: --fp16's torch.amp.GradScaler,
         whose scale infos record too (ours: 'grad_scaler'); replace: the first save replaces the checkpoint files
         the folder held (--overwrite_run 1)."""
         self.folder, self.run_id, self.model, self.optimizer = folder, run_id, model, optimizer
         self.vocab, self.recorded_options, self.save_history_ckpt = vocab, recorded_options, save_history_ckpt
-        self.scaler, self.replace = scaler, replace
+        self.scaler, self.replace, self.config = scaler, replace, config
 
     def save(self, point, best_val_score, histories, rng_states, best=False, validation_pending=False):
         """Save the state at `point` (a ResumePoint); rng_states: every rank's generators, or None when they are
         not known; validation_pending: the validation of point was due but cut short (infos
         'validation_pending': its iteration; a resume redoes it). Returns the infos written."""
-        infos = make_infos(self.recorded_options, self.vocab, point.iteration, point.epoch, best_val_score,
+        infos = make_infos(self.recorded_options, self.config, self.vocab, point.iteration, point.epoch, best_val_score,
                            position=point.loader, rng_states=rng_states)
         if validation_pending:
             infos['validation_pending'] = point.iteration

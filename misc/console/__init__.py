@@ -1,0 +1,1 @@
+"""The console: the command-line wrapper (one-line errors) and progress output."""

@@ -1,0 +1,1 @@
+"""Evaluation and metrics: decoding a split, pycocoevalcap's metrics, CIDEr-D."""

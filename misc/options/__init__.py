@@ -1,0 +1,1 @@
+"""The typed configs: every option once (default, type, help, group, range)."""
