@@ -18,6 +18,7 @@ from misc.options.configs import (DataConfig, DecodingOptions, DeviceConfig, Eva
                           InertReferenceOptions, LossConfig, ModelConfig, OptimConfig, RunConfig, StepConfig,
                           TrainConfig, ValidationConfig, reward_options, str2bool)  # noqa: F401 (str2bool: API)
 from misc.errors import SaticError
+from misc.files.readers import read_structured
 
 DEFAULT_INIT_FROM = RunConfig.init_from
 DEFAULT_REF_JSON = EvaluationConfig.ref_json
@@ -114,16 +115,7 @@ def check_declared(opt, fields):
 def load_cfg(path, parser):
     """{dest: value} of a recipe file, each value read as its option's type; unknown keys refused in one line."""
     import yaml  # (PyYAML, requirements.txt)
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise SaticError(f'--cfg {path}: no such file') from None
-    except IsADirectoryError:
-        raise SaticError(f'--cfg {path}: a folder, not a YAML file') from None
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        reason = str(e).replace('\n', ' ')
-        raise SaticError(f'--cfg {path}: not valid YAML ({reason})') from None
+    data = read_structured(path, '--cfg', yaml.safe_load, (yaml.YAMLError,), 'YAML')
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -7,25 +7,33 @@ import numpy as np
 from misc.errors import SaticError
 
 
-def read_json(path, what='json file', expect=None, shape=''):
-    """json.load with a one-line SaticError for a missing, unreadable (a folder, no permission) or malformed file;
-    expect: the type the top level must have (dict or list), described by shape in the message."""
+def read_structured(path, what, load, parse_errors, kind):
+    """load(open file) with a one-line SaticError for a missing, unreadable (a folder, no permission) or malformed
+    file (one of parse_errors); kind names the format in the messages ('json', 'YAML')."""
     try:
         with open(path) as f:
-            data = json.load(f)
+            return load(f)
     except FileNotFoundError:
-        raise SaticError(f'{what} {path} does not exist: check the path') from None
+        raise SaticError(f'{what} {path} does not exist (no such file): check the path') from None
     except IsADirectoryError:
-        raise SaticError(f'{what} {path} is a folder, not a json file: pass the file') from None
+        raise SaticError(f'{what} {path} is a folder, not a {kind} file: pass the file') from None
     except OSError as e:
         raise SaticError(f'{what} {path} cannot be read ({e.strerror or e}): check the path and its '
                          'permissions') from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SaticError(f'{what} {path} is not valid json ({e}); it may be truncated: re-create it') from None
+    except parse_errors + (UnicodeDecodeError,) as e:
+        reason = str(e).replace('\n', ' ')
+        raise SaticError(f'{what} {path} is not valid {kind} ({reason}); it may be truncated: re-create it') from None
+
+
+def read_json(path, what='json file', expect=None, shape=''):
+    """json.load with a one-line SaticError for a missing, unreadable (a folder, no permission) or malformed file;
+    expect: the type the top level must have (dict or list), described by shape in the message."""
+    data = read_structured(path, what, json.load, (json.JSONDecodeError,), 'json')
     if expect is not None and not isinstance(data, expect):
         raise SaticError(f'{what} {path} holds a json {type(data).__name__}, not {shape or expect.__name__}: '
                          'pass the right file or re-create it')
     return data
+
 
 def check_field(ok, path, what, problem):
     """One line '<what> <path>: <problem>' (SaticError) unless ok: the schema checks of the readers of input files."""
