@@ -13,6 +13,7 @@ included.
 """
 import dataclasses
 
+from misc.options.configs import DecodingOptions
 from models.search import length_penalty_fn
 
 # Keys of the reference's opt dict read beside the fields: 'remove_bad_endings' is a post-processing of the decoded
@@ -35,7 +36,7 @@ def option(default, convert):
 
 
 @dataclasses.dataclass(frozen=True)
-class DecodeConfig:
+class _DecodeFields:
     """sample_max: argmax (True) or multinomial sampling at `temperature` (beam_size 1 only);
     beam_size > 1: beam search, split into `group_size` diverse groups of beam_size // group_size beams, a word
     chosen by an earlier group at the same position costing `diversity_lambda` per occurrence;
@@ -100,3 +101,16 @@ class DecodeConfig:
         if unknown:
             raise ValueError(f"unknown decoding option(s) {', '.join(map(repr, unknown))}; known: {', '.join(known)}")
         return cls.from_values(opt), int(opt.get('seq_per_img', 1))
+
+
+def _further_options(options=DecodingOptions):
+    """(name, type, field) of every decoding option of the command line (misc.options.configs.DecodingOptions)
+    that _DecodeFields does not declare, read with its option's type: a new per-token option is its option line
+    plus its step class (models.logits_processors), and the step reads it from the config under its own name."""
+    declared = {field.name for field in dataclasses.fields(_DecodeFields)} | set(CALL_KEYS)
+    return [(field.name, field.type, option(field.default, field.type))
+            for field in dataclasses.fields(options) if field.name not in declared]
+
+
+DecodeConfig = dataclasses.make_dataclass('DecodeConfig', _further_options(), bases=(_DecodeFields,), frozen=True)
+DecodeConfig.__module__, DecodeConfig.__doc__ = __name__, _DecodeFields.__doc__

@@ -294,3 +294,22 @@ def test_the_beam_against_vocabulary_check_is_one_function():
     DecodeConfig(beam_size=14, group_size=2).check_vocabulary(VOCAB)  # 7 beams per group fit
     with pytest.raises(SaticError, match='decoding options: beam_size 14 .* larger than the 13 entries'):
         opts.decode_config(opts.fill_defaults(argparse.Namespace(beam_size=14)), VOCAB)
+
+
+def test_a_decoding_option_of_the_command_line_reaches_decode_config_by_itself():
+    """A new per-token option is its line in DecodingOptions plus its step class: DecodeConfig takes every decoding
+    option it does not declare itself, under the option's name, type and default."""
+    import dataclasses
+    from misc.options.configs import DecodingOptions
+    from models import decode_config
+
+    @dataclasses.dataclass(frozen=True)
+    class WithMinLength(DecodingOptions):
+        min_length: int = 0
+
+    extra = decode_config._further_options(WithMinLength)
+    assert [name for name, _, _ in extra] == ['min_length']
+    config_class = dataclasses.make_dataclass('C', extra, bases=(decode_config._DecodeFields,), frozen=True)
+    config = config_class.from_values({'min_length': '3', 'beam_size': 2, 'remove_bad_endings': 1})
+    assert config.min_length == 3 and config.beam_size == 2
+    assert decode_config._further_options() == []  # today every option is declared (the reference's keys)
