@@ -1,4 +1,4 @@
-"""Batches of image features and captions for training and evaluation (README, "Using it on COCO"; data/README.md).
+"""Batches of image features and captions for training and evaluation (README, "The COCO recipe"; data/README.md).
 
 Reads what scripts/ produce: cocotalk.json (vocabulary, image list and splits), the label h5 (or none) and the
 per-image features through one `FeatureReader` per kind, chosen by path: a directory of <id>.npy / <id>.npz,

@@ -1,4 +1,4 @@
-"""Evaluate a trained captioner on a split: captions, COCO metrics and decoding latency (README, "Using it on COCO").
+"""Evaluate a trained captioner on a split: captions, COCO metrics and decoding latency (README, "The COCO recipe").
 
   python eval.py --model save/X/model-best.pth --infos_path save/X/infos_X-best.pkl --batch_size 1 --beam_size 1
   python eval.py --model save/X/model-best.pth --image_folder my_pictures   (own images: docs/own_images.md)

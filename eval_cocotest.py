@@ -1,4 +1,4 @@
-"""Caption the COCO online test images and write the server's result file (README, "Using it on COCO").
+"""Caption the COCO online test images and write the server's result file (README, "The COCO recipe").
 
   python eval_cocotest.py --input_json data/cocotest.json --input_fc_dir data/cocotest/cocotest_bu_fc
       --input_att_dir data/cocotest/cocotest_bu_att --input_label_h5 data/cocotalk_label.h5 --num_images -1

@@ -1,4 +1,4 @@
-"""Evaluate an ensemble of captioners decoded as one (README, "Ensembles and the attention dump").
+"""Evaluate an ensemble of captioners decoded as one (docs/ensembles.md).
 
   python eval_ensemble.py --ids nsc-transformer-a nsc-transformer-b --weights 1 1 --beam_size 3
   python eval_ensemble.py --models a/model-best.pth b/model.pth --infos_paths a/infos_a-best.pkl b/infos_b.pkl

@@ -94,7 +94,7 @@ def load_checkpoint(eval_opt, model_path=None, infos_path=None):
     if opt.quantize or opt.compile:
         model = apply_eval_options(model, opt.quantize, bool(opt.compile))  # (both off by default)
         if opt.quantize == 'int8':
-            print(int8_kernel(), flush=True)  # which int8 path this CPU gets (README, "Speed options")
+            print(int8_kernel(), flush=True)  # which int8 path this CPU gets (docs/speed.md, "Speed options")
     return model, opt, infos
 
 

@@ -183,7 +183,7 @@ def add_data_options(parser, defaults=True):
 
 
 def add_model_options(parser):
-    """Model hyper-parameters (README, "Reference quirks kept")."""
+    """Model hyper-parameters (docs/reproducibility.md, "Reference quirks kept")."""
     add_options(parser, ModelConfig)
     add_options(parser, DataConfig, only=('norm_att_feat',))
 
@@ -203,7 +203,7 @@ def add_device_options(parser, only=None):
 
 
 def add_training_options(parser):
-    """Optimisation, self-critical, checkpointing, validation (README, "Using it on COCO")."""
+    """Optimisation, self-critical, checkpointing, validation (README, "The COCO recipe")."""
     add_options(parser, DataConfig, only=('batch_size', 'seq_per_img', 'train_only', 'num_images', 'seed'))
     add_options(parser, OptimConfig)
     add_options(parser, StepConfig, only=('grad_clip',))

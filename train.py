@@ -6,7 +6,7 @@ Stage 1:  python train.py --noamopt --noamopt_warmup 20000 ... --input_label_h5 
 Stage 2:  (cd save && ./copy_model.sh sat-2-from-nsc-seqkd nsc-sat-2-from-nsc-seqkd), then
           python train.py ... --self_critical_after 10 --start_from save/nsc-sat-2-from-nsc-seqkd ... --K 2
 
-Several GPUs or nodes: torchrun --nproc_per_node N train.py ... (README, "Several GPUs"): each rank trains on its
+Several GPUs or nodes: torchrun --nproc_per_node N train.py ... (docs/speed.md, "Several GPUs"): each rank trains on its
 shard of the training split (--batch_size images per rank), DistributedDataParallel averages the gradients, every
 rank decodes its share of the validation images; rank 0 computes the COCO metrics, logs and writes checkpoints.
 
@@ -86,7 +86,7 @@ def build_model(opt, device, saved=None, vocab=None):
         print(f'initialised from the autoregressive checkpoint {opt.init_from}')
     model = model.to(device)
     use_cuda_graphs(model, opt.cuda_graphs)  # validation's decoding (ours, off by default; a GPU only)
-    if opt.compile:  # (ours) opt-in: compiled on the first iterations (README, "Speed options")
+    if opt.compile:  # (ours) opt-in: compiled on the first iterations (docs/speed.md, "Speed options")
         compile_model(model)
     return model
 
@@ -640,7 +640,7 @@ def kept_line(opt, state):
 
 # ----------------------------------------------------------------------------------------------- main
 def train(opt):
-    """Both stages (README, "Using it on COCO"); returns {'iter', 'epoch', 'best_val_score'} of the end of the run."""
+    """Both stages (README, "The COCO recipe"); returns {'iter', 'epoch', 'best_val_score'} of the end of the run."""
     world = setup_distributed(opt.device, opt.dist_timeout_minutes)
     with contextlib.ExitStack() as cleanup:
         signals = Signals().install()

@@ -1,7 +1,7 @@
 """Benchmark: --quantize int8 on both of fbgemm's int8 kernels, at the paper size, batch-1 greedy decoding.
 
 fbgemm multiplies int8 with VNNI (int32 products) where the CPU has avx512_vnni, else with AVX2's int16 pairs that
-saturate; models.accel.speed gives the weights 8 bits on the first and 7 on the second (README, "Speed options"). This
+saturate; models.accel.speed gives the weights 8 bits on the first and 7 on the second (docs/speed.md, "Speed options"). This
 runs the same measurement twice, in two worker processes: on this CPU as it is, and with every library held to
 AVX2 (ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2, MKL_ENABLE_INSTRUCTIONS=AVX2,
 FBGEMM_ENABLE_INSTRUCTIONS=AVX2), which is what an AVX2-only CPU (no AVX-512, no VNNI) runs. Per side: batch-1

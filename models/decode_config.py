@@ -6,7 +6,7 @@ Its fields are the decoding options; each says how a value from outside is read 
 `DecodeConfig.from_reference_opt(opt)` from the reference's `opt` dict of `model(..., opt=opt, mode='sample')`,
 refusing keys it does not know, so a misspelt or unsupported option is never silently ignored.
 
-Each option is defined per token position (README, "Decoding options"; models.logits_processors); for K = 1 every
+Each option is defined per token position (docs/reproducibility.md, "Decoding options and the reference"; models.logits_processors); for K = 1 every
 definition is the reference's. For K > 1 the K words of a group come from one forward pass but are chosen in
 order, so a position's constraint sees the words already chosen before it, earlier positions of its own group
 included.

@@ -1,4 +1,4 @@
-"""An ensemble of captioners decoded as one model (eval_ensemble.py; README, "Ensembles").
+"""An ensemble of captioners decoded as one model (eval_ensemble.py; docs/ensembles.md).
 
 At every decoding step each member gives its log-probs for the K words of the group; the ensemble's are the log of
 the weighted mean of the members' word probabilities, log(sum_i w_i p_i) with the weights normalised to sum to one

@@ -1,4 +1,4 @@
-r"""One self-contained HTML page comparing caption runs side by side (README, "Viewer").
+r"""One self-contained HTML page comparing caption runs side by side (docs/viewer.md).
 
   python scripts/make_viewer.py --runs vis/a.json,vis/b.json \
       --scores eval_results/a_test.json,eval_results/b_test.json \

@@ -8,7 +8,7 @@
      baselines (XE and self-critical) -> one table; eval_cocotest.py -> the server JSON;
      eval.py --dump_images 1 -> vis/index.html
   6. the reference's decoding options on SAT -> one table
-  7. scripts/make_viewer.py -> vis/compare.html, the baseline's and SAT's captions side by side (README, "Viewer")
+  7. scripts/make_viewer.py -> vis/compare.html, the baseline's and SAT's captions side by side (docs/viewer.md)
 
 Every command is printed before it runs, so each step can be re-run (or changed) by hand.
 The demo features are synthetic: this demonstrates the pipeline, not image understanding.
@@ -215,7 +215,7 @@ def main(argv=None):
 ENSEMBLE = 'ensemble of the 2 K=1 baselines'
 
 
-# Step 6: what the reference's decoding options do to SAT (README, "Decoding options").
+# Step 6: what the reference's decoding options do to SAT (docs/reproducibility.md, "Decoding options and the reference").
 DECODING_OPTIONS = (('greedy', []), ('greedy, decoding_constraint', ['--decoding_constraint', '1']),
                     ('greedy, block_trigrams', ['--block_trigrams', '1']),
                     ('greedy, remove_bad_endings', ['--remove_bad_endings', '1']),

@@ -1,6 +1,6 @@
 """torchrun --nproc_per_node 2 (gloo, CPU): validation sharded over the ranks gives one process's numbers, the
 --reduce_on_plateau schedule steps on every rank, and a failure in one rank's validation ends every rank at once
-(README, "Several GPUs")."""
+(docs/speed.md, "Several GPUs")."""
 import json
 import os
 import subprocess

@@ -1,6 +1,6 @@
 """Device discipline on a CPU-only CI: a tensor created on the wrong device fails here, not first on a GPU.
 
-Two checks (README, "Several GPUs"):
+Two checks (docs/speed.md, "Several GPUs"):
 1. The meta device (shapes and devices, no data), for what needs no data: the losses (XE, label smoothing, their
    scored forms, self-critical, the distillation KL), teacher forcing and the encoder without region masks, and a
    backward through them. What cannot run on meta, because it reads data: the packing of masked regions and of the

@@ -1,4 +1,4 @@
-"""--bf16, --fp16 and --tf32 (README, "Several GPUs"): bfloat16 autocast gives the same dtypes and numbers whatever
+"""--bf16, --fp16 and --tf32 (docs/speed.md, "Several GPUs"): bfloat16 autocast gives the same dtypes and numbers whatever
 the region masks; --fp16's gradient scaler works with the non-finite guard (an overflow is skipped on every rank
 and backs the scale off, without counting as a failure while the scale is >= 1) and resumes exactly; --tf32
 switches TensorFloat-32 on CUDA only. CPU autocast stands in for CUDA's here; the CUDA test is marked cuda."""

@@ -1,6 +1,6 @@
 """The evaluation stage: decode a split batch by batch, time the decoding alone, optionally score the teacher-forced
 loss. Used by eval.py, eval_cocotest.py and train.py's validation; the COCO metrics are misc.eval.coco_eval's
-`language_eval`, and the callers write the files (README, "Using it on COCO").
+`language_eval`, and the callers write the files (README, "The COCO recipe").
 
 Each image is decoded once, from its one copy of features (the loader's batches hold one per image), a batch going
 to the device whole (asynchronously from the loader's pinned memory on CUDA). Sharded over ranks, each reads and

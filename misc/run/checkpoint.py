@@ -12,7 +12,7 @@ greps for it): a new infos field is a row of misc.run.infos.FIELDS.
 Infos are compared on their ModelConfig (misc.run.infos.model_config: a reference infos' opt converted once, at load
 time); the run's and eval's own options are resolved in the entry scripts (opts.py). Nothing here imports models/.
 
-A training run writes, in its checkpoint folder (README, "Interrupts and resume"):
+A training run writes, in its checkpoint folder (docs/reproducibility.md, "Interrupts and resume"):
   model.pth (state_dict), optimizer.pth, infos_<id>.pkl, histories_<id>.pkl, and the -best copies,
 all plain files at the paths the reference used, plus (ours) the manifest checkpoint_<id>.json.
 infos = {iter, epoch, iterators, split_ix, vocab, opt, best_val_score, rng_states (ours: every rank's generators),

@@ -1,5 +1,5 @@
 """torch.distributed for train.py: the process group torchrun asks for, and the few collectives a run uses
-(README, "Several GPUs"). With one process every function here is a plain local call.
+(docs/speed.md, "Several GPUs"). With one process every function here is a plain local call.
 
 A failure on one rank must not leave the others waiting in a collective until the process-group timeout: the
 steps that can fail on some ranks only (the validation, rank 0's metrics and saves) run through `run_everywhere` /

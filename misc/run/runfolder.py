@@ -1,4 +1,4 @@
-"""A run folder (--checkpoint_path) belongs to one run (README, "Interrupts and resume"); train.py's rank 0 claims
+"""A run folder (--checkpoint_path) belongs to one run (docs/reproducibility.md, "Interrupts and resume"); train.py's rank 0 claims
 it before any work.
 
 `RunFolderLock`: an exclusive fcntl.flock on DIR/.satic.lock, held for the run's whole life and released by the

@@ -1,5 +1,5 @@
 """The training losses: cross-entropy (or label smoothing) over teacher-forced log-probabilities, and the
-self-critical policy-gradient loss (README, "Using it on COCO").
+self-critical policy-gradient loss (README, "The COCO recipe").
 
 The criteria's forward(logprobs (S, T, V), target, mask) is the reference's form; scored(logprobs (M, V),
 target (M,)) takes only the M scored positions (SATModel.scored_logprobs) and gives the same value.

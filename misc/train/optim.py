@@ -1,4 +1,4 @@
-"""Optimisers and learning-rate schedules of the reference (README, "Using it on COCO").
+"""Optimisers and learning-rate schedules of the reference (README, "The COCO recipe").
 
 - plain: Adam(optim_alpha, optim_beta, optim_epsilon) at --learning_rate, with optional step decay per epoch;
 - --noamopt: Adam(0.9, 0.98, 1e-9) whose lr follows the Noam schedule, set before every step;

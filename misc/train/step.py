@@ -11,7 +11,7 @@ from misc.utils import autocast
 
 def precision(tf32, fp16, device):
     """--tf32 (CUDA matrix products and convolutions, on a CUDA device) and, with --fp16, the gradient scaler
-    (README, "Several GPUs"); returns the torch.amp.GradScaler or None."""
+    (docs/speed.md, "Several GPUs"); returns the torch.amp.GradScaler or None."""
     if device.type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
         torch.backends.cudnn.allow_tf32 = bool(tf32)

@@ -1,6 +1,6 @@
 """scripts/make_viewer.py: one self-contained HTML page over caption runs (vis/<id>.json), their per-image scores
 (eval_results/<id>_<split>.json) and the references; the data is embedded as JSON, the page
-(misc/viewer/viewer_template.html) draws, sorts and filters it in the browser. README, "Viewer".
+(misc/viewer/viewer_template.html) draws, sorts and filters it in the browser. docs/viewer.md.
 """
 import json
 import math
