@@ -35,6 +35,9 @@ import hashlib
 import io
 import os
 import random
+import signal
+import struct
+import subprocess
 import sys
 import threading
 
@@ -79,6 +82,77 @@ class FolderFeatures:
         pass
 
 
+# The LMDB reader process's program: only the standard library and lmdb. Requests on stdin (4-byte length, key),
+# answers on stdout (status V value / N no entry / E error, 8-byte length, bytes).
+_LMDB_READER = r"""
+import os, struct, sys
+import lmdb
+path = sys.argv[1]
+env = lmdb.open(path, subdir=os.path.isdir(path), readonly=True, lock=False, readahead=False, meminit=False)
+src, out = sys.stdin.buffer, sys.stdout.buffer
+while True:
+    head = src.read(4)
+    if len(head) < 4:
+        break
+    key = src.read(struct.unpack('>I', head)[0])
+    try:
+        with env.begin(write=False) as txn:
+            value = txn.get(key)
+        status, value = (b'N', b'') if value is None else (b'V', bytes(value))
+    except lmdb.Error as e:
+        status, value = b'E', ('%s: %s' % (type(e).__name__, e)).encode()
+    out.write(status + struct.pack('>Q', len(value)) + value)
+    out.flush()
+"""
+
+
+class LmdbReaderProcess:
+    """LMDB values read in a child process. LMDB maps its file into memory: a file cut while a job reads it (a
+    rewrite in place) makes the next read of a page past its new end a SIGBUS, which no Python code can catch and
+    which would kill the job without a word. A size check before each read narrows that window but cannot close it
+    (another process may cut the file between the check and the read). Here the mapping lives in the child: if it
+    dies, get() raises the error made by `died()` (one line) and the job ends as any bad input does."""
+
+    def __init__(self, path, died):
+        self.path, self._died, self.death = path, died, None
+        self._lock = threading.Lock()
+        self._proc = subprocess.Popen([sys.executable, '-c', _LMDB_READER, path], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+
+    def get(self, key):
+        """(status b'V' / b'N' / b'E', bytes) of key (str)."""
+        with self._lock:
+            if self.death is None:
+                try:
+                    raw = key.encode('ascii')
+                    self._proc.stdin.write(struct.pack('>I', len(raw)) + raw)
+                    self._proc.stdin.flush()
+                    head = self._read(9)
+                    if head is not None:
+                        payload = self._read(struct.unpack('>Q', head[1:])[0])
+                        if payload is not None:
+                            return head[:1], payload
+                except (BrokenPipeError, OSError):
+                    pass
+                code = self._proc.wait()
+                self.death = f'signal {signal.Signals(-code).name}' if code < 0 else f'exit status {code}'
+            raise self._died()
+
+    def _read(self, n):
+        data = self._proc.stdout.read(n)
+        return data if len(data) == n else None
+
+    def close(self):
+        if self._proc.poll() is None:
+            self._proc.stdin.close()
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._proc.stdout.close()
+
+
 class LmdbFeatures:
     """An LMDB of npy/npz bytes keyed by image id (scripts/dump_to_lmdb.py's output)."""
 
@@ -96,6 +170,10 @@ class LmdbFeatures:
             raise SaticError(f'{flag} {path} is not a readable LMDB ({e}): re-create it with '
                              'scripts/dump_to_lmdb.py') from None
         self._check_size()
+        self._reader = LmdbReaderProcess(path, lambda: SaticError(
+            f'{flag} {self._data_file} was truncated while this job was reading it (its reader process died: '
+            f'{self._reader.death}): re-create it with scripts/dump_to_lmdb.py (never in place of a file a job is '
+            'reading)'))
 
     def _check_size(self):
         """A truncated LMDB maps pages past the end of its file: reading them kills the process (SIGBUS). Its
@@ -122,20 +200,19 @@ class LmdbFeatures:
 
     def locate(self, key):
         self._check_unchanged()
-        try:
-            with self._env.begin(write=False) as txn:
-                value = txn.get(key.encode('ascii'))
-        except self._error as e:  # garbled pages: lmdb.CorruptedError, ...
-            raise SaticError(f'{self.path} (image {key}) is corrupt ({type(e).__name__}: {e}): re-create it '
-                             'with scripts/dump_to_lmdb.py') from None
-        if value is None:
+        status, payload = self._reader.get(key)
+        if status == b'E':  # garbled pages: lmdb.CorruptedError, ...
+            raise SaticError(f'{self.path} (image {key}) is corrupt ({payload.decode(errors="replace")}): re-create '
+                             'it with scripts/dump_to_lmdb.py')
+        if status == b'N':
             raise SaticError(f'{self.path} has no entry for image {key}: re-create it from the full feature '
                              f'folder (scripts/dump_to_lmdb.py) or fix {self.flag}')
-        return io.BytesIO(value), f"{self.path} entry '{key}'"
+        return io.BytesIO(payload), f"{self.path} entry '{key}'"
 
     load = staticmethod(read_array)
 
     def close(self):
+        self._reader.close()
         self._env.close()
 
 

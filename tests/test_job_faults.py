@@ -98,3 +98,24 @@ def test_bad_timeout_setting_is_one_line(monkeypatch):
     monkeypatch.setenv('SATIC_JAVA_TIMEOUT', 'soon')
     with pytest.raises(SaticError, match='SATIC_JAVA_TIMEOUT=soon'):
         coco_eval.java_timeout('ptb')
+
+
+def test_lmdb_cut_between_the_size_check_and_the_read_is_one_line(tiny_dataset, tmp_path):
+    """The race the size check cannot close: the file is cut after the check, during the read. The mapping lives in
+    the reader process, which dies of SIGBUS; the job gets one SaticError naming the file, and lives on."""
+    from dataloader import LmdbFeatures
+    path = str(tmp_path / 'att.lmdb')
+    shutil.copy(tiny_dataset.att_lmdb, path)
+    features = LmdbFeatures(path, '.npz', '--input_att_dir')
+    key = next(iter(features._env.begin().cursor().iternext(values=False))).decode()
+    assert features.locate(key)[0].getbuffer().nbytes > 0
+    os.truncate(path, 8192)
+    features._check_unchanged = lambda: None  # as if the cut came right after the check
+    with pytest.raises(SaticError) as error:
+        features.locate(key)
+    message = str(error.value)
+    assert path in message and 'truncated while this job was reading it' in message and 'SIGBUS' in message
+    assert '\n' not in message
+    with pytest.raises(SaticError):  # and every later read says so too
+        features.locate(key)
+    features.close()
