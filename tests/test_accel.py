@@ -6,13 +6,12 @@ from models.accel.cuda_graphs import GraphedDecoding
 from models.accel.flat_step import FlatStep
 from models.cache import CachedStep, PrefixStep
 from models.decode_config import DecodeConfig
-from models.sat import SATModel
-from tests.helpers import masked_batch
+from tests.helpers import tiny_sat, masked_batch
 
 
 def tiny():
     torch.manual_seed(0)
-    return SATModel(vocab_size=15, K=2, d_model=16, d_ff=32, num_layers=1, att_feat_size=8).eval()
+    return tiny_sat(vocab_size=15, K=2, d_model=16, d_ff=32, num_layers=1, att_feat_size=8).eval()
 
 
 def chosen(model, use_cache=True, grad=False):

@@ -5,8 +5,7 @@ import torch
 
 from models.accel import bf16
 from models.decode_config import DecodeConfig
-from models.sat import SATModel
-from tests.helpers import masked_batch
+from tests.helpers import tiny_sat, masked_batch
 
 AMX = {'avx512f', 'avx512_bf16', 'amx_tile', 'amx_bf16', 'amx_int8'}
 ZEN4 = {'avx2', 'avx512f', 'avx512_bf16', 'avx512_vnni'}  # avx512_bf16 without AMX
@@ -14,7 +13,7 @@ ZEN4 = {'avx2', 'avx512f', 'avx512_bf16', 'avx512_vnni'}  # avx512_bf16 without 
 
 def tiny(K=2, seed=0):
     torch.manual_seed(seed)
-    return SATModel(vocab_size=30, K=K, d_model=32, d_ff=48, num_layers=2, att_feat_size=6).eval()
+    return tiny_sat(vocab_size=30, K=K, d_model=32, d_ff=48, num_layers=2, att_feat_size=6).eval()
 
 
 def decode(model, att, masks, precision, beam_size=2):

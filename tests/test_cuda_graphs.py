@@ -9,14 +9,13 @@ import torch
 
 from models.accel.cuda_graphs import regions_bucket, rows_bucket
 from models.decode_config import DecodeConfig
-from models.sat import SATModel
 from models.accel.speed import use_cuda_graphs
-from tests.helpers import masked_batch
+from tests.helpers import tiny_sat, masked_batch
 
 
 def tiny(K=2, device='cpu'):
     torch.manual_seed(0)
-    model = SATModel(vocab_size=20, K=K, d_model=16, d_ff=24, num_layers=2, att_feat_size=6).eval().to(device)
+    model = tiny_sat(vocab_size=20, K=K, d_model=16, d_ff=24, num_layers=2, att_feat_size=6).eval().to(device)
     with torch.no_grad():
         model.model.generator.proj.bias[0] = -2.0  # longer captions
     return model

@@ -10,12 +10,12 @@ from models.accel import flat_step
 from models.decode_config import DecodeConfig
 from models.sat import SATModel
 from models.accel.speed import fbgemm_int8_available, quantize_int8
-from tests.helpers import masked_batch
+from tests.helpers import tiny_sat, masked_batch
 
 
 def tiny(K, seed=0):
     torch.manual_seed(seed)
-    return SATModel(vocab_size=20, K=K, d_model=16, d_ff=24, num_layers=2, att_feat_size=6).eval()
+    return tiny_sat(vocab_size=20, K=K, d_model=16, d_ff=24, num_layers=2, att_feat_size=6).eval()
 
 
 def inputs(seed=1):

@@ -13,11 +13,10 @@ import sys
 import pytest
 import torch
 
-from models.sat import SATModel
 from models.accel.speed import (Int8Linear, concatenated, cpu_flags, fbgemm_int8_available, int8_kernel,
                           int8_kernel_saturates, int8_weight_bits, quantize_int8)
 from models.transformer import MultiHeadedAttention
-from tests.helpers import REPO_ROOT, masked_batch, tiny_checkpoint
+from tests.helpers import tiny_sat, REPO_ROOT, masked_batch, tiny_checkpoint
 
 pytestmark = [pytest.mark.skipif(not fbgemm_int8_available(), reason='no fbgemm int8 kernels in this torch build'),
               pytest.mark.filterwarnings('ignore::UserWarning', 'ignore::DeprecationWarning')]  # torch's notes
@@ -99,7 +98,7 @@ def test_int8_linear_is_no_worse_than_torch_ao():
 
 def tiny_model():
     torch.manual_seed(0)
-    return SATModel(vocab_size=15, K=2, d_model=16, d_ff=24, num_layers=2, att_feat_size=6).eval()
+    return tiny_sat(vocab_size=15, K=2, d_model=16, d_ff=24, num_layers=2, att_feat_size=6).eval()
 
 
 def tiny_batch():

@@ -16,13 +16,12 @@ from models.accel import decoding_step
 from models.accel.speed import fbgemm_int8_available, quantize_int8
 from models.decode_config import DecodeConfig
 from models.masks import Packing, target_mask
-from models.sat import SATModel
-from tests.helpers import masked_batch
+from tests.helpers import tiny_sat, masked_batch
 
 
 def tiny(K=2, seed=0, dropout=None, **kw):
     torch.manual_seed(seed)
-    model = SATModel(vocab_size=15, K=K, d_model=16, d_ff=24, num_layers=2, att_feat_size=6, **kw)
+    model = tiny_sat(vocab_size=15, K=K, d_model=16, d_ff=24, num_layers=2, att_feat_size=6, **kw)
     if dropout is not None:
         for m in model.modules():
             if isinstance(m, torch.nn.Dropout):
