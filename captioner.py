@@ -258,6 +258,10 @@ def caption_folder(eval_opt, loaded=None):
     through the Captioner API; returns (opt, predictions [{image_id, caption, file_path}]). Unreadable files: one
     line each, skipped. No references, no metrics."""
     entries = image_entries(eval_opt)
+    if eval_opt.num_images > 0:
+        entries = entries[:eval_opt.num_images]  # --num_images N: the first N, as for a split
+    if eval_opt.language_eval:
+        print('--image_folder: no references, so no COCO metrics (--language_eval is not used)', flush=True)
     torch.manual_seed(eval_opt.seed)
     from evaluator import load_checkpoint  # (lazy, as from_checkpoint)
     model, opt, infos = loaded or load_checkpoint(eval_opt)

@@ -397,6 +397,9 @@ def check_image_options(eval_opt):
     """--coco_json and the CNN options act only with --image_folder (one-line refusals)."""
     if eval_opt.coco_json and not eval_opt.image_folder:
         raise SaticError('--coco_json lists images of --image_folder: add --image_folder DIR (or drop --coco_json)')
+    if eval_opt.image_folder and eval_opt.dump_attention:
+        raise SaticError('--dump_attention writes the attended regions of a split\'s features; with --image_folder '
+                         'use the Python API (Captioner.caption_images(paths, attention=True)) or drop --dump_attention')
 
 
 def resolve_eval_options(eval_opt, infos, infos_path='infos', model_path=None):

@@ -59,6 +59,7 @@ def test_own_images_same_captions_from_eval_the_api_and_torch_hub(grid_run, monk
         'skipped: mine/notes.txt: not an image file (by its extension)',
         next(line for line in err.splitlines() if 'broken.jpg' in line)]
     assert 'Traceback' not in err and 'captioned 3 images of mine (1 skipped)' in out
+    assert 'no COCO metrics' in out  # --language_eval 1 (the default) has no references to score here
     predictions = json.loads((grid_run / 'vis' / 'grid.json').read_text())  # --id: the run's own
     by_file = {p['file_path']: p['caption'] for p in predictions}
     assert sorted(by_file) == ['one.jpg', 'sub/two_grey.png', 'three_rgba.png']
@@ -91,6 +92,11 @@ def test_own_images_same_captions_from_eval_the_api_and_torch_hub(grid_run, monk
     assert rc == 0, err
     assert json.loads((grid_run / 'vis' / 'listed.json').read_text()) == [
         {'image_id': 42, 'caption': want[0], 'file_path': 'one.jpg'}]
+    rc, _, err = run_main(['--model', 'save/grid/model.pth', '--image_folder', 'mine', '--num_images', 2,
+                           '--att_size', 7, '--device', 'cpu', '--id', 'two'], main=eval_script.main)
+    assert rc == 0, err
+    first_two = json.loads((grid_run / 'vis' / 'two.json').read_text())  # --num_images: the first N image files
+    assert [p['image_id'] for p in first_two] == [2]  # (1 is broken.jpg, skipped)
     infos = 'save/grid/infos_grid.pkl'
     rc, _, err = run_main(['--models', 'save/grid/model.pth', 'save/grid/model.pth', '--infos_paths', infos, infos,
                            '--image_folder', 'mine', '--att_size', 7, '--device', 'cpu', '--id', 'ens'],
@@ -112,6 +118,8 @@ def test_image_mode_refusals_are_one_line_and_leave_no_folder(grid_run, tmp_path
                           '--coco_json', '--image_folder')
     assert_one_line_error(run_main(['--model', 'save/none/model.pth'], main=eval_script.main),
                           '--model save/none/model.pth', 'not found')
+    assert_one_line_error(run_main(['--model', model, '--image_folder', 'pics', '--dump_attention', 3],
+                                   main=eval_script.main), '--dump_attention', 'attention=True')
     assert sorted(os.listdir(tmp_path)) == ['pics']  # no vis/, eval_results/ left behind
     api = Captioner.from_run(str(grid_run / 'save' / 'grid'), device='cpu')
     with pytest.raises(Exception, match='reads 2048-d'):
