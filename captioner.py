@@ -21,6 +21,7 @@ import sys
 import numpy as np
 import torch
 
+from dataloader import pad_regions
 from misc.errors import SaticError
 from misc.files.atomic import write_json
 from misc.viewer.visualize import write_index_html
@@ -132,7 +133,8 @@ class Captioner:
         batch_size = batch_size or opt.batch_size
         results = []
         for start in range(0, len(arrays), batch_size):
-            att, masks = pad_regions(arrays[start:start + batch_size], self.device)
+            att, masks = pad_regions(arrays[start:start + batch_size])  # as the data loader batches them
+            att, masks = att.to(self.device), None if masks is None else masks.to(self.device)
             with autocast(self.device.type, opt.bf16):
                 seq, _ = self.model.decode(att, masks, config)  # (B, T)
             captions = decode_sequence(self.vocab, seq, bool(opt.remove_bad_endings))
@@ -219,19 +221,6 @@ class Captioner:
             captions = iter(self.caption(kept, batch_size=batch_size, **decoding) if kept else [])
             results += [next(captions) if f else None for f in feats]
         return results[0] if one else results
-
-
-def pad_regions(arrays, device):
-    """A batch as the data loader collates it: att (B, N, D) zero padded to the largest N, masks (B, N) 1/0 float,
-    or None when every image has the same number of regions (the loader's reference quirk: the released checkpoints
-    were evaluated so)."""
-    counts = [len(a) for a in arrays]
-    att = torch.zeros(len(arrays), max(counts), arrays[0].shape[1])  # (B, N, D)
-    masks = torch.zeros(len(arrays), max(counts))  # (B, N)
-    for b, array in enumerate(arrays):
-        att[b, :counts[b]] = torch.from_numpy(array)
-        masks[b, :counts[b]] = 1
-    return att.to(device), (None if min(counts) == max(counts) else masks.to(device))
 
 
 # ----------------------------------------------------------------------------------------------- eval.py --image_folder

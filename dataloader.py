@@ -310,6 +310,20 @@ class FeatureReader:
         self.backend.close()
 
 
+def pad_regions(arrays, zeros=torch.zeros):
+    """Images' region features [(N_i, D) float32 numpy] as one batch: att (B, N, D) zero-padded to the largest N_i
+    and att_masks (B, N) 1/0, or None when every image has the same number of regions (reference quirk: the released
+    checkpoints were evaluated so). zeros(*shape): the float32 tensors to fill (the loader's are pinned); one copy
+    per image, straight into them."""
+    counts = [len(a) for a in arrays]
+    att = zeros(len(arrays), max(counts), arrays[0].shape[1])  # (B, N, D)
+    masks = zeros(len(arrays), max(counts))  # (B, N)
+    for b, array in enumerate(arrays):
+        att.numpy()[b, :counts[b]] = array
+        masks.numpy()[b, :counts[b]] = 1
+    return att, (None if min(counts) == max(counts) else masks)
+
+
 class DataLoader:
     """Splits, caption sampling, batching and prefetching over one dataset (cocotalk.json + label h5 + features)."""
 
@@ -685,20 +699,13 @@ class DataLoader:
     def _collate(self, items):
         S = self.seq_per_img
         B = len(items)
-        counts = [it[1].shape[0] for it in items]
-        max_n, dim = max(counts), items[0][1].shape[1]
         fc = None if items[0][0] is None else self._zeros(B, items[0][0].shape[0])  # (B, Dfc)
-        att = self._zeros(B, max_n, dim)  # (B, N, D)
-        masks = self._zeros(B, max_n)  # (B, N)
-        for b, it in enumerate(items):  # one copy per image, straight into the (pinned) batch tensors
+        for b, it in enumerate(items):
             if fc is not None:
                 fc.numpy()[b] = it[0]
-            att.numpy()[b, :counts[b]] = it[1]
-            masks.numpy()[b, :counts[b]] = 1
+        att, att_masks = pad_regions([it[1] for it in items], self._zeros)
         batch = {
-            'fc_feats': fc, 'att_feats': att,
-            # reference quirk: no mask when all box counts are equal (the released checkpoints were evaluated so)
-            'att_masks': None if min(counts) == max_n else masks,
+            'fc_feats': fc, 'att_feats': att, 'att_masks': att_masks,
             'labels': None, 'masks': None, 'gts': None, 'seq_per_img': S, 'infos': self._infos([it[3] for it in items]),
         }
         if self.labels is not None:
